@@ -1,0 +1,38 @@
+# make demo: the whole pipeline on the built-in demo data.  make test: the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_EPOCHS ?= 12
+# The demo runs on a CPU and offline: no ImageNet weights, fewer epochs than configs/b0.yaml's 100.
+DEMO_DISTILL := distillation.student_pretrained=null distillation.max_epochs=$(DEMO_EPOCHS) \
+	distillation.warmup_epochs=1 distillation.learning_rate=2e-3
+
+.PHONY: demo test lint venv clean-demo
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) train_teacher.py --config configs/teacher.yaml train.max_epochs=$(DEMO_EPOCHS)
+	$(PY) train_teacher.py --config configs/baseline_b0.yaml train.max_epochs=$(DEMO_EPOCHS)
+	$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL)
+	$(PY) export.py --checkpoint checkpoints/student/best.safetensors --out exports/student.onnx --config configs/b0.yaml
+	$(PY) evaluate.py --config configs/b0.yaml --out results \
+		--models teacher=checkpoints/teacher/best.safetensors distilled=checkpoints/student/best.safetensors \
+		         baseline=checkpoints/baseline/best.safetensors
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean-demo:
+	rm -rf data/demo checkpoints results exports

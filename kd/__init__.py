@@ -1,0 +1,1 @@
+"""kd: knowledge distillation from RGB+multispectral teachers into small RGB students."""

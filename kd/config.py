@@ -1,0 +1,251 @@
+"""Config: YAML -> validated dataclasses, with `section.key=value` overrides from the command line.
+
+Every field has a default and a one-line comment. Unknown keys and wrong types are errors that say what to do.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from kd.errors import UserError
+
+
+class ConfigError(UserError):
+    """The config file or a command-line override is invalid."""
+
+
+PRECISIONS = {None: "no", "no": "no", "32": "no", "fp16": "fp16", "16-mixed": "fp16", "bf16": "bf16", "bf16-mixed": "bf16"}
+SCHEDULERS = ("cosine", "step", "plateau", "constant")
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/demo"  # dataset root: <root>/<split>/<class>/<image>.png with an optional <image>.npy MS stack
+    demo: bool = True  # write the built-in synthetic demo set to `root` first if it is not there yet
+    demo_seed: int = 0  # seed of the demo set (a different seed gives a different set)
+    image_size: int = 64  # side of the square input, in pixels
+    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB normalization mean
+    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])  # RGB normalization std
+    num_workers: int = 2  # DataLoader worker processes
+    hflip: float = 0.5  # probability of a horizontal flip (applied to RGB and MS together)
+    vflip: float = 0.5  # probability of a vertical flip (leaves have no "up")
+    scale_min: float = 0.6  # smallest area fraction kept by the random resized crop
+
+    def __post_init__(self):
+        _check(self.image_size >= 8, "data.image_size", "must be at least 8", self.image_size)
+        _check(0.0 < self.scale_min <= 1.0, "data.scale_min", "must be in (0, 1]", self.scale_min)
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "hybrid"  # "hybrid" (RGB+MS HybridFusion teacher) or any timm model name (RGB only)
+    backbone: str = "efficientnetv2_rw_s"  # hybrid only: timm backbone of the RGB branch
+    ms_backbone: str = ""  # hybrid only: timm backbone of the MS branch ("" = same as `backbone`)
+    ms_channels: int = 5  # hybrid only: number of multispectral bands in each .npy stack
+    fusion: str = "concat"  # hybrid only: how branch features meet: concat | add | attention
+    pretrained: Optional[str] = None  # "imagenet" (timm weights: local cache, or the hub when online), a file, or null
+    drop_rate: float = 0.2  # dropout before the classifier
+
+    def __post_init__(self):
+        _check(self.fusion in ("concat", "add", "attention"), "model.fusion", "must be concat | add | attention", self.fusion)
+        _check(self.ms_channels >= 1, "model.ms_channels", "must be >= 1", self.ms_channels)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # per-process batch size
+    learning_rate: float = 1e-3  # peak learning rate (AdamW), reached after warmup
+    weight_decay: float = 1e-4  # AdamW weight decay (not applied to norms and biases)
+    max_epochs: int = 10  # epochs to train
+    warmup_epochs: int = 0  # linear warmup, in epochs, updated every optimizer step
+    lr_scheduler: str = "cosine"  # cosine | step | plateau | constant
+    lr_gamma: float = 0.1  # step/plateau: factor applied at each decay
+    lr_step_size: int = 30  # step: epochs between decays
+    min_lr: float = 0.0  # floor of the cosine schedule
+    precision: Optional[str] = None  # "16-mixed"/"fp16", "bf16-mixed"/"bf16", or null/"no" for fp32
+    accumulate_grad_batches: int = 1  # batches per optimizer step
+    gradient_clip_val: float = 1.0  # max gradient norm; 0 turns clipping off
+    early_stopping_patience: int = 0  # epochs without improvement of `monitor` before stopping; 0 = never
+    log_every_n_steps: int = 50  # optimizer steps between TensorBoard scalars
+    checkpoint_dir: str = ""  # run directory; "" = runs/<name>
+    save_top_k: int = 1  # how many best checkpoints (by `monitor`) to keep
+    monitor: str = "val_acc"  # val_acc | val_loss
+    mode: str = "max"  # max | min: which direction of `monitor` is better
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        _check(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
+        _check(self.max_epochs >= 1, "max_epochs", "must be >= 1", self.max_epochs)
+        _check(0 <= self.warmup_epochs < self.max_epochs or self.warmup_epochs == 0, "warmup_epochs",
+               "must be >= 0 and smaller than max_epochs", self.warmup_epochs)
+        _check(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {SCHEDULERS}", self.lr_scheduler)
+        _check(self.precision in PRECISIONS, "precision", "must be one of 16-mixed, bf16-mixed, fp16, bf16, no, null",
+               self.precision)
+        _check(self.accumulate_grad_batches >= 1, "accumulate_grad_batches", "must be >= 1", self.accumulate_grad_batches)
+        _check(self.gradient_clip_val >= 0, "gradient_clip_val", "must be >= 0", self.gradient_clip_val)
+        _check(self.save_top_k >= 1, "save_top_k", "must be >= 1", self.save_top_k)
+        _check(self.monitor in ("val_acc", "val_loss"), "monitor", "must be val_acc or val_loss", self.monitor)
+        _check(self.mode in ("max", "min"), "mode", "must be max or min", self.mode)
+
+    @property
+    def mixed_precision(self) -> str:
+        """The precision in Accelerate's spelling: fp16 | bf16 | no."""
+        return PRECISIONS[self.precision]
+
+
+@dataclass
+class DistillationConfig(TrainConfig):
+    teacher_checkpoint: str = "checkpoints/teacher/best.safetensors"  # frozen teacher (.safetensors/.json stem)
+    teachers: list = field(default_factory=list)  # multi-teacher: [{checkpoint: path, weight: w}, ...]
+    student_backbone: str = "efficientnet_b0"  # timm name of the RGB student
+    student_pretrained: Optional[str] = None  # "imagenet", a weights file, or null (random init)
+    temperature: float = 4.0  # softmax temperature of the soft (KL) loss
+    alpha: float = 0.3  # weight of the hard label loss; 1 - alpha weighs the soft loss
+    feature_weight: float = 0.5  # weight of the feature-matching MSE
+    feature_matching: bool = True  # match intermediate features of `feature_layers`
+    feature_layers: list = field(default_factory=list)  # names shared by both models, or [student, teacher] pairs
+    feature_teacher: int = 0  # index (in `teachers`) of the teacher whose features are matched
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.temperature > 0, "distillation.temperature", "must be > 0", self.temperature)
+        _check(0.0 <= self.alpha <= 1.0, "distillation.alpha", "must be within [0, 1]", self.alpha)
+        _check(self.feature_weight >= 0, "distillation.feature_weight", "must be >= 0", self.feature_weight)
+        for i, t in enumerate(self.teachers):
+            if not (isinstance(t, dict) and "checkpoint" in t and set(t) <= {"checkpoint", "weight"}):
+                raise ConfigError(f"distillation.teachers[{i}] must look like {{checkpoint: path, weight: 1.0}}, got {t!r}")
+
+
+@dataclass
+class Config:
+    name: str = "run"  # run name: the run directory defaults to runs/<name>
+    seed: int = 0  # seed for weights, augmentation and data order
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # what train_teacher.py trains
+    train: TrainConfig = field(default_factory=TrainConfig)  # how train_teacher.py trains it
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)  # what and how distill.py trains
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {rule}, got {value!r}")
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a type hint; accept ints for floats and numeric strings like '3e-4' for floats."""
+    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    if optional:
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+            except ValueError:
+                pass
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif hint is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    else:
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key} must be {'null or ' if optional else ''}{name}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
+            raise ConfigError(f"unknown config key '{where}'.{hint}")
+        if key == "precision" and value is False:
+            value = "no"  # YAML 1.1 reads a bare `no` as false
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value if value is not None else {}, where + ".")
+        else:
+            kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'distillation.alpha=0.5' -> (['distillation', 'alpha'], 0.5); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.max_epochs=3")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+
+
+def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply `key=value` overrides, validate, and return a Config."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (configs live in configs/, e.g. configs/b0.yaml)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise ConfigError(f"override '{text}': '{k}' is a value, not a section")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return _build(Config, raw, "")
+
+
+def parse_cli(argv: Optional[list[str]], description: str) -> tuple[Config, argparse.Namespace]:
+    """`--config C [--resume] [section.key=value ...]` -> (validated Config, parsed arguments)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from <run_dir>/last")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_epochs=3")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides), args
+
+
+def flat_hparams(config: Config) -> dict:
+    """The config flattened to {"section/key": scalar} for TensorBoard's hparams view."""
+    flat = {}
+    for section, values in to_dict(config).items():
+        for key, value in values.items() if isinstance(values, dict) else [("", values)]:
+            name = f"{section}/{key}" if key else section
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
+def to_dict(config: Config) -> dict:
+    """The resolved config as plain data, ready for YAML (saved beside every run)."""
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

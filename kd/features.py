@@ -1,0 +1,94 @@
+"""Feature matching: forward hooks on named layers, and adapters that bring student features to the teacher's shape."""
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd.errors import UserError
+
+
+def layer_names(model: nn.Module, max_depth: int = 3) -> list[str]:
+    """Hookable module names up to `max_depth` dots deep (e.g. 'blocks', 'blocks.2', 'rgb.blocks.2')."""
+    return [n for n, _ in model.named_modules() if n and n.count(".") < max_depth]
+
+
+def resolve_layer(model: nn.Module, name: str, role: str) -> str:
+    """The module name to hook. A hybrid teacher also accepts RGB-backbone names: 'blocks.2' -> 'rgb.blocks.2'."""
+    modules = dict(model.named_modules())
+    if name in modules:
+        return name
+    if f"rgb.{name}" in modules:
+        return f"rgb.{name}"
+    names = layer_names(model)
+    shown = ", ".join(names[:80]) + (" ..." if len(names) > 80 else "")
+    raise UserError(f"{role} has no layer named '{name}'. Layers it has: {shown}")
+
+
+def layer_pairs(layers: Sequence, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
+    """`feature_layers` entries ('blocks.2' for both, or ['blocks.2', 'rgb.blocks.3']) -> checked name pairs."""
+    pairs = []
+    for entry in layers:
+        if isinstance(entry, str):
+            student_name, teacher_name = entry, entry
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(e, str) for e in entry):
+            student_name, teacher_name = entry
+        else:
+            raise UserError(f"feature_layers entry {entry!r} must be a layer name or a [student, teacher] pair")
+        pairs.append((resolve_layer(student, student_name, "the student"),
+                      resolve_layer(teacher, teacher_name, "the teacher")))
+    return pairs
+
+
+class FeatureHooks:
+    """Keeps the latest output of each named module (a reference, not a copy) in `self.outputs`."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]):
+        modules = dict(model.named_modules())
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [modules[n].register_forward_hook(self._keeper(n)) for n in names]
+
+    def _keeper(self, name: str):
+        def hook(module, inputs, output):
+            self.outputs[name] = output
+
+        return hook
+
+    def pop(self, name: str) -> torch.Tensor:
+        return self.outputs.pop(name)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class FeatureAdapter(nn.Module):
+    """1×1 conv from student to teacher channels, then resize to the teacher's spatial size when it differs."""
+
+    def __init__(self, student_channels: int, teacher_channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(student_channels, teacher_channels, kernel_size=1, bias=False)
+
+    def forward(self, student_features: torch.Tensor, teacher_size: Sequence[int]) -> torch.Tensor:
+        x = self.proj(student_features)
+        if tuple(x.shape[-2:]) != tuple(teacher_size):
+            x = F.interpolate(x, size=tuple(teacher_size), mode="bilinear", align_corners=False)
+        return x
+
+
+@torch.no_grad()
+def feature_shapes(model: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str, tuple]:
+    """Output shape of each named layer for one forward pass on `inputs` (model left in its mode)."""
+    hooks = FeatureHooks(model, names)
+    was_training = model.training
+    try:
+        model.eval()(*inputs)
+    finally:
+        model.train(was_training)
+        hooks.remove()
+    shapes = {n: tuple(hooks.outputs[n].shape) for n in names}
+    for name, shape in shapes.items():
+        if len(shape) != 4:
+            raise UserError(f"layer '{name}' outputs shape {shape}; feature matching needs B×C×H×W feature maps")
+    return shapes

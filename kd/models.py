@@ -1,0 +1,178 @@
+"""Models: timm networks by name, the RGB+MS HybridFusion teacher, and safetensors + JSON checkpoints (no pickle)."""
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd.errors import UserError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".ckpt", ".pt", ".pth")
+
+
+def create_timm(name: str, num_classes: int, pretrained: Optional[str] = None, **kwargs: Any) -> nn.Module:
+    """A timm model; `pretrained` is None/"none" (random), "imagenet" (cache, or hub when online) or a weights file."""
+    base = name.split(".")[0]  # "efficientnet_b0.ra_in1k" names a pretrained tag of efficientnet_b0
+    if base not in timm.list_models():
+        close = timm.list_models(f"*{base[:6]}*")[:8]
+        raise UserError(f"'{name}' is not a timm model name. Similar names: {', '.join(close) or 'none'}")
+    if pretrained in (None, "", "none", "null"):
+        return timm.create_model(name, num_classes=num_classes, **kwargs)
+    overlay = None
+    if pretrained != "imagenet":
+        if not Path(pretrained).is_file():
+            raise UserError(f"pretrained weights file {pretrained} does not exist. Use a path to a "
+                            ".safetensors/.pth file, 'imagenet' for timm's weights, or null for random init.")
+        overlay = dict(file=str(pretrained))
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
+                                 **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"could not load pretrained weights '{pretrained}' for {name}: {e}\nOffline? Put timm's "
+                        "weights in the Hugging Face cache (HF_HOME) while online, point the pretrained key at a "
+                        "local weights file, or set it to null to start from random weights.") from None
+
+
+def _pooled_dim(backbone: nn.Module) -> int:
+    """Width of a headless timm model's pooled output (MobileNetV3's conv head makes it differ from num_features)."""
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
+class HybridFusion(nn.Module):
+    """RGB branch + MS branch (a 1×1 band adapter feeds the MS bands to a 3-channel backbone), fused, classified."""
+
+    input_keys = ("rgb", "ms")
+
+    def __init__(self, num_classes: int, backbone: str = "efficientnetv2_rw_s", ms_backbone: str = "",
+                 ms_channels: int = 5, fusion: str = "concat", pretrained: Optional[str] = None,
+                 drop_rate: float = 0.2):
+        super().__init__()
+        self.rgb = create_timm(backbone, num_classes=0, pretrained=pretrained)
+        # The adapter learns which band mixture to show the backbone, so ImageNet weights stay usable for MS.
+        self.band_adapter = nn.Sequential(nn.Conv2d(ms_channels, 3, kernel_size=1), nn.BatchNorm2d(3))
+        self.ms = create_timm(ms_backbone or backbone, num_classes=0, pretrained=pretrained)
+        rgb_dim, ms_dim = _pooled_dim(self.rgb), _pooled_dim(self.ms)
+        self.fusion = fusion
+        if fusion == "concat":
+            dim = rgb_dim + ms_dim
+        else:
+            dim = rgb_dim
+            self.ms_proj = nn.Linear(ms_dim, dim) if ms_dim != dim else nn.Identity()
+        if fusion == "attention":  # per-sample weights of the two modalities
+            self.gate = nn.Sequential(nn.Linear(2 * dim, dim // 4), nn.ReLU(), nn.Linear(dim // 4, 2))
+        self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(dim, num_classes))
+
+    def forward(self, rgb: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
+        rgb_features, ms_features = self.rgb(rgb), self.ms(self.band_adapter(ms))
+        if self.fusion == "concat":
+            fused = torch.cat([rgb_features, ms_features], dim=1)
+        else:
+            ms_features = self.ms_proj(ms_features)
+            if self.fusion == "add":
+                fused = rgb_features + ms_features
+            else:
+                weights = self.gate(torch.cat([rgb_features, ms_features], dim=1)).softmax(dim=1)
+                fused = weights[:, :1] * rgb_features + weights[:, 1:] * ms_features
+        return self.head(fused)
+
+
+def build_model(spec: dict, pretrained: Optional[str] = None) -> nn.Module:
+    """Build from an architecture spec: {"name": "hybrid", ...HybridFusion args} or {"name": timm_name, ...}."""
+    spec = dict(spec)
+    name, num_classes = spec.pop("name"), spec.pop("num_classes")
+    if name == "hybrid":
+        return HybridFusion(num_classes, pretrained=pretrained, **spec)
+    return create_timm(name, num_classes, pretrained=pretrained, **spec)
+
+
+def input_keys(model: nn.Module) -> tuple[str, ...]:
+    """Which batch entries the model takes, in order: ("rgb",) for plain timm models."""
+    return getattr(model, "input_keys", ("rgb",))
+
+
+def forward_batch(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(*(batch[k] for k in input_keys(model)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class Classifier(nn.Module):
+    """Plain supervised training (teachers, baseline students): cross-entropy on the labels."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model, self.label_smoothing = model, label_smoothing
+
+    def forward(self, batch: dict) -> dict:
+        logits = forward_batch(self.model, batch)
+        hard = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        return {"loss": hard, "hard": hard, "logits": logits}
+
+    def predict(self, batch: dict) -> torch.Tensor:
+        return forward_batch(self.model, batch)
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+
+def checkpoint_stem(path: str | Path) -> Path:
+    """'runs/x/best', 'runs/x/best.safetensors', 'runs/x/best.ckpt' -> Path('runs/x/best'); a folder -> folder/best."""
+    path = Path(path)
+    if path.is_dir():
+        return path / "best"
+    return path.with_suffix("") if path.suffix in CHECKPOINT_SUFFIXES else path
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)  # a kill mid-write leaves the old file, never a half-written one
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
+    """Write <stem>.safetensors (weights) and <stem>.json (architecture, classes, input size, normalization...)."""
+    stem = checkpoint_stem(path)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(stem.with_suffix(".safetensors"), lambda p: safetensors.torch.save_file(weights, str(p)))
+    _atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return stem.with_suffix(".safetensors")
+
+
+def read_meta(path: str | Path) -> dict:
+    stem = checkpoint_stem(path)
+    meta_path = stem.with_suffix(".json")
+    if not stem.with_suffix(".safetensors").is_file() or not meta_path.is_file():
+        hint = ""
+        if Path(path).suffix in (".ckpt", ".pt", ".pth"):
+            hint = (f" kd reads {Path(path).suffix} paths as their <stem>.safetensors + <stem>.json pair and"
+                    " found neither.")
+        raise UserError(f"checkpoint {path} not found: expected {stem}.safetensors and {stem}.json.{hint} "
+                        "Train one first, e.g. `python train_teacher.py --config configs/teacher.yaml`.")
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"checkpoint metadata {meta_path} is not valid JSON ({e}); the file is damaged") from None
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """Rebuild the model from <stem>.json and load <stem>.safetensors into it (strict). Returns (model, meta)."""
+    meta = read_meta(path)
+    stem = checkpoint_stem(path)
+    model = build_model(meta["arch"])
+    try:
+        weights = safetensors.torch.load_file(str(stem.with_suffix(".safetensors")))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise UserError(f"cannot read weights {stem}.safetensors ({e}); the file is damaged or not safetensors")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UserError(f"weights in {stem}.safetensors do not fit architecture {meta['arch']}: "
+                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, meta

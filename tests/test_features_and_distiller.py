@@ -1,0 +1,108 @@
+import pytest
+import timm
+import torch
+
+from kd.distill import Distiller
+from kd.errors import UserError
+from kd.features import FeatureAdapter, FeatureHooks, layer_pairs
+from kd.losses import KnowledgeDistillationLoss
+from kd.models import HybridFusion
+
+
+def tiny(name="test_efficientnet", classes=5):
+    torch.manual_seed(0)
+    return timm.create_model(name, num_classes=classes)
+
+
+def tiny_hybrid(classes=5):
+    torch.manual_seed(0)
+    return HybridFusion(classes, backbone="test_efficientnet", ms_channels=4)
+
+
+def batch(n=2, size=32):
+    g = torch.Generator().manual_seed(0)
+    return {"rgb": torch.randn(n, 3, size, size, generator=g), "ms": torch.randn(n, 4, size, size, generator=g),
+            "label": torch.tensor([0, 3][:n])}
+
+
+def test_hooks_capture_the_named_layer_outputs():
+    model = tiny().eval()
+    x = batch()["rgb"]
+    hooks = FeatureHooks(model, ["blocks.1", "blocks.3"])
+    model(x)
+    with torch.no_grad():  # recompute by calling the submodules one by one
+        h = model.bn1(model.conv_stem(x))
+        outs = []
+        for block in model.blocks:
+            h = block(h)
+            outs.append(h)
+    assert torch.allclose(hooks.outputs["blocks.1"], outs[1]) and torch.allclose(hooks.outputs["blocks.3"], outs[3])
+    hooks.remove()
+    hooks.outputs.clear()
+    model(x)
+    assert hooks.outputs == {}
+
+
+def test_unknown_layer_lists_the_real_names():
+    with pytest.raises(UserError, match=r"no layer named 'blocks.9'.*blocks\.0, blocks\.0\.0"):
+        layer_pairs(["blocks.9"], tiny(), tiny())
+
+
+def test_hybrid_teacher_accepts_rgb_backbone_names_and_explicit_pairs():
+    pairs = layer_pairs(["blocks.2", ["blocks.1", "ms.blocks.1"]], tiny(), tiny_hybrid())
+    assert pairs == [("blocks.2", "rgb.blocks.2"), ("blocks.1", "ms.blocks.1")]
+
+
+def test_adapter_maps_channels_and_spatial_size():
+    adapter = FeatureAdapter(16, 40)
+    out = adapter(torch.randn(2, 16, 8, 8), (4, 4))
+    assert out.shape == (2, 40, 4, 4)
+    assert adapter(torch.randn(2, 16, 4, 4), (4, 4)).shape == (2, 40, 4, 4)
+
+
+def make_distiller(feature_layers=("blocks.1",)):
+    student, teacher = tiny(), tiny_hybrid()
+    pairs = layer_pairs(list(feature_layers), student, teacher)
+    # a teacher whose blocks.1 has another width than the student's would need the adapter: make it explicit
+    loss = KnowledgeDistillationLoss(temperature=2.0, alpha=0.5, feature_weight=1.0)
+    return Distiller(student, [teacher], loss, layer_pairs=pairs, example_batch=batch()), teacher
+
+
+def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient():
+    distiller, teacher = make_distiller()
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    distiller.train()
+    assert not teacher.training and all(not p.requires_grad for p in teacher.parameters())
+    out = distiller(batch())
+    out["loss"].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.student.parameters())
+    assert all(p.grad is not None for p in distiller.adapters.parameters())
+    assert out["feature"].item() > 0 and out["soft"].item() >= 0
+    # BatchNorm running stats of the teacher must not move during the student's training steps
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+
+
+def test_teacher_stays_out_of_state_dict_and_parameters():
+    distiller, teacher = make_distiller()
+    teacher_params = {id(p) for p in teacher.parameters()}
+    assert not teacher_params & {id(p) for p in distiller.parameters()}
+    assert all(k.startswith(("student.", "adapters.")) for k in distiller.state_dict())
+
+
+def test_soft_term_uses_the_weighted_teacher_ensemble():
+    student = tiny()
+    t1, t2 = tiny(), tiny()
+    torch.manual_seed(1)
+    t2 = timm.create_model("test_efficientnet", num_classes=5)
+    loss = KnowledgeDistillationLoss(temperature=1.0, alpha=0.0, feature_weight=0.0)
+    distiller = Distiller(student, [t1, t2], loss, teacher_weights=[3, 1])
+    b = batch()
+    with torch.no_grad():
+        expected_teacher = 0.75 * t1.eval()(b["rgb"]) + 0.25 * t2.eval()(b["rgb"])
+        s = distiller.student.eval()(b["rgb"])
+    expected = torch.nn.functional.kl_div(s.log_softmax(1), expected_teacher.log_softmax(1), reduction="batchmean",
+                                          log_target=True)
+    distiller.eval()
+    assert distiller(b)["soft"].item() == pytest.approx(expected.item(), rel=1e-5)

@@ -1,0 +1,58 @@
+"""Train a teacher (the RGB+MS HybridFusion, or any timm model) or an RGB baseline student with plain cross-entropy.
+
+    python train_teacher.py --config configs/teacher.yaml [section.key=value ...] [--resume]
+    accelerate launch train_teacher.py --config configs/teacher.yaml
+"""
+
+from pathlib import Path
+
+from accelerate.utils import set_seed
+
+from kd.config import flat_hparams, parse_cli, save_config
+from kd.data import LeafDataset, build_loader, ms_statistics, prepare_data
+from kd.errors import exit_on_user_error
+from kd.loop import fit, make_accelerator
+from kd.models import Classifier, build_model, count_parameters
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    cfg, args = parse_cli(argv, "Train a teacher or a baseline student with cross-entropy.")
+    run_dir = Path(cfg.train.checkpoint_dir or f"runs/{cfg.name}")
+    accelerator = make_accelerator(cfg.train, run_dir)
+    set_seed(cfg.seed)
+
+    # data: the hybrid model also reads the MS band stack beside each image, normalized with train-split stats
+    with accelerator.main_process_first():
+        prepare_data(cfg.data)
+    with_ms = cfg.model.name == "hybrid"
+    classes = LeafDataset(cfg.data.root, "train").classes
+    ms_stats = ms_statistics(LeafDataset(cfg.data.root, "train", classes, with_ms=True)) if with_ms else None
+    loader_args = dict(classes=classes, with_ms=with_ms, ms_stats=ms_stats, seed=cfg.seed)
+    train_loader = build_loader(cfg.data, "train", cfg.train.batch_size, train=True, **loader_args)
+    val_loader = build_loader(cfg.data, "val", cfg.train.batch_size, train=False, **loader_args)
+
+    # model: its architecture spec travels in the checkpoint's JSON, so evaluate/distill can rebuild it
+    spec = {"name": cfg.model.name, "num_classes": len(classes), "drop_rate": cfg.model.drop_rate}
+    if with_ms:
+        spec.update(backbone=cfg.model.backbone, ms_backbone=cfg.model.ms_backbone,
+                    ms_channels=cfg.model.ms_channels, fusion=cfg.model.fusion)
+    model = build_model(spec, pretrained=cfg.model.pretrained)
+    accelerator.print(f"{cfg.model.name} ({cfg.model.backbone if with_ms else 'rgb'}): "
+                      f"{count_parameters(model) / 1e6:.2f}M parameters, {len(classes)} classes, "
+                      f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images")
+    meta = {"arch": spec, "classes": classes, "inputs": ["rgb", "ms"] if with_ms else ["rgb"],
+            "image_size": cfg.data.image_size, "mean": cfg.data.mean, "std": cfg.data.std,
+            "ms_mean": ms_stats[0] if ms_stats else None, "ms_std": ms_stats[1] if ms_stats else None}
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    result = fit(accelerator, Classifier(model), train_loader, val_loader, cfg.train, run_dir, meta,
+                 hparams=flat_hparams(cfg), resume=args.resume)
+    accelerator.print(f"best {result['monitor']} {result['best']:.4f}; checkpoint {run_dir / 'best.safetensors'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
