@@ -1,7 +1,7 @@
 # make demo: the whole pipeline on the built-in demo data.  make test: the test suite.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_EPOCHS ?= 12
+DEMO_EPOCHS ?= 10
 # The demo runs on a CPU and offline: no ImageNet weights, fewer epochs than configs/b0.yaml's 100.
 DEMO_DISTILL := distillation.student_pretrained=null distillation.max_epochs=$(DEMO_EPOCHS) \
 	distillation.warmup_epochs=1 distillation.learning_rate=2e-3

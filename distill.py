@@ -1,7 +1,7 @@
 """Distil frozen teacher(s) into a small RGB student: hard CE + soft KL at temperature T + feature matching.
 
-    accelerate launch distill.py --config configs/b0.yaml [section.key=value ...] [--resume]
-    python distill.py --config configs/b0.yaml distillation.max_epochs=5
+accelerate launch distill.py --config configs/b0.yaml [section.key=value ...] [--resume]
+python distill.py --config configs/b0.yaml distillation.max_epochs=5
 """
 
 from pathlib import Path
@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> dict:
     classes = metas[0]["classes"]
     for entry, meta in zip(entries, metas):
         if meta["classes"] != classes:
-            raise UserError(f"teacher {entry['checkpoint']} has classes {meta['classes']}, "
-                            f"but {entries[0]['checkpoint']} has {classes}")
+            raise UserError(
+                f"teacher {entry['checkpoint']} has classes {meta['classes']}, "
+                f"but {entries[0]['checkpoint']} has {classes}"
+            )
     ms_meta = next((m for m in metas if "ms" in m["inputs"]), None)
     with_ms = ms_meta is not None
 
@@ -52,21 +54,47 @@ def main(argv: list[str] | None = None) -> dict:
     pairs = layer_pairs(d.feature_layers, student, teachers[d.feature_teacher]) if d.feature_matching else []
     example = default_collate([val_loader.dataset[i] for i in range(2)])
     loss = KnowledgeDistillationLoss(d.temperature, d.alpha, d.feature_weight if pairs else 0.0)
-    distiller = Distiller(student, teachers, loss, [e.get("weight", 1.0) for e in entries], pairs,
-                          d.feature_teacher, example_batch=example)
+    distiller = Distiller(
+        student,
+        teachers,
+        loss,
+        [e.get("weight", 1.0) for e in entries],
+        pairs,
+        d.feature_teacher,
+        example_batch=example,
+    )
     distiller.teachers_to(accelerator.device)
-    accelerator.print(f"student {d.student_backbone}: {count_parameters(student) / 1e6:.2f}M parameters; "
-                      f"{len(teachers)} teacher(s): {', '.join(e['checkpoint'] for e in entries)} "
-                      f"({sum(count_parameters(t) for t in teachers) / 1e6:.2f}M); feature pairs {pairs or 'none'}")
+    accelerator.print(
+        f"student {d.student_backbone}: {count_parameters(student) / 1e6:.2f}M parameters; "
+        f"{len(teachers)} teacher(s): {', '.join(e['checkpoint'] for e in entries)} "
+        f"({sum(count_parameters(t) for t in teachers) / 1e6:.2f}M); feature pairs {pairs or 'none'}"
+    )
 
-    meta = {"arch": spec, "classes": classes, "inputs": ["rgb"], "image_size": cfg.data.image_size,
-            "mean": cfg.data.mean, "std": cfg.data.std, "ms_mean": None, "ms_std": None,
-            "teachers": [e["checkpoint"] for e in entries]}
+    meta = {
+        "arch": spec,
+        "classes": classes,
+        "inputs": ["rgb"],
+        "image_size": cfg.data.image_size,
+        "mean": cfg.data.mean,
+        "std": cfg.data.std,
+        "ms_mean": None,
+        "ms_std": None,
+        "teachers": [e["checkpoint"] for e in entries],
+    }
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    result = fit(accelerator, distiller, train_loader, val_loader, d, run_dir, meta,
-                 hparams=flat_hparams(cfg), resume=args.resume)
+    result = fit(
+        accelerator,
+        distiller,
+        train_loader,
+        val_loader,
+        d,
+        run_dir,
+        meta,
+        hparams=flat_hparams(cfg),
+        resume=args.resume,
+    )
     accelerator.print(f"best {result['monitor']} {result['best']:.4f}; checkpoint {run_dir / 'best.safetensors'}")
     return result
 

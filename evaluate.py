@@ -60,13 +60,17 @@ def derived_lines(rows: dict[str, dict]) -> list[str]:
     lines = []
     if "teacher" in rows and "distilled" in rows:
         t, s = rows["teacher"], rows["distilled"]
-        lines += [f"{100 * (1 - s['params'] / t['params']):.0f}% fewer parameters than the teacher",
-                  f"{t['latency_ms'] / s['latency_ms']:.1f}x faster inference (batch 1, {t['device']})",
-                  f"{t['memory_mb'] / s['memory_mb']:.1f}x smaller weight memory",
-                  f"{100 * (t['top1'] - s['top1']):.1f} points accuracy drop from the teacher"]
+        lines += [
+            f"{100 * (1 - s['params'] / t['params']):.0f}% fewer parameters than the teacher",
+            f"{t['latency_ms'] / s['latency_ms']:.1f}x faster inference (batch 1, {t['device']})",
+            f"{t['memory_mb'] / s['memory_mb']:.1f}x smaller weight memory",
+            f"{100 * (t['top1'] - s['top1']):.1f} points accuracy drop from the teacher",
+        ]
     if "baseline" in rows and "distilled" in rows:
-        lines.append(f"{100 * (rows['distilled']['top1'] - rows['baseline']['top1']):+.1f} points over the "
-                     "baseline student (same architecture, no teacher)")
+        lines.append(
+            f"{100 * (rows['distilled']['top1'] - rows['baseline']['top1']):+.1f} points over the "
+            "baseline student (same architecture, no teacher)"
+        )
     return lines
 
 
@@ -94,23 +98,36 @@ def main(argv: list[str] | None = None) -> dict:
         model.eval()
         loader = checkpoint_loader(cfg.data, meta, args.split, args.batch_size)
         example = next(iter(loader))
-        rows[name] = {"checkpoint": str(path), "arch": meta["arch"]["name"], "inputs": meta["inputs"],
-                      "params": count_parameters(model), "top1": accuracy(model, loader),
-                      "samples": len(loader.dataset), "memory_mb": weights_mb(model), "device": device,
-                      **{f"latency_{k}_ms": v for k, v in latency_ms(model, example).items()}}
+        rows[name] = {
+            "checkpoint": str(path),
+            "arch": meta["arch"]["name"],
+            "inputs": meta["inputs"],
+            "params": count_parameters(model),
+            "top1": accuracy(model, loader),
+            "samples": len(loader.dataset),
+            "memory_mb": weights_mb(model),
+            "device": device,
+            **{f"latency_{k}_ms": v for k, v in latency_ms(model, example).items()},
+        }
         rows[name]["latency_ms"] = rows[name]["latency_median_ms"]
 
-    table = Table(*COLUMNS, title=f"{args.split} split of {cfg.data.root}; latency: batch 1, median, {device}; "
-                                  "memory: weights")
+    table = Table(
+        *COLUMNS, title=f"{args.split} split of {cfg.data.root}; latency: batch 1, median, {device}; memory: weights"
+    )
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name, r in rows.items():
         label = f"{name} ({r['arch']}, {'+'.join(r['inputs']).upper()})"
-        cells = [label, f"{r['params'] / 1e6:.2f}M", f"{100 * r['top1']:.1f}%", f"{r['latency_ms']:.2f}",
-                 f"{r['memory_mb']:.1f}"]
+        cells = [
+            label,
+            f"{r['params'] / 1e6:.2f}M",
+            f"{100 * r['top1']:.1f}%",
+            f"{r['latency_ms']:.2f}",
+            f"{r['memory_mb']:.1f}",
+        ]
         table.add_row(*cells)
         md.append("| " + " | ".join(cells) + " |")
     lines = derived_lines(rows)
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
     for line in lines:
         print(f"- {line}")
     out = Path(args.out)

@@ -31,9 +31,18 @@ def export_onnx(model: torch.nn.Module, meta: dict, path: Path, opset: int = 18)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (example,), str(path), dynamo=True, external_data=False, opset_version=opset,
-                          input_names=["rgb"], output_names=["logits"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            opset_version=opset,
+            input_names=["rgb"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
     proto = onnx.load(str(path))
     for key in ("classes", "image_size", "mean", "std"):
         entry = proto.metadata_props.add()
@@ -76,8 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, meta = load_checkpoint(args.checkpoint)
     if input_keys(model) != ("rgb",):
-        raise UserError(f"{args.checkpoint} is a {meta['arch']['name']} model with inputs {meta['inputs']}; "
-                        "export.py exports RGB students (distill.py or train_teacher.py with a timm model)")
+        raise UserError(
+            f"{args.checkpoint} is a {meta['arch']['name']} model with inputs {meta['inputs']}; "
+            "export.py exports RGB students (distill.py or train_teacher.py with a timm model)"
+        )
     model.eval()
     out = export_onnx(model, meta, Path(args.out), args.opset)
 
@@ -90,19 +101,36 @@ def main(argv: list[str] | None = None) -> dict:
         size = meta["image_size"]
         batches = [{"rgb": torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(i))} for i in range(2)]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    report = {"onnx": str(out), "opset": args.opset, "size_mb": out.stat().st_size / 2**20,
-              **parity(model, session, batches), "atol": args.atol}
+    report = {
+        "onnx": str(out),
+        "opset": args.opset,
+        "size_mb": out.stat().st_size / 2**20,
+        **parity(model, session, batches),
+        "atol": args.atol,
+    }
     sidecar = {k: meta[k] for k in ("classes", "image_size", "mean", "std", "arch")}
-    out.with_suffix(".json").write_text(json.dumps({**sidecar, "input": "rgb: float32 N×3×H×W, normalized",
-                                                    "output": "logits: float32 N×classes", "parity": report},
-                                                   indent=2))
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                **sidecar,
+                "input": "rgb: float32 N×3×H×W, normalized",
+                "output": "logits: float32 N×classes",
+                "parity": report,
+            },
+            indent=2,
+        )
+    )
     print(json.dumps(report, indent=2))
     if report["max_abs_diff"] > args.atol:
         out.rename(out.with_suffix(".onnx.rejected"))
-        raise UserError(f"ONNX output differs from PyTorch by {report['max_abs_diff']:.2e} > atol {args.atol}; "
-                        f"the file was moved to {out.with_suffix('.onnx.rejected')} and must not be shipped")
-    print(f"wrote {out} ({report['size_mb']:.1f} MB, opset {args.opset}); onnxruntime matches PyTorch "
-          f"(max |diff| {report['max_abs_diff']:.1e}, top-1 agreement {report['top1_agreement']:.3f})")
+        raise UserError(
+            f"ONNX output differs from PyTorch by {report['max_abs_diff']:.2e} > atol {args.atol}; "
+            f"the file was moved to {out.with_suffix('.onnx.rejected')} and must not be shipped"
+        )
+    print(
+        f"wrote {out} ({report['size_mb']:.1f} MB, opset {args.opset}); onnxruntime matches PyTorch "
+        f"(max |diff| {report['max_abs_diff']:.1e}, top-1 agreement {report['top1_agreement']:.3f})"
+    )
     return report
 
 

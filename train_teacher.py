@@ -1,7 +1,7 @@
 """Train a teacher (the RGB+MS HybridFusion, or any timm model) or an RGB baseline student with plain cross-entropy.
 
-    python train_teacher.py --config configs/teacher.yaml [section.key=value ...] [--resume]
-    accelerate launch train_teacher.py --config configs/teacher.yaml
+python train_teacher.py --config configs/teacher.yaml [section.key=value ...] [--resume]
+accelerate launch train_teacher.py --config configs/teacher.yaml
 """
 
 from pathlib import Path
@@ -35,21 +35,43 @@ def main(argv: list[str] | None = None) -> dict:
     # model: its architecture spec travels in the checkpoint's JSON, so evaluate/distill can rebuild it
     spec = {"name": cfg.model.name, "num_classes": len(classes), "drop_rate": cfg.model.drop_rate}
     if with_ms:
-        spec.update(backbone=cfg.model.backbone, ms_backbone=cfg.model.ms_backbone,
-                    ms_channels=cfg.model.ms_channels, fusion=cfg.model.fusion)
+        spec.update(
+            backbone=cfg.model.backbone,
+            ms_backbone=cfg.model.ms_backbone,
+            ms_channels=cfg.model.ms_channels,
+            fusion=cfg.model.fusion,
+        )
     model = build_model(spec, pretrained=cfg.model.pretrained)
-    accelerator.print(f"{cfg.model.name} ({cfg.model.backbone if with_ms else 'rgb'}): "
-                      f"{count_parameters(model) / 1e6:.2f}M parameters, {len(classes)} classes, "
-                      f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images")
-    meta = {"arch": spec, "classes": classes, "inputs": ["rgb", "ms"] if with_ms else ["rgb"],
-            "image_size": cfg.data.image_size, "mean": cfg.data.mean, "std": cfg.data.std,
-            "ms_mean": ms_stats[0] if ms_stats else None, "ms_std": ms_stats[1] if ms_stats else None}
+    accelerator.print(
+        f"{cfg.model.name} ({cfg.model.backbone if with_ms else 'rgb'}): "
+        f"{count_parameters(model) / 1e6:.2f}M parameters, {len(classes)} classes, "
+        f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images"
+    )
+    meta = {
+        "arch": spec,
+        "classes": classes,
+        "inputs": ["rgb", "ms"] if with_ms else ["rgb"],
+        "image_size": cfg.data.image_size,
+        "mean": cfg.data.mean,
+        "std": cfg.data.std,
+        "ms_mean": ms_stats[0] if ms_stats else None,
+        "ms_std": ms_stats[1] if ms_stats else None,
+    }
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    result = fit(accelerator, Classifier(model), train_loader, val_loader, cfg.train, run_dir, meta,
-                 hparams=flat_hparams(cfg), resume=args.resume)
+    result = fit(
+        accelerator,
+        Classifier(model),
+        train_loader,
+        val_loader,
+        cfg.train,
+        run_dir,
+        meta,
+        hparams=flat_hparams(cfg),
+        resume=args.resume,
+    )
     accelerator.print(f"best {result['monitor']} {result['best']:.4f}; checkpoint {run_dir / 'best.safetensors'}")
     return result
 

@@ -9,7 +9,7 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -20,7 +20,15 @@ class ConfigError(UserError):
     """The config file or a command-line override is invalid."""
 
 
-PRECISIONS = {None: "no", "no": "no", "32": "no", "fp16": "fp16", "16-mixed": "fp16", "bf16": "bf16", "bf16-mixed": "bf16"}
+PRECISIONS = {
+    None: "no",
+    "no": "no",
+    "32": "no",
+    "fp16": "fp16",
+    "16-mixed": "fp16",
+    "bf16": "bf16",
+    "bf16-mixed": "bf16",
+}
 SCHEDULERS = ("cosine", "step", "plateau", "constant")
 
 
@@ -50,11 +58,16 @@ class ModelConfig:
     ms_backbone: str = ""  # hybrid only: timm backbone of the MS branch ("" = same as `backbone`)
     ms_channels: int = 5  # hybrid only: number of multispectral bands in each .npy stack
     fusion: str = "concat"  # hybrid only: how branch features meet: concat | add | attention
-    pretrained: Optional[str] = None  # "imagenet" (timm weights: local cache, or the hub when online), a file, or null
+    pretrained: str | None = None  # "imagenet" (timm weights: local cache, or the hub when online), a file, or null
     drop_rate: float = 0.2  # dropout before the classifier
 
     def __post_init__(self):
-        _check(self.fusion in ("concat", "add", "attention"), "model.fusion", "must be concat | add | attention", self.fusion)
+        _check(
+            self.fusion in ("concat", "add", "attention"),
+            "model.fusion",
+            "must be concat | add | attention",
+            self.fusion,
+        )
         _check(self.ms_channels >= 1, "model.ms_channels", "must be >= 1", self.ms_channels)
 
 
@@ -69,7 +82,7 @@ class TrainConfig:
     lr_gamma: float = 0.1  # step/plateau: factor applied at each decay
     lr_step_size: int = 30  # step: epochs between decays
     min_lr: float = 0.0  # floor of the cosine schedule
-    precision: Optional[str] = None  # "16-mixed"/"fp16", "bf16-mixed"/"bf16", or null/"no" for fp32
+    precision: str | None = None  # "16-mixed"/"fp16", "bf16-mixed"/"bf16", or null/"no" for fp32
     accumulate_grad_batches: int = 1  # batches per optimizer step
     gradient_clip_val: float = 1.0  # max gradient norm; 0 turns clipping off
     early_stopping_patience: int = 0  # epochs without improvement of `monitor` before stopping; 0 = never
@@ -83,12 +96,22 @@ class TrainConfig:
         _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
         _check(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
         _check(self.max_epochs >= 1, "max_epochs", "must be >= 1", self.max_epochs)
-        _check(0 <= self.warmup_epochs < self.max_epochs or self.warmup_epochs == 0, "warmup_epochs",
-               "must be >= 0 and smaller than max_epochs", self.warmup_epochs)
+        _check(
+            0 <= self.warmup_epochs < self.max_epochs or self.warmup_epochs == 0,
+            "warmup_epochs",
+            "must be >= 0 and smaller than max_epochs",
+            self.warmup_epochs,
+        )
         _check(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {SCHEDULERS}", self.lr_scheduler)
-        _check(self.precision in PRECISIONS, "precision", "must be one of 16-mixed, bf16-mixed, fp16, bf16, no, null",
-               self.precision)
-        _check(self.accumulate_grad_batches >= 1, "accumulate_grad_batches", "must be >= 1", self.accumulate_grad_batches)
+        _check(
+            self.precision in PRECISIONS,
+            "precision",
+            "must be one of 16-mixed, bf16-mixed, fp16, bf16, no, null",
+            self.precision,
+        )
+        _check(
+            self.accumulate_grad_batches >= 1, "accumulate_grad_batches", "must be >= 1", self.accumulate_grad_batches
+        )
         _check(self.gradient_clip_val >= 0, "gradient_clip_val", "must be >= 0", self.gradient_clip_val)
         _check(self.save_top_k >= 1, "save_top_k", "must be >= 1", self.save_top_k)
         _check(self.monitor in ("val_acc", "val_loss"), "monitor", "must be val_acc or val_loss", self.monitor)
@@ -105,7 +128,7 @@ class DistillationConfig(TrainConfig):
     teacher_checkpoint: str = "checkpoints/teacher/best.safetensors"  # frozen teacher (.safetensors/.json stem)
     teachers: list = field(default_factory=list)  # multi-teacher: [{checkpoint: path, weight: w}, ...]
     student_backbone: str = "efficientnet_b0"  # timm name of the RGB student
-    student_pretrained: Optional[str] = None  # "imagenet", a weights file, or null (random init)
+    student_pretrained: str | None = None  # "imagenet", a weights file, or null (random init)
     temperature: float = 4.0  # softmax temperature of the soft (KL) loss
     alpha: float = 0.3  # weight of the hard label loss; 1 - alpha weighs the soft loss
     feature_weight: float = 0.5  # weight of the feature-matching MSE
@@ -120,7 +143,9 @@ class DistillationConfig(TrainConfig):
         _check(self.feature_weight >= 0, "distillation.feature_weight", "must be >= 0", self.feature_weight)
         for i, t in enumerate(self.teachers):
             if not (isinstance(t, dict) and "checkpoint" in t and set(t) <= {"checkpoint", "weight"}):
-                raise ConfigError(f"distillation.teachers[{i}] must look like {{checkpoint: path, weight: 1.0}}, got {t!r}")
+                raise ConfigError(
+                    f"distillation.teachers[{i}] must look like {{checkpoint: path, weight: 1.0}}, got {t!r}"
+                )
 
 
 @dataclass
@@ -200,7 +225,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
 
 
-def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply `key=value` overrides, validate, and return a Config."""
     raw: dict = {}
     if path is not None:
@@ -222,7 +247,7 @@ def load_config(path: Optional[str | Path] = None, overrides: tuple[str, ...] | 
     return _build(Config, raw, "")
 
 
-def parse_cli(argv: Optional[list[str]], description: str) -> tuple[Config, argparse.Namespace]:
+def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, argparse.Namespace]:
     """`--config C [--resume] [section.key=value ...]` -> (validated Config, parsed arguments)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file (see configs/)")

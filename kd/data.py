@@ -26,8 +26,14 @@ DEMO_BANDS = ("blue", "green", "red", "red_edge", "nir")
 class LeafDataset(Dataset):
     """One split of an image-folder dataset; with `with_ms`, also the .npy band stack beside each image."""
 
-    def __init__(self, root: str | Path, split: str, classes: Optional[list[str]] = None, with_ms: bool = False,
-                 transform: Optional["PairedTransform"] = None):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        classes: list[str] | None = None,
+        with_ms: bool = False,
+        transform: Optional["PairedTransform"] = None,
+    ):
         split_dir = Path(root) / split
         if not split_dir.is_dir():
             raise UserError(f"split folder {split_dir} does not exist: expected <root>/{split}/<class>/<image>")
@@ -37,8 +43,12 @@ class LeafDataset(Dataset):
         elif sorted(classes) != found:
             raise UserError(f"{split_dir} has classes {found}, but the model was trained on {list(classes)}")
         self.classes = list(classes)
-        self.samples = [(p, label) for label, c in enumerate(self.classes)
-                        for p in sorted((split_dir / c).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+        self.samples = [
+            (p, label)
+            for label, c in enumerate(self.classes)
+            for p in sorted((split_dir / c).iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
         if not self.samples:
             raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {split_dir}/<class>/")
         self.with_ms = with_ms
@@ -47,7 +57,7 @@ class LeafDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read(self, index: int) -> tuple[torch.Tensor, Optional[torch.Tensor], int]:
+    def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """The untransformed sample: RGB as float 3×H×W in [0, 1], MS as float C×H×W (or None), label."""
         path, label = self.samples[index]
         try:
@@ -78,14 +88,24 @@ class LeafDataset(Dataset):
 class PairedTransform:
     """Crop/flip RGB and MS with the same parameters (teacher and student see one view), then normalize each."""
 
-    def __init__(self, image_size: Optional[int], train: bool = False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-                 ms_mean=None, ms_std=None, hflip: float = 0.5, vflip: float = 0.0, scale_min: float = 1.0):
+    def __init__(
+        self,
+        image_size: int | None,
+        train: bool = False,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        ms_mean=None,
+        ms_std=None,
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        scale_min: float = 1.0,
+    ):
         self.image_size, self.train = image_size, train
         self.mean, self.std = list(mean), list(std)
         self.ms_mean, self.ms_std = ms_mean, ms_std
         self.hflip, self.vflip, self.scale = hflip, vflip, (scale_min, 1.0)
 
-    def __call__(self, rgb: torch.Tensor, ms: Optional[torch.Tensor] = None) -> dict:
+    def __call__(self, rgb: torch.Tensor, ms: torch.Tensor | None = None) -> dict:
         x = rgb if ms is None else torch.cat([rgb, ms])
         size = [self.image_size] * 2 if self.image_size else list(x.shape[1:])
         if self.train:
@@ -119,23 +139,48 @@ def prepare_data(cfg: DataConfig) -> None:
         print(f"writing the synthetic demo dataset to {root} (seed {cfg.demo_seed})")
         make_demo_dataset(root, seed=cfg.demo_seed)
     if not root.is_dir():
-        raise UserError(f"data.root {root} does not exist. Point data.root at <root>/<split>/<class>/<image> "
-                        "folders, or set data.demo=true to generate the built-in demo set there.")
+        raise UserError(
+            f"data.root {root} does not exist. Point data.root at <root>/<split>/<class>/<image> "
+            "folders, or set data.demo=true to generate the built-in demo set there."
+        )
 
 
-def build_loader(cfg: DataConfig, split: str, batch_size: int, train: bool, with_ms: bool,
-                 classes: Optional[list[str]] = None, ms_stats: Optional[tuple] = None, seed: int = 0) -> DataLoader:
+def build_loader(
+    cfg: DataConfig,
+    split: str,
+    batch_size: int,
+    train: bool,
+    with_ms: bool,
+    classes: list[str] | None = None,
+    ms_stats: tuple | None = None,
+    seed: int = 0,
+) -> DataLoader:
     """A DataLoader over one split; training loaders shuffle (seeded), augment and drop the last partial batch."""
-    transform = PairedTransform(cfg.image_size, train=train, mean=cfg.mean, std=cfg.std,
-                                ms_mean=ms_stats[0] if ms_stats else None, ms_std=ms_stats[1] if ms_stats else None,
-                                hflip=cfg.hflip, vflip=cfg.vflip, scale_min=cfg.scale_min)
+    transform = PairedTransform(
+        cfg.image_size,
+        train=train,
+        mean=cfg.mean,
+        std=cfg.std,
+        ms_mean=ms_stats[0] if ms_stats else None,
+        ms_std=ms_stats[1] if ms_stats else None,
+        hflip=cfg.hflip,
+        vflip=cfg.vflip,
+        scale_min=cfg.scale_min,
+    )
     dataset = LeafDataset(cfg.root, split, classes=classes, with_ms=with_ms, transform=transform)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, drop_last=train and len(dataset) > batch_size,
-                      num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 # ----------------------------------------------------------------------------------------------- demo data set
+
 
 def _leaf_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A leaf on soil: (leaf mask H×W in [0, 1], normalized coordinates along/across the leaf)."""
@@ -158,9 +203,11 @@ def _symptom_mask(rng: np.random.Generator, cls: str, size: int, coords: np.ndar
         return spots
     if cls == "nitrogen_stress":  # chlorosis spreading from the leaf tip and margins
         return np.clip((coords[0] + 0.6 * np.abs(coords[1]) - rng.uniform(0.0, 0.4)) * 2.5, 0, 1)
-    count, radius, sharp = {"early_blight": (rng.integers(2, 5), (0.06, 0.1), 30.0),
-                            "leaf_rust": (rng.integers(15, 30), (0.015, 0.03), 80.0),
-                            "powdery_mildew": (rng.integers(3, 6), (0.1, 0.16), 6.0)}[cls]
+    count, radius, sharp = {
+        "early_blight": (rng.integers(2, 5), (0.06, 0.1), 30.0),
+        "leaf_rust": (rng.integers(15, 30), (0.015, 0.03), 80.0),
+        "powdery_mildew": (rng.integers(3, 6), (0.1, 0.16), 6.0),
+    }[cls]
     for _ in range(count):
         cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(*radius)
         d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
@@ -171,9 +218,13 @@ def _symptom_mask(rng: np.random.Generator, cls: str, size: int, coords: np.ndar
 # Reflectance of blue, green, red, red-edge, NIR: healthy leaf, soil, and the change each disease causes.
 _LEAF = np.array([0.05, 0.14, 0.06, 0.30, 0.50], np.float32)
 _SOIL = np.array([0.12, 0.16, 0.22, 0.28, 0.32], np.float32)
-_SYMPTOM = {"early_blight": [-0.02, -0.08, 0.04, -0.20, -0.35], "leaf_rust": [-0.03, 0.0, 0.20, -0.12, -0.25],
-            "powdery_mildew": [0.30, 0.22, 0.28, 0.05, -0.15], "nitrogen_stress": [0.02, 0.10, 0.14, -0.20, -0.28],
-            "healthy": [0, 0, 0, 0, 0]}
+_SYMPTOM = {
+    "early_blight": [-0.02, -0.08, 0.04, -0.20, -0.35],
+    "leaf_rust": [-0.03, 0.0, 0.20, -0.12, -0.25],
+    "powdery_mildew": [0.30, 0.22, 0.28, 0.05, -0.15],
+    "nitrogen_stress": [0.02, 0.10, 0.14, -0.20, -0.28],
+    "healthy": [0, 0, 0, 0, 0],
+}
 
 
 def _render(rng: np.random.Generator, cls: str, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +235,7 @@ def _render(rng: np.random.Generator, cls: str, size: int) -> tuple[np.ndarray, 
     visible_strength = rng.uniform(0.5, 1.0) if rng.random() < 0.5 else rng.uniform(0.0, 0.12)
     nir_strength = rng.uniform(0.7, 1.0)
     leaf_tint = _LEAF * rng.uniform(0.85, 1.15, size=5).astype(np.float32)
-    veins = 1.0 - 0.15 * np.exp(-(coords[1] * 12) ** 2) * leaf  # midrib
+    veins = 1.0 - 0.15 * np.exp(-((coords[1] * 12) ** 2)) * leaf  # midrib
     soil = _SOIL * rng.uniform(0.7, 1.2) + rng.normal(0, 0.02, (size, size, 1)).astype(np.float32)
     change = np.array(_SYMPTOM[cls], np.float32)
     strength = np.array([visible_strength] * 3 + [nir_strength] * 2, np.float32)
@@ -196,8 +247,13 @@ def _render(rng: np.random.Generator, cls: str, size: int) -> tuple[np.ndarray, 
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), reflect.astype(np.float16)
 
 
-def make_demo_dataset(root: str | Path, seed: int = 0, per_class: tuple[int, int, int] = (240, 60, 60),
-                      size: int = 64, label_noise: float = 0.03) -> Path:
+def make_demo_dataset(
+    root: str | Path,
+    seed: int = 0,
+    per_class: tuple[int, int, int] = (240, 60, 60),
+    size: int = 64,
+    label_noise: float = 0.03,
+) -> Path:
     """Write a seeded synthetic leaf-disease set: <root>/{train,val,test}/<class>/<n>.png + <n>.npy (5 bands).
 
     Symptoms are clear in red-edge/NIR for every diseased leaf but faint in RGB for about half of them, so an
@@ -226,5 +282,6 @@ def checkpoint_loader(cfg: DataConfig, meta: dict, split: str, batch_size: int) 
     """An evaluation loader that feeds a checkpoint what it was trained on: its classes, inputs and MS stats."""
     with_ms = "ms" in meta["inputs"]
     ms_stats = (meta["ms_mean"], meta["ms_std"]) if with_ms else None
-    return build_loader(cfg, split, batch_size, train=False, with_ms=with_ms, classes=meta["classes"],
-                        ms_stats=ms_stats)
+    return build_loader(
+        cfg, split, batch_size, train=False, with_ms=with_ms, classes=meta["classes"], ms_stats=ms_stats
+    )

@@ -1,6 +1,6 @@
 """Distiller: a trainable student (+ feature adapters) and frozen teachers; one call on a batch gives the loss terms."""
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -19,10 +19,16 @@ class Distiller(nn.Module):
     under no_grad whatever `.train()` is called with.
     """
 
-    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], loss: KnowledgeDistillationLoss,
-                 teacher_weights: Optional[Sequence[float]] = None,
-                 layer_pairs: Sequence[tuple[str, str]] = (), feature_teacher: int = 0,
-                 example_batch: Optional[dict] = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers: Sequence[nn.Module],
+        loss: KnowledgeDistillationLoss,
+        teacher_weights: Sequence[float] | None = None,
+        layer_pairs: Sequence[tuple[str, str]] = (),
+        feature_teacher: int = 0,
+        example_batch: dict | None = None,
+    ):
         super().__init__()
         self.student, self.loss = student, loss
         self.teachers = tuple(t.eval().requires_grad_(False) for t in teachers)
@@ -34,8 +40,9 @@ class Distiller(nn.Module):
                 raise ValueError("feature matching needs an example batch to size the adapters")
             teacher = self.teachers[feature_teacher]
             s_shapes = feature_shapes(student, [s for s, _ in self.layer_pairs], [example_batch["rgb"]])
-            t_shapes = feature_shapes(teacher, [t for _, t in self.layer_pairs],
-                                      [example_batch[k] for k in input_keys(teacher)])
+            t_shapes = feature_shapes(
+                teacher, [t for _, t in self.layer_pairs], [example_batch[k] for k in input_keys(teacher)]
+            )
             self.adapters.extend(FeatureAdapter(s_shapes[s][1], t_shapes[t][1]) for s, t in self.layer_pairs)
             self.student_hooks = FeatureHooks(student, [s for s, _ in self.layer_pairs])
             self.teacher_hooks = FeatureHooks(teacher, [t for _, t in self.layer_pairs])
@@ -65,8 +72,9 @@ class Distiller(nn.Module):
         feature_pairs = []
         for adapter, (s_name, t_name) in zip(self.adapters, self.layer_pairs):
             teacher_features = self.teacher_hooks.pop(t_name)
-            feature_pairs.append((adapter(self.student_hooks.pop(s_name), teacher_features.shape[-2:]),
-                                  teacher_features))
+            feature_pairs.append(
+                (adapter(self.student_hooks.pop(s_name), teacher_features.shape[-2:]), teacher_features)
+            )
         terms = self.loss(student_logits, teacher_logits, batch["label"], feature_pairs)
         terms["logits"] = student_logits
         return terms

@@ -1,6 +1,6 @@
 """Feature matching: forward hooks on named layers, and adapters that bring student features to the teacher's shape."""
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +36,9 @@ def layer_pairs(layers: Sequence, student: nn.Module, teacher: nn.Module) -> lis
             student_name, teacher_name = entry
         else:
             raise UserError(f"feature_layers entry {entry!r} must be a layer name or a [student, teacher] pair")
-        pairs.append((resolve_layer(student, student_name, "the student"),
-                      resolve_layer(teacher, teacher_name, "the teacher")))
+        pairs.append(
+            (resolve_layer(student, student_name, "the student"), resolve_layer(teacher, teacher_name, "the teacher"))
+        )
     return pairs
 
 

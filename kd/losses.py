@@ -30,8 +30,13 @@ class KnowledgeDistillationLoss(nn.Module):
         super().__init__()
         self.temperature, self.alpha, self.feature_weight = temperature, alpha, feature_weight
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                feature_pairs: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor,
+        labels: torch.Tensor,
+        feature_pairs: list[tuple[torch.Tensor, torch.Tensor]] = (),
+    ) -> dict[str, torch.Tensor]:
         hard = F.cross_entropy(student_logits.float(), labels)
         soft = soft_kl(student_logits, teacher_logits, self.temperature)
         feature = feature_mse(list(feature_pairs)) if feature_pairs else hard.new_zeros(())

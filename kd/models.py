@@ -3,7 +3,7 @@
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import safetensors.torch
 import timm
@@ -16,7 +16,7 @@ from kd.errors import UserError
 CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".ckpt", ".pt", ".pth")
 
 
-def create_timm(name: str, num_classes: int, pretrained: Optional[str] = None, **kwargs: Any) -> nn.Module:
+def create_timm(name: str, num_classes: int, pretrained: str | None = None, **kwargs: Any) -> nn.Module:
     """A timm model; `pretrained` is None/"none" (random), "imagenet" (cache, or hub when online) or a weights file."""
     base = name.split(".")[0]  # "efficientnet_b0.ra_in1k" names a pretrained tag of efficientnet_b0
     if base not in timm.list_models():
@@ -27,16 +27,21 @@ def create_timm(name: str, num_classes: int, pretrained: Optional[str] = None, *
     overlay = None
     if pretrained != "imagenet":
         if not Path(pretrained).is_file():
-            raise UserError(f"pretrained weights file {pretrained} does not exist. Use a path to a "
-                            ".safetensors/.pth file, 'imagenet' for timm's weights, or null for random init.")
+            raise UserError(
+                f"pretrained weights file {pretrained} does not exist. Use a path to a "
+                ".safetensors/.pth file, 'imagenet' for timm's weights, or null for random init."
+            )
         overlay = dict(file=str(pretrained))
     try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay,
-                                 **kwargs)
+        return timm.create_model(
+            name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
+        )
     except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"could not load pretrained weights '{pretrained}' for {name}: {e}\nOffline? Put timm's "
-                        "weights in the Hugging Face cache (HF_HOME) while online, point the pretrained key at a "
-                        "local weights file, or set it to null to start from random weights.") from None
+        raise UserError(
+            f"could not load pretrained weights '{pretrained}' for {name}: {e}\nOffline? Put timm's "
+            "weights in the Hugging Face cache (HF_HOME) while online, point the pretrained key at a "
+            "local weights file, or set it to null to start from random weights."
+        ) from None
 
 
 def _pooled_dim(backbone: nn.Module) -> int:
@@ -49,9 +54,16 @@ class HybridFusion(nn.Module):
 
     input_keys = ("rgb", "ms")
 
-    def __init__(self, num_classes: int, backbone: str = "efficientnetv2_rw_s", ms_backbone: str = "",
-                 ms_channels: int = 5, fusion: str = "concat", pretrained: Optional[str] = None,
-                 drop_rate: float = 0.2):
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "efficientnetv2_rw_s",
+        ms_backbone: str = "",
+        ms_channels: int = 5,
+        fusion: str = "concat",
+        pretrained: str | None = None,
+        drop_rate: float = 0.2,
+    ):
         super().__init__()
         self.rgb = create_timm(backbone, num_classes=0, pretrained=pretrained)
         # The adapter learns which band mixture to show the backbone, so ImageNet weights stay usable for MS.
@@ -82,7 +94,7 @@ class HybridFusion(nn.Module):
         return self.head(fused)
 
 
-def build_model(spec: dict, pretrained: Optional[str] = None) -> nn.Module:
+def build_model(spec: dict, pretrained: str | None = None) -> nn.Module:
     """Build from an architecture spec: {"name": "hybrid", ...HybridFusion args} or {"name": timm_name, ...}."""
     spec = dict(spec)
     name, num_classes = spec.pop("name"), spec.pop("num_classes")
@@ -122,6 +134,7 @@ class Classifier(nn.Module):
 
 # --------------------------------------------------------------------------------------------------- checkpoints
 
+
 def checkpoint_stem(path: str | Path) -> Path:
     """'runs/x/best', 'runs/x/best.safetensors', 'runs/x/best.ckpt' -> Path('runs/x/best'); a folder -> folder/best."""
     path = Path(path)
@@ -152,10 +165,13 @@ def read_meta(path: str | Path) -> dict:
     if not stem.with_suffix(".safetensors").is_file() or not meta_path.is_file():
         hint = ""
         if Path(path).suffix in (".ckpt", ".pt", ".pth"):
-            hint = (f" kd reads {Path(path).suffix} paths as their <stem>.safetensors + <stem>.json pair and"
-                    " found neither.")
-        raise UserError(f"checkpoint {path} not found: expected {stem}.safetensors and {stem}.json.{hint} "
-                        "Train one first, e.g. `python train_teacher.py --config configs/teacher.yaml`.")
+            hint = (
+                f" kd reads {Path(path).suffix} paths as their <stem>.safetensors + <stem>.json pair and found neither."
+            )
+        raise UserError(
+            f"checkpoint {path} not found: expected {stem}.safetensors and {stem}.json.{hint} "
+            "Train one first, e.g. `python train_teacher.py --config configs/teacher.yaml`."
+        )
     try:
         return json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
@@ -170,9 +186,12 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     try:
         weights = safetensors.torch.load_file(str(stem.with_suffix(".safetensors")))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise UserError(f"cannot read weights {stem}.safetensors ({e}); the file is damaged or not safetensors")
+        message = f"cannot read weights {stem}.safetensors ({e}); the file is damaged or not safetensors"
+        raise UserError(message) from None
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise UserError(f"weights in {stem}.safetensors do not fit architecture {meta['arch']}: "
-                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(
+            f"weights in {stem}.safetensors do not fit architecture {meta['arch']}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model, meta

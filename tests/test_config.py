@@ -55,8 +55,9 @@ def test_b0_config_holds_the_guide_block():
     assert shipped == guide
 
 
-@pytest.mark.parametrize("precision, expected", [("16-mixed", "fp16"), ("bf16-mixed", "bf16"), (None, "no"),
-                                                 ("bf16", "bf16"), ("no", "no")])
+@pytest.mark.parametrize(
+    "precision, expected", [("16-mixed", "fp16"), ("bf16-mixed", "bf16"), (None, "no"), ("bf16", "bf16"), ("no", "no")]
+)
 def test_precision_spellings_map_to_accelerate(tmp_path, precision, expected):
     cfg = load_config(None, [f"distillation.precision={'null' if precision is None else precision}"])
     assert cfg.distillation.mixed_precision == expected
@@ -81,10 +82,15 @@ def test_wrong_type_names_key_and_type(tmp_path):
         load_config(None, ["distillation.alpha=[1]"])
 
 
-@pytest.mark.parametrize("override, message", [("distillation.temperature=0", "temperature must be > 0"),
-                                               ("distillation.alpha=1.5", r"alpha must be within \[0, 1\]"),
-                                               ("train.max_epochs=-1", "max_epochs must be >= 1"),
-                                               ("train.precision=16", "precision must be one of")])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("distillation.temperature=0", "temperature must be > 0"),
+        ("distillation.alpha=1.5", r"alpha must be within \[0, 1\]"),
+        ("train.max_epochs=-1", "max_epochs must be >= 1"),
+        ("train.precision=16", "precision must be one of"),
+    ],
+)
 def test_out_of_range_values_are_rejected(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])

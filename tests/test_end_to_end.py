@@ -23,15 +23,35 @@ def run(*args, cwd, expect_ok=True):
 def pipeline(tiny_demo, tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     data = [f"data.root={tiny_demo}", "data.demo=false", "data.image_size=32", "data.num_workers=0"]
-    teacher = run(str(ROOT / "train_teacher.py"), "--config", str(ROOT / "configs/teacher.yaml"), *data,
-                  "model.backbone=test_efficientnet", "model.ms_backbone=test_resnet", "train.max_epochs=2",
-                  "train.warmup_epochs=0", "train.batch_size=8", "train.checkpoint_dir=ckpt/teacher", cwd=work)
-    student = run(str(ROOT / "distill.py"), "--config", str(ROOT / "configs/b0.yaml"), *data,
-                  "distillation.teacher_checkpoint=ckpt/teacher/best.ckpt",
-                  "distillation.student_backbone=test_efficientnet", "distillation.student_pretrained=null",
-                  "distillation.feature_layers=[blocks.1, [blocks.3, rgb.blocks.4]]", "distillation.max_epochs=2",
-                  "distillation.warmup_epochs=0", "distillation.batch_size=8", "distillation.precision=null",
-                  "distillation.checkpoint_dir=ckpt/student", cwd=work)
+    teacher = run(
+        str(ROOT / "train_teacher.py"),
+        "--config",
+        str(ROOT / "configs/teacher.yaml"),
+        *data,
+        "model.backbone=test_efficientnet",
+        "model.ms_backbone=test_resnet",
+        "train.max_epochs=2",
+        "train.warmup_epochs=0",
+        "train.batch_size=8",
+        "train.checkpoint_dir=ckpt/teacher",
+        cwd=work,
+    )
+    student = run(
+        str(ROOT / "distill.py"),
+        "--config",
+        str(ROOT / "configs/b0.yaml"),
+        *data,
+        "distillation.teacher_checkpoint=ckpt/teacher/best.ckpt",
+        "distillation.student_backbone=test_efficientnet",
+        "distillation.student_pretrained=null",
+        "distillation.feature_layers=[blocks.1, [blocks.3, rgb.blocks.4]]",
+        "distillation.max_epochs=2",
+        "distillation.warmup_epochs=0",
+        "distillation.batch_size=8",
+        "distillation.precision=null",
+        "distillation.checkpoint_dir=ckpt/student",
+        cwd=work,
+    )
     return work, data, teacher, student
 
 
@@ -57,33 +77,63 @@ def test_distill_run_uses_teacher_and_feature_pairs(pipeline):
 
 def test_resume_continues_from_the_saved_epoch(pipeline):
     work, data, _, _ = pipeline
-    proc = run(str(ROOT / "train_teacher.py"), "--config", str(ROOT / "configs/teacher.yaml"), *data,
-               "model.backbone=test_efficientnet", "model.ms_backbone=test_resnet", "train.max_epochs=3",
-               "train.warmup_epochs=0", "train.batch_size=8", "train.checkpoint_dir=ckpt/teacher", "--resume",
-               cwd=work)
+    proc = run(
+        str(ROOT / "train_teacher.py"),
+        "--config",
+        str(ROOT / "configs/teacher.yaml"),
+        *data,
+        "model.backbone=test_efficientnet",
+        "model.ms_backbone=test_resnet",
+        "train.max_epochs=3",
+        "train.warmup_epochs=0",
+        "train.batch_size=8",
+        "train.checkpoint_dir=ckpt/teacher",
+        "--resume",
+        cwd=work,
+    )
     assert "resumed from" in proc.stdout and "at epoch 2" in proc.stdout
     assert "epoch 2:" in proc.stdout and "epoch 0:" not in proc.stdout
 
 
 def test_evaluate_writes_the_comparison_table(pipeline):
     work, data, _, _ = pipeline
-    proc = run(str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs/b0.yaml"), *data, "--out", "results",
-               "--models", "teacher=ckpt/teacher/best.safetensors", "distilled=ckpt/student/best.safetensors",
-               cwd=work)
+    proc = run(
+        str(ROOT / "evaluate.py"),
+        "--config",
+        str(ROOT / "configs/b0.yaml"),
+        *data,
+        "--out",
+        "results",
+        "--models",
+        "teacher=ckpt/teacher/best.safetensors",
+        "distilled=ckpt/student/best.safetensors",
+        cwd=work,
+    )
     results = json.loads((work / "results/results.json").read_text())
     rows = results["models"]
     assert set(rows) == {"teacher", "distilled"}
     for row in rows.values():
         assert row["samples"] == 20 and 0 <= row["top1"] <= 1 and row["latency_ms"] > 0 and row["params"] > 0
     assert "fewer parameters than the teacher" in " ".join(results["derived"])
-    assert "| Model | Parameters | Top-1 Acc. | Latency (ms) | Memory (MB) |" in (work / "results/results.md").read_text()
+    assert (
+        "| Model | Parameters | Top-1 Acc. | Latency (ms) | Memory (MB) |" in (work / "results/results.md").read_text()
+    )
     assert "Top-1" in proc.stdout
 
 
 def test_export_onnx_matches_pytorch(pipeline):
     work, data, _, _ = pipeline
-    proc = run(str(ROOT / "export.py"), "--checkpoint", "ckpt/student/best.safetensors", "--out", "exp/s.onnx",
-               "--config", str(ROOT / "configs/b0.yaml"), *data, cwd=work)
+    proc = run(
+        str(ROOT / "export.py"),
+        "--checkpoint",
+        "ckpt/student/best.safetensors",
+        "--out",
+        "exp/s.onnx",
+        "--config",
+        str(ROOT / "configs/b0.yaml"),
+        *data,
+        cwd=work,
+    )
     report = json.loads((work / "exp/s.json").read_text())["parity"]
     assert report["max_abs_diff"] < 1e-3 and report["top1_agreement"] == 1.0 and report["samples"] == 20
     assert not (work / "exp/s.onnx.data").exists() and "onnxruntime matches PyTorch" in proc.stdout
@@ -91,10 +141,23 @@ def test_export_onnx_matches_pytorch(pipeline):
 
 def test_user_mistakes_get_one_clear_message(pipeline):
     work, data, _, _ = pipeline
-    proc = run(str(ROOT / "distill.py"), "--config", str(ROOT / "configs/b0.yaml"), *data,
-               "distillation.teacher_checkpoint=nowhere/best.ckpt", cwd=work, expect_ok=False)
+    proc = run(
+        str(ROOT / "distill.py"),
+        "--config",
+        str(ROOT / "configs/b0.yaml"),
+        *data,
+        "distillation.teacher_checkpoint=nowhere/best.ckpt",
+        cwd=work,
+        expect_ok=False,
+    )
     assert proc.returncode == 2 and "checkpoint nowhere/best.ckpt not found" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = run(str(ROOT / "distill.py"), "--config", str(ROOT / "configs/b0.yaml"), "distillation.temprature=2",
-               cwd=work, expect_ok=False)
+    proc = run(
+        str(ROOT / "distill.py"),
+        "--config",
+        str(ROOT / "configs/b0.yaml"),
+        "distillation.temprature=2",
+        cwd=work,
+        expect_ok=False,
+    )
     assert proc.returncode == 2 and "Did you mean 'distillation.temperature'" in proc.stderr

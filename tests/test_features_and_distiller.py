@@ -21,8 +21,11 @@ def tiny_hybrid(classes=5):
 
 def batch(n=2, size=32):
     g = torch.Generator().manual_seed(0)
-    return {"rgb": torch.randn(n, 3, size, size, generator=g), "ms": torch.randn(n, 4, size, size, generator=g),
-            "label": torch.tensor([0, 3][:n])}
+    return {
+        "rgb": torch.randn(n, 3, size, size, generator=g),
+        "ms": torch.randn(n, 4, size, size, generator=g),
+        "label": torch.tensor([0, 3][:n]),
+    }
 
 
 def test_hooks_capture_the_named_layer_outputs():
@@ -102,7 +105,8 @@ def test_soft_term_uses_the_weighted_teacher_ensemble():
     with torch.no_grad():
         expected_teacher = 0.75 * t1.eval()(b["rgb"]) + 0.25 * t2.eval()(b["rgb"])
         s = distiller.student.eval()(b["rgb"])
-    expected = torch.nn.functional.kl_div(s.log_softmax(1), expected_teacher.log_softmax(1), reduction="batchmean",
-                                          log_target=True)
+    expected = torch.nn.functional.kl_div(
+        s.log_softmax(1), expected_teacher.log_softmax(1), reduction="batchmean", log_target=True
+    )
     distiller.eval()
     assert distiller(b)["soft"].item() == pytest.approx(expected.item(), rel=1e-5)

@@ -24,8 +24,9 @@ def kl_by_hand(student, teacher, t):
 def test_soft_kl_matches_hand_computation(temperature):
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(4, 5, generator=g) * 3, torch.randn(4, 5, generator=g) * 3
-    assert soft_kl(student, teacher, temperature).item() == pytest.approx(kl_by_hand(student, teacher, temperature),
-                                                                          rel=1e-5)
+    assert soft_kl(student, teacher, temperature).item() == pytest.approx(
+        kl_by_hand(student, teacher, temperature), rel=1e-5
+    )
 
 
 def test_soft_kl_is_zero_for_identical_logits_and_positive_otherwise():
@@ -40,7 +41,10 @@ def test_alpha_extremes_and_weighted_sum():
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
     ce = F.cross_entropy(student, labels).item()
     kl = kl_by_hand(student, teacher, 2.0)
-    pairs = [(torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)), (torch.full((2, 1, 2, 2), 2.0), torch.zeros(2, 1, 2, 2))]
+    pairs = [
+        (torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)),
+        (torch.full((2, 1, 2, 2), 2.0), torch.zeros(2, 1, 2, 2)),
+    ]
     feature = (1.0 + 4.0) / 2  # mean over layers of each layer's MSE
     only_labels = KnowledgeDistillationLoss(temperature=2.0, alpha=1.0, feature_weight=0.0)(student, teacher, labels)
     assert only_labels["loss"].item() == pytest.approx(ce, rel=1e-5)

@@ -14,8 +14,9 @@ from kd.models import HybridFusion, build_model, load_checkpoint, read_meta, sav
 @pytest.mark.parametrize("fusion", ["concat", "add", "attention"])
 def test_hybrid_fusion_modes_give_logits_and_use_both_modalities(fusion):
     torch.manual_seed(0)
-    model = HybridFusion(4, backbone="test_efficientnet", ms_backbone="test_resnet", ms_channels=5,
-                         fusion=fusion).eval()
+    model = HybridFusion(
+        4, backbone="test_efficientnet", ms_backbone="test_resnet", ms_channels=5, fusion=fusion
+    ).eval()
     rgb, ms = torch.randn(2, 3, 32, 32), torch.randn(2, 5, 32, 32)
     out = model(rgb, ms)
     assert out.shape == (2, 4)
@@ -38,8 +39,11 @@ def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path):
 def test_missing_or_damaged_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="not found.*train_teacher.py"):
         read_meta(tmp_path / "nope.ckpt")
-    save_checkpoint(tmp_path / "m", timm.create_model("test_resnet", num_classes=2),
-                    {"arch": {"name": "test_resnet", "num_classes": 2}})
+    save_checkpoint(
+        tmp_path / "m",
+        timm.create_model("test_resnet", num_classes=2),
+        {"arch": {"name": "test_resnet", "num_classes": 2}},
+    )
     data = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "m.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="damaged"):
