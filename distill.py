@@ -1,31 +1,53 @@
-"""Distil frozen teacher(s) into a small RGB student: hard CE + soft KL at temperature T + feature matching.
+"""Distil frozen teacher(s) into a small RGB student: hard CE + soft KL/DKD/DIST at temperature T + feature matching.
 
 accelerate launch distill.py --config configs/b0.yaml [section.key=value ...] [--resume]
 python distill.py --config configs/b0.yaml distillation.max_epochs=5
+python distill.py --config configs/b0.yaml --list-layers    # layer names, shapes and suggested pairs
 """
 
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
+from rich.console import Console
+from rich.table import Table
 from torch.utils.data import default_collate
 
 from kd.config import flat_hparams, parse_cli, save_config
 from kd.data import build_loader, prepare_data
-from kd.distill import Distiller
+from kd.distill import Distiller, teacher_sanity_check
 from kd.errors import UserError, exit_on_user_error
-from kd.features import layer_pairs
+from kd.features import layer_pairs, output_shapes, suggest_pairs
 from kd.loop import fit, make_accelerator
 from kd.losses import KnowledgeDistillationLoss
-from kd.models import build_model, count_parameters, load_checkpoint
+from kd.models import build_model, count_parameters, input_keys, load_checkpoint
+
+
+def print_layers(student: torch.nn.Module, teacher: torch.nn.Module, teacher_meta: dict, image_size: int) -> None:
+    """Every hookable layer of both models with its output shape, and pairs whose spatial sizes match."""
+    rgb = torch.zeros(1, 3, image_size, image_size)
+    ms = torch.zeros(1, teacher_meta["arch"].get("ms_channels", 0), image_size, image_size)
+    inputs = {"rgb": rgb, "ms": ms}
+    shapes = {
+        "student": output_shapes(student, [rgb]),
+        "teacher": output_shapes(teacher, [inputs[k] for k in input_keys(teacher)]),
+    }
+    console = Console(width=max(100, Console().width))
+    for role, layer_shapes in shapes.items():
+        table = Table("layer", "output shape", title=f"{role} layers at {image_size} px")
+        for name, shape in layer_shapes.items():
+            table.add_row(name, "×".join(map(str, shape[1:])))
+        console.print(table)
+    pairs = suggest_pairs(shapes["student"], shapes["teacher"])
+    console.print("suggested feature_layers (same spatial size; adapters fix the channel counts):")
+    print("  [" + ", ".join(f"[{s}, {t}]" for s, t in pairs) + "]")  # plain print: rich would wrap or eat [..]
 
 
 @exit_on_user_error
-def main(argv: list[str] | None = None) -> dict:
-    cfg, args = parse_cli(argv, "Distil frozen teacher(s) into an RGB student.")
+def main(argv: list[str] | None = None) -> dict | None:
+    cfg, args = parse_cli(argv, "Distil frozen teacher(s) into an RGB student.", list_layers=True)
     d = cfg.distillation
     run_dir = Path(d.checkpoint_dir or f"runs/{cfg.name}")
-    accelerator = make_accelerator(d, run_dir)
-    set_seed(cfg.seed)
 
     # teachers: rebuilt from their safetensors + JSON checkpoints, frozen; they must share one class list
     entries = d.teachers or [{"checkpoint": d.teacher_checkpoint, "weight": 1.0}]
@@ -38,6 +60,16 @@ def main(argv: list[str] | None = None) -> dict:
                 f"teacher {entry['checkpoint']} has classes {meta['classes']}, "
                 f"but {entries[0]['checkpoint']} has {classes}"
             )
+    if not 0 <= d.feature_teacher < len(teachers):
+        raise UserError(f"distillation.feature_teacher={d.feature_teacher}, but there are {len(teachers)} teachers")
+    spec = {"name": d.student_backbone, "num_classes": len(classes)}
+    student = build_model(spec, pretrained=d.student_pretrained)
+    if getattr(args, "list_layers", False):
+        print_layers(student, teachers[d.feature_teacher], metas[d.feature_teacher], cfg.data.image_size)
+        return None
+
+    accelerator = make_accelerator(d, run_dir, seed=cfg.seed)
+    set_seed(cfg.seed)
     ms_meta = next((m for m in metas if "ms" in m["inputs"]), None)
     with_ms = ms_meta is not None
 
@@ -49,11 +81,32 @@ def main(argv: list[str] | None = None) -> dict:
     train_loader = build_loader(cfg.data, "train", d.batch_size, train=True, **loader_args)
     val_loader = build_loader(cfg.data, "val", d.batch_size, train=False, **loader_args)
 
-    spec = {"name": d.student_backbone, "num_classes": len(classes)}
-    student = build_model(spec, pretrained=d.student_pretrained)
+    if d.teacher_sanity_check:
+        first_batch = next(iter(val_loader))
+        for entry, teacher in zip(entries, teachers):
+            check = teacher_sanity_check(teacher, first_batch, len(classes))
+            accelerator.print(
+                f"teacher {entry['checkpoint']}: logits mean {check['logit_mean']:.3f} std {check['logit_std']:.3f}, "
+                f"accuracy {check['accuracy']:.3f} on {check['samples']} val images (chance {check['chance']:.3f})"
+            )
+            if not check["better_than_chance"]:
+                accelerator.print(
+                    f"WARNING: teacher {entry['checkpoint']} is no better than chance on a validation "
+                    "batch: wrong checkpoint, wrong class order, or wrong normalization? Distilling it teaches noise."
+                )
+
     pairs = layer_pairs(d.feature_layers, student, teachers[d.feature_teacher]) if d.feature_matching else []
-    example = default_collate([val_loader.dataset[i] for i in range(2)])
-    loss = KnowledgeDistillationLoss(d.temperature, d.alpha, d.feature_weight if pairs else 0.0)
+    loss = KnowledgeDistillationLoss(
+        d.temperature,
+        d.alpha,
+        d.feature_weight if pairs else 0.0,
+        soft_loss=d.soft_loss,
+        dkd_alpha=d.dkd_alpha,
+        dkd_beta=d.dkd_beta,
+        dkd_warmup_epochs=d.dkd_warmup_epochs,
+        dist_beta=d.dist_beta,
+        dist_gamma=d.dist_gamma,
+    )
     distiller = Distiller(
         student,
         teachers,
@@ -61,13 +114,18 @@ def main(argv: list[str] | None = None) -> dict:
         [e.get("weight", 1.0) for e in entries],
         pairs,
         d.feature_teacher,
-        example_batch=example,
+        example_batch=default_collate([val_loader.dataset[i] for i in range(2)]),
+        final_temperature=d.final_temperature,
+        total_epochs=d.max_epochs,
+        ema_teacher_weight=d.ema_teacher_weight,
+        ema_teacher_start_epoch=d.ema_teacher_start_epoch,
     )
     distiller.teachers_to(accelerator.device)
     accelerator.print(
         f"student {d.student_backbone}: {count_parameters(student) / 1e6:.2f}M parameters; "
         f"{len(teachers)} teacher(s): {', '.join(e['checkpoint'] for e in entries)} "
-        f"({sum(count_parameters(t) for t in teachers) / 1e6:.2f}M); feature pairs {pairs or 'none'}"
+        f"({sum(count_parameters(t) for t in teachers) / 1e6:.2f}M); soft loss {d.soft_loss}; "
+        f"feature pairs {pairs or 'none'}"
     )
 
     meta = {

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", default="results", help="folder for results.json and results.md")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     prepare_data(cfg.data)
     device = f"cpu, {torch.get_num_threads()} threads"

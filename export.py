@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--max-batches", type=int, default=4, help="validation batches used for the check")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     model, meta = load_checkpoint(args.checkpoint)
     if input_keys(model) != ("rgb",):

@@ -19,7 +19,7 @@ from kd.models import Classifier, build_model, count_parameters
 def main(argv: list[str] | None = None) -> dict:
     cfg, args = parse_cli(argv, "Train a teacher or a baseline student with cross-entropy.")
     run_dir = Path(cfg.train.checkpoint_dir or f"runs/{cfg.name}")
-    accelerator = make_accelerator(cfg.train, run_dir)
+    accelerator = make_accelerator(cfg.train, run_dir, seed=cfg.seed)
     set_seed(cfg.seed)
 
     # data: the hybrid model also reads the MS band stack beside each image, normalized with train-split stats

@@ -6,6 +6,7 @@ Every field has a default and a one-line comment. Unknown keys and wrong types a
 import argparse
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,17 @@ class TrainConfig:
     save_top_k: int = 1  # how many best checkpoints (by `monitor`) to keep
     monitor: str = "val_acc"  # val_acc | val_loss
     mode: str = "max"  # max | min: which direction of `monitor` is better
+    min_delta: float = 0.0  # early stopping: the smallest change of `monitor` that counts as an improvement
+    lr_cycles: int = 1  # cosine: number of cycles (warm restarts when > 1), each `lr_cycle_decay` times lower
+    lr_cycle_decay: float = 0.5  # cosine with restarts: peak LR factor from one cycle to the next
+    finetune_epochs: int = 0  # last epochs at a constant, lower LR (learning_rate * finetune_lr_scale)
+    finetune_lr_scale: float = 0.1  # LR factor of the fine-tuning phase
+    ema_decay: float = 0.0  # EMA of the weights (timm ModelEmaV3), used for validation and checkpoints; 0 = off
+    grad_checkpointing: bool = False  # trade compute for memory in the trained model (timm set_grad_checkpointing)
+    max_nonfinite_steps: int = 5  # non-finite losses are skipped; this many in a row stop the run
+    save_every_n_steps: int = 0  # also save the resumable state every N optimizer steps (mid-epoch); 0 = per epoch
+    resume: str | None = None  # "auto": continue from <run_dir>/last when it exists (like --resume), else start
+    log_with: str = "tensorboard"  # tensorboard | wandb | all | none
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
@@ -116,6 +128,24 @@ class TrainConfig:
         _check(self.save_top_k >= 1, "save_top_k", "must be >= 1", self.save_top_k)
         _check(self.monitor in ("val_acc", "val_loss"), "monitor", "must be val_acc or val_loss", self.monitor)
         _check(self.mode in ("max", "min"), "mode", "must be max or min", self.mode)
+        _check(self.min_delta >= 0, "min_delta", "must be >= 0", self.min_delta)
+        _check(self.lr_cycles >= 1, "lr_cycles", "must be >= 1", self.lr_cycles)
+        _check(
+            0 <= self.finetune_epochs < self.max_epochs,
+            "finetune_epochs",
+            "must be in [0, max_epochs)",
+            self.finetune_epochs,
+        )
+        _check(self.finetune_lr_scale > 0, "finetune_lr_scale", "must be > 0", self.finetune_lr_scale)
+        _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)", self.ema_decay)
+        _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1", self.max_nonfinite_steps)
+        _check(self.resume in (None, "auto"), "resume", "must be null or auto", self.resume)
+        _check(
+            self.log_with in ("tensorboard", "wandb", "all", "none"),
+            "log_with",
+            "must be tensorboard | wandb | all | none",
+            self.log_with,
+        )
 
     @property
     def mixed_precision(self) -> str:
@@ -135,12 +165,36 @@ class DistillationConfig(TrainConfig):
     feature_matching: bool = True  # match intermediate features of `feature_layers`
     feature_layers: list = field(default_factory=list)  # names shared by both models, or [student, teacher] pairs
     feature_teacher: int = 0  # index (in `teachers`) of the teacher whose features are matched
+    final_temperature: float | None = None  # linear decay from `temperature` to this over training; null = constant
+    soft_loss: str = "kl"  # kl (Hinton) | dkd (Decoupled KD, CVPR 2022) | dist (DIST, NeurIPS 2022)
+    dkd_alpha: float = 1.0  # dkd: weight of the target-class term (TCKD)
+    dkd_beta: float = 8.0  # dkd: weight of the non-target-class term (NCKD)
+    dkd_warmup_epochs: float = 20.0  # dkd: epochs over which the DKD term ramps up linearly from 0
+    dist_beta: float = 1.0  # dist: weight of the inter-class (per-sample) correlation term
+    dist_gamma: float = 1.0  # dist: weight of the intra-class (per-class, across the batch) correlation term
+    ema_teacher_weight: float = 0.0  # self-distillation: the student's EMA as an extra teacher with this weight
+    ema_teacher_start_epoch: float = 1.0  # the EMA teacher joins after this many epochs (it starts as noise)
+    teacher_sanity_check: bool = True  # log teacher logit stats and accuracy on one val batch; warn near chance
 
     def __post_init__(self):
         super().__post_init__()
         _check(self.temperature > 0, "distillation.temperature", "must be > 0", self.temperature)
         _check(0.0 <= self.alpha <= 1.0, "distillation.alpha", "must be within [0, 1]", self.alpha)
         _check(self.feature_weight >= 0, "distillation.feature_weight", "must be >= 0", self.feature_weight)
+        _check(
+            self.soft_loss in ("kl", "dkd", "dist"), "distillation.soft_loss", "must be kl | dkd | dist", self.soft_loss
+        )
+        _check(
+            self.final_temperature is None or self.final_temperature > 0,
+            "distillation.final_temperature",
+            "must be > 0 or null",
+            self.final_temperature,
+        )
+        _check(self.ema_teacher_weight >= 0, "distillation.ema_teacher_weight", "must be >= 0", self.ema_teacher_weight)
+        if self.ema_teacher_weight > 0 and self.ema_decay == 0:
+            raise ConfigError(
+                "distillation.ema_teacher_weight > 0 needs an EMA: set distillation.ema_decay, e.g. 0.999"
+            )
         for i, t in enumerate(self.teachers):
             if not (isinstance(t, dict) and "checkpoint" in t and set(t) <= {"checkpoint", "weight"}):
                 raise ConfigError(
@@ -165,7 +219,8 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against a type hint; accept ints for floats and numeric strings like '3e-4' for floats."""
-    optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    optional = is_union and type(None) in typing.get_args(hint)
     if optional:
         if value is None:
             return None
@@ -247,13 +302,17 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
     return _build(Config, raw, "")
 
 
-def parse_cli(argv: list[str] | None, description: str) -> tuple[Config, argparse.Namespace]:
+def parse_cli(argv: list[str] | None, description: str, list_layers: bool = False) -> tuple[Config, argparse.Namespace]:
     """`--config C [--resume] [section.key=value ...]` -> (validated Config, parsed arguments)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from <run_dir>/last")
+    if list_layers:
+        parser.add_argument(
+            "--list-layers", action="store_true", help="print hookable layers with shapes, suggest pairs, exit"
+        )
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_epochs=3")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     return load_config(args.config, args.overrides), args
 
 

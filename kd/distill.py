@@ -28,11 +28,21 @@ class Distiller(nn.Module):
         layer_pairs: Sequence[tuple[str, str]] = (),
         feature_teacher: int = 0,
         example_batch: dict | None = None,
+        final_temperature: float | None = None,
+        total_epochs: int = 1,
+        ema_teacher_weight: float = 0.0,
+        ema_teacher_start_epoch: float = 1.0,
     ):
         super().__init__()
         self.student, self.loss = student, loss
         self.teachers = tuple(t.eval().requires_grad_(False) for t in teachers)
-        self.teacher_weights = normalize_weights(teacher_weights, len(self.teachers))
+        self.teacher_weights = list(teacher_weights) if teacher_weights is not None else [1.0] * len(self.teachers)
+        normalize_weights(self.teacher_weights, len(self.teachers))  # validates
+        self.initial_temperature, self.final_temperature = loss.temperature, final_temperature
+        self.total_epochs = total_epochs
+        self.ema_teacher: tuple[nn.Module, ...] = ()  # set by the loop (set_ema); a tuple keeps it unregistered
+        self.ema_teacher_weight, self.ema_teacher_start_epoch = ema_teacher_weight, ema_teacher_start_epoch
+        self.epoch = 0.0
         self.layer_pairs, self.feature_teacher = list(layer_pairs), feature_teacher
         self.adapters = nn.ModuleList()
         if self.layer_pairs:
@@ -61,10 +71,28 @@ class Distiller(nn.Module):
     def teachers_to(self, device: torch.device) -> None:
         self.teachers = tuple(t.to(device) for t in self.teachers)
 
+    def set_ema(self, ema_model: nn.Module) -> None:
+        """Self-distillation: the student's EMA joins the teachers (when ema_teacher_weight > 0)."""
+        if self.ema_teacher_weight > 0:
+            self.ema_teacher = (ema_model,)
+
+    def set_progress(self, epoch: float) -> None:
+        """Called by the loop before each step: temperature schedule, loss warmups, EMA teacher start."""
+        self.epoch = self.loss.epoch = epoch
+        if self.final_temperature is not None:  # linear decay from the initial to the final temperature
+            fraction = min(epoch / self.total_epochs, 1.0)
+            t0, t1 = self.initial_temperature, self.final_temperature
+            self.loss.temperature = t0 + (t1 - t0) * fraction
+
     @torch.no_grad()
     def teacher_logits(self, batch: dict) -> torch.Tensor:
+        """The teachers' logits, averaged with their normalized weights (the EMA teacher included once active)."""
         logits = [forward_batch(t, batch) for t in self.teachers]
-        return logits[0].float() if len(logits) == 1 else weighted_logits(logits, self.teacher_weights)
+        weights = list(self.teacher_weights)
+        if self.ema_teacher and self.epoch >= self.ema_teacher_start_epoch:
+            logits.append(forward_batch(self.ema_teacher[0], batch))
+            weights.append(self.ema_teacher_weight)
+        return logits[0].float() if len(logits) == 1 else weighted_logits(logits, weights)
 
     def forward(self, batch: dict) -> dict:
         teacher_logits = self.teacher_logits(batch)
@@ -76,8 +104,31 @@ class Distiller(nn.Module):
                 (adapter(self.student_hooks.pop(s_name), teacher_features.shape[-2:]), teacher_features)
             )
         terms = self.loss(student_logits, teacher_logits, batch["label"], feature_pairs)
+        terms["temperature"] = torch.tensor(float(self.loss.temperature))
         terms["logits"] = student_logits
         return terms
 
     def predict(self, batch: dict) -> torch.Tensor:
         return self.student(batch["rgb"])
+
+
+@torch.no_grad()
+def teacher_sanity_check(teacher: nn.Module, batch: dict, num_classes: int) -> dict:
+    """Logit statistics and accuracy of a teacher on one batch, and whether that is clearly better than chance.
+
+    "Clearly" means more than two standard errors above 1 / num_classes: a wrong checkpoint or class order
+    lands at chance, a working teacher far above it.
+    """
+    logits = forward_batch(teacher.eval(), batch).float()
+    n = batch["label"].numel()
+    accuracy = (logits.argmax(1) == batch["label"]).float().mean().item()
+    chance = 1.0 / num_classes
+    threshold = chance + 2 * (chance * (1 - chance) / n) ** 0.5
+    return {
+        "logit_mean": logits.mean().item(),
+        "logit_std": logits.std().item(),
+        "accuracy": accuracy,
+        "samples": n,
+        "chance": chance,
+        "better_than_chance": accuracy > threshold,
+    }

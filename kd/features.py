@@ -93,3 +93,35 @@ def feature_shapes(model: nn.Module, names: Sequence[str], inputs: Sequence[torc
         if len(shape) != 4:
             raise UserError(f"layer '{name}' outputs shape {shape}; feature matching needs B×C×H×W feature maps")
     return shapes
+
+
+@torch.no_grad()
+def output_shapes(model: nn.Module, inputs: Sequence[torch.Tensor], max_depth: int = 3) -> dict[str, tuple]:
+    """Output shape of every named module up to `max_depth` dots deep, in module order (tensor outputs only)."""
+    names = layer_names(model, max_depth)
+    hooks = FeatureHooks(model, names)
+    was_training = model.training
+    try:
+        model.eval()(*inputs)
+    finally:
+        model.train(was_training)
+        hooks.remove()
+    return {n: tuple(hooks.outputs[n].shape) for n in names if isinstance(hooks.outputs.get(n), torch.Tensor)}
+
+
+def _stage_outputs(shapes: dict[str, tuple], prefix: str = "") -> dict[tuple, str]:
+    """The last block at each spatial size: {(H, W): name}, over the numbered blocks of a backbone's stages."""
+    last = {}
+    for name, shape in shapes.items():
+        rest = name[len(prefix) :] if name.startswith(prefix) else None
+        # stage blocks are numbered children of a container: blocks.3, layer2.1 (not bn2.act or global_pool)
+        if rest is not None and rest.count(".") == 1 and rest.split(".")[1].isdigit() and len(shape) == 4:
+            last[shape[-2:]] = name
+    return last
+
+
+def suggest_pairs(student_shapes: dict[str, tuple], teacher_shapes: dict[str, tuple]) -> list[tuple[str, str]]:
+    """[student, teacher] layer pairs whose feature maps have the same spatial size (the last block of each size)."""
+    prefix = "rgb." if any(n.startswith("rgb.") for n in teacher_shapes) else ""
+    student_stages, teacher_stages = _stage_outputs(student_shapes), _stage_outputs(teacher_shapes, prefix)
+    return [(s, teacher_stages[size]) for size, s in student_stages.items() if size in teacher_stages]

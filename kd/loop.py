@@ -1,7 +1,8 @@
 """The one training loop, shared by train_teacher.py and distill.py, on Hugging Face Accelerate.
 
 `task` is a module whose forward(batch) returns {"loss", <terms...>, "logits"} and whose predict(batch) returns
-logits; `task.model` is what gets checkpointed. The loop never needs to know whether it is distilling.
+logits; `task.model` is what gets checkpointed. If it has `set_progress(epoch: float)`, the loop calls it before
+every step (temperature schedules, loss warmups). The loop never needs to know whether it is distilling.
 """
 
 import json
@@ -9,24 +10,27 @@ import math
 import shutil
 import time
 import warnings
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from kd.config import TrainConfig
 from kd.errors import UserError
-from kd.models import save_checkpoint
+from kd.models import forward_batch, save_checkpoint
 
 
-def make_accelerator(cfg: TrainConfig, run_dir: Path, cpu: bool = False) -> Accelerator:
-    """Accelerator with the config's precision and accumulation; TensorBoard logs go to <run_dir>/tb."""
+def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool = False) -> Accelerator:
+    """Accelerator with the config's precision, accumulation and trackers; TensorBoard logs go to <run_dir>/tb."""
     precision = cfg.mixed_precision
     if precision == "fp16" and (cpu or not torch.cuda.is_available()):
         warnings.warn(
@@ -35,42 +39,53 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path, cpu: bool = False) -> Acce
             stacklevel=2,
         )
         precision = "no"
+    log_with = {"none": None, "all": ["tensorboard", "wandb"]}.get(cfg.log_with, cfg.log_with)
     return Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.accumulate_grad_batches,
-        log_with="tensorboard",
+        log_with=log_with,
         cpu=cpu,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
+        # a per-epoch seeded shuffle makes "skip the first N batches" land on the same samples after a resume
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=seed),
+        # a crashed rank ends the others after this long instead of leaving them hanging forever
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))],
     )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int):
-    """timm's scheduler: linear warmup then cosine/step/plateau, stepped every optimizer update."""
-    sched = "step" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
-    decay_epochs = cfg.max_epochs * 10 if cfg.lr_scheduler == "constant" else cfg.lr_step_size
+    """timm's scheduler: linear warmup, then cosine (with optional restarts) / step / plateau / constant.
+
+    Everything but plateau is stepped every optimizer update; plateau needs the validation metric, so it steps
+    per epoch. The schedule spans max_epochs - finetune_epochs; the loop holds a constant LR after that.
+    """
+    per_epoch = cfg.lr_scheduler == "plateau"
+    unit = 1 if per_epoch else updates_per_epoch
+    main_epochs = cfg.max_epochs - cfg.finetune_epochs
+    cycle = max(1, round((main_epochs - cfg.warmup_epochs) * unit / cfg.lr_cycles))
     scheduler, _ = create_scheduler_v2(
         optimizer,
-        sched=sched,
-        num_epochs=cfg.max_epochs,
-        decay_epochs=decay_epochs,
+        sched=cfg.lr_scheduler,
+        num_epochs=cycle,
+        decay_epochs=cfg.lr_step_size * unit,
         decay_rate=cfg.lr_gamma,
         min_lr=cfg.min_lr,
         warmup_lr=cfg.learning_rate * 1e-3,
-        warmup_epochs=cfg.warmup_epochs,
+        warmup_epochs=cfg.warmup_epochs * unit,
         warmup_prefix=True,
+        cycle_limit=cfg.lr_cycles,
+        cycle_decay=cfg.lr_cycle_decay,
         plateau_mode=cfg.mode,
         patience_epochs=max(1, cfg.lr_step_size // 10),
-        step_on_epochs=cfg.lr_scheduler == "plateau",
-        updates_per_epoch=updates_per_epoch,
+        step_on_epochs=per_epoch,
+        updates_per_epoch=1,
     )
     return scheduler
 
 
 @torch.no_grad()
-def validate(accelerator: Accelerator, task: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+def validate(accelerator: Accelerator, predict: Callable, loader: DataLoader) -> dict[str, float]:
     """Exact top-1 accuracy and CE loss over the whole split, across all processes (no duplicated samples)."""
-    task.eval()
-    predict = accelerator.unwrap_model(task).predict
     correct, loss_sum, count = 0, 0.0, 0
     for batch in loader:
         with accelerator.autocast():
@@ -93,8 +108,8 @@ class TopK:
     def best(self) -> float | None:
         return self.entries[0][0] if self.entries else None
 
-    def is_better(self, score: float, than: float | None) -> bool:
-        return than is None or self.sign * (score - than) > 0
+    def is_better(self, score: float, than: float | None, min_delta: float = 0.0) -> bool:
+        return than is None or self.sign * (score - than) > min_delta
 
     def update(self, score: float, epoch: int, model: torch.nn.Module, meta: dict, write: bool = True) -> None:
         """Save if `score` makes the top k (every process keeps the list; only the one with `write` saves)."""
@@ -115,20 +130,37 @@ class TopK:
                 (self.run_dir / old).with_suffix(suffix).unlink(missing_ok=True)
 
 
-def _save_state(accelerator: Accelerator, run_dir: Path, progress: dict) -> None:
-    """Resumable state (model, optimizer, scheduler, scaler, RNG) in <run_dir>/last, replaced atomically."""
+def save_state(accelerator: Accelerator, run_dir: Path, progress: dict) -> None:
+    """Resumable state (model, optimizer, scheduler, scaler, EMA, RNG) in <run_dir>/last, replaced atomically."""
     tmp, last, old = run_dir / "last.tmp", run_dir / "last", run_dir / "last.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps(progress))
+        (tmp / "progress.json").write_text(json.dumps(progress))  # written last: its presence marks completeness
         if last.exists():
             last.rename(old)
         tmp.rename(last)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Give every process rank 0's BatchNorm statistics: DDP lets them drift apart within a step, and the
+    checkpoint (written by rank 0) must be the model that validation measured."""
+    if accelerator.num_processes > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
+
+def check_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> float:
+    """A checksum of the weights, compared across processes: unsynced DDP ranks are an error, not a surprise."""
+    checksum = torch.stack([p.detach().double().abs().sum() for p in model.parameters()]).sum()
+    everyone = accelerator.gather(checksum.reshape(1).to(accelerator.device))
+    if not torch.allclose(everyone, everyone[0].expand_as(everyone), rtol=1e-9, atol=0):
+        raise RuntimeError(f"weights differ across the {accelerator.num_processes} processes: {everyone.tolist()}")
+    return float(checksum)
 
 
 def fit(
@@ -142,28 +174,42 @@ def fit(
     hparams: dict | None = None,
     resume: bool = False,
 ) -> dict:
-    """Train `task` with AMP, accumulation, clipping, warmup + schedule, validation, top-k checkpoints, resume."""
+    """Train `task`: AMP, accumulation, clipping, schedules, EMA, validation, top-k checkpoints, resume, early stop."""
+    unwrapped = task
+    if cfg.grad_checkpointing:
+        if not hasattr(unwrapped.model, "set_grad_checkpointing"):
+            raise UserError(f"grad_checkpointing: {type(unwrapped.model).__name__} has no set_grad_checkpointing")
+        unwrapped.model.set_grad_checkpointing(True)
     optimizer = create_optimizer_v2(task, "adamw", lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     task, optimizer, train_loader, val_loader = accelerator.prepare(task, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate_grad_batches)
     scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
     accelerator.register_for_checkpointing(scheduler)
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = ModelEmaV3(unwrapped.model, decay=cfg.ema_decay, device=accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+        if hasattr(unwrapped, "set_ema"):
+            unwrapped.set_ema(ema.module)
     accelerator.init_trackers("kd", config=hparams or {})
     accelerator.print(
         f"training on {accelerator.num_processes} process(es), device {accelerator.device}, "
         f"precision {accelerator.mixed_precision}, {updates_per_epoch} optimizer steps per epoch"
     )
 
-    progress = {"epoch": 0, "updates": 0, "stale_epochs": 0, "top_k": []}
-    if resume:
-        last = run_dir / "last"
+    progress = {"epoch": 0, "batches_done": 0, "updates": 0, "stale_epochs": 0, "top_k": []}
+    last = run_dir / "last"
+    if resume or (cfg.resume == "auto" and (last / "progress.json").is_file()):
         if not (last / "progress.json").is_file():
             raise UserError(f"--resume: no complete saved state in {last}; start without --resume")
         accelerator.load_state(str(last))
         progress = json.loads((last / "progress.json").read_text())
-        accelerator.print(f"resumed from {last} at epoch {progress['epoch']}")
+        accelerator.print(f"resumed from {last} at epoch {progress['epoch']}, batch {progress['batches_done']}")
     top_k = TopK(run_dir, cfg.save_top_k, cfg.mode, progress["top_k"])
+    main_epochs = cfg.max_epochs - cfg.finetune_epochs
+    evaluated_model = ema.module if ema is not None else unwrapped.model
     metrics: dict[str, float] = {}
+    bad_steps, loss = 0, torch.zeros(())
 
     bar = Progress(
         TextColumn("[bold]epoch {task.fields[epoch]}"),
@@ -176,18 +222,36 @@ def fit(
     with bar:
         for epoch in range(progress["epoch"], cfg.max_epochs):
             task.train()
-            bar_task = bar.add_task("train", total=len(train_loader), epoch=epoch, info="")
+            train_loader.set_epoch(epoch)
+            skip = progress["batches_done"]
+            batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            if epoch >= main_epochs:  # fine-tuning phase: constant, lower LR
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.learning_rate * cfg.finetune_lr_scale
+            bar_task = bar.add_task("train", total=len(train_loader), completed=skip, epoch=epoch, info="")
             start, seen = time.perf_counter(), 0
-            for step, batch in enumerate(train_loader):
+            for step, batch in enumerate(batches, start=skip):
+                if hasattr(unwrapped, "set_progress"):
+                    unwrapped.set_progress(epoch + step / len(train_loader))
                 with accelerator.accumulate(task):
                     terms = task(batch)
                     loss = terms["loss"]
-                    if not torch.isfinite(loss):
-                        values = {k: v.item() for k, v in terms.items() if k != "logits"}
-                        raise FloatingPointError(
-                            f"non-finite loss at epoch {epoch} step {step}: {values}. "
-                            "Lower learning_rate or enable gradient_clip_val."
-                        )
+                    finite = torch.isfinite(loss.detach()).float()
+                    if accelerator.num_processes > 1:  # every rank must skip together, or DDP hangs
+                        finite = accelerator.reduce(finite, "min")
+                    if finite.item() == 0:
+                        bad_steps += 1
+                        values = {k: round(v.item(), 4) for k, v in terms.items() if k != "logits"}
+                        message = f"non-finite loss at epoch {epoch} step {step}: {values}"
+                        if bad_steps >= cfg.max_nonfinite_steps:
+                            raise FloatingPointError(
+                                f"{message}; {bad_steps} such steps in a row, stopping. Lower learning_rate, "
+                                "enable gradient_clip_val, or check the data and the teacher."
+                            )
+                        warnings.warn(f"{message}; step skipped ({bad_steps} in a row)", stacklevel=1)
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+                    bad_steps = 0
                     accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients and cfg.gradient_clip_val > 0:
@@ -195,50 +259,56 @@ def fit(
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 seen += batch["label"].shape[0]
-                if accelerator.sync_gradients:
-                    progress["updates"] += 1
-                    scheduler.step_update(progress["updates"])
-                    if progress["updates"] % cfg.log_every_n_steps == 0:
-                        logs = {f"train/{k}": v.item() for k, v in terms.items() if k != "logits"}
-                        logs["train/lr"] = optimizer.param_groups[0]["lr"]
-                        if grad_norm is not None:
-                            logs["train/grad_norm"] = float(grad_norm)
-                        accelerator.log(logs, step=progress["updates"])
                 bar.update(bar_task, advance=1, info=f"loss {loss.item():.4f}")
+                if not accelerator.sync_gradients:
+                    continue
+                progress["updates"] += 1
+                if ema is not None:
+                    ema.update(unwrapped.model, step=progress["updates"])
+                if epoch < main_epochs:
+                    scheduler.step_update(progress["updates"])
+                if progress["updates"] % cfg.log_every_n_steps == 0:
+                    logs = {f"train/{k}": v.item() for k, v in terms.items() if k != "logits"}
+                    logs["train/lr"] = optimizer.param_groups[0]["lr"]
+                    if grad_norm is not None:
+                        logs["train/grad_norm"] = float(grad_norm)
+                    accelerator.log(logs, step=progress["updates"])
+                if cfg.save_every_n_steps and progress["updates"] % cfg.save_every_n_steps == 0:
+                    save_state(accelerator, run_dir, {**progress, "epoch": epoch, "batches_done": step + 1})
             bar.remove_task(bar_task)
             train_seconds = time.perf_counter() - start
 
-            metrics = validate(accelerator, task, val_loader)
+            sync_buffers(accelerator, evaluated_model)
+            evaluated_model.eval()
+            metrics = validate(accelerator, lambda b: forward_batch(evaluated_model, b), val_loader)
             score = metrics[cfg.monitor]
-            scheduler.step(epoch + 1, score)
+            if epoch < main_epochs:
+                scheduler.step(epoch + 1, score)
             accelerator.log(
                 {
                     **{f"val/{k[4:]}": v for k, v in metrics.items()},
-                    "train/images_per_s": seen * accelerator.num_processes / train_seconds,
+                    "train/images_per_s": seen * accelerator.num_processes / max(train_seconds, 1e-9),
                     "train/epoch_s": train_seconds,
                 },
                 step=progress["updates"],
             )
-            improved = top_k.is_better(score, top_k.best)
-            top_k.update(
-                score,
-                epoch,
-                accelerator.unwrap_model(task).model,
-                {**meta, "epoch": epoch, "metrics": metrics},
-                write=accelerator.is_main_process,
-            )
+            improved = top_k.is_better(score, top_k.best, cfg.min_delta)
+            checkpoint_meta = {**meta, "epoch": epoch, "metrics": metrics, "ema": ema is not None}
+            top_k.update(score, epoch, evaluated_model, checkpoint_meta, write=accelerator.is_main_process)
             progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
-            progress.update(epoch=epoch + 1, top_k=top_k.entries, metrics=metrics)
-            _save_state(accelerator, run_dir, progress)
+            progress.update(epoch=epoch + 1, batches_done=0, top_k=top_k.entries, metrics=metrics)
+            save_state(accelerator, run_dir, progress)
             accelerator.print(
                 f"epoch {epoch}: loss {loss.item():.4f}  val_acc {metrics['val_acc']:.4f}  "
                 f"val_loss {metrics['val_loss']:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
-                f"{seen / train_seconds:.0f} img/s{'  *best*' if improved else ''}"
+                f"{seen / max(train_seconds, 1e-9):.0f} img/s{'  *best*' if improved else ''}"
             )
             if 0 < cfg.early_stopping_patience <= progress["stale_epochs"]:
                 accelerator.print(
                     f"early stopping: {cfg.monitor} did not improve for {progress['stale_epochs']} epochs"
                 )
                 break
+    checksum = check_in_sync(accelerator, unwrapped.model)
+    accelerator.print(f"weights in sync across {accelerator.num_processes} process(es) (checksum {checksum:.6e})")
     accelerator.end_training()
     return {"best": top_k.best, "monitor": cfg.monitor, **metrics}

@@ -161,3 +161,59 @@ def test_user_mistakes_get_one_clear_message(pipeline):
         expect_ok=False,
     )
     assert proc.returncode == 2 and "Did you mean 'distillation.temperature'" in proc.stderr
+
+
+def test_list_layers_prints_shapes_and_suggests_pairs(pipeline):
+    work, data, _, _ = pipeline
+    proc = run(
+        str(ROOT / "distill.py"),
+        "--config",
+        str(ROOT / "configs/b0.yaml"),
+        *data,
+        "--list-layers",
+        "distillation.teacher_checkpoint=ckpt/teacher/best.ckpt",
+        "distillation.student_backbone=test_efficientnet",
+        "distillation.student_pretrained=null",
+        cwd=work,
+    )
+    assert "student layers at 32 px" in proc.stdout and "teacher layers at 32 px" in proc.stdout
+    assert "rgb.blocks.2" in proc.stdout and "ms.layer1" in proc.stdout
+    assert "suggested feature_layers" in proc.stdout and "[blocks.4, rgb.blocks.4]" in proc.stdout
+    assert not (work / "checkpoints").exists()  # listing trains nothing and writes nothing
+
+
+def test_multi_teacher_dkd_with_ema_teacher_and_temperature_decay(pipeline):
+    work, data, _, _ = pipeline
+    proc = run(
+        str(ROOT / "distill.py"),
+        "--config",
+        str(ROOT / "configs/b0.yaml"),
+        *data,
+        "distillation.teachers=[{checkpoint: ckpt/teacher/best.ckpt, weight: 2}, "
+        "{checkpoint: ckpt/student/best, weight: 1}]",
+        "distillation.student_backbone=test_efficientnet",
+        "distillation.student_pretrained=null",
+        "distillation.feature_layers=[blocks.2]",
+        "distillation.soft_loss=dkd",
+        "distillation.dkd_warmup_epochs=1",
+        "distillation.final_temperature=1.0",
+        "distillation.ema_decay=0.9",
+        "distillation.ema_teacher_weight=0.5",
+        "distillation.ema_teacher_start_epoch=0.5",
+        "distillation.max_epochs=2",
+        "distillation.warmup_epochs=0",
+        "distillation.batch_size=8",
+        "distillation.log_every_n_steps=1",
+        "distillation.checkpoint_dir=ckpt/multi",
+        cwd=work,
+    )
+    assert "2 teacher(s)" in proc.stdout and "soft loss dkd" in proc.stdout
+    assert proc.stdout.count("logits mean") == 2  # the sanity check ran for each teacher
+    meta = json.loads((work / "ckpt/multi/best.json").read_text())
+    assert meta["ema"] is True and meta["teachers"] == ["ckpt/teacher/best.ckpt", "ckpt/student/best"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((work / "ckpt/multi/tb").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    temperatures = [e.value for e in events.Scalars("train/temperature")]
+    assert temperatures[0] == pytest.approx(4.0) and temperatures[-1] < 2.0  # decays linearly towards 1.0

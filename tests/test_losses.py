@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.ensemble import normalize_weights, weighted_logits
-from kd.losses import KnowledgeDistillationLoss, soft_kl
+from kd.losses import KnowledgeDistillationLoss, dist_loss, dkd_loss, soft_kl
 
 
 def kl_by_hand(student, teacher, t):
@@ -18,6 +18,52 @@ def kl_by_hand(student, teacher, t):
         p_t = [v / sum(t_exp) for v in t_exp]
         total += sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
     return total / len(student) * t * t
+
+
+def softmax_by_hand(row, t):
+    exps = [math.exp(v / t) for v in row]
+    return [v / sum(exps) for v in exps]
+
+
+def kl_of_lists(p, q):
+    """KL(p || q) of two plain-Python distributions."""
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def dkd_by_hand(student, teacher, labels, t, alpha, beta):
+    """(alpha * TCKD + beta * NCKD) * T^2 from the DKD paper's definitions, averaged over samples, in plain Python."""
+    tckd = nckd = 0.0
+    for s_row, t_row, y in zip(student.tolist(), teacher.tolist(), labels.tolist()):
+        p_s, p_t = softmax_by_hand(s_row, t), softmax_by_hand(t_row, t)
+        tckd += kl_of_lists([p_t[y], 1 - p_t[y]], [p_s[y], 1 - p_s[y]])
+        others = [c for c in range(len(s_row)) if c != y]
+        q_s = [p_s[c] / sum(p_s[k] for k in others) for c in others]
+        q_t = [p_t[c] / sum(p_t[k] for k in others) for c in others]
+        nckd += kl_of_lists(q_t, q_s)
+    n = len(student)
+    return (alpha * tckd / n + beta * nckd / n) * t * t
+
+
+def pearson_by_hand(x, y):
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+
+def dist_by_hand(student, teacher, t, beta, gamma):
+    """T^2 * (beta * (1 - mean row correlation) + gamma * (1 - mean column correlation)) of softmax(z / T)."""
+    p_s = [softmax_by_hand(row, t) for row in student.tolist()]
+    p_t = [softmax_by_hand(row, t) for row in teacher.tolist()]
+    inter = 1 - sum(pearson_by_hand(a, b) for a, b in zip(p_s, p_t)) / len(p_s)
+    columns_s, columns_t = list(zip(*p_s)), list(zip(*p_t))
+    intra = 1 - sum(pearson_by_hand(a, b) for a, b in zip(columns_s, columns_t)) / len(columns_s)
+    return (beta * inter + gamma * intra) * t * t
+
+
+def random_batch(seed, n=6, classes=5):
+    g = torch.Generator().manual_seed(seed)
+    student, teacher = torch.randn(n, classes, generator=g) * 3, torch.randn(n, classes, generator=g) * 3
+    return student, teacher, torch.randint(0, classes, (n,), generator=g)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0, 10.0])
@@ -64,3 +110,96 @@ def test_teacher_ensemble_is_a_normalized_weighted_average():
     assert torch.allclose(weighted_logits([a, b]), torch.tensor([[0.5, 2.0]]))
     with pytest.raises(ValueError):
         normalize_weights([1.0], 2)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 10.0])
+@pytest.mark.parametrize("alpha, beta", [(1.0, 8.0), (0.5, 2.0)])
+def test_dkd_matches_hand_computation(temperature, alpha, beta):
+    student, teacher, labels = random_batch(2)
+    expected = dkd_by_hand(student, teacher, labels, temperature, alpha, beta)
+    assert dkd_loss(student, teacher, labels, temperature, alpha, beta).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_dkd_with_beta_zero_is_alpha_times_target_class_kl():
+    student, teacher, labels = random_batch(3)
+    tckd = 0.0
+    for s_row, t_row, y in zip(student.tolist(), teacher.tolist(), labels.tolist()):
+        b_s, b_t = softmax_by_hand(s_row, 2.0)[y], softmax_by_hand(t_row, 2.0)[y]
+        tckd += b_t * math.log(b_t / b_s) + (1 - b_t) * math.log((1 - b_t) / (1 - b_s))
+    expected = 0.7 * tckd / len(labels) * 2.0 * 2.0
+    assert dkd_loss(student, teacher, labels, 2.0, alpha=0.7, beta=0.0).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_dkd_is_finite_with_extreme_logits():
+    student, teacher, labels = random_batch(4)
+    student = (student * 100).requires_grad_()
+    loss = dkd_loss(student, teacher * 100, labels, 1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("epoch, factor", [(0.0, 0.0), (10.0, 0.5), (20.0, 1.0), (35.5, 1.0)])
+def test_dkd_warmup_scales_the_soft_term(epoch, factor):
+    student, teacher, labels = random_batch(5)
+    full = dkd_by_hand(student, teacher, labels, 4.0, 1.0, 8.0)
+    loss = KnowledgeDistillationLoss(4.0, alpha=0.0, feature_weight=0.0, soft_loss="dkd", dkd_warmup_epochs=20)
+    loss.epoch = epoch
+    assert loss(student, teacher, labels)["soft"].item() == pytest.approx(factor * full, rel=1e-4, abs=1e-7)
+
+
+def test_dkd_without_warmup_is_full_from_the_start():
+    student, teacher, labels = random_batch(6)
+    loss = KnowledgeDistillationLoss(4.0, alpha=0.0, feature_weight=0.0, soft_loss="dkd", dkd_warmup_epochs=0)
+    expected = dkd_by_hand(student, teacher, labels, 4.0, 1.0, 8.0)
+    assert loss(student, teacher, labels)["soft"].item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 10.0])
+@pytest.mark.parametrize("beta, gamma", [(1.0, 1.0), (2.0, 0.5)])
+def test_dist_matches_hand_computation(temperature, beta, gamma):
+    student, teacher, _ = random_batch(7)
+    expected = dist_by_hand(student, teacher, temperature, beta, gamma)
+    assert dist_loss(student, teacher, temperature, beta, gamma).item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_dist_is_zero_for_identical_logits_invariant_to_row_shifts_and_positive_otherwise():
+    student, teacher, _ = random_batch(8)
+    assert dist_loss(student, student.clone(), 1.0).item() == pytest.approx(0.0, abs=1e-5)
+    shifts = torch.arange(6.0)[:, None] * 10  # softmax ignores a per-row constant
+    assert dist_loss(student, student + shifts, 1.0).item() == pytest.approx(0.0, abs=1e-5)
+    assert dist_loss(student + shifts, teacher - shifts, 4.0).item() == pytest.approx(
+        dist_loss(student, teacher, 4.0).item(), rel=1e-4
+    )
+    assert dist_loss(student, teacher, 4.0).item() > 0
+
+
+@pytest.mark.parametrize("soft_loss", ["kl", "dkd", "dist"])
+def test_soft_loss_switch_routes_to_each_term(soft_loss):
+    student, teacher, labels = random_batch(9)
+    expected = {
+        "kl": kl_by_hand(student, teacher, 3.0),
+        "dkd": dkd_by_hand(student, teacher, labels, 3.0, 0.5, 4.0),
+        "dist": dist_by_hand(student, teacher, 3.0, 2.0, 0.5),
+    }[soft_loss]
+    loss = KnowledgeDistillationLoss(
+        3.0, 0.3, 0.0, soft_loss, dkd_alpha=0.5, dkd_beta=4.0, dkd_warmup_epochs=0, dist_beta=2.0, dist_gamma=0.5
+    )
+    terms = loss(student, teacher, labels)
+    assert terms["soft"].item() == pytest.approx(expected, rel=1e-4)
+    ce = F.cross_entropy(student, labels).item()
+    assert terms["loss"].item() == pytest.approx(0.3 * ce + 0.7 * expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("soft_loss", ["kl", "dkd", "dist"])
+def test_soft_terms_are_float32_for_half_precision_logits(soft_loss):
+    student, teacher, labels = random_batch(10)
+    student, teacher = student.bfloat16(), teacher.bfloat16()
+    loss = KnowledgeDistillationLoss(soft_loss=soft_loss, dkd_warmup_epochs=0)
+    half = loss(student, teacher, labels)["soft"]
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(loss(student.float(), teacher.float(), labels)["soft"].item(), rel=1e-5)
+
+
+def test_unknown_soft_loss_names_the_choices():
+    with pytest.raises(ValueError, match="kl, dkd, dist"):
+        KnowledgeDistillationLoss(soft_loss="crd")

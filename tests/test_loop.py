@@ -1,0 +1,219 @@
+"""The training loop's features, in-process on a tiny linear model and synthetic tensors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate.state import AcceleratorState, GradientState
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from kd.config import TrainConfig
+from kd.distill import Distiller, teacher_sanity_check
+from kd.loop import build_scheduler, fit, make_accelerator
+from kd.losses import KnowledgeDistillationLoss
+from kd.models import Classifier
+
+
+class Blobs(Dataset):
+    """Two Gaussian blobs in 3×2×2 'images': a linear model separates them."""
+
+    def __init__(self, n=64, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % 2
+        self.x = torch.randn(n, 3, 2, 2, generator=g) + (self.labels.float() * 2 - 1)[:, None, None, None]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"rgb": self.x[i], "label": self.labels[i]}
+
+
+def linear(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def loaders(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(Blobs(), batch_size=8, shuffle=True, generator=g), DataLoader(Blobs(32, seed=1), batch_size=16)
+
+
+def train(tmp_path, task, resume=False, **overrides):
+    cfg = TrainConfig(**{"max_epochs": 3, "learning_rate": 0.05, "log_every_n_steps": 1, **overrides})
+    accelerator = make_accelerator(cfg, tmp_path, seed=0, cpu=True)
+    train_loader, val_loader = loaders()
+    meta = {"arch": {"name": "linear", "num_classes": 2}}
+    return fit(accelerator, task, train_loader, val_loader, cfg, tmp_path, meta, resume=resume)
+
+
+def lr_trace(cfg, updates_per_epoch):
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for update in range(1, cfg.max_epochs * updates_per_epoch + 1):
+        scheduler.step_update(update)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    return lrs
+
+
+def test_warmup_then_cosine_matches_the_formula():
+    cfg = TrainConfig(learning_rate=1.0, max_epochs=10, warmup_epochs=2, min_lr=0.01)
+    lrs = lr_trace(cfg, updates_per_epoch=5)
+    warmup, total, start = 10, 50, 1e-3
+    for t in (0, 3, 7):
+        assert lrs[t] == pytest.approx(start + t * (1.0 - start) / warmup)
+    for t in (10, 20, 33, 49):
+        expected = 0.01 + 0.5 * (1.0 - 0.01) * (1 + math.cos(math.pi * (t - warmup) / (total - warmup)))
+        assert lrs[t] == pytest.approx(expected)
+    assert lrs[50] == pytest.approx(0.01)
+
+
+def test_step_schedule_and_warm_restarts():
+    step = lr_trace(TrainConfig(learning_rate=1.0, max_epochs=6, lr_scheduler="step", lr_step_size=2, lr_gamma=0.5), 4)
+    assert step[0] == 1.0 and step[7] == 1.0 and step[8] == 0.5 and step[16] == 0.25
+    cfg = TrainConfig(learning_rate=1.0, max_epochs=4, lr_cycles=2, lr_cycle_decay=0.5)
+    restarts = lr_trace(cfg, 5)
+    assert restarts[0] == 1.0 and restarts[10] == pytest.approx(0.5)  # second cycle starts at half the peak
+    assert restarts[9] < 0.05 and restarts[19] < 0.05
+
+
+def test_finetune_phase_holds_a_lower_constant_lr(tmp_path):
+    task = Classifier(linear())
+    train(tmp_path, task, max_epochs=3, finetune_epochs=1, finetune_lr_scale=0.1)
+    scalars = read_scalars(tmp_path)
+    last_epoch_lrs = [v for step, v in scalars["train/lr"] if step > 16]
+    assert last_epoch_lrs and all(v == pytest.approx(0.005) for v in last_epoch_lrs)
+
+
+def read_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((run_dir / "tb").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_training_learns_logs_every_term_and_checkpoints_the_best(tmp_path):
+    result = train(tmp_path, Classifier(linear()), save_top_k=2)
+    assert result["best"] > 0.9
+    scalars = read_scalars(tmp_path)
+    assert {"train/loss", "train/hard", "train/lr", "train/grad_norm", "val/acc", "val/loss"} <= set(scalars)
+    assert (tmp_path / "best.safetensors").is_file() and len(list(tmp_path.glob("epoch*.safetensors"))) == 2
+
+
+def test_ema_weights_follow_the_decay_formula():
+    model = linear()
+    ema = ModelEmaV3(model, decay=0.9)
+    expected = None
+    for step in range(1, 5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model, step=step)
+        w = model[1].weight.detach().clone()
+        expected = w if expected is None else 0.9 * expected + 0.1 * w  # the first update copies
+        assert torch.allclose(ema.module[1].weight, expected, atol=1e-6)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
+    class Flaky(Classifier):
+        calls = 0
+
+        def forward(self, batch):
+            out = super().forward(batch)
+            Flaky.calls += 1
+            if Flaky.calls in (2, 3) or Flaky.calls > 12:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+    with pytest.warns(UserWarning, match="step skipped"), pytest.raises(FloatingPointError, match="3 such steps"):
+        train(tmp_path, Flaky(linear()), max_nonfinite_steps=3)
+    assert Flaky.calls == 15  # two skipped, recovered, then three in a row stopped it
+
+
+def test_early_stopping_respects_min_delta(tmp_path):
+    result = train(tmp_path, Classifier(linear()), max_epochs=6, early_stopping_patience=2, min_delta=0.5)
+    assert result["best"] is not None
+    assert sorted(p.name for p in tmp_path.glob("epoch*.safetensors")) == ["epoch000.safetensors"]
+
+
+def test_resume_mid_epoch_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    whole = Classifier(linear())
+    train(tmp_path / "whole", whole, max_epochs=2)
+
+    class Killed(Exception):
+        pass
+
+    class DiesAtStep(Classifier):
+        steps = 0
+
+        def forward(self, batch):
+            DiesAtStep.steps += 1
+            if DiesAtStep.steps == 12:  # epoch 1, batch 4: after the state saved at update 10
+                raise Killed
+            return super().forward(batch)
+
+    with pytest.raises(Killed):
+        train(tmp_path / "killed", DiesAtStep(linear()), max_epochs=2, save_every_n_steps=5)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = Classifier(linear(seed=123))  # different init: everything must come from the saved state
+    train(tmp_path / "killed", resumed, max_epochs=2, resume=True)
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)  # bitwise: same batches, same optimizer state, same schedule
+
+
+def test_temperature_schedule_and_ema_teacher():
+    student, teacher, ema = linear(0), linear(1), linear(2)
+    loss = KnowledgeDistillationLoss(temperature=4.0, alpha=0.0, feature_weight=0.0)
+    distiller = Distiller(
+        student,
+        [teacher],
+        loss,
+        final_temperature=1.0,
+        total_epochs=10,
+        ema_teacher_weight=1.0,
+        ema_teacher_start_epoch=2.0,
+    )
+    distiller.set_ema(ema)
+    distiller.set_progress(5.0)
+    assert loss.temperature == pytest.approx(2.5)
+    distiller.set_progress(12.0)
+    assert loss.temperature == pytest.approx(1.0)
+    batch = {"rgb": Blobs(4).x, "label": Blobs(4).labels}
+    distiller.set_progress(1.0)
+    with torch.no_grad():
+        assert torch.allclose(distiller.teacher_logits(batch), teacher(batch["rgb"]))
+        distiller.set_progress(2.0)
+        assert torch.allclose(distiller.teacher_logits(batch), 0.5 * teacher(batch["rgb"]) + 0.5 * ema(batch["rgb"]))
+    assert not any(k.startswith("ema") for k in distiller.state_dict())
+
+
+def test_teacher_sanity_check_tells_chance_from_a_real_teacher():
+    data = Blobs(64)
+    batch = {"rgb": data.x, "label": data.labels}
+
+    class Oracle(nn.Module):
+        def forward(self, x):
+            return F.one_hot((x.mean(dim=(1, 2, 3)) > 0).long(), 2).float() * 5
+
+    assert teacher_sanity_check(Oracle(), batch, 2)["better_than_chance"]
+    constant = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    nn.init.zeros_(constant[1].weight)
+    with torch.no_grad():
+        constant[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    check = teacher_sanity_check(constant, batch, 2)
+    assert check["accuracy"] == 0.5 and not check["better_than_chance"]

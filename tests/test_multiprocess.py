@@ -1,0 +1,86 @@
+"""Two CPU processes under `accelerate launch`: synced ranks, exact validation accuracy, one writer."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_stay_in_sync_and_report_exact_accuracy(tiny_demo, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    data = [f"data.root={tiny_demo}", "data.demo=false", "data.image_size=32", "data.num_workers=0"]
+    proc = subprocess.run(
+        [
+            *launch,
+            str(ROOT / "train_teacher.py"),
+            "--config",
+            str(ROOT / "configs/baseline_b0.yaml"),
+            *data,
+            "model.name=test_efficientnet",
+            "train.max_epochs=2",
+            "train.warmup_epochs=0",
+            "train.batch_size=4",
+            "train.checkpoint_dir=run",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training on 2 process(es)" in proc.stdout
+    assert "weights in sync across 2 process(es)" in proc.stdout
+    assert proc.stdout.count("epoch 1:") == 1  # only the main process prints
+    best = json.loads((tmp_path / "run/best.json").read_text())
+
+    single = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "evaluate.py"),
+            "--config",
+            str(ROOT / "configs/baseline_b0.yaml"),
+            *data,
+            "--split",
+            "val",
+            "--models",
+            "m=run/best.safetensors",
+            "--out",
+            "eval",
+        ],
+        cwd=tmp_path,
+        env={**env, "ACCELERATE_USE_CPU": ""},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    row = json.loads((tmp_path / "eval/results.json").read_text())["models"]["m"]
+    assert row["samples"] == 20  # every validation image counted once, none duplicated by padding
+    assert row["top1"] == best["metrics"]["val_acc"]
