@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     with accelerator.main_process_first():
         prepare_data(cfg.data)
     ms_stats = (ms_meta["ms_mean"], ms_meta["ms_std"]) if with_ms else None
+    if with_ms and ms_meta.get("ms_bands") is not None:  # the bands the teacher was trained on
+        cfg.data.ms_bands = ms_meta["ms_bands"]
     loader_args = dict(classes=classes, with_ms=with_ms, ms_stats=ms_stats, seed=cfg.seed)
     train_loader = build_loader(cfg.data, "train", d.batch_size, train=True, **loader_args)
     val_loader = build_loader(cfg.data, "val", d.batch_size, train=False, **loader_args)

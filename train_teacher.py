@@ -9,8 +9,8 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from kd.config import flat_hparams, parse_cli, save_config
-from kd.data import LeafDataset, build_loader, ms_statistics, prepare_data
-from kd.errors import exit_on_user_error
+from kd.data import build_loader, ms_statistics, open_split, prepare_data
+from kd.errors import UserError, exit_on_user_error
 from kd.loop import fit, make_accelerator
 from kd.models import Classifier, build_model, count_parameters
 
@@ -26,10 +26,16 @@ def main(argv: list[str] | None = None) -> dict:
     with accelerator.main_process_first():
         prepare_data(cfg.data)
     with_ms = cfg.model.name == "hybrid"
-    classes = LeafDataset(cfg.data.root, "train").classes
-    ms_stats = ms_statistics(LeafDataset(cfg.data.root, "train", classes, with_ms=True)) if with_ms else None
+    train_set = open_split(cfg.data, "train", with_ms=with_ms)  # any layout; unreadable files found up front
+    classes = train_set.classes
+    ms_stats = ms_statistics(train_set) if with_ms else None  # from the training split only
+    if with_ms and len(ms_stats[0]) != cfg.model.ms_channels:
+        raise UserError(
+            f"the MS stacks have {len(ms_stats[0])} bands (after data.ms_bands), but model.ms_channels is "
+            f"{cfg.model.ms_channels}: set model.ms_channels={len(ms_stats[0])} or select bands with data.ms_bands"
+        )
     loader_args = dict(classes=classes, with_ms=with_ms, ms_stats=ms_stats, seed=cfg.seed)
-    train_loader = build_loader(cfg.data, "train", cfg.train.batch_size, train=True, **loader_args)
+    train_loader = build_loader(cfg.data, "train", cfg.train.batch_size, train=True, dataset=train_set, **loader_args)
     val_loader = build_loader(cfg.data, "val", cfg.train.batch_size, train=False, **loader_args)
 
     # model: its architecture spec travels in the checkpoint's JSON, so evaluate/distill can rebuild it
@@ -56,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         "std": cfg.data.std,
         "ms_mean": ms_stats[0] if ms_stats else None,
         "ms_std": ms_stats[1] if ms_stats else None,
+        "ms_bands": cfg.data.ms_bands if with_ms else [],
     }
 
     if accelerator.is_main_process:

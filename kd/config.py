@@ -35,13 +35,26 @@ SCHEDULERS = ("cosine", "step", "plateau", "constant")
 
 @dataclass
 class DataConfig:
-    root: str = "data/demo"  # dataset root: <root>/<split>/<class>/<image>.png with an optional <image>.npy MS stack
+    root: str = "data/demo"  # <root>/<split>/<class>/<image>, or <root>/<class>/<image> split once into a split file
+    manifest: str = ""  # CSV `path,label[,split]` (paths relative to the CSV) used instead of image folders; "" = off
+    split_file: str = ""  # the saved split of a one-folder layout; "" = <root>/splits.json (beside the CSV for one)
+    val_fraction: float = 0.15  # share of each class drawn into val when a split file is made
+    test_fraction: float = 0.15  # share of each class drawn into test when a split file is made
+    split_seed: int = 0  # seed of that draw (an existing split file is always reused, never redrawn)
+    ms_root: str = ""  # folder mirroring root that holds each image's MS stack at the same relative path; "" = beside
+    ms_bands: list = field(default_factory=list)  # MS bands to use: indices, or names from bands.json; [] = all
+    ms_layout: str = "auto"  # band axis of .npy stacks: auto (told apart by the image size) | hwc | chw
+    ms_missing: str = "error"  # an image without an MS file: error | zeros (zero-filled bands, with a warning)
+    on_bad_file: str = "error"  # unreadable image or MS file found by the start-up scan: error | skip (dropped)
     demo: bool = True  # write the built-in synthetic demo set to `root` first if it is not there yet
     demo_seed: int = 0  # seed of the demo set (a different seed gives a different set)
     image_size: int = 64  # side of the square input, in pixels
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB normalization mean
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])  # RGB normalization std
     num_workers: int = 2  # DataLoader worker processes
+    pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (ignored without a CUDA GPU)
+    persistent_workers: bool = True  # keep DataLoader workers alive between epochs (num_workers > 0)
+    prefetch_factor: int = 2  # batches each DataLoader worker loads ahead (num_workers > 0)
     hflip: float = 0.5  # probability of a horizontal flip (applied to RGB and MS together)
     vflip: float = 0.5  # probability of a vertical flip (leaves have no "up")
     scale_min: float = 0.6  # smallest area fraction kept by the random resized crop
@@ -50,6 +63,16 @@ class DataConfig:
         _check(self.image_size >= 8, "data.image_size", "must be at least 8", self.image_size)
         _check(0.0 < self.scale_min <= 1.0, "data.scale_min", "must be in (0, 1]", self.scale_min)
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
+        _check(
+            self.val_fraction >= 0 and self.test_fraction >= 0 and self.val_fraction + self.test_fraction < 1,
+            "data.val_fraction + data.test_fraction",
+            "must be non-negative and sum below 1",
+            (self.val_fraction, self.test_fraction),
+        )
+        _check(self.ms_layout in ("auto", "hwc", "chw"), "data.ms_layout", "must be auto | hwc | chw", self.ms_layout)
+        _check(self.ms_missing in ("error", "zeros"), "data.ms_missing", "must be error | zeros", self.ms_missing)
+        _check(self.on_bad_file in ("error", "skip"), "data.on_bad_file", "must be error | skip", self.on_bad_file)
+        _check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1", self.prefetch_factor)
 
 
 @dataclass

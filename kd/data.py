@@ -1,14 +1,17 @@
-"""Data: leaf image folders with optional multispectral (MS) band stacks, aligned transforms, and the demo set.
+"""Data: leaf images with optional multispectral (MS) band stacks, aligned transforms, loaders.
 
-Layout (PlantVillage style, one folder per split): <root>/<split>/<class>/<image>.png, and for MS a band stack
-<image>.npy (H x W x C) beside each image. A batch is {"rgb": B×3×H×W, "ms": B×C×H×W (when asked), "label": B}.
+Layouts (see kd/layouts.py): <root>/<split>/<class>/<image>, one <root>/<class>/<image> folder split once into a
+saved split file, or a CSV manifest. The MS stack of an image is <image>.npy (H×W×C or C×H×W) or a multi-band
+<image>.tif, beside it or at the same relative path under `ms_root`. A batch is {"rgb": B×3×H×W, "ms": B×C×H×W
+(when asked), "label": B}.
 """
 
-import json
+import copy
+import inspect
+import warnings
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
@@ -16,15 +19,17 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import RandomResizedCrop
 
 from kd.config import DataConfig
+from kd.demo import DEMO_BANDS, DEMO_CLASSES, make_demo_dataset  # noqa: F401 (re-exported)
 from kd.errors import UserError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-DEMO_CLASSES = ("healthy", "early_blight", "leaf_rust", "powdery_mildew", "nitrogen_stress")
-DEMO_BANDS = ("blue", "green", "red", "red_edge", "nir")
+from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split
+from kd.multispectral import band_indices, find_ms, ms_header, pick_bands, read_ms
 
 
 class LeafDataset(Dataset):
-    """One split of an image-folder dataset; with `with_ms`, also the .npy band stack beside each image."""
+    """One split of a leaf-image dataset; with `with_ms`, also each image's MS band stack.
+
+    `samples` is [(image path, label)]; `ms_files` maps an image path to its MS file (None: missing, zero-filled).
+    """
 
     def __init__(
         self,
@@ -33,26 +38,42 @@ class LeafDataset(Dataset):
         classes: list[str] | None = None,
         with_ms: bool = False,
         transform: Optional["PairedTransform"] = None,
+        *,
+        manifest: str | Path = "",
+        split_file: str | Path = "",
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 0,
+        ms_root: str | Path = "",
+        ms_bands: list | tuple = (),
+        ms_missing: str = "error",
+        ms_layout: str = "auto",
     ):
-        split_dir = Path(root) / split
-        if not split_dir.is_dir():
-            raise UserError(f"split folder {split_dir} does not exist: expected <root>/{split}/<class>/<image>")
-        found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+        _check_choice("data.ms_missing", ms_missing, ("error", "zeros"))
+        _check_choice("data.ms_layout", ms_layout, ("auto", "hwc", "chw"))
+        listing = list_split(root, split, manifest, split_file, (val_fraction, test_fraction, split_seed))
         if classes is None:
-            classes = found
-        elif sorted(classes) != found:
-            raise UserError(f"{split_dir} has classes {found}, but the model was trained on {list(classes)}")
+            classes = listing.classes
+        elif sorted(classes) != sorted(listing.classes):
+            raise UserError(f"{listing.where} has classes {listing.classes}, but the model was trained on {classes}")
         self.classes = list(classes)
-        self.samples = [
-            (p, label)
-            for label, c in enumerate(self.classes)
-            for p in sorted((split_dir / c).iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES
-        ]
+        label = {c: i for i, c in enumerate(self.classes)}
+        entries = sorted(listing.entries, key=lambda e: (label[e[1]], e[0]))
+        self.samples = [(listing.base / rel, label[cls]) for rel, cls in entries]
         if not self.samples:
-            raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {split_dir}/<class>/")
-        self.with_ms = with_ms
+            raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {listing.where}")
+        self.with_ms, self.ms_layout, self.ms_bands, self.ms_files = with_ms, ms_layout, None, {}
         self.transform = transform or PairedTransform(image_size=None)
+        if with_ms:
+            folders = ([Path(ms_root)] if ms_root else []) + [listing.base, Path(root)]
+            self.ms_bands = band_indices(list(ms_bands), folders)
+            missing = []  # where each absent MS file was looked for
+            for rel, _ in entries:
+                stem = Path(ms_root) / rel if ms_root else listing.base / rel
+                self.ms_files[listing.base / rel] = find_ms(stem, listing.base / rel)
+                if self.ms_files[listing.base / rel] is None:
+                    missing.append(stem)
+            self._zero_bands = self._check_missing_ms(split, missing, ms_missing)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -67,15 +88,11 @@ class LeafDataset(Dataset):
             raise UserError(f"cannot read image {path}: {e}") from None
         ms = None
         if self.with_ms:
-            ms_path = path.with_suffix(".npy")
-            if not ms_path.is_file():
-                raise UserError(f"multispectral file {ms_path} is missing for image {path}")
-            try:
-                ms = torch.from_numpy(np.load(ms_path).astype(np.float32)).permute(2, 0, 1)
-            except (OSError, ValueError) as e:
-                raise UserError(f"cannot read multispectral file {ms_path}: {e}") from None
-            if ms.shape[1:] != rgb.shape[1:]:
-                raise UserError(f"{ms_path} is {tuple(ms.shape[1:])} pixels but {path} is {tuple(rgb.shape[1:])}")
+            ms_path = self.ms_files[path]
+            if ms_path is None:
+                ms = torch.zeros(self._zero_bands, *rgb.shape[1:])
+            else:
+                ms = torch.from_numpy(read_ms(ms_path, tuple(rgb.shape[1:]), self.ms_layout, self.ms_bands))
         return rgb, ms, label
 
     def __getitem__(self, index: int) -> dict:
@@ -83,6 +100,53 @@ class LeafDataset(Dataset):
         sample = self.transform(rgb, ms)
         sample["label"] = label
         return sample
+
+    def check(self, index: int) -> tuple[Path, str] | None:
+        """(bad file, why) when sample `index` cannot be read, from headers only (fast); None when it looks fine."""
+        path = self.samples[index][0]
+        try:
+            with Image.open(path) as im:
+                hw = (im.height, im.width)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            return path, f"unreadable image ({e})"
+        ms_path = self.ms_files.get(path)
+        if ms_path is not None:
+            try:
+                shape, pages = ms_header(ms_path)
+                pick_bands(shape, hw, "chw" if pages else self.ms_layout, self.ms_bands, ms_path)
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                return ms_path, f"unreadable multispectral file ({e})"
+            except UserError as e:
+                return ms_path, str(e)
+        return None
+
+    def _check_missing_ms(self, split: str, missing: list[Path], policy: str) -> int:
+        """Refuse (or warn once about) images without an MS file; return the band count used to zero-fill them."""
+        if not missing:
+            return 0
+        expected = f"{missing[0].with_suffix('.npy')} (or .tif / .tiff)"
+        first = f"{len(missing)} of {len(self.ms_files)} {split} images have no multispectral file, e.g. {expected}"
+        if policy == "error":
+            raise UserError(f"{first}. Add the files, or set data.ms_missing=zeros to zero-fill their bands.")
+        present = [i for i, (p, _) in enumerate(self.samples) if self.ms_files[p] is not None]
+        if not present:
+            raise UserError(f"{first}, and none has one: check data.ms_root and the file names")
+        warnings.warn(f"{first}; their bands are zero-filled (data.ms_missing=zeros)", stacklevel=3)
+        return self.read(present[0])[1].shape[0]
+
+
+# The data options of LeafDataset (keyword-only) with their defaults: open_split reads them from the config with
+# getattr, so configs written before these keys existed still work.
+DATASET_OPTIONS = {
+    name: p.default
+    for name, p in inspect.signature(LeafDataset.__init__).parameters.items()
+    if p.kind == p.KEYWORD_ONLY
+}
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 class PairedTransform:
@@ -123,26 +187,86 @@ class PairedTransform:
         return out
 
 
+def scan_dataset(dataset: LeafDataset, on_bad_file: str = "error") -> list[tuple[Path, str]]:
+    """Check every sample's file headers before training, so a bad file fails now rather than mid-epoch.
+
+    `on_bad_file`: "error" raises, listing the bad files; "skip" drops their samples with a warning.
+    Returns the [(bad file, why)] found.
+    """
+    _check_choice("data.on_bad_file", on_bad_file, ("error", "skip"))
+    found = [(i, bad) for i in range(len(dataset)) if (bad := dataset.check(i)) is not None]
+    if not found:
+        return []
+    bad = [b for _, b in found]
+    listing = "\n".join(f"  {path}: {why}" for path, why in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+    if on_bad_file == "error":
+        raise UserError(
+            f"{len(bad)} of {len(dataset)} samples have unreadable files:\n{listing}\n"
+            "Fix or delete them, or set data.on_bad_file=skip to leave them out."
+        )
+    drop = {i for i, _ in found}
+    dataset.samples = [s for i, s in enumerate(dataset.samples) if i not in drop]
+    if not dataset.samples:
+        raise UserError(f"every sample has an unreadable file:\n{listing}")
+    warnings.warn(f"skipped {len(bad)} samples with unreadable files (data.on_bad_file=skip):\n{listing}", stacklevel=2)
+    return bad
+
+
 def ms_statistics(dataset: LeafDataset, max_samples: int = 256) -> tuple[list[float], list[float]]:
-    """Per-band mean and std of the MS stacks, from (a seeded subsample of) the training split only."""
-    picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:max_samples]
-    stacks = torch.stack([dataset.read(int(i))[1] for i in picks])  # N×C×H×W
+    """Per-band mean and std of the MS stacks, from (a seeded subsample of) the training split only.
+
+    Zero-filled stacks (missing MS files) are left out: they would drag the mean towards 0.
+    """
+    usable = [i for i, (path, _) in enumerate(dataset.samples) if dataset.ms_files.get(path) is not None]
+    if not usable:
+        raise UserError("ms_statistics needs a dataset built with with_ms=True that has multispectral files")
+    picks = torch.randperm(len(usable), generator=torch.Generator().manual_seed(0))[:max_samples]
+    stacks = torch.stack([dataset.read(usable[int(i)])[1] for i in picks])  # N×C×H×W
     mean = stacks.mean(dim=(0, 2, 3))
     std = stacks.std(dim=(0, 2, 3)).clamp_min(1e-6)
     return mean.tolist(), std.tolist()
 
 
 def prepare_data(cfg: DataConfig) -> None:
-    """Write the demo set when the config asks for it and it is not there yet; otherwise check the root exists."""
-    root = Path(cfg.root)
-    if cfg.demo and not (root / "train").is_dir():
+    """Write the demo set if asked and absent, check the data is there, and make the split file if one is needed.
+
+    Run it on one process first (Accelerate's main_process_first) so the split file is drawn once.
+    """
+    root, manifest = Path(cfg.root), cfg.manifest
+    if cfg.demo and not manifest and not (root / "train").is_dir():
+        if root.is_dir() and any(root.iterdir()):
+            raise UserError(f"data.demo is true, but {root} holds other files; set data.demo=false to use them")
         print(f"writing the synthetic demo dataset to {root} (seed {cfg.demo_seed})")
         make_demo_dataset(root, seed=cfg.demo_seed)
-    if not root.is_dir():
+    if not manifest and not root.is_dir():
         raise UserError(
-            f"data.root {root} does not exist. Point data.root at <root>/<split>/<class>/<image> "
-            "folders, or set data.demo=true to generate the built-in demo set there."
+            f"data.root {root} does not exist. Point data.root at <root>/<split>/<class>/<image> or "
+            "<root>/<class>/<image> folders, or set data.demo=true to generate the built-in demo set there."
         )
+    if manifest or not any((root / split).is_dir() for split in SPLITS):
+        opt = _options(cfg)  # a single folder of classes (or a manifest): draw and save the split file now, once
+        list_split(
+            root, "train", manifest, opt["split_file"], (opt["val_fraction"], opt["test_fraction"], opt["split_seed"])
+        )
+
+
+def open_split(
+    cfg: DataConfig,
+    split: str,
+    classes: list[str] | None = None,
+    with_ms: bool = False,
+    transform: PairedTransform | None = None,
+    scan: bool = True,
+) -> LeafDataset:
+    """One split as the config describes it (any layout, MS options), its files checked by `scan_dataset`."""
+    dataset = LeafDataset(cfg.root, split, classes, with_ms, transform, **_options(cfg))
+    if scan:
+        scan_dataset(dataset, cfg.on_bad_file)
+    return dataset
+
+
+def _options(cfg: DataConfig) -> dict:
+    return {key: getattr(cfg, key, default) for key, default in DATASET_OPTIONS.items()}
 
 
 def build_loader(
@@ -154,8 +278,12 @@ def build_loader(
     classes: list[str] | None = None,
     ms_stats: tuple | None = None,
     seed: int = 0,
+    dataset: LeafDataset | None = None,
 ) -> DataLoader:
-    """A DataLoader over one split; training loaders shuffle (seeded), augment and drop the last partial batch."""
+    """A DataLoader over one split; training loaders shuffle (seeded), augment and drop the last partial batch.
+
+    Pass `dataset` (from `open_split`) to reuse an already scanned split; the loader gets a copy with its transform.
+    """
     transform = PairedTransform(
         cfg.image_size,
         train=train,
@@ -167,121 +295,37 @@ def build_loader(
         vflip=cfg.vflip,
         scale_min=cfg.scale_min,
     )
-    dataset = LeafDataset(cfg.root, split, classes=classes, with_ms=with_ms, transform=transform)
+    if dataset is None:
+        dataset = open_split(cfg, split, classes, with_ms, transform)
+    else:
+        dataset = copy.copy(dataset)
+        dataset.transform = transform
+    workers = cfg.num_workers
+    extra = {}
+    if workers > 0:  # these two are errors with num_workers=0
+        extra = dict(
+            persistent_workers=cfg.persistent_workers,
+            prefetch_factor=cfg.prefetch_factor,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=train,
         drop_last=train and len(dataset) > batch_size,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
+        num_workers=workers,
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),  # pinning needs a GPU
         generator=torch.Generator().manual_seed(seed),
+        **extra,
     )
 
 
-# ----------------------------------------------------------------------------------------------- demo data set
-
-
-def _leaf_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """A leaf on soil: (leaf mask H×W in [0, 1], normalized coordinates along/across the leaf)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    angle = rng.uniform(0, np.pi)
-    cx, cy = rng.uniform(-0.08, 0.08, size=2)
-    u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
-    v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
-    a, b = rng.uniform(0.36, 0.46), rng.uniform(0.2, 0.28)
-    r = (u / a) ** 2 + (v / (b * (1 - 0.5 * (u / a)))) ** 2  # egg-shaped: narrower towards the tip
-    mask = np.clip((1.0 - r) * 8, 0, 1)
-    return mask, np.stack([u / a, v / b])
-
-
-def _symptom_mask(rng: np.random.Generator, cls: str, size: int, coords: np.ndarray) -> np.ndarray:
-    """Where the disease shows, H×W in [0, 1]; each class has its own spatial pattern."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    spots = np.zeros((size, size), np.float32)
-    if cls == "healthy":
-        return spots
-    if cls == "nitrogen_stress":  # chlorosis spreading from the leaf tip and margins
-        return np.clip((coords[0] + 0.6 * np.abs(coords[1]) - rng.uniform(0.0, 0.4)) * 2.5, 0, 1)
-    count, radius, sharp = {
-        "early_blight": (rng.integers(2, 5), (0.06, 0.1), 30.0),
-        "leaf_rust": (rng.integers(15, 30), (0.015, 0.03), 80.0),
-        "powdery_mildew": (rng.integers(3, 6), (0.1, 0.16), 6.0),
-    }[cls]
-    for _ in range(count):
-        cx, cy, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(*radius)
-        d = np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2)
-        spots = np.maximum(spots, np.clip((r - d) * sharp / max(r, 0.02) + 0.5, 0, 1))
-    return spots
-
-
-# Reflectance of blue, green, red, red-edge, NIR: healthy leaf, soil, and the change each disease causes.
-_LEAF = np.array([0.05, 0.14, 0.06, 0.30, 0.50], np.float32)
-_SOIL = np.array([0.12, 0.16, 0.22, 0.28, 0.32], np.float32)
-_SYMPTOM = {
-    "early_blight": [-0.02, -0.08, 0.04, -0.20, -0.35],
-    "leaf_rust": [-0.03, 0.0, 0.20, -0.12, -0.25],
-    "powdery_mildew": [0.30, 0.22, 0.28, 0.05, -0.15],
-    "nitrogen_stress": [0.02, 0.10, 0.14, -0.20, -0.28],
-    "healthy": [0, 0, 0, 0, 0],
-}
-
-
-def _render(rng: np.random.Generator, cls: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """One sample: an RGB uint8 image H×W×3 and its 5-band reflectance stack H×W×5 (float16)."""
-    leaf, coords = _leaf_scene(rng, size)
-    symptom = _symptom_mask(rng, cls, size, coords) * leaf
-    # Pre-symptomatic stress: half of the diseased leaves show it in red-edge/NIR but barely in visible light.
-    visible_strength = rng.uniform(0.5, 1.0) if rng.random() < 0.5 else rng.uniform(0.0, 0.12)
-    nir_strength = rng.uniform(0.7, 1.0)
-    leaf_tint = _LEAF * rng.uniform(0.85, 1.15, size=5).astype(np.float32)
-    veins = 1.0 - 0.15 * np.exp(-((coords[1] * 12) ** 2)) * leaf  # midrib
-    soil = _SOIL * rng.uniform(0.7, 1.2) + rng.normal(0, 0.02, (size, size, 1)).astype(np.float32)
-    change = np.array(_SYMPTOM[cls], np.float32)
-    strength = np.array([visible_strength] * 3 + [nir_strength] * 2, np.float32)
-    reflect = soil * (1 - leaf[..., None]) + (leaf_tint * veins[..., None]) * leaf[..., None]
-    reflect = reflect + symptom[..., None] * change * strength
-    light = rng.uniform(0.7, 1.3) * (1 + 0.3 * (np.linspace(-0.5, 0.5, size)[None, :, None] * rng.uniform(-1, 1)))
-    reflect = np.clip(reflect * light + rng.normal(0, 0.01, reflect.shape), 0, 1).astype(np.float32)
-    rgb = reflect[..., [2, 1, 0]] * 2.2 + rng.normal(0, 0.03, (size, size, 3))  # camera gain and noise
-    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), reflect.astype(np.float16)
-
-
-def make_demo_dataset(
-    root: str | Path,
-    seed: int = 0,
-    per_class: tuple[int, int, int] = (240, 60, 60),
-    size: int = 64,
-    label_noise: float = 0.03,
-) -> Path:
-    """Write a seeded synthetic leaf-disease set: <root>/{train,val,test}/<class>/<n>.png + <n>.npy (5 bands).
-
-    Symptoms are clear in red-edge/NIR for every diseased leaf but faint in RGB for about half of them, so an
-    RGB+MS teacher beats an RGB-only model and has something to teach it. `label_noise` of the training labels
-    are flipped to a random other class, as in hand-labelled field data.
-    """
-    root = Path(root)
-    rng = np.random.default_rng(seed)
-    for split, count in zip(("train", "val", "test"), per_class):
-        for cls in DEMO_CLASSES:
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-        for true_cls in DEMO_CLASSES:
-            for n in range(count):
-                rgb, ms = _render(rng, true_cls, size)
-                cls = true_cls
-                if split == "train" and rng.random() < label_noise:
-                    cls = str(rng.choice([c for c in DEMO_CLASSES if c != true_cls]))
-                stem = root / split / cls / f"{true_cls}_{n:04d}"
-                Image.fromarray(rgb).save(stem.with_suffix(".png"))
-                np.save(stem.with_suffix(".npy"), ms)
-    (root / "bands.json").write_text(json.dumps({"bands": list(DEMO_BANDS), "seed": seed}))
-    return root
-
-
 def checkpoint_loader(cfg: DataConfig, meta: dict, split: str, batch_size: int) -> DataLoader:
-    """An evaluation loader that feeds a checkpoint what it was trained on: its classes, inputs and MS stats."""
+    """An evaluation loader that feeds a checkpoint what it was trained on: its classes, inputs, bands and MS stats."""
     with_ms = "ms" in meta["inputs"]
     ms_stats = (meta["ms_mean"], meta["ms_std"]) if with_ms else None
+    if with_ms and meta.get("ms_bands") is not None:  # the bands the teacher saw, even if the config changed since
+        cfg = copy.copy(cfg)
+        cfg.ms_bands = meta["ms_bands"]
     return build_loader(
         cfg, split, batch_size, train=False, with_ms=with_ms, classes=meta["classes"], ms_stats=ms_stats
     )

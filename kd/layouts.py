@@ -1,0 +1,179 @@
+"""Which images make up each split, and their classes, for the three dataset layouts kd reads.
+
+1. Split folders:  <root>/{train,val,test}/<class>/<image>  (PlantVillage as distributed, and the demo set).
+2. One folder:     <root>/<class>/<image>, split once by a seeded, stratified draw saved to a split file
+                   (<root>/splits.json by default) that every later run and evaluate.py reuse.
+3. A CSV manifest: `path,label[,split]` with paths relative to the CSV; without a split column it is split like 2.
+
+Everything here returns paths relative to a base folder (the root, or the CSV's folder), so the MS stack of an
+image can be looked up at the same relative path under a parallel `ms_root`.
+"""
+
+import csv
+import json
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from kd.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+SPLITS = ("train", "val", "test")
+
+
+class Listing(NamedTuple):
+    base: Path  # folder the relative paths start from
+    entries: list[tuple[str, str]]  # (relative path, class name) of the requested split
+    classes: list[str]  # every class of the dataset, sorted (the default label order)
+    where: str  # what was read, for error messages
+
+
+def list_split(
+    root: str | Path,
+    split: str,
+    manifest: str | Path = "",
+    split_file: str | Path = "",
+    new_split: tuple[float, float, int] = (0.15, 0.15, 0),
+) -> Listing:
+    """The images of `split` in whichever layout `root` (or `manifest`) has.
+
+    `new_split` is (val_fraction, test_fraction, seed), used only when a split file has to be made.
+    """
+    root = Path(root)
+    if manifest:
+        return _from_manifest(Path(manifest), split, split_file, new_split)
+    if any((root / s).is_dir() for s in SPLITS):
+        if split_file:
+            raise UserError(f"data.split_file is set, but {root} already has split folders; unset one of them")
+        return _from_split_folders(root, split)
+    if not root.is_dir():
+        raise UserError(f"data.root {root} does not exist: expected <root>/<class>/<image> or <root>/<split>/<class>/")
+
+    def pool() -> dict[str, list[str]]:  # listed only when a split has to be drawn
+        return {cls: [p.relative_to(root).as_posix() for p in files] for cls, files in class_images(root).items()}
+
+    path = Path(split_file) if split_file else root / "splits.json"
+    return _from_split_file(path, root, split, pool, new_split)
+
+
+def class_images(folder: Path) -> dict[str, list[Path]]:
+    """{class: sorted image paths} for <folder>/<class>/<image>.
+
+    A .tif/.tiff that shares its stem with another image in the same folder is that image's multispectral stack,
+    not an image of its own.
+    """
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{folder} has no class folders: expected {folder}/<class>/<image>")
+    out = {}
+    for d in classes:
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        plain = {p.stem for p in files if p.suffix.lower() not in (".tif", ".tiff")}
+        out[d.name] = [p for p in files if p.suffix.lower() not in (".tif", ".tiff") or p.stem not in plain]
+    return out
+
+
+def _from_split_folders(root: Path, split: str) -> Listing:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise UserError(f"split folder {split_dir} does not exist: expected <root>/{split}/<class>/<image>")
+    images = class_images(split_dir)
+    entries = [(p.relative_to(root).as_posix(), cls) for cls, files in images.items() for p in files]
+    return Listing(root, entries, sorted(images), str(split_dir))
+
+
+def _from_manifest(path: Path, split: str, split_file, new_split) -> Listing:
+    rows = read_manifest(path)
+    if rows[0][2] is None:  # no split column: split it once, like a single folder of classes
+        pool: dict[str, list[str]] = {}
+        for rel, label, _ in rows:
+            pool.setdefault(label, []).append(rel)
+        split_path = Path(split_file or path.parent / "splits.json")
+        return _from_split_file(split_path, path.parent, split, lambda: pool, new_split)
+    entries = [(rel, label) for rel, label, s in rows if s == split]
+    return Listing(path.parent, entries, _sorted_labels({label for _, label, _ in rows}), f"{path} ({split})")
+
+
+def read_manifest(path: Path) -> list[tuple[str, str, str | None]]:
+    """Rows (path, label, split or None) of a CSV with the header `path,label[,split]`."""
+    if not path.is_file():
+        raise UserError(f"data.manifest {path} does not exist")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"path", "label"} <= set(reader.fieldnames or ()):
+            raise UserError(f"{path} must start with the header row path,label[,split]; got {reader.fieldnames}")
+        has_split = "split" in reader.fieldnames
+        rows = [(r["path"].strip(), r["label"].strip(), r["split"].strip() if has_split else None) for r in reader]
+    bad = [(i + 2, r) for i, r in enumerate(rows) if not r[0] or not r[1] or (has_split and r[2] not in SPLITS)]
+    if bad:
+        raise UserError(f"{path} line {bad[0][0]}: {bad[0][1]} needs a path, a label and a split in {SPLITS}")
+    if not rows:
+        raise UserError(f"{path} lists no images")
+    return rows
+
+
+def _sorted_labels(labels: set[str]) -> list[str]:
+    # numeric labels ("2", "10") sort as numbers, so class 10 does not land between 1 and 2
+    return sorted(labels, key=int) if all(s.isdigit() for s in labels) else sorted(labels)
+
+
+def _from_split_file(path: Path, base: Path, split: str, pool: Callable[[], dict], new_split) -> Listing:
+    if not path.is_file():
+        write_split_file(path, pool(), *new_split)
+    try:
+        saved = json.loads(path.read_text())
+        entries = [tuple(e) for e in saved[split]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"split file {path} is damaged or has no '{split}' list ({e}); restore it") from None
+    gone = [rel for rel, _ in entries if not (base / rel).is_file()]
+    if gone:
+        raise UserError(
+            f"split file {path} lists {len(gone)} {split} images that no longer exist under {base}, e.g. "
+            f"{', '.join(gone[:5])}. Restore them, or delete {path} to draw a new split (its val/test images will "
+            "differ from earlier runs, so earlier scores are not comparable)."
+        )
+    asked = dict(zip(("val_fraction", "test_fraction", "seed"), new_split))
+    if any(saved.get(k) != v for k, v in asked.items()):
+        warnings.warn(
+            f"reusing split file {path} ({_describe(saved)}), not the configured {_describe(asked)}", stacklevel=2
+        )
+    return Listing(base, entries, list(saved["classes"]), f"{path} ({split})")
+
+
+def _describe(split: dict) -> str:
+    fractions = f"val_fraction {split.get('val_fraction')}, test_fraction {split.get('test_fraction')}"
+    return f"{fractions}, seed {split.get('seed')}"
+
+
+def write_split_file(path: Path, pool: dict[str, list[str]], val_fraction: float, test_fraction: float, seed: int):
+    """Draw a stratified split (each class in every split, by the same fractions) and save it as JSON."""
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise UserError(f"data.val_fraction {val_fraction} + data.test_fraction {test_fraction} must be below 1")
+    rng = np.random.default_rng(seed)
+    split: dict = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
+    split.update(classes=_sorted_labels(set(pool)), train=[], val=[], test=[])
+    for cls in split["classes"]:
+        files = sorted(pool[cls])
+        n_val, n_test = _share(len(files), val_fraction), _share(len(files), test_fraction)
+        if n_val + n_test >= len(files):
+            raise UserError(f"class '{cls}' has only {len(files)} images: too few for train, val and test splits")
+        order = rng.permutation(len(files))
+        for rank, i in enumerate(order):
+            name = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+            split[name].append([files[i], cls])
+    for name in SPLITS:
+        split[name].sort()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(split, indent=1))
+    os.replace(tmp, path)  # atomic: processes that race to write it write the same seeded split
+    print(f"wrote a new stratified split to {path} ({_describe(split)}); later runs reuse it")
+
+
+def _share(n: int, fraction: float) -> int:
+    # at least one image per class in a split that is asked for, so every class is validated and tested
+    return 0 if fraction <= 0 else max(1, round(n * fraction))
