@@ -126,6 +126,7 @@ class TrainConfig:
     save_every_n_steps: int = 0  # also save the resumable state every N optimizer steps (mid-epoch); 0 = per epoch
     resume: str | None = None  # "auto": continue from <run_dir>/last when it exists (like --resume), else start
     log_with: str = "tensorboard"  # tensorboard | wandb | all | none
+    qat_start_fraction: float | None = None  # quantization-aware training from this fraction of max_epochs; null = off
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
@@ -163,6 +164,17 @@ class TrainConfig:
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)", self.ema_decay)
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1", self.max_nonfinite_steps)
         _check(self.resume in (None, "auto"), "resume", "must be null or auto", self.resume)
+        _check(
+            self.qat_start_fraction is None or 0 <= self.qat_start_fraction < 1,
+            "qat_start_fraction",
+            "must be in [0, 1) or null",
+            self.qat_start_fraction,
+        )
+        if self.qat_start_fraction is not None and self.ema_decay > 0:
+            raise ConfigError(
+                "qat_start_fraction and ema_decay cannot be combined: the EMA would average float "
+                "weights into a fake-quantized graph. Turn one of them off."
+            )
         _check(
             self.log_with in ("tensorboard", "wandb", "all", "none"),
             "log_with",

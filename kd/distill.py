@@ -71,6 +71,16 @@ class Distiller(nn.Module):
     def teachers_to(self, device: torch.device) -> None:
         self.teachers = tuple(t.to(device) for t in self.teachers)
 
+    def set_model(self, student: nn.Module) -> None:
+        """Swap in a graph that shares the student's parameters (quantization-aware training). Its blocks are
+        traced away, so feature matching stops; the logit terms carry on."""
+        self.student = student
+        if self.layer_pairs:
+            self.student_hooks.remove()
+            self.teacher_hooks.remove()
+            self.layer_pairs = []
+            self.loss.feature_weight = 0.0
+
     def set_ema(self, ema_model: nn.Module) -> None:
         """Self-distillation: the student's EMA joins the teachers (when ema_teacher_weight > 0)."""
         if self.ema_teacher_weight > 0:

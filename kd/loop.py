@@ -5,6 +5,7 @@ logits; `task.model` is what gets checkpointed. If it has `set_progress(epoch: f
 every step (temperature schedules, loss warmups). The loop never needs to know whether it is distilling.
 """
 
+import functools
 import json
 import math
 import shutil
@@ -26,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from kd.config import TrainConfig
 from kd.errors import UserError
-from kd.models import forward_batch, save_checkpoint
+from kd.models import forward_batch, input_keys, save_checkpoint
+from kd.qat import prepare_qat
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool = False) -> Accelerator:
@@ -198,16 +200,29 @@ def fit(
     )
 
     progress = {"epoch": 0, "batches_done": 0, "updates": 0, "stale_epochs": 0, "top_k": []}
+    float_model = unwrapped.model  # what checkpoints store, also during QAT (the QAT graph shares its weights)
+    qat_epoch = None if cfg.qat_start_fraction is None else round(cfg.qat_start_fraction * cfg.max_epochs)
+    if qat_epoch is not None and input_keys(float_model) != ("rgb",):
+        raise UserError("qat_start_fraction applies to RGB students; this model also takes MS input")
+
+    def enter_qat() -> None:
+        if unwrapped.model is not float_model:
+            return  # already entered (resumed inside the QAT phase)
+        example = next(iter(val_loader))["rgb"][:2]
+        unwrapped.set_model(prepare_qat(float_model, example))
+        accelerator.print("quantization-aware training from here on (fake-quantized INT8 weights and activations)")
+
     last = run_dir / "last"
     if resume or (cfg.resume == "auto" and (last / "progress.json").is_file()):
         if not (last / "progress.json").is_file():
             raise UserError(f"--resume: no complete saved state in {last}; start without --resume")
-        accelerator.load_state(str(last))
         progress = json.loads((last / "progress.json").read_text())
+        if qat_epoch is not None and (progress["epoch"], progress["batches_done"]) > (qat_epoch, 0):
+            enter_qat()  # the saved state is of the QAT graph
+        accelerator.load_state(str(last))
         accelerator.print(f"resumed from {last} at epoch {progress['epoch']}, batch {progress['batches_done']}")
     top_k = TopK(run_dir, cfg.save_top_k, cfg.mode, progress["top_k"])
     main_epochs = cfg.max_epochs - cfg.finetune_epochs
-    evaluated_model = ema.module if ema is not None else unwrapped.model
     metrics: dict[str, float] = {}
     bad_steps, loss = 0, torch.zeros(())
 
@@ -225,6 +240,8 @@ def fit(
             train_loader.set_epoch(epoch)
             skip = progress["batches_done"]
             batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+            if epoch == qat_epoch:
+                enter_qat()
             if epoch >= main_epochs:  # fine-tuning phase: constant, lower LR
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.learning_rate * cfg.finetune_lr_scale
@@ -278,9 +295,11 @@ def fit(
             bar.remove_task(bar_task)
             train_seconds = time.perf_counter() - start
 
+            evaluated_model = ema.module if ema is not None else unwrapped.model
+            saved_model = ema.module if ema is not None else float_model
             sync_buffers(accelerator, evaluated_model)
             evaluated_model.eval()
-            metrics = validate(accelerator, lambda b: forward_batch(evaluated_model, b), val_loader)
+            metrics = validate(accelerator, functools.partial(forward_batch, evaluated_model), val_loader)
             score = metrics[cfg.monitor]
             if epoch < main_epochs:
                 scheduler.step(epoch + 1, score)
@@ -293,8 +312,9 @@ def fit(
                 step=progress["updates"],
             )
             improved = top_k.is_better(score, top_k.best, cfg.min_delta)
-            checkpoint_meta = {**meta, "epoch": epoch, "metrics": metrics, "ema": ema is not None}
-            top_k.update(score, epoch, evaluated_model, checkpoint_meta, write=accelerator.is_main_process)
+            qat = qat_epoch is not None and epoch >= qat_epoch
+            checkpoint_meta = {**meta, "epoch": epoch, "metrics": metrics, "ema": ema is not None, "qat": qat}
+            top_k.update(score, epoch, saved_model, checkpoint_meta, write=accelerator.is_main_process)
             progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
             progress.update(epoch=epoch + 1, batches_done=0, top_k=top_k.entries, metrics=metrics)
             save_state(accelerator, run_dir, progress)
@@ -308,7 +328,7 @@ def fit(
                     f"early stopping: {cfg.monitor} did not improve for {progress['stale_epochs']} epochs"
                 )
                 break
-    checksum = check_in_sync(accelerator, unwrapped.model)
+    checksum = check_in_sync(accelerator, float_model)
     accelerator.print(f"weights in sync across {accelerator.num_processes} process(es) (checksum {checksum:.6e})")
     accelerator.end_training()
     return {"best": top_k.best, "monitor": cfg.monitor, **metrics}

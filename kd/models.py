@@ -131,6 +131,10 @@ class Classifier(nn.Module):
     def predict(self, batch: dict) -> torch.Tensor:
         return forward_batch(self.model, batch)
 
+    def set_model(self, model: nn.Module) -> None:
+        """Swap in a graph that shares the parameters (quantization-aware training)."""
+        self.model = model
+
 
 # --------------------------------------------------------------------------------------------------- checkpoints
 

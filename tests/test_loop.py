@@ -1,5 +1,6 @@
 """The training loop's features, in-process on a tiny linear model and synthetic tensors."""
 
+import json
 import math
 
 import pytest
@@ -150,9 +151,10 @@ def test_early_stopping_respects_min_delta(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("epoch*.safetensors")) == ["epoch000.safetensors"]
 
 
-def test_resume_mid_epoch_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"qat_start_fraction": 0.5}], ids=["float", "qat"])
+def test_resume_mid_epoch_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, extra):
     whole = Classifier(linear())
-    train(tmp_path / "whole", whole, max_epochs=2)
+    train(tmp_path / "whole", whole, max_epochs=2, **extra)
 
     class Killed(Exception):
         pass
@@ -167,11 +169,11 @@ def test_resume_mid_epoch_gives_the_same_weights_as_an_uninterrupted_run(tmp_pat
             return super().forward(batch)
 
     with pytest.raises(Killed):
-        train(tmp_path / "killed", DiesAtStep(linear()), max_epochs=2, save_every_n_steps=5)
+        train(tmp_path / "killed", DiesAtStep(linear()), max_epochs=2, save_every_n_steps=5, **extra)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     resumed = Classifier(linear(seed=123))  # different init: everything must come from the saved state
-    train(tmp_path / "killed", resumed, max_epochs=2, resume=True)
+    train(tmp_path / "killed", resumed, max_epochs=2, resume=True, **extra)
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)  # bitwise: same batches, same optimizer state, same schedule
 
@@ -217,3 +219,40 @@ def test_teacher_sanity_check_tells_chance_from_a_real_teacher():
         constant[1].bias.copy_(torch.tensor([1.0, 0.0]))
     check = teacher_sanity_check(constant, batch, 2)
     assert check["accuracy"] == 0.5 and not check["better_than_chance"]
+
+
+def test_qat_trains_a_fake_quantized_graph_and_checkpoints_float_weights(tmp_path):
+    import safetensors.torch
+
+    task = Classifier(linear())
+    float_model = task.model
+    result = train(tmp_path, task, max_epochs=2, qat_start_fraction=0.5, save_top_k=2)
+    assert result["best"] > 0.9
+    assert task.model is not float_model and "GraphModule" in type(task.model).__name__
+    assert {id(p) for p in task.model.parameters()} == {id(p) for p in float_model.parameters()}
+    meta = json.loads((tmp_path / "epoch001.json").read_text())
+    assert meta["qat"] is True and json.loads((tmp_path / "epoch000.json").read_text())["qat"] is False
+    saved = safetensors.torch.load_file(str(tmp_path / "epoch001.safetensors"))
+    assert set(saved) == set(float_model.state_dict())  # float layout, loadable without any QAT machinery
+    assert torch.equal(saved["1.weight"], float_model[1].weight.detach())
+
+
+def test_int8_conversion_stays_close_to_float():
+    from kd.qat import quantize_int8
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    ).eval()
+    calibration = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+    int8 = quantize_int8(model, calibration)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(x)
+        assert (int8(x) - reference).abs().max() < 0.05 * reference.abs().max() + 0.02
+    assert any("quantized" in type(m).__module__ for m in int8.modules())  # real INT8 kernels, not fake quant
