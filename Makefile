@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	$(PY) train_teacher.py --config configs/teacher.yaml train.max_epochs=$(DEMO_EPOCHS)
 	$(PY) train_teacher.py --config configs/baseline_b0.yaml train.max_epochs=$(DEMO_EPOCHS)
 	$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL)
-	$(PY) export.py --checkpoint checkpoints/student/best.safetensors --out exports/student.onnx --config configs/b0.yaml
+	$(PY) export.py --checkpoint checkpoints/student/best.safetensors --out exports/student.onnx --config configs/b0.yaml --int8
 	$(PY) evaluate.py --config configs/b0.yaml --out results \
 		--models teacher=checkpoints/teacher/best.safetensors distilled=checkpoints/student/best.safetensors \
 		         baseline=checkpoints/baseline/best.safetensors
