@@ -6,7 +6,7 @@ DEMO_EPOCHS ?= 10
 DEMO_DISTILL := distillation.student_pretrained=null distillation.max_epochs=$(DEMO_EPOCHS) \
 	distillation.warmup_epochs=1 distillation.learning_rate=2e-3
 
-.PHONY: demo test lint venv clean-demo
+.PHONY: demo test lint venv clean-demo qat-compare
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,3 +36,14 @@ lint: $(VENV)/.installed-dev
 
 clean-demo:
 	rm -rf data/demo checkpoints results exports
+
+# QAT vs post-training quantization on the demo (after `make demo`): the same distillation with its last 20% of
+# epochs quantization-aware, then both students exported to INT8 and checked on the validation split.
+qat-compare: $(VENV)/.installed
+	$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL) distillation.checkpoint_dir=checkpoints/student_ptq
+	$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL) distillation.qat_start_fraction=0.8 \
+		distillation.checkpoint_dir=checkpoints/student_qat
+	$(PY) export.py --checkpoint checkpoints/student_ptq/latest.safetensors --out exports/ptq/student.onnx \
+		--config configs/b0.yaml --int8
+	$(PY) export.py --checkpoint checkpoints/student_qat/latest.safetensors --out exports/qat/student.onnx \
+		--config configs/b0.yaml --int8

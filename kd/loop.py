@@ -315,6 +315,8 @@ def fit(
             qat = qat_epoch is not None and epoch >= qat_epoch
             checkpoint_meta = {**meta, "epoch": epoch, "metrics": metrics, "ema": ema is not None, "qat": qat}
             top_k.update(score, epoch, saved_model, checkpoint_meta, write=accelerator.is_main_process)
+            if accelerator.is_main_process:  # the newest weights, whatever their score (e.g. after QAT)
+                save_checkpoint(run_dir / "latest", saved_model, checkpoint_meta)
             progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
             progress.update(epoch=epoch + 1, batches_done=0, top_k=top_k.entries, metrics=metrics)
             save_state(accelerator, run_dir, progress)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from kd.config import TrainConfig
 from kd.distill import Distiller, teacher_sanity_check
+from kd.errors import UserError
 from kd.loop import build_scheduler, fit, make_accelerator
 from kd.losses import KnowledgeDistillationLoss
 from kd.models import Classifier
@@ -113,6 +114,7 @@ def test_training_learns_logs_every_term_and_checkpoints_the_best(tmp_path):
     scalars = read_scalars(tmp_path)
     assert {"train/loss", "train/hard", "train/lr", "train/grad_norm", "val/acc", "val/loss"} <= set(scalars)
     assert (tmp_path / "best.safetensors").is_file() and len(list(tmp_path.glob("epoch*.safetensors"))) == 2
+    assert json.loads((tmp_path / "latest.json").read_text())["epoch"] == 2  # newest weights, whatever the score
 
 
 def test_ema_weights_follow_the_decay_formula():
@@ -256,3 +258,26 @@ def test_int8_conversion_stays_close_to_float():
         reference = model(x)
         assert (int8(x) - reference).abs().max() < 0.05 * reference.abs().max() + 0.02
     assert any("quantized" in type(m).__module__ for m in int8.modules())  # real INT8 kernels, not fake quant
+
+
+def test_grad_checkpointing_is_switched_on_or_refused(tmp_path):
+    import timm
+
+    model = timm.create_model("test_efficientnet", num_classes=2)
+    calls = []
+    model.set_grad_checkpointing = lambda enable=True: calls.append(enable)
+    cfg = TrainConfig(max_epochs=1, grad_checkpointing=True)
+    accelerator = make_accelerator(cfg, tmp_path, cpu=True)
+    images = [{"rgb": torch.randn(3, 32, 32), "label": torch.tensor(i % 2)} for i in range(8)]
+    fit(
+        accelerator,
+        Classifier(model),
+        DataLoader(images, batch_size=4),
+        DataLoader(images, batch_size=4),
+        cfg,
+        tmp_path,
+        {"arch": {}},
+    )
+    assert calls == [True]
+    with pytest.raises(UserError, match="set_grad_checkpointing"):
+        train(tmp_path / "linear", Classifier(linear()), grad_checkpointing=True)
