@@ -281,3 +281,39 @@ def test_grad_checkpointing_is_switched_on_or_refused(tmp_path):
     assert calls == [True]
     with pytest.raises(UserError, match="set_grad_checkpointing"):
         train(tmp_path / "linear", Classifier(linear()), grad_checkpointing=True)
+
+
+def test_optimizer_skips_weight_decay_on_norms_and_biases(tmp_path, monkeypatch):
+    import kd.loop
+
+    seen = {}
+    real = kd.loop.create_optimizer_v2
+
+    def spy(*args, **kwargs):
+        seen["optimizer"] = real(*args, **kwargs)
+        return seen["optimizer"]
+
+    monkeypatch.setattr(kd.loop, "create_optimizer_v2", spy)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    train(tmp_path, Classifier(model), max_epochs=1, weight_decay=0.05)
+    decay = {g["weight_decay"]: {p.ndim for p in g["params"]} for g in seen["optimizer"].param_groups}
+    assert decay == {0.0: {1}, 0.05: {2}}  # biases and norm weights are 1-D
+
+
+def test_accumulation_and_clipping(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    norms_after_clip = []
+    real = Accelerator.clip_grad_norm_
+
+    def spy(self, parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        total = real(self, parameters, max_norm, *args, **kwargs)
+        norms_after_clip.append(torch.norm(torch.stack([p.grad.norm() for p in parameters])).item())
+        return total
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", spy)
+    train(tmp_path, Classifier(linear()), max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=0.01)
+    progress = json.loads((tmp_path / "last/progress.json").read_text())
+    assert progress["updates"] == 4  # 8 batches, one optimizer step per 2
+    assert len(norms_after_clip) == 4 and max(norms_after_clip) <= 0.01 + 1e-6
