@@ -6,7 +6,7 @@ DEMO_EPOCHS ?= 10
 DEMO_DISTILL := distillation.student_pretrained=null distillation.max_epochs=$(DEMO_EPOCHS) \
 	distillation.warmup_epochs=1 distillation.learning_rate=2e-3
 
-.PHONY: demo test lint venv clean-demo qat-compare
+.PHONY: demo test lint venv clean-demo qat-compare seeds
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,3 +47,17 @@ qat-compare: $(VENV)/.installed
 		--config configs/b0.yaml --int8
 	$(PY) export.py --checkpoint checkpoints/student_qat/latest.safetensors --out exports/qat/student.onnx \
 		--config configs/b0.yaml --int8
+
+# The demo's teacher-vs-RGB-baseline margin over seeds (after `make demo`, which is seed 0): mean ± std.
+SEEDS ?= 1 2
+seeds: $(VENV)/.installed
+	for s in $(SEEDS); do \
+		$(PY) train_teacher.py --config configs/teacher.yaml seed=$$s train.max_epochs=$(DEMO_EPOCHS) \
+			train.checkpoint_dir=checkpoints/seeds/teacher_$$s && \
+		$(PY) train_teacher.py --config configs/baseline_b0.yaml seed=$$s train.max_epochs=$(DEMO_EPOCHS) \
+			train.checkpoint_dir=checkpoints/seeds/baseline_$$s || exit 1; \
+	done
+	$(PY) evaluate.py --config configs/b0.yaml --out results/seeds --models \
+		teacher@0=checkpoints/teacher/best.safetensors baseline@0=checkpoints/baseline/best.safetensors \
+		$(foreach s,$(SEEDS),teacher@$(s)=checkpoints/seeds/teacher_$(s)/best.safetensors \
+		baseline@$(s)=checkpoints/seeds/baseline_$(s)/best.safetensors)

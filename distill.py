@@ -5,6 +5,7 @@ python distill.py --config configs/b0.yaml distillation.max_epochs=5
 python distill.py --config configs/b0.yaml --list-layers    # layer names, shapes and suggested pairs
 """
 
+import copy
 from pathlib import Path
 
 import torch
@@ -14,31 +15,41 @@ from rich.table import Table
 from torch.utils.data import default_collate
 
 from kd.config import flat_hparams, parse_cli, save_config
-from kd.data import build_loader, prepare_data
-from kd.distill import Distiller, teacher_sanity_check
+from kd.data import build_loader, prepare_data, resolve_input
+from kd.distill import Distiller, adapt_view, teacher_sanity_check
 from kd.errors import UserError, exit_on_user_error
 from kd.features import layer_pairs, output_shapes, suggest_pairs
 from kd.loop import fit, make_accelerator
 from kd.losses import KnowledgeDistillationLoss
-from kd.models import build_model, count_parameters, input_keys, load_checkpoint
+from kd.models import (
+    build_model,
+    check_ms_bands,
+    count_parameters,
+    ensure_writable,
+    input_config,
+    input_keys,
+    load_checkpoint,
+)
 
 
-def print_layers(student: torch.nn.Module, teacher: torch.nn.Module, teacher_meta: dict, image_size: int) -> None:
+def print_layers(student: torch.nn.Module, student_size: int, teacher: torch.nn.Module, teacher_meta: dict) -> None:
     """Every hookable layer of both models with its output shape, and pairs whose spatial sizes match."""
-    rgb = torch.zeros(1, 3, image_size, image_size)
-    ms = torch.zeros(1, teacher_meta["arch"].get("ms_channels", 0), image_size, image_size)
-    inputs = {"rgb": rgb, "ms": ms}
+    size = teacher_meta["image_size"]
+    inputs = {
+        "rgb": torch.zeros(1, 3, size, size),
+        "ms": torch.zeros(1, teacher_meta["arch"].get("ms_channels", 0), size, size),
+    }
     shapes = {
-        "student": output_shapes(student, [rgb]),
-        "teacher": output_shapes(teacher, [inputs[k] for k in input_keys(teacher)]),
+        f"student layers at {student_size} px": output_shapes(student, [torch.zeros(1, 3, student_size, student_size)]),
+        f"teacher layers at {size} px": output_shapes(teacher, [inputs[k] for k in input_keys(teacher)]),
     }
     console = Console(width=max(100, Console().width))
-    for role, layer_shapes in shapes.items():
-        table = Table("layer", "output shape", title=f"{role} layers at {image_size} px")
+    for title, layer_shapes in shapes.items():
+        table = Table("layer", "output shape", title=title)
         for name, shape in layer_shapes.items():
             table.add_row(name, "×".join(map(str, shape[1:])))
         console.print(table)
-    pairs = suggest_pairs(shapes["student"], shapes["teacher"])
+    pairs = suggest_pairs(*shapes.values())
     console.print("suggested feature_layers (same spatial size; adapters fix the channel counts):")
     print("  [" + ", ".join(f"[{s}, {t}]" for s, t in pairs) + "]")  # plain print: rich would wrap or eat [..]
 
@@ -64,10 +75,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         raise UserError(f"distillation.feature_teacher={d.feature_teacher}, but there are {len(teachers)} teachers")
     spec = {"name": d.student_backbone, "num_classes": len(classes)}
     student = build_model(spec, pretrained=d.student_pretrained)
+    student_data = resolve_input(cfg.data, input_config(student))  # null image_size/mean/std: the student's own
     if getattr(args, "list_layers", False):
-        print_layers(student, teachers[d.feature_teacher], metas[d.feature_teacher], cfg.data.image_size)
+        print_layers(student, student_data.image_size, teachers[d.feature_teacher], metas[d.feature_teacher])
         return None
 
+    ensure_writable(run_dir)  # a run that could not save fails now, not after training (--list-layers writes nothing)
     accelerator = make_accelerator(d, run_dir, seed=cfg.seed)
     set_seed(cfg.seed)
     ms_meta = next((m for m in metas if "ms" in m["inputs"]), None)
@@ -79,14 +92,22 @@ def main(argv: list[str] | None = None) -> dict | None:
     ms_stats = (ms_meta["ms_mean"], ms_meta["ms_std"]) if with_ms else None
     if with_ms and ms_meta.get("ms_bands") is not None:  # the bands the teacher was trained on
         cfg.data.ms_bands = ms_meta["ms_bands"]
+    # one augmented view at the largest input size, re-sized / re-normalized per model inside the Distiller
+    student_input = {k: getattr(student_data, k) for k in ("image_size", "mean", "std")}
+    teacher_inputs = [{k: m[k] for k in ("image_size", "mean", "std")} for m in metas]
+    view = {**student_input, "image_size": max(x["image_size"] for x in [student_input, *teacher_inputs])}
+    view_data = copy.copy(student_data)
+    view_data.image_size = view["image_size"]
     loader_args = dict(classes=classes, with_ms=with_ms, ms_stats=ms_stats, seed=cfg.seed)
-    train_loader = build_loader(cfg.data, "train", d.batch_size, train=True, **loader_args)
-    val_loader = build_loader(cfg.data, "val", d.batch_size, train=False, **loader_args)
+    train_loader = build_loader(view_data, "train", d.batch_size, train=True, **loader_args)
+    val_loader = build_loader(student_data, "val", d.batch_size, train=False, **loader_args)
+    check_ms_bands(ms_meta, val_loader.dataset)  # the band count the MS teacher was trained on
 
     if d.teacher_sanity_check:
         first_batch = next(iter(val_loader))
-        for entry, teacher in zip(entries, teachers):
-            check = teacher_sanity_check(teacher, first_batch, len(classes))
+        for entry, teacher, target in zip(entries, teachers, teacher_inputs):
+            teacher_batch = adapt_view(first_batch, student_input, target)
+            check = teacher_sanity_check(teacher, teacher_batch, len(classes))
             accelerator.print(
                 f"teacher {entry['checkpoint']}: logits mean {check['logit_mean']:.3f} std {check['logit_std']:.3f}, "
                 f"accuracy {check['accuracy']:.3f} on {check['samples']} val images (chance {check['chance']:.3f})"
@@ -116,11 +137,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         [e.get("weight", 1.0) for e in entries],
         pairs,
         d.feature_teacher,
-        example_batch=default_collate([val_loader.dataset[i] for i in range(2)]),
+        example_batch=default_collate([train_loader.dataset[i] for i in range(2)]),
         final_temperature=d.final_temperature,
         total_epochs=d.max_epochs,
         ema_teacher_weight=d.ema_teacher_weight,
         ema_teacher_start_epoch=d.ema_teacher_start_epoch,
+        view=view,
+        student_input=student_input,
+        teacher_inputs=teacher_inputs,
     )
     distiller.teachers_to(accelerator.device)
     accelerator.print(
@@ -134,9 +158,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "arch": spec,
         "classes": classes,
         "inputs": ["rgb"],
-        "image_size": cfg.data.image_size,
-        "mean": cfg.data.mean,
-        "std": cfg.data.std,
+        **student_input,
         "ms_mean": None,
         "ms_std": None,
         "teachers": [e["checkpoint"] for e in entries],

@@ -1,17 +1,34 @@
-"""Compare checkpoints on a data split: parameters, top-1 accuracy, latency (batch 1) and weight memory.
+"""Compare models on a data split: the table users quote, and what stands behind it.
 
-    python evaluate.py --config configs/b0.yaml \
-        --models teacher=checkpoints/teacher/best.safetensors distilled=checkpoints/student/best.safetensors \
-                 baseline=checkpoints/baseline/best.safetensors [--split test] [--out results]
+    python evaluate.py --config configs/b0.yaml --models teacher=checkpoints/teacher/best.safetensors \
+        distilled=checkpoints/student/best.safetensors baseline=checkpoints/baseline/best.safetensors \
+        onnx=exports/student.onnx int8=exports/student_int8.pt [--corruptions] [--out results]
 
-Prints a table and writes <out>/results.json and <out>/results.md. Rows named teacher, distilled and baseline
-also get the derived comparison lines (parameter reduction, speed-up, accuracy drop, gain over baseline).
+Models are name=path pairs: kd checkpoints (teacher or student, RGB or RGB+MS), ONNX files (run with onnxruntime;
+classes and normalization from the ONNX metadata or the sidecar .json) and TorchScript files such as export.py's
+<stem>_int8.pt (metadata from the sidecar <stem>.json beside it, or --meta). Each model sees the split at its own
+image size and normalization; a model that needs MS gets the same images plus their band stacks.
+
+One row per model: parameters, top-1, batch-1 latency (median; p90 too), memory (peak during batch-1 inference by
+default; `--memory weights` for the weights alone), then top-5, macro-F1, ECE (15 equal-width bins), top-1 agreement
+with and KL(teacher || model) to the teacher (the row named `teacher`, or --teacher; only for models evaluated on the
+same samples in the same order), throughput at --throughput-batch, weight and file size, and with --corruptions the
+top-1 under gaussian noise, blur, brightness and JPEG (severities 1-3; kd/metrics.py gives the values).
+
+Runs of one recipe (`distilled@0=… distilled@1=…`, or `--group distilled=a,b,c`) become one row, mean ± std (sample
+std over runs). With --last, a checkpoint named best.* whose run also has latest.* gets a second row `<name>:last`.
+Rows named teacher, distilled and baseline get the derived lines (parameter reduction, speed-up, memory, accuracy
+drop, gain over the baseline, flagged when within run-to-run noise).
+
+Writes <out>/results.json (every run, per-class accuracy, confusion matrix, calibration bins, settings),
+<out>/results.md, PNG plots in <out>/plots (confusion matrix, reliability diagram, per-class accuracy), and the same
+images to TensorBoard in <out>/tb.
 """
 
 import argparse
 import json
+import math
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -21,121 +38,248 @@ from rich.table import Table
 from kd.config import load_config
 from kd.data import checkpoint_loader, prepare_data
 from kd.errors import UserError, exit_on_user_error
-from kd.models import count_parameters, forward_batch, input_keys, load_checkpoint
+from kd.metrics import (
+    CORRUPTIONS,
+    ECE_BINS,
+    PEAK_MEMORY_METHOD,
+    classification_metrics,
+    corrupt_normalized,
+    cuda_peak_memory_mb,
+    latency_ms,
+    load_model,
+    mean_std,
+    peak_memory_mb,
+    per_class_accuracy,
+    save_plots,
+    throughput,
+)
+from kd.models import checkpoint_stem
 
 COLUMNS = ("Model", "Parameters", "Top-1 Acc.", "Latency (ms)", "Memory (MB)")
+EXTRA = ("Top-5", "Macro-F1", "ECE", "Agreement", "KL", "p90 (ms)", "Images/s", "Weights (MB)", "File (MB)")
+KIND = {"checkpoint": "", "onnx": " ONNX", "torchscript": " TorchScript"}
+
+
+def model_list(args) -> list[tuple[str, str, str]]:
+    """(name, group, path) for every model; runs of one recipe share a group (NAME@i, or --group NAME=a,b)."""
+    entries = []
+    for item in args.models:
+        name, _, path = item.partition("=") if "=" in item else ("", "", item)
+        name = name or Path(path).parent.name
+        entries.append((name, name.split("@")[0], path))
+    for item in args.group:
+        group, _, paths = item.partition("=")
+        entries += [(f"{group}@{i}", group, path) for i, path in enumerate(paths.split(","))]
+    if args.last:  # the run's newest weights beside its best ones
+        for name, group, path in list(entries):
+            latest = checkpoint_stem(path).with_name("latest.safetensors")
+            if checkpoint_stem(path).name == "best" and latest.is_file():
+                entries.insert(entries.index((name, group, path)) + 1, (f"{name}:last", f"{group}:last", str(latest)))
+    names = [e[0] for e in entries]
+    if not names:
+        raise UserError("no models given: pass --models name=path ... or --group name=path1,path2")
+    if len(set(names)) < len(names):
+        raise UserError(f"two models are named {[n for n in names if names.count(n) > 1][0]!r}; name them name=path")
+    return entries
 
 
 @torch.inference_mode()
-def accuracy(model: torch.nn.Module, loader) -> float:
-    correct = total = 0
-    for batch in loader:
-        correct += (forward_batch(model, batch).argmax(1) == batch["label"]).sum().item()
-        total += batch["label"].numel()
-    return correct / total
+def predict(model, loader, corruptions: bool) -> tuple[torch.Tensor, torch.Tensor, dict, list[torch.Tensor]]:
+    """Logits and labels over the loader, top-1 per corruption@severity (RGB only), and the first batch's inputs."""
+    logits, labels, hits, first = [], [], {}, None
+    for i, batch in enumerate(loader):
+        inputs = [batch[k] for k in model.meta["inputs"]]
+        first = first or inputs
+        logits.append(model.run(*inputs).float().cpu())
+        labels.append(batch["label"])
+        for name, levels in CORRUPTIONS.items() if corruptions else ():
+            for severity in range(1, len(levels) + 1):
+                rgb = corrupt_normalized(batch["rgb"], model.meta, name, severity, seed=i)
+                correct = model.run(rgb, *inputs[1:]).float().cpu().argmax(1) == batch["label"]
+                hits.setdefault(f"{name}@{severity}", []).append(correct)
+    return (
+        torch.cat(logits),
+        torch.cat(labels),
+        {k: torch.cat(v).double().mean().item() for k, v in hits.items()},
+        first,
+    )
 
 
-@torch.inference_mode()
-def latency_ms(model: torch.nn.Module, example: dict, warmup: int = 10, runs: int = 50) -> dict[str, float]:
-    """Batch-1 latency: median and p90 over `runs` timed calls after `warmup` untimed ones."""
-    inputs = [example[k][:1] for k in input_keys(model)]
-    for _ in range(warmup):
-        model(*inputs)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(*inputs)
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median": statistics.median(times), "p90": statistics.quantiles(times, n=10)[-1]}
+def evaluate(path: str, args, cfg, teacher: dict | None) -> tuple[dict, dict]:
+    """One model's row, and what a later model needs to be compared with it (logits, samples, classes)."""
+    model = load_model(path, args.meta, args.device)
+    loader = checkpoint_loader(cfg.data, model.meta, args.split, args.batch_size)
+    samples = [str(p) for p, _ in loader.dataset.samples]
+    logits, labels, corrupted, first = predict(model, loader, args.corruptions)
+    reference = {"logits": logits, "samples": samples, "classes": model.meta["classes"]}
+    comparable = teacher and all(teacher[k] == reference[k] for k in ("samples", "classes"))
+    row = {"path": path, "kind": model.kind, "arch": model.meta.get("arch", {}).get("name", "?")}
+    row |= {"device": model.device, "inputs": model.meta["inputs"], "params": model.params, "samples": len(labels)}
+    row |= classification_metrics(logits, labels, teacher["logits"] if comparable else None)
+    row["per_class_accuracy"] = dict(zip(model.meta["classes"], per_class_accuracy(torch.tensor(row["confusion"]))))
+    speed = latency_ms(model, first, args.warmup, args.latency_runs)
+    row |= {"latency_ms": speed["median"], "latency_median_ms": speed["median"], "latency_p90_ms": speed["p90"]}
+    row["throughput"] = throughput(model, first, args.throughput_batch)
+    if args.memory == "weights":
+        row["memory_mb"] = model.weights_mb
+    elif model.device.startswith("cuda"):
+        row["memory_mb"] = cuda_peak_memory_mb(model, first)
+    else:
+        row["memory_mb"] = peak_memory_mb(path, args.meta, [tuple(x[:1].shape) for x in first])
+    row |= {"weights_mb": model.weights_mb, "file_mb": model.file_mb}
+    if corrupted:
+        row["corruptions"] = corrupted
+        for name in CORRUPTIONS:
+            row[f"top1_{name}"] = statistics.fmean(v for k, v in corrupted.items() if k.startswith(name + "@"))
+        row["top1_corrupted"] = statistics.fmean(corrupted.values())
+    return row, reference
 
 
-def weights_mb(model: torch.nn.Module) -> float:
-    """Memory held by parameters and buffers, in MiB."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+def fmt(row: dict, key: str, scale: float = 1.0, digits: int = 1, unit: str = "", spread: bool = True) -> str:
+    """A cell: the value (mean for several runs) and, for several runs, ± their standard deviation."""
+    if row.get(key) is None:
+        return "-"
+    std = row.get("std", {}).get(key) if spread else None
+    return f"{scale * row[key]:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if std is not None else "") + unit
 
 
-def derived_lines(rows: dict[str, dict]) -> list[str]:
-    """The user guide's comparison sentences, computed from the table."""
+def cells(name: str, r: dict, corruptions: bool) -> list[str]:
+    runs = f", {r['n']} runs" if r["n"] > 1 else ""
+    label = f"{name} ({r['arch']}{KIND[r['kind']]}, {'+'.join(r['inputs']).upper()}{runs})"
+    out = [label, fmt(r, "params", 1e-6, 2, "M", spread=False), fmt(r, "top1", 100, 1, "%"), fmt(r, "latency_ms", 1, 2)]
+    out += [fmt(r, "memory_mb"), fmt(r, "top5", 100, 1, "%"), fmt(r, "macro_f1", 1, 3), fmt(r, "ece", 1, 3)]
+    out += [fmt(r, "teacher_agreement", 100, 1, "%"), fmt(r, "teacher_kl", 1, 3), fmt(r, "latency_p90_ms", 1, 2)]
+    out += [fmt(r, "throughput", 1, 0), fmt(r, "weights_mb"), fmt(r, "file_mb")]
+    return out + ([fmt(r, "top1_corrupted", 100, 1, "%")] if corruptions else [])
+
+
+def render(title: str, columns: tuple[str, ...], body: list[list[str]]) -> tuple[Table, list[str]]:
+    """The same table for the console (rich) and for results.md (markdown)."""
+    table = Table(*columns, title=title)
+    for row in body:
+        table.add_row(*row)
+    md = [f"{title}\n", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return table, md + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def derived_lines(rows: dict[str, dict], teacher: str, speed: str, peak: bool) -> list[str]:
+    """The user guide's comparison sentences, computed from the table (means for several runs)."""
     lines = []
-    if "teacher" in rows and "distilled" in rows:
-        t, s = rows["teacher"], rows["distilled"]
+    if teacher in rows and "distilled" in rows:
+        t, s = rows[teacher], rows["distilled"]
+        if t["params"] and s["params"]:
+            lines.append(f"{100 * (1 - s['params'] / t['params']):.0f}% fewer parameters than the teacher")
         lines += [
-            f"{100 * (1 - s['params'] / t['params']):.0f}% fewer parameters than the teacher",
-            f"{t['latency_ms'] / s['latency_ms']:.1f}x faster inference (batch 1, {t['device']})",
-            f"{t['memory_mb'] / s['memory_mb']:.1f}x smaller weight memory",
+            f"{t['latency_ms'] / s['latency_ms']:.1f}x faster inference ({speed})",
+            f"{t['weights_mb'] / s['weights_mb']:.1f}x smaller weights"
+            + (f", {t['memory_mb'] / s['memory_mb']:.1f}x smaller peak inference memory" if peak else ""),
             f"{100 * (t['top1'] - s['top1']):.1f} points accuracy drop from the teacher",
         ]
     if "baseline" in rows and "distilled" in rows:
-        lines.append(
-            f"{100 * (rows['distilled']['top1'] - rows['baseline']['top1']):+.1f} points over the "
-            "baseline student (same architecture, no teacher)"
-        )
+        d, b = rows["distilled"], rows["baseline"]
+        gain, stds = 100 * (d["top1"] - b["top1"]), [100 * (r["std"].get("top1") or 0) for r in (d, b)]
+        line = f"{gain:+.1f} points over the baseline student (same architecture, no teacher)"
+        if d["n"] > 1 or b["n"] > 1:
+            line += f"; mean of {d['n']} vs {b['n']} runs, run-to-run std {stds[0]:.1f} / {stds[1]:.1f} points"
+            line += " (within run-to-run noise)" if abs(gain) <= math.hypot(*stds) else ""
+        lines.append(line)
     return lines
+
+
+def tables(summary: dict[str, dict], args, title: str, note: str) -> tuple[list[Table], list[str]]:
+    """Console: the five quoted columns, then the details (and robustness); markdown: all columns in one table."""
+    body, n = [cells(name, r, args.corruptions) for name, r in summary.items()], len(COLUMNS)
+    columns = COLUMNS + EXTRA + (("Corrupted Top-1",) if args.corruptions else ())
+    console = [render(title, COLUMNS, [c[:n] for c in body])[0]]
+    console.append(render("details", ("Model", *columns[n:]), [[m, *c[n:]] for m, c in zip(summary, body)])[0])
+    md = render(title, columns, body)[1] + ["", note]
+    if args.corruptions:
+        keys = [f"top1_{c}" for c in CORRUPTIONS] + ["top1_corrupted"]
+        robust = [[m] + [fmt(r, k, 100, 1, "%") for k in keys] for m, r in summary.items()]
+        what = "Top-1 under corruption, mean over severities 1-3 (RGB corrupted before normalization; MS unchanged)"
+        table, lines = render(what, ("Model", *CORRUPTIONS, "mean"), robust)
+        console.append(table)
+        md += [""] + lines
+    return console, md
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="config whose data section names the dataset")
-    parser.add_argument("--models", nargs="+", required=True, help="name=checkpoint pairs (or bare paths)")
+    parser.add_argument("--models", nargs="*", default=[], help="name=path pairs (or bare paths); NAME@i for runs")
+    parser.add_argument("--group", action="append", default=[], help="NAME=path1,path2,...: runs of one recipe")
+    parser.add_argument("--teacher", default="teacher", help="row (or group) the others are compared with")
+    parser.add_argument("--last", action="store_true", help="also evaluate latest.* beside each best.* checkpoint")
+    parser.add_argument("--meta", help="JSON with classes/image_size/mean/std for exported files lacking a sidecar")
     parser.add_argument("--split", default="test", help="data split to evaluate on (default: test)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--out", default="results", help="folder for results.json and results.md")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (ONNX and TorchScript files run on the CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed batch-1 calls before timing")
+    parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 calls")
+    parser.add_argument("--throughput-batch", type=int, default=64, help="batch size of the throughput measurement")
+    parser.add_argument("--memory", choices=("peak", "weights"), default="peak", help="what Memory (MB) reports")
+    parser.add_argument("--corruptions", action="store_true", help="also top-1 under noise, blur, brightness, JPEG")
+    parser.add_argument("--out", default="results", help="folder for results.json, results.md, plots/, tb/")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_intermixed_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}, but torch sees no CUDA GPU; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    entries = model_list(args)
     cfg = load_config(args.config, args.overrides)
     prepare_data(cfg.data)
-    device = f"cpu, {torch.get_num_threads()} threads"
 
-    rows = {}
-    for item in args.models:
-        name, _, path = item.rpartition("=")
-        name = name or Path(path).parent.name
-        if name in rows:
-            raise UserError(f"two models are named '{name}'; name them with name=path")
-        model, meta = load_checkpoint(path)
-        model.eval()
-        loader = checkpoint_loader(cfg.data, meta, args.split, args.batch_size)
-        example = next(iter(loader))
-        rows[name] = {
-            "checkpoint": str(path),
-            "arch": meta["arch"]["name"],
-            "inputs": meta["inputs"],
-            "params": count_parameters(model),
-            "top1": accuracy(model, loader),
-            "samples": len(loader.dataset),
-            "memory_mb": weights_mb(model),
-            "device": device,
-            **{f"latency_{k}_ms": v for k, v in latency_ms(model, example).items()},
-        }
-        rows[name]["latency_ms"] = rows[name]["latency_median_ms"]
+    # The teacher first: its logits are what the others' agreement and KL are measured against.
+    first = next((e for e in entries if args.teacher in e[:2]), None)
+    rows, teacher = {}, None
+    for entry in sorted(entries, key=lambda e: e != first):
+        print(f"evaluating {entry[0]}: {entry[2]}")
+        rows[entry[0]], reference = evaluate(entry[2], args, cfg, teacher)
+        teacher = teacher or (reference if entry == first else None)
+    rows = {name: rows[name] for name, _, _ in entries}
+    groups = {}
+    for name, group, _ in entries:
+        groups.setdefault(group, []).append(name)
+    nested = ("confusion", "calibration", "per_class_accuracy", "corruptions")
+    summary = {
+        g: {k: v for k, v in mean_std([rows[n] for n in names]).items() if k not in nested} | {"runs": names}
+        for g, names in groups.items()
+    }
 
-    table = Table(
-        *COLUMNS, title=f"{args.split} split of {cfg.data.root}; latency: batch 1, median, {device}; memory: weights"
+    threads = torch.get_num_threads()
+    speed = f"batch 1, {args.device}, {threads} threads"
+    memory = PEAK_MEMORY_METHOD if args.memory == "peak" else "weights: parameters and buffers"
+    if args.memory == "peak" and args.device.startswith("cuda"):
+        memory = "checkpoints: torch.cuda.max_memory_allocated at batch 1; exported files: " + memory
+    samples = next(iter(rows.values()))["samples"]
+    title = f"{args.split} split of {cfg.data.root} ({samples} images)"
+    note = (
+        f"Latency: {speed}, median (p90 in the details) of {args.latency_runs} runs after {args.warmup} warm-up. "
+        f"Memory: {memory}. ECE: {ECE_BINS} equal-width confidence bins. Agreement, KL: top-1 agreement with, and "
+        f"KL({args.teacher} || model) at T=1. Images/s: throughput at batch {args.throughput_batch}."
     )
-    md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for name, r in rows.items():
-        label = f"{name} ({r['arch']}, {'+'.join(r['inputs']).upper()})"
-        cells = [
-            label,
-            f"{r['params'] / 1e6:.2f}M",
-            f"{100 * r['top1']:.1f}%",
-            f"{r['latency_ms']:.2f}",
-            f"{r['memory_mb']:.1f}",
-        ]
-        table.add_row(*cells)
-        md.append("| " + " | ".join(cells) + " |")
-    lines = derived_lines(rows)
-    Console(width=max(120, Console().width)).print(table)
+    console, md = tables(summary, args, title, note)
+    for table in console:
+        Console(width=max(120, Console().width)).print(table)
+    print(note)
+    lines = derived_lines(summary, args.teacher, speed, peak=args.memory == "peak")
     for line in lines:
         print(f"- {line}")
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"split": args.split, "models": rows, "derived": lines}, indent=2))
+    save_plots(out, rows)
+    settings = {"device": args.device, "threads": threads, "latency": f"{speed}, median of {args.latency_runs}"}
+    settings |= {"warmup": args.warmup, "memory": memory, "ece_bins": ECE_BINS, "corruptions": CORRUPTIONS}
+    settings |= {"throughput_batch": args.throughput_batch, "teacher": args.teacher, "kl": "KL(teacher || model), T=1"}
+    results = {"split": args.split, "root": cfg.data.root, "settings": settings, "models": rows, "summary": summary}
+    results["derived"] = lines
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text("\n".join(md + [""] + [f"- {line}" for line in lines]) + "\n")
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
-    return rows
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots in {out / 'plots'}")
+    return results
 
 
 if __name__ == "__main__":

@@ -9,16 +9,17 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from kd.config import flat_hparams, parse_cli, save_config
-from kd.data import build_loader, ms_statistics, open_split, prepare_data
+from kd.data import build_loader, ms_statistics, open_split, prepare_data, resolve_input
 from kd.errors import UserError, exit_on_user_error
 from kd.loop import fit, make_accelerator
-from kd.models import Classifier, build_model, count_parameters
+from kd.models import Classifier, build_model, count_parameters, ensure_writable, input_config
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     cfg, args = parse_cli(argv, "Train a teacher or a baseline student with cross-entropy.")
     run_dir = Path(cfg.train.checkpoint_dir or f"runs/{cfg.name}")
+    ensure_writable(run_dir)  # a run that could not save fails now, not after training
     accelerator = make_accelerator(cfg.train, run_dir, seed=cfg.seed)
     set_seed(cfg.seed)
 
@@ -28,15 +29,6 @@ def main(argv: list[str] | None = None) -> dict:
     with_ms = cfg.model.name == "hybrid"
     train_set = open_split(cfg.data, "train", with_ms=with_ms)  # any layout; unreadable files found up front
     classes = train_set.classes
-    ms_stats = ms_statistics(train_set) if with_ms else None  # from the training split only
-    if with_ms and len(ms_stats[0]) != cfg.model.ms_channels:
-        raise UserError(
-            f"the MS stacks have {len(ms_stats[0])} bands (after data.ms_bands), but model.ms_channels is "
-            f"{cfg.model.ms_channels}: set model.ms_channels={len(ms_stats[0])} or select bands with data.ms_bands"
-        )
-    loader_args = dict(classes=classes, with_ms=with_ms, ms_stats=ms_stats, seed=cfg.seed)
-    train_loader = build_loader(cfg.data, "train", cfg.train.batch_size, train=True, dataset=train_set, **loader_args)
-    val_loader = build_loader(cfg.data, "val", cfg.train.batch_size, train=False, **loader_args)
 
     # model: its architecture spec travels in the checkpoint's JSON, so evaluate/distill can rebuild it
     spec = {"name": cfg.model.name, "num_classes": len(classes), "drop_rate": cfg.model.drop_rate}
@@ -48,10 +40,21 @@ def main(argv: list[str] | None = None) -> dict:
             fusion=cfg.model.fusion,
         )
     model = build_model(spec, pretrained=cfg.model.pretrained)
+    cfg.data = resolve_input(cfg.data, input_config(model))  # null image_size/mean/std: the model's own
+
+    ms_stats = ms_statistics(train_set) if with_ms else None  # from the training split only
+    if with_ms and len(ms_stats[0]) != cfg.model.ms_channels:
+        raise UserError(
+            f"the MS stacks have {len(ms_stats[0])} bands (after data.ms_bands), but model.ms_channels is "
+            f"{cfg.model.ms_channels}: set model.ms_channels={len(ms_stats[0])} or select bands with data.ms_bands"
+        )
+    loader_args = dict(classes=classes, with_ms=with_ms, ms_stats=ms_stats, seed=cfg.seed)
+    train_loader = build_loader(cfg.data, "train", cfg.train.batch_size, train=True, dataset=train_set, **loader_args)
+    val_loader = build_loader(cfg.data, "val", cfg.train.batch_size, train=False, **loader_args)
     accelerator.print(
         f"{cfg.model.name} ({cfg.model.backbone if with_ms else 'rgb'}): "
         f"{count_parameters(model) / 1e6:.2f}M parameters, {len(classes)} classes, "
-        f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images"
+        f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images at {cfg.data.image_size} px"
     )
     meta = {
         "arch": spec,

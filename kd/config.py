@@ -48,9 +48,9 @@ class DataConfig:
     on_bad_file: str = "error"  # unreadable image or MS file found by the start-up scan: error | skip (dropped)
     demo: bool = True  # write the built-in synthetic demo set to `root` first if it is not there yet
     demo_seed: int = 0  # seed of the demo set (a different seed gives a different set)
-    image_size: int = 64  # side of the square input, in pixels
-    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])  # RGB normalization mean
-    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])  # RGB normalization std
+    image_size: int | None = None  # side of the square input in pixels; null = the model's timm pretrained size
+    mean: list | None = None  # RGB normalization mean; null = the model's timm pretrained config (ImageNet mostly)
+    std: list | None = None  # RGB normalization std; null = the model's timm pretrained config
     num_workers: int = 2  # DataLoader worker processes
     pin_memory: bool = True  # page-locked batches for faster host-to-GPU copies (ignored without a CUDA GPU)
     persistent_workers: bool = True  # keep DataLoader workers alive between epochs (num_workers > 0)
@@ -60,7 +60,15 @@ class DataConfig:
     scale_min: float = 0.6  # smallest area fraction kept by the random resized crop
 
     def __post_init__(self):
-        _check(self.image_size >= 8, "data.image_size", "must be at least 8", self.image_size)
+        _check(
+            self.image_size is None or self.image_size >= 8,
+            "data.image_size",
+            "must be at least 8 or null",
+            self.image_size,
+        )
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            _check(value is None or len(value) == 3, f"data.{key}", "must list 3 numbers (R, G, B) or be null", value)
         _check(0.0 < self.scale_min <= 1.0, "data.scale_min", "must be in (0, 1]", self.scale_min)
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
         _check(
@@ -304,7 +312,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             kwargs[key] = _build(hints[key], value if value is not None else {}, where + ".")
         else:
             kwargs[key] = _coerce(value, hints[key], where)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if str(e).startswith(prefix):
+            raise
+        raise ConfigError(f"{prefix}{e}") from None  # train and distillation share TrainConfig's checks: say which
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -312,7 +325,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.max_epochs=3")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"override '{text}': the value is not valid YAML ({getattr(e, 'problem', e)}); put text in quotes"
+        ) from None
 
 
 def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
@@ -324,15 +342,19 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
             raise ConfigError(f"config file {path} does not exist (configs live in configs/, e.g. configs/b0.yaml)")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must be a mapping of sections to keys (data:, train:, ...), got {raw!r}")
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
         for k in keys[:-1]:
-            if not isinstance(node.get(k, {}), dict):
+            if node.get(k) is None:  # an absent or empty section
+                node[k] = {}
+            if not isinstance(node[k], dict):
                 raise ConfigError(f"override '{text}': '{k}' is a value, not a section")
-            node = node.setdefault(k, {})
+            node = node[k]
         node[keys[-1]] = value
     return _build(Config, raw, "")
 

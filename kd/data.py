@@ -15,13 +15,14 @@ from typing import Optional
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import RandomResizedCrop
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd.config import DataConfig
 from kd.demo import DEMO_BANDS, DEMO_CLASSES, make_demo_dataset  # noqa: F401 (re-exported)
 from kd.errors import UserError
 from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split
+from kd.models import check_ms_bands
 from kd.multispectral import band_indices, find_ms, ms_header, pick_bands, read_ms
 
 
@@ -64,6 +65,7 @@ class LeafDataset(Dataset):
             raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {listing.where}")
         self.with_ms, self.ms_layout, self.ms_bands, self.ms_files = with_ms, ms_layout, None, {}
         self.transform = transform or PairedTransform(image_size=None)
+        self.augment_seed = 0
         if with_ms:
             folders = ([Path(ms_root)] if ms_root else []) + [listing.base, Path(root)]
             self.ms_bands = band_indices(list(ms_bands), folders)
@@ -95,9 +97,14 @@ class LeafDataset(Dataset):
                 ms = torch.from_numpy(read_ms(ms_path, tuple(rgb.shape[1:]), self.ms_layout, self.ms_bands))
         return rgb, ms, label
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int) -> dict:
+        """Sample `key % len(self)`; with an EpochSampler, `key // len(self)` is the epoch, and the augmentation is
+        drawn from a generator seeded by (seed, epoch, sample): the same view whatever the worker count, after a
+        resume, or when a teacher's output for it is cached."""
+        epoch, index = divmod(key, len(self))
         rgb, ms, label = self.read(index)
-        sample = self.transform(rgb, ms)
+        generator = torch.Generator().manual_seed(hash((self.augment_seed, epoch, index)) % 2**63)
+        sample = self.transform(rgb, ms, generator=generator)
         sample["label"] = label
         return sample
 
@@ -149,6 +156,42 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise UserError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def crop_params(
+    height: int, width: int, scale: tuple, ratio: tuple, generator: torch.Generator | None = None
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's (top, left, h, w), drawn from `generator` (torchvision's version uses the global RNG)."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w, h = round((target_area * aspect) ** 0.5), round((target_area / aspect) ** 0.5)
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    side = min(height, width)  # fallback: the central square crop
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+class EpochSampler(Sampler):
+    """A seeded shuffle per epoch that yields epoch * n + index, so the dataset knows the epoch of each sample
+    (for its per-sample augmentation seed) even inside persistent workers."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter((self.epoch * self.size + order).tolist())
+
+
 class PairedTransform:
     """Crop/flip RGB and MS with the same parameters (teacher and student see one view), then normalize each."""
 
@@ -169,15 +212,17 @@ class PairedTransform:
         self.ms_mean, self.ms_std = ms_mean, ms_std
         self.hflip, self.vflip, self.scale = hflip, vflip, (scale_min, 1.0)
 
-    def __call__(self, rgb: torch.Tensor, ms: torch.Tensor | None = None) -> dict:
+    def __call__(
+        self, rgb: torch.Tensor, ms: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> dict:
         x = rgb if ms is None else torch.cat([rgb, ms])
         size = [self.image_size] * 2 if self.image_size else list(x.shape[1:])
         if self.train:
-            top, left, h, w = RandomResizedCrop.get_params(x, scale=list(self.scale), ratio=[3 / 4, 4 / 3])
+            top, left, h, w = crop_params(x.shape[1], x.shape[2], self.scale, (3 / 4, 4 / 3), generator)
             x = TF.resized_crop(x, top, left, h, w, size, antialias=True)
-            if torch.rand(()) < self.hflip:
+            if torch.rand((), generator=generator) < self.hflip:
                 x = x.flip(-1)
-            if torch.rand(()) < self.vflip:
+            if torch.rand((), generator=generator) < self.vflip:
                 x = x.flip(-2)
         elif list(x.shape[1:]) != size:
             x = TF.resize(x, size, antialias=True)
@@ -287,8 +332,8 @@ def build_loader(
     transform = PairedTransform(
         cfg.image_size,
         train=train,
-        mean=cfg.mean,
-        std=cfg.std,
+        mean=cfg.mean or IMAGENET_DEFAULT_MEAN,  # null without a model to ask: timm's default
+        std=cfg.std or IMAGENET_DEFAULT_STD,
         ms_mean=ms_stats[0] if ms_stats else None,
         ms_std=ms_stats[1] if ms_stats else None,
         hflip=cfg.hflip,
@@ -307,25 +352,41 @@ def build_loader(
             persistent_workers=cfg.persistent_workers,
             prefetch_factor=cfg.prefetch_factor,
         )
+    dataset.augment_seed = seed
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=EpochSampler(len(dataset), seed) if train else None,
+        # the loader's own generator: drawing worker seeds must not move the global RNG that dropout uses
+        generator=torch.Generator().manual_seed(seed),
         drop_last=train and len(dataset) > batch_size,
         num_workers=workers,
         pin_memory=cfg.pin_memory and torch.cuda.is_available(),  # pinning needs a GPU
-        generator=torch.Generator().manual_seed(seed),
         **extra,
     )
 
 
+def resolve_input(cfg: DataConfig, preferred: dict) -> DataConfig:
+    """A copy of `cfg` whose null image_size/mean/std are filled from `preferred` (kd.models.input_config)."""
+    cfg = copy.copy(cfg)
+    for key in ("image_size", "mean", "std"):
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, preferred[key])
+    return cfg
+
+
 def checkpoint_loader(cfg: DataConfig, meta: dict, split: str, batch_size: int) -> DataLoader:
-    """An evaluation loader that feeds a checkpoint what it was trained on: its classes, inputs, bands and MS stats."""
+    """An evaluation loader that feeds a checkpoint what it was trained on: its classes, inputs, input size and
+    normalization, MS bands and MS statistics, even if the config changed since."""
     with_ms = "ms" in meta["inputs"]
     ms_stats = (meta["ms_mean"], meta["ms_std"]) if with_ms else None
-    if with_ms and meta.get("ms_bands") is not None:  # the bands the teacher saw, even if the config changed since
-        cfg = copy.copy(cfg)
+    cfg = copy.copy(cfg)
+    for key in ("image_size", "mean", "std"):  # kd checkpoints record them; other metadata may not
+        setattr(cfg, key, meta.get(key, getattr(cfg, key)))
+    if with_ms and meta.get("ms_bands") is not None:
         cfg.ms_bands = meta["ms_bands"]
-    return build_loader(
+    loader = build_loader(
         cfg, split, batch_size, train=False, with_ms=with_ms, classes=meta["classes"], ms_stats=ms_stats
     )
+    check_ms_bands(meta, loader.dataset)
+    return loader

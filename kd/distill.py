@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kd.ensemble import normalize_weights, weighted_logits
@@ -11,12 +12,38 @@ from kd.losses import KnowledgeDistillationLoss
 from kd.models import forward_batch, input_keys
 
 
+def adapt_view(batch: dict, source: dict | None, target: dict | None) -> dict:
+    """The same augmented view for a model that expects another resolution or normalization.
+
+    `source` and `target` are {"image_size", "mean", "std"}. Resizing is linear and normalization affine per
+    channel, so resizing the normalized view and re-normalizing equals preparing it for the target directly.
+    """
+    if source is None or target is None or source == target:
+        return batch
+    out, size = dict(batch), [target["image_size"]] * 2
+    rgb = batch["rgb"]
+    if list(rgb.shape[-2:]) != size:
+        rgb = F.interpolate(rgb, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if (source["mean"], source["std"]) != (target["mean"], target["std"]):
+
+        def column(values):
+            return rgb.new_tensor(values).view(1, -1, 1, 1)
+
+        rgb = (rgb * column(source["std"]) + column(source["mean"]) - column(target["mean"])) / column(target["std"])
+    out["rgb"] = rgb
+    if "ms" in batch and list(batch["ms"].shape[-2:]) != size:
+        out["ms"] = F.interpolate(batch["ms"], size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out
+
+
 class Distiller(nn.Module):
     """Student + adapters are registered submodules (trained, checkpointed, wrapped by DDP); teachers are not.
 
     Teachers are kept in a plain tuple on purpose: DDP would otherwise broadcast their buffers every step, the
     optimizer would see their parameters, and the state dict would carry them. They stay in eval mode and run
-    under no_grad whatever `.train()` is called with.
+    under no_grad whatever `.train()` is called with. Training batches are one augmented view (`view`: its size
+    and normalization); each model gets it resized / re-normalized to its own input (`student_input`,
+    `teacher_inputs`), so teacher and student see the same content.
     """
 
     def __init__(
@@ -32,8 +59,13 @@ class Distiller(nn.Module):
         total_epochs: int = 1,
         ema_teacher_weight: float = 0.0,
         ema_teacher_start_epoch: float = 1.0,
+        view: dict | None = None,
+        student_input: dict | None = None,
+        teacher_inputs: Sequence[dict] | None = None,
     ):
         super().__init__()
+        self.view, self.student_input = view, student_input
+        self.teacher_inputs = list(teacher_inputs) if teacher_inputs is not None else [None] * len(teachers)
         self.student, self.loss = student, loss
         self.teachers = tuple(t.eval().requires_grad_(False) for t in teachers)
         self.teacher_weights = list(teacher_weights) if teacher_weights is not None else [1.0] * len(self.teachers)
@@ -49,9 +81,11 @@ class Distiller(nn.Module):
             if example_batch is None:
                 raise ValueError("feature matching needs an example batch to size the adapters")
             teacher = self.teachers[feature_teacher]
-            s_shapes = feature_shapes(student, [s for s, _ in self.layer_pairs], [example_batch["rgb"]])
+            student_example = adapt_view(example_batch, view, student_input)
+            teacher_example = adapt_view(example_batch, view, self.teacher_inputs[feature_teacher])
+            s_shapes = feature_shapes(student, [s for s, _ in self.layer_pairs], [student_example["rgb"]])
             t_shapes = feature_shapes(
-                teacher, [t for _, t in self.layer_pairs], [example_batch[k] for k in input_keys(teacher)]
+                teacher, [t for _, t in self.layer_pairs], [teacher_example[k] for k in input_keys(teacher)]
             )
             self.adapters.extend(FeatureAdapter(s_shapes[s][1], t_shapes[t][1]) for s, t in self.layer_pairs)
             self.student_hooks = FeatureHooks(student, [s for s, _ in self.layer_pairs])
@@ -97,16 +131,19 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_logits(self, batch: dict) -> torch.Tensor:
         """The teachers' logits, averaged with their normalized weights (the EMA teacher included once active)."""
-        logits = [forward_batch(t, batch) for t in self.teachers]
+        logits = [
+            forward_batch(t, adapt_view(batch, self.view, target))
+            for t, target in zip(self.teachers, self.teacher_inputs)
+        ]
         weights = list(self.teacher_weights)
         if self.ema_teacher and self.epoch >= self.ema_teacher_start_epoch:
-            logits.append(forward_batch(self.ema_teacher[0], batch))
+            logits.append(self.ema_teacher[0](self.student_rgb(batch)))
             weights.append(self.ema_teacher_weight)
         return logits[0].float() if len(logits) == 1 else weighted_logits(logits, weights)
 
     def forward(self, batch: dict) -> dict:
         teacher_logits = self.teacher_logits(batch)
-        student_logits = self.student(batch["rgb"])
+        student_logits = self.student(self.student_rgb(batch))
         feature_pairs = []
         for adapter, (s_name, t_name) in zip(self.adapters, self.layer_pairs):
             teacher_features = self.teacher_hooks.pop(t_name)
@@ -118,7 +155,11 @@ class Distiller(nn.Module):
         terms["logits"] = student_logits
         return terms
 
+    def student_rgb(self, batch: dict) -> torch.Tensor:
+        return adapt_view(batch, self.view, self.student_input)["rgb"]
+
     def predict(self, batch: dict) -> torch.Tensor:
+        """Student logits on a batch prepared for the student itself (validation loaders are)."""
         return self.student(batch["rgb"])
 
 

@@ -74,6 +74,12 @@ def class_images(folder: Path) -> dict[str, list[Path]]:
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         plain = {p.stem for p in files if p.suffix.lower() not in (".tif", ".tiff")}
         out[d.name] = [p for p in files if p.suffix.lower() not in (".tif", ".tiff") or p.stem not in plain]
+    empty = [name for name, images in out.items() if not images]
+    if empty and len(empty) < len(out):  # all empty is reported by the caller as "no images"
+        raise UserError(
+            f"class folder(s) {', '.join(str(folder / n) for n in empty)} have no images "
+            f"({', '.join(IMAGE_SUFFIXES)}): add images or remove the folder, or the model gets a class it cannot learn"
+        )
     return out
 
 

@@ -8,6 +8,7 @@ every step (temperature schedules, loss warmups). The loop never needs to know w
 import functools
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -133,19 +134,37 @@ class TopK:
 
 
 def save_state(accelerator: Accelerator, run_dir: Path, progress: dict) -> None:
-    """Resumable state (model, optimizer, scheduler, scaler, EMA, RNG) in <run_dir>/last, replaced atomically."""
+    """Resumable state (model, optimizer, scheduler, scaler, EMA, RNG) in <run_dir>/last, replaced atomically.
+
+    The new state is written to last.tmp, completed by progress.json, then swapped in (last -> last.old,
+    last.tmp -> last). A kill at any point leaves one complete state that `recover_state` finds.
+    """
     tmp, last, old = run_dir / "last.tmp", run_dir / "last", run_dir / "last.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps(progress))  # written last: its presence marks completeness
+        (tmp / "progress.json.tmp").write_text(json.dumps(progress))
+        os.replace(tmp / "progress.json.tmp", tmp / "progress.json")  # its presence marks a complete state
+        shutil.rmtree(old, ignore_errors=True)  # left by a kill after an earlier swap
         if last.exists():
             last.rename(old)
         tmp.rename(last)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def recover_state(run_dir: Path) -> Path | None:
+    """<run_dir>/last, after finishing a swap that a kill interrupted; None when there is no complete state."""
+    last = run_dir / "last"
+    if not (last / "progress.json").is_file():
+        for candidate in (run_dir / "last.tmp", run_dir / "last.old"):  # newest complete state first
+            if (candidate / "progress.json").is_file():
+                shutil.rmtree(last, ignore_errors=True)
+                candidate.rename(last)
+                break
+    return last if (last / "progress.json").is_file() else None
 
 
 def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
@@ -212,6 +231,9 @@ def fit(
         unwrapped.set_model(prepare_qat(float_model, example))
         accelerator.print("quantization-aware training from here on (fake-quantized INT8 weights and activations)")
 
+    if accelerator.is_main_process and (resume or cfg.resume == "auto"):
+        recover_state(run_dir)
+    accelerator.wait_for_everyone()
     last = run_dir / "last"
     if resume or (cfg.resume == "auto" and (last / "progress.json").is_file()):
         if not (last / "progress.json").is_file():

@@ -2,11 +2,14 @@
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import timm
+import timm.data
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,24 +27,62 @@ def create_timm(name: str, num_classes: int, pretrained: str | None = None, **kw
         raise UserError(f"'{name}' is not a timm model name. Similar names: {', '.join(close) or 'none'}")
     if pretrained in (None, "", "none", "null"):
         return timm.create_model(name, num_classes=num_classes, **kwargs)
-    overlay = None
     if pretrained != "imagenet":
-        if not Path(pretrained).is_file():
-            raise UserError(
-                f"pretrained weights file {pretrained} does not exist. Use a path to a "
-                ".safetensors/.pth file, 'imagenet' for timm's weights, or null for random init."
-            )
-        overlay = dict(file=str(pretrained))
+        model = timm.create_model(name, num_classes=num_classes, **kwargs)
+        load_foreign_weights(model, pretrained)
+        return model
     try:
-        return timm.create_model(
-            name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **kwargs
-        )
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         raise UserError(
             f"could not load pretrained weights '{pretrained}' for {name}: {e}\nOffline? Put timm's "
             "weights in the Hugging Face cache (HF_HOME) while online, point the pretrained key at a "
             "local weights file, or set it to null to start from random weights."
         ) from None
+
+
+def load_foreign_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a weights file made elsewhere into the timm `model`; its own classifier stays when the file's does not fit.
+
+    .safetensors holds only tensors; anything else (.pt, .pth, .ckpt, .bin) is a pickle, read with
+    torch.load(weights_only=True), which refuses a pickle that would build other objects or call functions.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"pretrained weights file {path} does not exist. Use a path to a "
+            ".safetensors/.pth file, 'imagenet' for timm's weights, or null for random init."
+        )
+    try:
+        if path.suffix == ".safetensors":
+            state = safetensors.torch.load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"refused to load {path}: it is a pickle that holds more than tensors, and unpickling it could run code. "
+            "Re-save only the weights, e.g. `safetensors.torch.save_file(model.state_dict(), 'w.safetensors')`."
+        ) from None
+    except (safetensors.SafetensorError, OSError, RuntimeError, ValueError, EOFError, KeyError) as e:
+        raise UserError(f"cannot read weights {path} ({e!r}); the file is damaged or not a weights file") from None
+    for key in ("state_dict", "model"):  # training checkpoints keep the weights under one of these
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise UserError(f"{path} holds no state dict (names to tensors): save model.state_dict() instead")
+    state = timm.models.clean_state_dict(state)  # without DDP's "module." prefixes
+    own, head = model.state_dict(), model.pretrained_cfg.get("classifier") or ()
+    heads = tuple(f"{h}." for h in ([head] if isinstance(head, str) else head))
+    state = {k: v for k, v in state.items() if not (k.startswith(heads) and k in own and own[k].shape != v.shape)}
+    misfit = f"weights in {path} do not fit {model.pretrained_cfg.get('architecture', type(model).__name__)}"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # same names, other shapes
+        raise UserError(f"{misfit}: {str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if not k.startswith(heads)]  # a classifier for other classes starts afresh
+    unexpected = [k for k in unexpected if not k.startswith(heads)]  # a headless model (num_classes=0) has none
+    if missing or unexpected:
+        raise UserError(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _pooled_dim(backbone: nn.Module) -> int:
@@ -103,6 +144,13 @@ def build_model(spec: dict, pretrained: str | None = None) -> nn.Module:
     return create_timm(name, num_classes, pretrained=pretrained, **spec)
 
 
+def input_config(model: nn.Module) -> dict:
+    """The model's preferred input from its timm pretrained config: {"image_size", "mean", "std"}."""
+    backbone = model.rgb if isinstance(model, HybridFusion) else model
+    resolved = timm.data.resolve_data_config({}, model=backbone)
+    return {"image_size": resolved["input_size"][-1], "mean": list(resolved["mean"]), "std": list(resolved["std"])}
+
+
 def input_keys(model: nn.Module) -> tuple[str, ...]:
     """Which batch entries the model takes, in order: ("rgb",) for plain timm models."""
     return getattr(model, "input_keys", ("rgb",))
@@ -147,10 +195,30 @@ def checkpoint_stem(path: str | Path) -> Path:
     return path.with_suffix("") if path.suffix in CHECKPOINT_SUFFIXES else path
 
 
+def ensure_writable(run_dir: str | Path) -> None:
+    """Create `run_dir` and write a probe file there, so a run that could not save fails before it trains."""
+    run_dir = Path(run_dir)
+    probe = run_dir / f".write-probe-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"cannot write to the run directory {run_dir} ({e.strerror or e}); point checkpoint_dir at a folder "
+            "you can write to"
+        ) from None
+
+
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the old file, never a half-written one
+    try:
+        write(tmp)
+        os.replace(tmp, path)  # a kill mid-write leaves the old file, never a half-written one
+    except (OSError, safetensors.SafetensorError) as e:  # safetensors wraps its I/O errors (disk full...)
+        raise UserError(f"could not write {path} ({e}); the previous {path.name}, if any, is kept") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # what a failed write left; nothing after the replace
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
@@ -177,9 +245,15 @@ def read_meta(path: str | Path) -> dict:
             "Train one first, e.g. `python train_teacher.py --config configs/teacher.yaml`."
         )
     try:
-        return json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"checkpoint metadata {meta_path} is not valid JSON ({e}); the file is damaged") from None
+    missing = [k for k in ("arch", "classes", "inputs") if k not in meta] if isinstance(meta, dict) else ["all"]
+    if missing:
+        raise UserError(
+            f"{meta_path} is not a kd checkpoint's metadata: it lacks {missing} (written by save_checkpoint)"
+        )
+    return meta
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
@@ -192,10 +266,24 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         message = f"cannot read weights {stem}.safetensors ({e}); the file is damaged or not safetensors"
         raise UserError(message) from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    misfit = f"weights in {stem}.safetensors do not fit architecture {meta['arch']} from {stem}.json"
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # same names, other shapes: another width, class count or band count
+        raise UserError(f"{misfit}: {str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
-        raise UserError(
-            f"weights in {stem}.safetensors do not fit architecture {meta['arch']}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+        raise UserError(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model, meta
+
+
+def check_ms_bands(meta: dict | None, dataset: Any) -> None:
+    """Refuse MS stacks whose band count differs from the one the checkpoint's model was trained on."""
+    if meta is None or "ms" not in meta["inputs"] or "ms_channels" not in meta.get("arch", {}):
+        return
+    bands, expected = dataset.read(0)[1].shape[0], meta["arch"]["ms_channels"]
+    if bands != expected:
+        raise UserError(
+            f"the multispectral stacks have {bands} bands (e.g. {dataset.ms_files[dataset.samples[0][0]]}, after "
+            f"data.ms_bands), but the teacher was trained on {expected}: use data with the teacher's bands, or "
+            "train a teacher on these"
+        )

@@ -236,12 +236,14 @@ def test_multi_teacher_dkd_with_ema_teacher_and_temperature_decay(pipeline):
         "distillation.batch_size=8",
         "distillation.log_every_n_steps=1",
         "distillation.checkpoint_dir=ckpt/multi",
+        "data.image_size=24",
         cwd=work,
     )
     assert "2 teacher(s)" in proc.stdout and "soft loss dkd" in proc.stdout
     assert proc.stdout.count("logits mean") == 2  # the sanity check ran for each teacher
     meta = json.loads((work / "ckpt/multi/best.json").read_text())
     assert meta["ema"] is True and meta["teachers"] == ["ckpt/teacher/best.ckpt", "ckpt/student/best"]
+    assert meta["image_size"] == 24  # the student's own size; the 32 px teachers got the view resized
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((work / "ckpt/multi/tb").rglob("events.out.tfevents.*")).parent))

@@ -110,3 +110,21 @@ def test_soft_term_uses_the_weighted_teacher_ensemble():
     )
     distiller.eval()
     assert distiller(b)["soft"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_one_view_is_resized_and_renormalized_for_each_model():
+    import torchvision.transforms.v2.functional as TF
+
+    from kd.distill import adapt_view
+
+    raw = torch.rand(2, 3, 32, 32)
+    a = {"image_size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    b = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    small = {**a, "image_size": 16}
+    view = {"rgb": TF.normalize(raw, a["mean"], a["std"]), "ms": torch.rand(2, 4, 32, 32), "label": torch.zeros(2)}
+    assert adapt_view(view, a, a) is view  # nothing to do costs nothing
+    assert torch.allclose(adapt_view(view, a, b)["rgb"], TF.normalize(raw, b["mean"], b["std"]), atol=1e-5)
+    resized = torch.nn.functional.interpolate(raw, size=[16, 16], mode="bilinear", antialias=True)
+    out = adapt_view(view, a, small)
+    assert torch.allclose(out["rgb"], TF.normalize(resized, a["mean"], a["std"]), atol=1e-5)
+    assert out["ms"].shape[-2:] == (16, 16) and out["label"] is view["label"]

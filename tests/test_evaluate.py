@@ -1,0 +1,285 @@
+"""evaluate.py and kd/metrics.py: each metric against a hand computation, then the script on tiny models and files."""
+
+import contextlib
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import evaluate
+import export
+from kd.data import LeafDataset, ms_statistics
+from kd.errors import UserError
+from kd.metrics import (
+    CORRUPTIONS,
+    LoadedModel,
+    agreement,
+    calibration_bins,
+    confusion_matrix,
+    corrupt,
+    corrupt_normalized,
+    expected_calibration_error,
+    kl_divergence,
+    latency_ms,
+    load_model,
+    macro_f1,
+    mean_std,
+    per_class_accuracy,
+    throughput,
+    topk_accuracy,
+)
+from kd.models import build_model, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+# ------------------------------------------------------------------------------------------- metrics by hand
+
+
+def test_topk_accuracy_and_agreement_by_hand():
+    logits = torch.tensor(
+        [
+            [6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0],  # ranks: 0 1 2 3 4 | 5 6
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0],  # ranks: 6 5 4 3 2 | 1 0
+            [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 9.0],
+        ]
+    )
+    labels = torch.tensor([0, 1, 5])  # top-1: hit, miss, miss
+    assert topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+    assert topk_accuracy(logits, torch.tensor([5, 2, 6]), 5) == pytest.approx(2 / 3)  # 5 is 6th; 2 is 5th; 6 is 1st
+    assert topk_accuracy(logits, labels, 100) == 1.0  # k beyond the class count: every label is in the top-k
+    reference = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    candidate = torch.tensor([[0.0, 2.0], [3.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    assert agreement(candidate, reference) == 0.5
+
+
+def test_confusion_macro_f1_and_per_class_with_a_class_never_predicted():
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    predicted = torch.tensor([0, 0, 1, 0, 1])  # class 2 is never predicted; class 3 neither occurs nor is predicted
+    logits = torch.nn.functional.one_hot(predicted, 4).float()
+    confusion = confusion_matrix(logits, labels)
+    assert confusion.tolist() == [[2, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+    # F1_0 = 2·2/(2·2+1+0) = 0.8; F1_1 = 2·1/(2·1+1+1) = 0.5; F1_2 = 0/(0+0+1) = 0; class 3 is left out (0/0)
+    assert macro_f1(confusion) == pytest.approx((0.8 + 0.5 + 0.0) / 3)
+    assert per_class_accuracy(confusion) == [1.0, 0.5, 0.0, None]
+
+
+def test_expected_calibration_error_on_a_constructed_example():
+    probabilities = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    labels = torch.tensor([0, 1, 0, 0])
+    # bin of 0.9: accuracy 1/2, confidence 0.9; bin of 0.6: accuracy 1, confidence 0.6
+    # ECE = 2/4·|0.5 − 0.9| + 2/4·|1.0 − 0.6| = 0.4
+    logits = probabilities.log()
+    assert expected_calibration_error(logits, labels) == pytest.approx(0.4)
+    bins = calibration_bins(logits, labels)
+    assert len(bins) == 15 and sum(b["count"] for b in bins) == 4
+    assert [b["accuracy"] for b in bins if b["count"]] == pytest.approx([1.0, 0.5])
+    assert bins[13]["count"] == 2 and bins[13]["lower"] < 0.9 <= bins[13]["upper"]
+    # every prediction right with confidence 1: perfectly calibrated
+    assert expected_calibration_error(torch.tensor([[50.0, 0.0], [0.0, 50.0]]), torch.tensor([0, 1])) < 1e-9
+
+
+def test_kl_divergence_teacher_to_model_batchmean():
+    teacher = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    model = torch.tensor([[0.25, 0.75], [0.5, 0.5]])
+    by_hand = (
+        0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75) + 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    ) / 2  # Σ_c p log(p/q), averaged over the 2 samples
+    assert kl_divergence(model.log(), teacher.log()) == pytest.approx(by_hand)
+    assert kl_divergence(teacher.log(), teacher.log()) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mean_std_of_runs():
+    rows = [{"top1": t, "arch": "b0", "params": 10, "flag": True} for t in (0.70, 0.80, 0.90)]
+    summary = mean_std(rows)
+    assert summary["top1"] == pytest.approx(0.8) and summary["std"]["top1"] == pytest.approx(0.1)  # n − 1
+    assert summary["n"] == 3 and summary["arch"] == "b0" and summary["flag"] is True and summary["std"]["params"] == 0
+    assert mean_std(rows[:1])["top1"] == 0.70 and mean_std(rows[:1])["std"] == {}
+
+
+# ------------------------------------------------------------------------------------------- measuring
+
+
+def test_latency_and_throughput_are_sane_positive_numbers():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5)).eval()
+
+    def run(x):
+        with torch.inference_mode():
+            return net(x)
+
+    model = LoadedModel(run, {"inputs": ["rgb"]}, "checkpoint", "cpu", 325, 0.001, 0.001)
+    speed = latency_ms(model, [torch.randn(4, 3, 8, 8)], warmup=2, runs=10)
+    assert 0 < speed["median"] <= speed["p90"] < 1000
+    assert throughput(model, [torch.randn(4, 3, 8, 8)], batch=16, runs=2) > 0
+
+
+def test_corruptions_stay_images_and_are_seeded():
+    images = torch.rand(2, 3, 64, 64)  # blur sigma scales with the size: 1 px at 224 px is 0.29 px here
+    for name in CORRUPTIONS:
+        for severity in (1, 2, 3):
+            out = corrupt(images, name, severity, seed=3)
+            assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
+            assert not torch.equal(out, images)
+    assert torch.equal(corrupt(images, "gaussian_noise", 2, seed=1), corrupt(images, "gaussian_noise", 2, seed=1))
+    worse = [(corrupt(images, "gaussian_noise", s) - images).abs().mean() for s in (1, 2, 3)]
+    assert worse[0] < worse[1] < worse[2]
+    normalized = (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    brighter = corrupt_normalized(normalized, {"mean": MEAN, "std": STD}, "brightness", 1)
+    expected = ((images + 0.1).clamp(0, 1) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    assert torch.allclose(brighter, expected, atol=1e-5)  # un-normalized, corrupted, normalized again
+
+
+# ------------------------------------------------------------------------------------------- the script
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread: on a shared 2-core machine two OpenMP threads can be 50x slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _student(path, seed: int, classes: list[str]):
+    torch.manual_seed(seed)
+    model = timm.create_model("test_efficientnet", num_classes=len(classes))
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(20)  # clear logit gaps: no argmax ties between ONNX and PyTorch
+    meta = {"arch": {"name": "test_efficientnet", "num_classes": len(classes)}, "classes": classes}
+    meta |= {"inputs": ["rgb"], "image_size": 32, "mean": MEAN, "std": STD}
+    return save_checkpoint(path, model, meta)
+
+
+@pytest.fixture(scope="module")
+def files(tiny_demo, tmp_path_factory):
+    """A hybrid RGB+MS teacher, two students (one with a latest.*), and the first student exported."""
+    work = tmp_path_factory.mktemp("evaluate")
+    train = LeafDataset(tiny_demo, "train", with_ms=True)
+    classes, (ms_mean, ms_std) = train.classes, ms_statistics(train)
+    arch = {"name": "hybrid", "num_classes": 5, "backbone": "test_efficientnet", "ms_backbone": "test_resnet"}
+    arch |= {"ms_channels": 5, "fusion": "concat"}
+    torch.manual_seed(0)
+    meta = {"arch": arch, "classes": classes, "inputs": ["rgb", "ms"], "image_size": 32, "mean": MEAN, "std": STD}
+    meta |= {"ms_mean": ms_mean, "ms_std": ms_std, "ms_bands": []}
+    save_checkpoint(work / "teacher/best", build_model(arch), meta)
+    first = _student(work / "s0/best", 1, classes)
+    _student(work / "s0/latest", 2, classes)
+    _student(work / "s1/best", 3, classes)
+    with one_thread(), pytest.MonkeyPatch.context() as patch:  # export.py's own latency check is not tested here
+        patch.setattr(export, "latency_ms", lambda run, example: run(example) is not None)
+        export.main(["--checkpoint", str(first), "--out", str(work / "exp/s.onnx"), "--int8", "--min-agreement", "0"])
+    return work
+
+
+def evaluate_main(files, tiny_demo, *args: str) -> dict:
+    data = [f"data.root={tiny_demo}", "data.demo=false", "data.num_workers=0"]
+    speed = ["--latency-runs", "3", "--warmup", "1", "--throughput-batch", "4", "--memory", "weights"]
+    with one_thread():
+        return evaluate.main(["--config", str(ROOT / "configs/b0.yaml"), *data, *speed, "--threads", "1", *args])
+
+
+@pytest.fixture(scope="module")
+def results(files, tiny_demo):
+    return evaluate_main(
+        files,
+        tiny_demo,
+        "--models",
+        f"teacher={files / 'teacher/best.safetensors'}",
+        f"onnx={files / 'exp/s.onnx'}",
+        f"int8={files / 'exp/s_int8.pt'}",
+        f"baseline={files / 's1/best.safetensors'}",
+        "--group",
+        f"distilled={files / 's0/best.safetensors'},{files / 's1/best.safetensors'}",
+        "--last",
+        "--out",
+        str(files / "results"),
+    )
+
+
+def test_onnx_and_int8_files_are_read_and_onnx_matches_the_checkpoint(results):
+    rows = results["models"]
+    assert rows["onnx"]["kind"] == "onnx" and rows["int8"]["kind"] == "torchscript"
+    assert rows["onnx"]["top1"] == rows["distilled@0"]["top1"]  # the checkpoint it was exported from
+    assert rows["onnx"]["teacher_agreement"] == rows["distilled@0"]["teacher_agreement"]
+    assert rows["onnx"]["params"] == rows["int8"]["params"] == rows["distilled@0"]["params"]  # from the sidecar arch
+    assert 0 <= rows["int8"]["top1"] <= 1 and rows["int8"]["samples"] == 20
+    assert rows["int8"]["file_mb"] < rows["onnx"]["file_mb"]
+
+
+def test_rows_carry_every_metric_and_the_teacher_comparison(results, files):
+    rows = results["models"]
+    assert rows["teacher"]["inputs"] == ["rgb", "ms"] and rows["teacher"]["teacher_agreement"] is None
+    for name, row in rows.items():
+        assert row["samples"] == 20 and 0 <= row["ece"] <= 1 and 0 <= row["macro_f1"] <= 1, name
+        assert row["top5"] is None  # 5 classes: top-5 would be 100%
+        assert row["latency_ms"] > 0 and row["latency_p90_ms"] >= row["latency_ms"] and row["throughput"] > 0
+        assert set(row["per_class_accuracy"]) == set(rows["teacher"]["per_class_accuracy"])
+        assert sum(map(sum, row["confusion"])) == 20 and row["memory_mb"] == row["weights_mb"] > 0
+        if name != "teacher":  # the MS teacher saw the same images in the same order
+            assert 0 <= row["teacher_agreement"] <= 1 and row["teacher_kl"] >= 0
+    md = (files / "results/results.md").read_text()
+    assert "| Model | Parameters | Top-1 Acc. | Latency (ms) | Memory (MB) | Top-5 |" in md
+    assert "15 equal-width" in md and "fewer parameters than the teacher" in md
+    for kind in ("confusion", "reliability", "per_class"):
+        assert (files / f"results/plots/distilled@0_{kind}.png").is_file()
+    assert list((files / "results/tb").glob("events.out.tfevents.*"))
+
+
+def test_runs_of_a_recipe_are_mean_and_std_and_last_is_reported(results, files):
+    rows, summary = results["models"], results["summary"]
+    assert summary["distilled"]["runs"] == ["distilled@0", "distilled@1"] and summary["distilled"]["n"] == 2
+    tops = [rows["distilled@0"]["top1"], rows["distilled@1"]["top1"]]
+    assert summary["distilled"]["top1"] == pytest.approx(statistics.fmean(tops))
+    assert summary["distilled"]["std"]["top1"] == pytest.approx(statistics.stdev(tops))
+    assert summary["distilled:last"]["runs"] == ["distilled@0:last"]  # s0 has a latest.*, s1 has not
+    assert rows["distilled@0:last"]["path"].endswith("latest.safetensors") and "baseline:last" not in rows
+    assert list(summary) == ["teacher", "onnx", "int8", "baseline", "distilled", "distilled:last"]
+    gain = next(line for line in results["derived"] if "over the baseline student" in line)
+    assert "mean of 2 vs 1 runs" in gain
+    assert f"{100 * summary['distilled']['top1']:.1f} ± " in (files / "results/results.md").read_text()
+
+
+def test_corruptions_and_peak_memory_of_an_rgb_ms_teacher(files, tiny_demo):
+    out = files / "robust"
+    teacher = f"teacher={files / 'teacher/best.safetensors'}"  # RGB+MS: the RGB is corrupted, the MS is not
+    results = evaluate_main(
+        files, tiny_demo, "--models", teacher, "--corruptions", "--memory", "peak", "--out", str(out)
+    )
+    row = results["models"]["teacher"]
+    assert set(row["corruptions"]) == {f"{c}@{s}" for c in CORRUPTIONS for s in (1, 2, 3)}
+    assert row["top1_corrupted"] == pytest.approx(statistics.fmean(row["corruptions"].values()))
+    assert row["top1_jpeg"] == pytest.approx(statistics.fmean(row["corruptions"][f"jpeg@{s}"] for s in (1, 2, 3)))
+    assert "| Model | gaussian_noise | gaussian_blur | brightness | jpeg | mean |" in (out / "results.md").read_text()
+    # peak memory, measured in a fresh process: weights, activations and runtime buffers of a tiny model, in MiB
+    assert 0 < row["memory_mb"] < 2000 and "fresh process" in results["settings"]["memory"]
+
+
+def test_int8_without_its_sidecar_needs_meta(files, tmp_path):
+    lone = tmp_path / "m_int8.pt"
+    shutil.copy(files / "exp/s_int8.pt", lone)
+    with pytest.raises(UserError, match="--meta"):
+        load_model(lone)
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"classes": list("abcde"), "image_size": 32, "mean": MEAN, "std": STD})
+    )
+    model = load_model(lone, str(tmp_path / "meta.json"))
+    assert model.meta["classes"] == list("abcde") and model.params is None
+    assert model.run(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_mistakes_get_one_clear_message(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--models", "a=x.safetensors", "--device", "cuda"])
+    assert "torch sees no CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--models", "a=x/best.safetensors", "a=y/best.safetensors"])
+    assert "two models are named 'a'" in capsys.readouterr().err

@@ -1,0 +1,202 @@
+"""Properties, on random inputs: the config loader round-trips every valid config and refuses everything else with a
+ConfigError (never another exception); the KD loss is finite, its soft term is >= 0 and 0 for a perfect student."""
+
+import dataclasses
+import typing
+
+import pytest
+import torch
+import yaml
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from kd.config import PRECISIONS, SCHEDULERS, Config, ConfigError, load_config, to_dict
+from kd.losses import KnowledgeDistillationLoss, soft_kl
+
+SMALL = settings(max_examples=50, deadline=None)
+
+# ------------------------------------------------------------------------------------------------------ configs
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type)}
+TEXT = st.text(max_size=8)
+FRACTION = st.floats(0.01, 0.49)  # valid for every float key: > 0, < 1, and two of them sum below 1
+BY_TYPE = {bool: st.booleans(), int: st.integers(1, 10**6), float: FRACTION, str: TEXT, list: st.lists(TEXT)}
+CHOSEN = {  # keys with a closed set of values, or bounds that the type alone does not give
+    "data.image_size": st.none() | st.integers(8, 1024),
+    "data.mean": st.none() | st.lists(FRACTION, min_size=3, max_size=3),
+    "data.std": st.none() | st.lists(FRACTION, min_size=3, max_size=3),
+    "data.ms_layout": st.sampled_from(["auto", "hwc", "chw"]),
+    "data.ms_missing": st.sampled_from(["error", "zeros"]),
+    "data.on_bad_file": st.sampled_from(["error", "skip"]),
+    "model.fusion": st.sampled_from(["concat", "add", "attention"]),
+    "train.max_epochs": st.integers(2, 1000),
+    "train.warmup_epochs": st.integers(0, 1),
+    "train.finetune_epochs": st.integers(0, 1),
+    "train.lr_scheduler": st.sampled_from(SCHEDULERS),
+    "train.precision": st.sampled_from(list(PRECISIONS)),
+    "train.monitor": st.sampled_from(["val_acc", "val_loss"]),
+    "train.mode": st.sampled_from(["max", "min"]),
+    "train.resume": st.sampled_from([None, "auto"]),
+    "train.log_with": st.sampled_from(["tensorboard", "wandb", "all", "none"]),
+    "distillation.soft_loss": st.sampled_from(["kl", "dkd", "dist"]),
+    "distillation.teachers": st.lists(st.fixed_dictionaries({"checkpoint": TEXT, "weight": FRACTION}), max_size=2),
+}
+LINKED = ("ema_decay", "ema_teacher_weight", "qat_start_fraction")  # QAT excludes the EMA; the EMA teacher needs it
+
+
+def valid_value(section: str, name: str, hint: typing.Any) -> st.SearchStrategy:
+    for key in (f"{section}.{name}", f"train.{name}" if section == "distillation" else ""):  # it has every train key
+        if key in CHOSEN:
+            return CHOSEN[key]
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint)
+    return st.none() | BY_TYPE[base] if type(None) in args else BY_TYPE[base]
+
+
+@st.composite
+def valid_configs(draw) -> dict:
+    """A raw config (plain data, as YAML gives it) that sets a random subset of the keys to valid values."""
+    raw: dict = {}
+    if draw(st.booleans()):
+        raw["name"] = draw(TEXT)
+    if draw(st.booleans()):
+        raw["seed"] = draw(st.integers(0, 2**32))
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        values = {
+            name: draw(valid_value(section, name, hints[name]))
+            for name in hints
+            if name not in LINKED and draw(st.booleans())
+        }
+        if "ema_decay" in hints and draw(st.booleans()):
+            with_ema = draw(st.booleans())
+            values["ema_decay"] = draw(FRACTION) if with_ema else 0.0
+            values["qat_start_fraction"] = None if with_ema else draw(st.none() | FRACTION)
+            if "ema_teacher_weight" in hints:
+                values["ema_teacher_weight"] = draw(FRACTION) if with_ema else 0.0
+        if values or draw(st.booleans()):
+            raw[section] = values
+    return raw
+
+
+def write(tmp_path_factory, raw) -> str:
+    path = tmp_path_factory.mktemp("config") / "c.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return str(path)
+
+
+@SMALL
+@given(raw=valid_configs())
+def test_valid_configs_load_and_round_trip_through_yaml(raw, tmp_path_factory):
+    config = load_config(write(tmp_path_factory, raw))
+    assert load_config(write(tmp_path_factory, to_dict(config))) == config
+
+
+HINTS = {f"{s}.{name}": hint for s, cls in SECTIONS.items() for name, hint in typing.get_type_hints(cls).items()}
+KEYS = [*HINTS, "name", "seed"]
+LIST_KEYS = {key for key, hint in HINTS.items() if list in (hint, *typing.get_args(hint))}
+NOT_A_VALUE = st.lists(st.integers(), min_size=1, max_size=2) | st.dictionaries(TEXT, st.integers(), min_size=1)
+OUT_OF_RANGE = {
+    "distillation.temperature": st.floats(max_value=0.0),
+    "distillation.alpha": st.floats(min_value=1.0, exclude_min=True) | st.floats(max_value=0.0, exclude_max=True),
+    "train.max_epochs": st.integers(max_value=0),
+    "distillation.max_epochs": st.integers(max_value=0),
+    "train.batch_size": st.integers(max_value=0),
+    "train.learning_rate": st.floats(max_value=0.0),
+    "train.warmup_epochs": st.integers(max_value=-1),
+    "train.ema_decay": st.floats(min_value=1.0) | st.floats(max_value=0.0, exclude_max=True),
+    "data.image_size": st.integers(max_value=7),
+    "data.scale_min": st.floats(min_value=1.0, exclude_min=True) | st.floats(max_value=0.0),
+    "model.ms_channels": st.integers(max_value=0),
+    "train.precision": TEXT.filter(lambda s: s not in PRECISIONS),
+    "distillation.soft_loss": TEXT.filter(lambda s: s not in ("kl", "dkd", "dist")),
+}
+
+
+def put(raw: dict, key: str, value) -> None:
+    section, _, name = key.rpartition(".")
+    (raw.setdefault(section, {}) if section else raw)[name] = value
+
+
+@SMALL
+@given(raw=valid_configs(), mistake=st.data())
+def test_invalid_configs_raise_config_error(raw, mistake, tmp_path_factory):
+    kind = mistake.draw(st.sampled_from(["unknown key", "not a value", "out of range"]))
+    if kind == "unknown key":
+        key = mistake.draw(st.sampled_from(KEYS)) + mistake.draw(st.text(min_size=1, max_size=3))
+        assume(key not in KEYS)
+        put(raw, key, 1)
+    elif kind == "not a value":  # a list or a mapping where a scalar goes, or a mapping where a list goes
+        key = mistake.draw(st.sampled_from(KEYS))
+        put(raw, key, {"a": 1} if key in LIST_KEYS else mistake.draw(NOT_A_VALUE))
+    else:
+        key = mistake.draw(st.sampled_from(sorted(OUT_OF_RANGE)))
+        put(raw, key, mistake.draw(OUT_OF_RANGE[key]))
+    with pytest.raises(ConfigError, match=key.split(".")[0]):
+        load_config(write(tmp_path_factory, raw))
+
+
+ANY_YAML = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@SMALL
+@given(
+    values=st.dictionaries(st.sampled_from(KEYS), ANY_YAML, max_size=4),
+    overrides=st.lists(st.tuples(st.sampled_from([*KEYS, "train", "nope.x"]), st.text(max_size=12)), max_size=3),
+)
+def test_anything_else_is_a_config_or_a_config_error(values, overrides, tmp_path_factory):
+    """Any value for any key, in the file or as raw override text, never escapes as another exception."""
+    raw: dict = {}
+    for key, value in values.items():
+        put(raw, key, value)
+    try:
+        assert isinstance(load_config(write(tmp_path_factory, raw), [f"{k}={v}" for k, v in overrides]), Config)
+    except ConfigError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------------ KD loss
+
+
+@st.composite
+def logit_pairs(draw, scale: float = 30.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, classes = draw(st.integers(1, 8)), draw(st.integers(2, 10))
+    logits = arrays("float32", (batch, classes), elements=st.floats(-scale, scale, width=32))
+    labels = st.lists(st.integers(0, classes - 1), min_size=batch, max_size=batch)
+    return torch.from_numpy(draw(logits)), torch.from_numpy(draw(logits)), torch.tensor(draw(labels))
+
+
+TEMPERATURE = st.floats(0.5, 10.0)
+
+
+@SMALL
+@given(
+    logits=logit_pairs(),
+    temperature=TEMPERATURE,
+    alpha=st.floats(0.0, 1.0),
+    soft_loss=st.sampled_from(["kl", "dkd", "dist"]),
+)
+def test_kd_loss_terms_are_finite_and_the_soft_term_is_not_negative(logits, temperature, alpha, soft_loss):
+    student, teacher, labels = logits
+    loss = KnowledgeDistillationLoss(temperature, alpha, soft_loss=soft_loss, dkd_warmup_epochs=0)
+    terms = loss(student, teacher, labels)
+    assert all(torch.isfinite(v) for v in terms.values()), terms
+    # float32 rounding may dip below 0, scaled like the term: by T² (and DKD's alpha + beta); seen: 2.4e-7 of that
+    scale = temperature**2 * (loss.dkd_alpha + loss.dkd_beta if soft_loss == "dkd" else 1)
+    assert terms["soft"] >= -1e-6 * scale and terms["hard"] >= 0
+    assert soft_kl(student, teacher, temperature) >= -1e-6 * temperature**2
+
+
+@SMALL
+@given(logits=logit_pairs(), temperature=TEMPERATURE, soft_loss=st.sampled_from(["kl", "dkd"]))
+def test_the_soft_term_is_zero_when_the_student_matches_the_teacher(logits, temperature, soft_loss):
+    """KL and DKD only: DIST's Pearson correlation of a constant row is 0, so a perfect copy still costs 1."""
+    student, _, labels = logits
+    loss = KnowledgeDistillationLoss(temperature, soft_loss=soft_loss, dkd_warmup_epochs=0)
+    assert loss(student, student.clone(), labels)["soft"].item() == pytest.approx(0.0, abs=1e-6)
+    assert soft_kl(student, student.clone(), temperature).item() == pytest.approx(0.0, abs=1e-6)
