@@ -79,26 +79,12 @@ class FeatureAdapter(nn.Module):
 
 
 @torch.no_grad()
-def feature_shapes(model: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str, tuple]:
-    """Output shape of each named layer for one forward pass on `inputs` (model left in its mode)."""
-    hooks = FeatureHooks(model, names)
-    was_training = model.training
-    try:
-        model.eval()(*inputs)
-    finally:
-        model.train(was_training)
-        hooks.remove()
-    shapes = {n: tuple(hooks.outputs[n].shape) for n in names}
-    for name, shape in shapes.items():
-        if len(shape) != 4:
-            raise UserError(f"layer '{name}' outputs shape {shape}; feature matching needs B×C×H×W feature maps")
-    return shapes
-
-
-@torch.no_grad()
-def output_shapes(model: nn.Module, inputs: Sequence[torch.Tensor], max_depth: int = 3) -> dict[str, tuple]:
-    """Output shape of every named module up to `max_depth` dots deep, in module order (tensor outputs only)."""
-    names = layer_names(model, max_depth)
+def output_shapes(
+    model: nn.Module, inputs: Sequence[torch.Tensor], names: Sequence[str] | None = None, max_depth: int = 3
+) -> dict[str, tuple]:
+    """Output shape of each named module (default: all up to `max_depth` dots deep, in module order; tensor outputs
+    only) for one eval-mode forward pass on `inputs`; the model is left in its mode."""
+    names = layer_names(model, max_depth) if names is None else list(names)
     hooks = FeatureHooks(model, names)
     was_training = model.training
     try:
@@ -107,6 +93,17 @@ def output_shapes(model: nn.Module, inputs: Sequence[torch.Tensor], max_depth: i
         model.train(was_training)
         hooks.remove()
     return {n: tuple(hooks.outputs[n].shape) for n in names if isinstance(hooks.outputs.get(n), torch.Tensor)}
+
+
+def feature_shapes(model: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str, tuple]:
+    """Output shape of each layer to match; feature matching needs B×C×H×W maps."""
+    shapes = output_shapes(model, inputs, names)
+    for name in names:
+        if len(shapes.get(name, ())) != 4:
+            raise UserError(
+                f"layer '{name}' outputs shape {shapes.get(name)}; feature matching needs B×C×H×W feature maps"
+            )
+    return shapes
 
 
 def _stage_outputs(shapes: dict[str, tuple], prefix: str = "") -> dict[tuple, str]:
