@@ -84,3 +84,45 @@ def test_two_processes_stay_in_sync_and_report_exact_accuracy(tiny_demo, tmp_pat
     row = json.loads((tmp_path / "eval/results.json").read_text())["models"]["m"]
     assert row["samples"] == 20  # every validation image counted once, none duplicated by padding
     assert row["top1"] == best["metrics"]["val_acc"]
+
+
+CRASHING_RANK = """
+import sys
+from pathlib import Path
+
+from kd.config import TrainConfig
+from kd.loop import make_accelerator
+
+accelerator = make_accelerator(TrainConfig(), Path(sys.argv[1]))
+if accelerator.process_index == 1:
+    raise RuntimeError("rank 1 fails on purpose")
+accelerator.wait_for_everyone()  # rank 0 would wait here forever if nothing stopped the run
+print("rank 0 passed the barrier")
+"""
+
+
+def test_a_crashing_rank_stops_the_run_instead_of_hanging(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_RANK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
+    proc = subprocess.run(
+        [*launch, str(script), str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose" in proc.stderr and "rank 0 passed the barrier" not in proc.stdout
