@@ -133,17 +133,19 @@ class TopK:
                 (self.run_dir / old).with_suffix(suffix).unlink(missing_ok=True)
 
 
-def save_state(accelerator: Accelerator, run_dir: Path, progress: dict) -> None:
+def save_state(accelerator: Accelerator, run_dir: Path, progress: dict, safe_serialization: bool = True) -> None:
     """Resumable state (model, optimizer, scheduler, scaler, EMA, RNG) in <run_dir>/last, replaced atomically.
 
     The new state is written to last.tmp, completed by progress.json, then swapped in (last -> last.old,
     last.tmp -> last). A kill at any point leaves one complete state that `recover_state` finds.
+    A QAT graph needs safe_serialization=False: it reuses observers under several names, and safetensors keeps one
+    name per shared tensor by a rule that differs between Accelerate's save and safetensors' load.
     """
     tmp, last, old = run_dir / "last.tmp", run_dir / "last", run_dir / "last.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.save_state(str(tmp), safe_serialization=safe_serialization)
     if accelerator.is_main_process:
         (tmp / "progress.json.tmp").write_text(json.dumps(progress))
         os.replace(tmp / "progress.json.tmp", tmp / "progress.json")  # its presence marks a complete state
@@ -313,7 +315,12 @@ def fit(
                         logs["train/grad_norm"] = float(grad_norm)
                     accelerator.log(logs, step=progress["updates"])
                 if cfg.save_every_n_steps and progress["updates"] % cfg.save_every_n_steps == 0:
-                    save_state(accelerator, run_dir, {**progress, "epoch": epoch, "batches_done": step + 1})
+                    save_state(
+                        accelerator,
+                        run_dir,
+                        {**progress, "epoch": epoch, "batches_done": step + 1},
+                        safe_serialization=unwrapped.model is float_model,
+                    )
             bar.remove_task(bar_task)
             train_seconds = time.perf_counter() - start
 
@@ -341,7 +348,7 @@ def fit(
                 save_checkpoint(run_dir / "latest", saved_model, checkpoint_meta)
             progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
             progress.update(epoch=epoch + 1, batches_done=0, top_k=top_k.entries, metrics=metrics)
-            save_state(accelerator, run_dir, progress)
+            save_state(accelerator, run_dir, progress, safe_serialization=unwrapped.model is float_model)
             accelerator.print(
                 f"epoch {epoch}: loss {loss.item():.4f}  val_acc {metrics['val_acc']:.4f}  "
                 f"val_loss {metrics['val_loss']:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
