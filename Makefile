@@ -48,16 +48,22 @@ qat-compare: $(VENV)/.installed
 	$(PY) export.py --checkpoint checkpoints/student_qat/latest.safetensors --out exports/qat/student.onnx \
 		--config configs/b0.yaml --int8
 
-# The demo's teacher-vs-RGB-baseline margin over seeds (after `make demo`, which is seed 0): mean ± std.
+# The demo's comparison table over seeds (after `make demo`, which is seed 0): every model retrained per seed, the
+# student distilled from that seed's teacher; mean ± std of the best and of the last epoch. Finished runs are
+# skipped (resume=auto), a killed one continues.
 SEEDS ?= 1 2
+SEED_MODELS = teacher@0=checkpoints/teacher/best.safetensors distilled@0=checkpoints/student/best.safetensors \
+	baseline@0=checkpoints/baseline/best.safetensors \
+	$(foreach s,$(SEEDS),teacher@$(s)=checkpoints/seeds/teacher_$(s)/best.safetensors \
+	distilled@$(s)=checkpoints/seeds/distilled_$(s)/best.safetensors baseline@$(s)=checkpoints/seeds/baseline_$(s)/best.safetensors)
 seeds: $(VENV)/.installed
 	for s in $(SEEDS); do \
-		$(PY) train_teacher.py --config configs/teacher.yaml seed=$$s train.max_epochs=$(DEMO_EPOCHS) \
-			train.checkpoint_dir=checkpoints/seeds/teacher_$$s && \
-		$(PY) train_teacher.py --config configs/baseline_b0.yaml seed=$$s train.max_epochs=$(DEMO_EPOCHS) \
+		$(PY) train_teacher.py --config configs/teacher.yaml seed=$$s train.resume=auto train.max_epochs=$(DEMO_EPOCHS) \
+			train.checkpoint_dir=checkpoints/seeds/teacher_$$s || exit 1; \
+		$(PY) train_teacher.py --config configs/baseline_b0.yaml seed=$$s train.resume=auto train.max_epochs=$(DEMO_EPOCHS) \
 			train.checkpoint_dir=checkpoints/seeds/baseline_$$s || exit 1; \
+		$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL) seed=$$s distillation.resume=auto \
+			distillation.teacher_checkpoint=checkpoints/seeds/teacher_$$s/best.safetensors \
+			distillation.checkpoint_dir=checkpoints/seeds/distilled_$$s || exit 1; \
 	done
-	$(PY) evaluate.py --config configs/b0.yaml --out results/seeds --models \
-		teacher@0=checkpoints/teacher/best.safetensors baseline@0=checkpoints/baseline/best.safetensors \
-		$(foreach s,$(SEEDS),teacher@$(s)=checkpoints/seeds/teacher_$(s)/best.safetensors \
-		baseline@$(s)=checkpoints/seeds/baseline_$(s)/best.safetensors)
+	$(PY) evaluate.py --config configs/b0.yaml --out results/seeds --last --models $(SEED_MODELS)

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from kd.config import TrainConfig
 from kd.errors import UserError
 from kd.models import forward_batch, input_keys, save_checkpoint
-from kd.qat import prepare_qat
+from kd.qat import frozen_observers, prepare_qat
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool = False) -> Accelerator:
@@ -328,7 +328,8 @@ def fit(
             saved_model = ema.module if ema is not None else float_model
             sync_buffers(accelerator, evaluated_model)
             evaluated_model.eval()
-            metrics = validate(accelerator, functools.partial(forward_batch, evaluated_model), val_loader)
+            with frozen_observers(evaluated_model):  # a QAT graph is measured with the ranges it trained with
+                metrics = validate(accelerator, functools.partial(forward_batch, evaluated_model), val_loader)
             score = metrics[cfg.monitor]
             if epoch < main_epochs:
                 scheduler.step(epoch + 1, score)

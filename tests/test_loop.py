@@ -326,3 +326,38 @@ def test_accumulation_and_clipping(tmp_path, monkeypatch):
     progress = json.loads((tmp_path / "last/progress.json").read_text())
     assert progress["updates"] == 4  # 8 batches, one optimizer step per 2
     assert len(norms_after_clip) == 4 and max(norms_after_clip) <= 0.01 + 1e-6
+
+
+def test_qat_graph_of_a_timm_student_folds_bn_and_is_batch_independent_in_eval():
+    import timm
+    from torch.ao.nn.intrinsic.qat import ConvBn2d
+
+    from kd.qat import frozen_observers, prepare_qat
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3)  # timm's BatchNormAct2d, as in real students
+    graph = prepare_qat(model, torch.randn(2, 3, 32, 32))
+    assert any(isinstance(m, ConvBn2d) for m in graph.modules())  # conv + BN folded for QAT
+    assert {id(p) for p in graph.parameters()} == {id(p) for p in model.parameters()}
+    for _ in range(3):
+        graph(torch.randn(8, 3, 32, 32))  # training steps set the BN statistics and the ranges
+    graph.eval()
+    before = {k: v.clone() for k, v in graph.state_dict().items()}
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad(), frozen_observers(graph):
+        together, alone = graph(x)[:1], graph(x[:1])
+    assert torch.allclose(together, alone, atol=1e-5)  # running statistics and fixed ranges, not the batch's
+    assert all(torch.equal(v, graph.state_dict()[k]) for k, v in before.items())  # eval changed nothing
+    assert all(m.observer_enabled.item() == 1 for m in graph.modules() if hasattr(m, "observer_enabled"))
+
+
+def test_int8_conversion_of_a_timm_student_folds_every_batchnorm():
+    import timm
+
+    from kd.qat import quantize_int8
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3).eval()
+    int8 = quantize_int8(model, [torch.randn(8, 3, 32, 32) for _ in range(4)])
+    assert "batch_norm" not in int8.code and not any(isinstance(m, nn.BatchNorm2d) for m in int8.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the float model is left as it was
