@@ -3,9 +3,12 @@
 accelerate launch distill.py --config configs/b0.yaml [section.key=value ...] [--resume]
 python distill.py --config configs/b0.yaml distillation.max_epochs=5
 python distill.py --config configs/b0.yaml --list-layers    # layer names, shapes and suggested pairs
+python distill.py --config C distillation.teacher_cache=DIR --cache-teacher   # teacher top-k logits, once
+python distill.py --config C distillation.teacher_cache=DIR                   # then distil from them
 """
 
 import copy
+import sys
 from pathlib import Path
 
 import torch
@@ -14,9 +17,10 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import default_collate
 
+from kd.cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key, check_applies
 from kd.config import flat_hparams, parse_cli, save_config
 from kd.data import build_loader, prepare_data, resolve_input
-from kd.distill import Distiller, adapt_view, teacher_sanity_check
+from kd.distill import Distiller, adapt_view, teacher_sanity_report
 from kd.errors import UserError, exit_on_user_error
 from kd.features import layer_pairs, output_shapes, suggest_pairs
 from kd.loop import fit, make_accelerator
@@ -29,6 +33,7 @@ from kd.models import (
     input_config,
     input_keys,
     load_checkpoint,
+    read_meta,
 )
 
 
@@ -56,14 +61,23 @@ def print_layers(student: torch.nn.Module, student_size: int, teacher: torch.nn.
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict | None:
-    cfg, args = parse_cli(argv, "Distil frozen teacher(s) into an RGB student.", list_layers=True)
+    cfg, args = parse_cli(argv, "Distil frozen teacher(s) into an RGB student.", list_layers=True, cache_teacher=True)
     d = cfg.distillation
     run_dir = Path(d.checkpoint_dir or f"runs/{cfg.name}")
+    if args.cache_teacher and not d.teacher_cache:
+        raise UserError("--cache-teacher writes to distillation.teacher_cache: set it, e.g. teacher_cache=cache/b0")
+    if d.teacher_cache:
+        check_applies(d)
+    # distil from the cache: the teachers are never loaded, let alone run
+    cached = bool(d.teacher_cache) and not (args.cache_teacher or args.list_layers)
 
     # teachers: rebuilt from their safetensors + JSON checkpoints, frozen; they must share one class list
     entries = d.teachers or [{"checkpoint": d.teacher_checkpoint, "weight": 1.0}]
-    loaded = [load_checkpoint(e["checkpoint"]) for e in entries]
-    teachers, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
+    if cached:
+        teachers, metas = [], [read_meta(e["checkpoint"]) for e in entries]
+    else:
+        loaded = [load_checkpoint(e["checkpoint"]) for e in entries]
+        teachers, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
     classes = metas[0]["classes"]
     for entry, meta in zip(entries, metas):
         if meta["classes"] != classes:
@@ -71,12 +85,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                 f"teacher {entry['checkpoint']} has classes {meta['classes']}, "
                 f"but {entries[0]['checkpoint']} has {classes}"
             )
-    if not 0 <= d.feature_teacher < len(teachers):
-        raise UserError(f"distillation.feature_teacher={d.feature_teacher}, but there are {len(teachers)} teachers")
+    if not 0 <= d.feature_teacher < len(entries):
+        raise UserError(f"distillation.feature_teacher={d.feature_teacher}, but there are {len(entries)} teachers")
     spec = {"name": d.student_backbone, "num_classes": len(classes)}
     student = build_model(spec, pretrained=d.student_pretrained)
     student_data = resolve_input(cfg.data, input_config(student))  # null image_size/mean/std: the student's own
-    if getattr(args, "list_layers", False):
+    if args.list_layers:
         print_layers(student, student_data.image_size, teachers[d.feature_teacher], metas[d.feature_teacher])
         return None
 
@@ -84,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     accelerator = make_accelerator(d, run_dir, seed=cfg.seed)
     set_seed(cfg.seed)
     ms_meta = next((m for m in metas if "ms" in m["inputs"]), None)
-    with_ms = ms_meta is not None
+    with_ms = ms_meta is not None and not cached  # only teachers read MS; the RGB view is the same without it
 
     # data: the teacher's class order and MS statistics, so it sees inputs exactly as it was trained on
     with accelerator.main_process_first():
@@ -101,24 +115,26 @@ def main(argv: list[str] | None = None) -> dict | None:
     loader_args = dict(classes=classes, with_ms=with_ms, ms_stats=ms_stats, seed=cfg.seed)
     train_loader = build_loader(view_data, "train", d.batch_size, train=True, **loader_args)
     val_loader = build_loader(student_data, "val", d.batch_size, train=False, **loader_args)
-    check_ms_bands(ms_meta, val_loader.dataset)  # the band count the MS teacher was trained on
+    check_ms_bands(ms_meta if with_ms else None, val_loader.dataset)  # the band count the MS teacher was trained on
 
-    if d.teacher_sanity_check:
+    if d.teacher_sanity_check and not cached:  # a cached run checked its teachers when it built the cache
         first_batch = next(iter(val_loader))
         for entry, teacher, target in zip(entries, teachers, teacher_inputs):
             teacher_batch = adapt_view(first_batch, student_input, target)
-            check = teacher_sanity_check(teacher, teacher_batch, len(classes))
-            accelerator.print(
-                f"teacher {entry['checkpoint']}: logits mean {check['logit_mean']:.3f} std {check['logit_std']:.3f}, "
-                f"accuracy {check['accuracy']:.3f} on {check['samples']} val images (chance {check['chance']:.3f})"
-            )
-            if not check["better_than_chance"]:
-                accelerator.print(
-                    f"WARNING: teacher {entry['checkpoint']} is no better than chance on a validation "
-                    "batch: wrong checkpoint, wrong class order, or wrong normalization? Distilling it teaches noise."
-                )
+            accelerator.print(teacher_sanity_report(entry["checkpoint"], teacher, teacher_batch, len(classes)))
 
-    pairs = layer_pairs(d.feature_layers, student, teachers[d.feature_teacher]) if d.feature_matching else []
+    teacher_weights, key = [e.get("weight", 1.0) for e in entries], None
+    if d.teacher_cache:  # the cache holds the teachers' logits for exactly these views (training loader), teachers, k
+        key = cache_key(entries, metas, train_loader.dataset, cfg.data.root, teacher_inputs, d.teacher_cache_top_k)
+    if cached:
+        rebuild = ["python distill.py", *(a for a in argv or sys.argv[1:] if a != "--resume"), "--cache-teacher"]
+        cache = TeacherCache.open(d.teacher_cache, key, d.max_epochs, " ".join(rebuild))
+        teachers, teacher_weights, teacher_inputs = [CachedTeacher(cache)], [1.0], [None]
+    pairs = (
+        layer_pairs(d.feature_layers, student, teachers[d.feature_teacher])
+        if d.feature_matching and d.feature_layers
+        else []
+    )
     loss = KnowledgeDistillationLoss(
         d.temperature,
         d.alpha,
@@ -134,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         student,
         teachers,
         loss,
-        [e.get("weight", 1.0) for e in entries],
+        teacher_weights,
         pairs,
         d.feature_teacher,
         example_batch=default_collate([train_loader.dataset[i] for i in range(2)]),
@@ -147,11 +163,26 @@ def main(argv: list[str] | None = None) -> dict | None:
         teacher_inputs=teacher_inputs,
     )
     distiller.teachers_to(accelerator.device)
+    if args.cache_teacher:
+        views = train_loader.dataset  # the training views, epoch by epoch
+        build_teacher_cache(
+            accelerator,
+            d.teacher_cache,
+            key,
+            distiller.teacher_logits,
+            views,
+            d.max_epochs,
+            d.batch_size,
+            cfg.data.num_workers,
+        )
+        return None
+    names = ", ".join(e["checkpoint"] for e in entries)
+    source = f"{len(teachers)} teacher(s): {names} ({sum(count_parameters(t) for t in teachers) / 1e6:.2f}M)"
+    if cached:
+        source = f"teacher logits from cache {d.teacher_cache} (top-{key['top_k']} of {names})"
     accelerator.print(
-        f"student {d.student_backbone}: {count_parameters(student) / 1e6:.2f}M parameters; "
-        f"{len(teachers)} teacher(s): {', '.join(e['checkpoint'] for e in entries)} "
-        f"({sum(count_parameters(t) for t in teachers) / 1e6:.2f}M); soft loss {d.soft_loss}; "
-        f"feature pairs {pairs or 'none'}"
+        f"student {d.student_backbone}: {count_parameters(student) / 1e6:.2f}M parameters; {source}; "
+        f"soft loss {d.soft_loss}; feature pairs {pairs or 'none'}"
     )
 
     meta = {

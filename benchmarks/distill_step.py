@@ -1,50 +1,150 @@
 """What a distillation step costs, against its parts, measured in one run on the same batches.
 
-    python benchmarks/distill_step.py                       # demo-sized: 64 px, batch 32, CPU
+    python benchmarks/distill_step.py --out results/distill_step.json     # demo-sized: 64 px, batch 32
     python benchmarks/distill_step.py --image-size 224 --batch-size 64 --teacher-backbone efficientnetv2_rw_s \
-        --device cuda --teacher-precision bf16 --channels-last --out results/distill_step.json
+        --compile --out results/distill_step_gpu.json                     # a GPU is used when there is one
 
 Prints images/s of (a) a plain student training step, (b) a teacher forward pass (inference mode), (c) a full
-distillation step without and with feature matching, and of the training data loader alone (demo data, RGB+MS,
-training transform); then the ratios distill / (student_step + teacher_forward), which should stay near 1 (no
-wasted work), and loader / distill step, which should stay above 2 (data never starves the step). Ratios are
-taken within one run because these machines are noisy. Peak memory: CUDA max allocated on a GPU, process peak RSS
-on a CPU.
+distillation step without and with feature matching, (d) a distillation step that reads the teacher's logits from
+a teacher cache (kd.cache) instead of running it, and of the training data loader alone (demo data, RGB+MS,
+training transform). Then the ratios, all of times per image except the two marked "speed":
+distill / (student_step + teacher_forward), near 1 when no work is wasted; cached / student_step, near 1 when the
+cache removes the teacher's cost; loader / step (speed), above 2 when data never starves the step.
+
+Teacher and student options, each alone against the fp32, contiguous, eager model: bf16 autocast (on a CPU when
+oneDNN supports bf16), fp16 autocast (CUDA), channels_last, and with --compile torch.compile (slow to compile on a
+CPU). The main figures use --teacher-precision and --channels-last. Peak memory: CUDA max allocated on a GPU,
+process peak RSS on a CPU.
+
+Steps take turns in `--rounds` rounds of `--iters` calls and the best round of each counts, so load from other
+processes on a shared machine costs a round, not a figure.
 """
 
 import argparse
 import contextlib
+import copy
+import functools
 import json
 import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing kd
 
+from kd.cache import CachedTeacher, TeacherCache, build_teacher_cache  # noqa: E402
 from kd.config import DataConfig  # noqa: E402
 from kd.data import build_loader, make_demo_dataset, ms_statistics, open_split  # noqa: E402
 from kd.distill import Distiller  # noqa: E402
 from kd.features import layer_pairs  # noqa: E402
 from kd.losses import KnowledgeDistillationLoss  # noqa: E402
-from kd.models import HybridFusion, build_model  # noqa: E402
+from kd.models import HybridFusion, build_model, forward_batch  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def images_per_s(step, batch_size: int, device: str, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        step()
+def best_rates(steps: dict[str, Callable], batch_size: int, device: str, warmup: int, iters: int, rounds: int):
+    """images/s of each step: after `warmup` calls each, `rounds` rounds of `iters` calls, steps taking turns."""
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    best = dict.fromkeys(steps, 0.0)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(iters):
+                step()
+            sync()
+            best[name] = max(best[name], batch_size * iters / (time.perf_counter() - start))
+    return best
+
+
+def supported_precisions(device: str) -> list[str]:
     if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return batch_size * iters / (time.perf_counter() - start)
+        return ["bf16", "fp16"] if torch.cuda.is_bf16_supported() else ["fp16"]
+    return ["bf16"] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else []  # emulated bf16 is slower than fp32
+
+
+def autocast(device: str, precision: str | None):
+    return (
+        torch.autocast(device_type=device, dtype=DTYPES[precision]) if precision in DTYPES else contextlib.nullcontext()
+    )
+
+
+def student_step_for(student: torch.nn.Module, batch: dict, device: str, precision: str | None = None):
+    """A plain training step of (a copy of) `student`: CE on the labels, backward, AdamW."""
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+
+    def step():
+        with autocast(device, precision):
+            loss = F.cross_entropy(student(batch["rgb"]).float(), batch["label"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def teacher_forward_for(teacher: torch.nn.Module, batch: dict, device: str, precision: str | None = None):
+    def forward():
+        with torch.inference_mode(), autocast(device, precision):
+            teacher(batch["rgb"], batch["ms"])
+
+    return forward
+
+
+def distill_step_for(student, teachers, batch: dict, pairs=()):
+    loss = KnowledgeDistillationLoss(4.0, 0.3, 0.5 if pairs else 0.0)
+    distiller = Distiller(student, teachers, loss, layer_pairs=pairs, example_batch=batch).to(batch["rgb"].device)
+    optimizer = torch.optim.AdamW(distiller.parameters(), lr=1e-4)
+
+    def step():
+        distiller(batch)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+class Rows(torch.utils.data.Dataset):
+    """The benchmark batch as a dataset whose sample `key` is row `key` of the batch (to build a cache from)."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["label"])
+
+    def __getitem__(self, key: int) -> dict:
+        return {**{name: value[key] for name, value in self.batch.items()}, "key": key}
+
+
+def loader_rate(size: int, bs: int, workers: int) -> float:
+    """Samples/s of the training loader alone (demo data, RGB+MS, training transform), after worker start-up."""
+    with tempfile.TemporaryDirectory() as root:
+        make_demo_dataset(root, per_class=(max(40, 3 * bs // 5), 2, 2), size=size)
+        cfg = DataConfig(root=root, demo=False, image_size=size, num_workers=workers, mean=[0.5] * 3, std=[0.25] * 3)
+        train_set = open_split(cfg, "train", with_ms=True)
+        stats = ms_statistics(train_set)
+        loader = build_loader(cfg, "train", bs, train=True, with_ms=True, ms_stats=stats, dataset=train_set)
+        iterator = iter(loader)
+        next(iterator)
+        start, seen = time.perf_counter(), 0
+        for b in iterator:
+            seen += b["label"].numel()
+        return seen / (time.perf_counter() - start)
 
 
 def main() -> dict:
@@ -55,12 +155,14 @@ def main() -> dict:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--teacher-precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format for both models")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    parser.add_argument("--teacher-precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="main figures")
+    parser.add_argument("--channels-last", action="store_true", help="main figures: channels_last for both models")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd teacher and student")
+    parser.add_argument("--top-k", type=int, default=10, help="logits per view in the teacher cache")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader measurement")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()
     device, size, bs = args.device, args.image_size, args.batch_size
@@ -69,31 +171,17 @@ def main() -> dict:
     student = build_model({"name": args.student, "num_classes": 5}).to(device)
     teacher = HybridFusion(5, backbone=args.teacher_backbone, ms_backbone=args.teacher_ms_backbone)
     teacher = teacher.to(device).eval().requires_grad_(False)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    student, teacher = student.to(memory_format=memory_format), teacher.to(memory_format=memory_format)
     batch = {
-        "rgb": torch.randn(bs, 3, size, size, device=device).to(memory_format=memory_format),
-        "ms": torch.randn(bs, 5, size, size, device=device).to(memory_format=memory_format),
+        "rgb": torch.randn(bs, 3, size, size, device=device),
+        "ms": torch.randn(bs, 5, size, size, device=device),
         "label": torch.randint(0, 5, (bs,), device=device),
     }
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.teacher_precision)
-    teacher_autocast = (lambda: torch.autocast(device_type=device, dtype=dtype)) if dtype else contextlib.nullcontext
-    if args.compile:
-        student, teacher = torch.compile(student), torch.compile(teacher)
+    eager = {"student": copy.deepcopy(student), "teacher": copy.deepcopy(teacher), "batch": dict(batch)}
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    student, teacher = student.to(memory_format=memory_format), teacher.to(memory_format=memory_format)
+    batch.update({k: batch[k].contiguous(memory_format=memory_format) for k in ("rgb", "ms")})
 
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-
-    def student_step():
-        loss = F.cross_entropy(student(batch["rgb"]), batch["label"])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    def teacher_forward():
-        with torch.inference_mode(), teacher_autocast():
-            teacher(batch["rgb"], batch["ms"])
-
-    class AutocastTeacher(torch.nn.Module):  # the teacher as the Distiller calls it, in the chosen precision
+    class AutocastTeacher(torch.nn.Module):  # the teacher as the Distiller calls it, in the main precision
         input_keys = ("rgb", "ms")
 
         def __init__(self):
@@ -101,85 +189,112 @@ def main() -> dict:
             self.teacher = teacher
 
         def forward(self, rgb, ms):
-            with teacher_autocast():
+            with autocast(device, args.teacher_precision):
                 return self.teacher(rgb, ms)
 
     wrapped_teacher = AutocastTeacher()
-
-    def distill_step_for(pairs):
-        loss = KnowledgeDistillationLoss(4.0, 0.3, 0.5 if pairs else 0.0)
-        distiller = Distiller(student, [wrapped_teacher], loss, layer_pairs=pairs, example_batch=batch).to(device)
-        distiller_optimizer = torch.optim.AdamW(distiller.parameters(), lr=1e-4)
-
-        def step():
-            distiller(batch)["loss"].backward()
-            distiller_optimizer.step()
-            distiller_optimizer.zero_grad(set_to_none=True)
-
-        return step
-
-    measure = dict(batch_size=bs, device=device, warmup=args.warmup, iters=args.iters)
-    rates = {
-        "student_step": images_per_s(student_step, **measure),
-        "teacher_forward": images_per_s(teacher_forward, **measure),
-        "distill_step": images_per_s(distill_step_for([]), **measure),
-    }
     named = [["blocks.2", "teacher.rgb.blocks.2"], ["blocks.4", "teacher.rgb.blocks.4"]]
-    pairs = [] if args.compile else layer_pairs(named, student, wrapped_teacher)
-    if pairs:
-        rates["distill_step_features"] = images_per_s(distill_step_for(pairs), **measure)
+    steps = {
+        "student_step": student_step_for(student, batch, device),
+        "teacher_forward": teacher_forward_for(teacher, batch, device, args.teacher_precision),
+        "distill_step": distill_step_for(student, [wrapped_teacher], batch),
+        "distill_step_features": distill_step_for(
+            student, [wrapped_teacher], batch, layer_pairs(named, student, wrapped_teacher)
+        ),
+    }
+    with tempfile.TemporaryDirectory() as cache_dir:
+        # (d): the teacher's logits on this batch cached on disk as distill.py --cache-teacher writes them, then read
+        accelerator = Accelerator(cpu=device == "cpu")
+        key = {"top_k": min(args.top_k, 5), "num_classes": 5}
+        teacher_logits = functools.partial(forward_batch, wrapped_teacher)
+        build_teacher_cache(accelerator, cache_dir, key, teacher_logits, Rows(batch), epochs=1, batch_size=bs)
+        cached_batch = {**batch, "key": torch.arange(bs, device=device)}
+        steps["cached_step"] = distill_step_for(student, [CachedTeacher(TeacherCache(cache_dir))], cached_batch)
 
-    with tempfile.TemporaryDirectory() as root:
-        make_demo_dataset(root, per_class=(max(40, 3 * bs // 5), 2, 2), size=size)
-        cfg = DataConfig(
-            root=root,
-            demo=False,
-            image_size=size,
-            num_workers=args.workers,
-            mean=[0.485, 0.456, 0.406],
-            std=[0.229, 0.224, 0.225],
-        )
-        train_set = open_split(cfg, "train", with_ms=True)
-        loader = build_loader(
-            cfg, "train", bs, train=True, with_ms=True, ms_stats=ms_statistics(train_set), dataset=train_set
-        )
-        iterator = iter(loader)
-        next(iterator)  # worker start-up is not the steady rate
-        start, seen = time.perf_counter(), 0
-        for b in iterator:
-            seen += b["label"].numel()
-        rates["loader"] = seen / (time.perf_counter() - start)
+        # each option alone, on copies of the fp32, contiguous, eager models
+        options = {
+            "teacher_forward fp32": teacher_forward_for(eager["teacher"], eager["batch"], device),
+            "student_step fp32": student_step_for(copy.deepcopy(eager["student"]), eager["batch"], device),
+        }
+        for precision in supported_precisions(device):
+            options[f"teacher_forward {precision}"] = teacher_forward_for(
+                eager["teacher"], eager["batch"], device, precision
+            )
+            options[f"student_step {precision}"] = student_step_for(
+                copy.deepcopy(eager["student"]), eager["batch"], device, precision
+            )
+        cl_batch = {
+            k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in eager["batch"].items()
+        }
+        cl_teacher = copy.deepcopy(eager["teacher"]).to(memory_format=torch.channels_last)
+        options["teacher_forward channels_last"] = teacher_forward_for(cl_teacher, cl_batch, device)
+        cl_student = copy.deepcopy(eager["student"]).to(memory_format=torch.channels_last)
+        options["student_step channels_last"] = student_step_for(cl_student, cl_batch, device)
+        if args.compile:
+            options["teacher_forward compile"] = teacher_forward_for(
+                torch.compile(copy.deepcopy(eager["teacher"])), eager["batch"], device
+            )
+            options["student_step compile"] = student_step_for(
+                torch.compile(copy.deepcopy(eager["student"])), eager["batch"], device
+            )
+        measure = dict(batch_size=bs, device=device, warmup=args.warmup, iters=args.iters, rounds=args.rounds)
+        rates = best_rates({**steps, **options}, **measure)
+    rates["loader"] = loader_rate(size, bs, args.workers)
 
     seconds = {k: 1.0 / v for k, v in rates.items()}  # per image
+    parts = seconds["student_step"] + seconds["teacher_forward"]
     ratios = {
-        "distill / (student_step + teacher_forward)": seconds["distill_step"]
-        / (seconds["student_step"] + seconds["teacher_forward"]),
+        "distill / (student_step + teacher_forward)": seconds["distill_step"] / parts,
+        "distill_features / (student_step + teacher_forward)": seconds["distill_step_features"] / parts,
+        "cached / student_step": seconds["cached_step"] / seconds["student_step"],
         "loader / distill_step (speed)": rates["loader"] / rates["distill_step"],
+        "loader / cached_step (speed)": rates["loader"] / rates["cached_step"],
     }
-    if "distill_step_features" in rates:
-        ratios["distill_features / (student_step + teacher_forward)"] = seconds["distill_step_features"] / (
-            seconds["student_step"] + seconds["teacher_forward"]
-        )
+    speedups = {
+        name: rates[name] / rates[f"{name.split()[0]} fp32"] for name in options if not name.endswith("fp32")
+    }  # images/s of the option / images/s of fp32 eager contiguous: > 1 is faster
     if device == "cuda":
         peak = {"cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20}
     else:
         peak = {"process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     result = {
         "setup": vars(args),
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "images_per_s": rates,
         "ratios": ratios,
+        "option_speedups": speedups,
         "peak_memory": peak,
     }
-    for name, rate in rates.items():
-        print(f"{name:>24s}: {rate:9.1f} images/s")
-    for name, ratio in ratios.items():
-        print(f"{name:>48s}: {ratio:.3f}")
-    print(f"peak memory: {peak}")
+    print(table(result))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result
+
+
+def table(result: dict) -> str:
+    """The figures as the Markdown table README's Performance section shows."""
+    setup, rates = result["setup"], result["images_per_s"]
+    lines = [
+        f"{setup['device']} ({result['device_name']}, {result['threads']} threads), {setup['image_size']} px, batch "
+        f"{setup['batch_size']}, student {setup['student']}, teacher hybrid {setup['teacher_backbone']} + "
+        f"{setup['teacher_ms_backbone']}; best of {setup['rounds']} rounds of {setup['iters']} steps",
+        "",
+        "| measured | images/s |",
+        "|---|---|",
+        *(f"| {name} | {rate:.1f} |" for name, rate in rates.items()),
+        "",
+        "| ratio | value | target |",
+        "|---|---|---|",
+    ]
+    targets = {"distill / (student_step + teacher_forward)": "≤ 1.05", "cached / student_step": "≤ 1.15"}
+    targets |= {"loader / distill_step (speed)": "≥ 2", "loader / cached_step (speed)": "≥ 2"}
+    lines += [f"| {name} | {value:.3f} | {targets.get(name, '')} |" for name, value in result["ratios"].items()]
+    lines += ["", "| option (alone) | speed-up vs fp32 eager |", "|---|---|"]
+    lines += [f"| {name} | {value:.2f}× |" for name, value in result["option_speedups"].items()]
+    peak = ", ".join(f"{k} {v:.0f}" for k, v in result["peak_memory"].items())
+    return "\n".join([*lines, "", f"peak memory: {peak}"])
 
 
 if __name__ == "__main__":

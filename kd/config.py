@@ -218,6 +218,8 @@ class DistillationConfig(TrainConfig):
     ema_teacher_weight: float = 0.0  # self-distillation: the student's EMA as an extra teacher with this weight
     ema_teacher_start_epoch: float = 1.0  # the EMA teacher joins after this many epochs (it starts as noise)
     teacher_sanity_check: bool = True  # log teacher logit stats and accuracy on one val batch; warn near chance
+    teacher_cache: str = ""  # folder of cached teacher top-k logits (built by distill.py --cache-teacher); "" = online
+    teacher_cache_top_k: int = 10  # logits cached per (sample, epoch) view; the rest share the leftover mass evenly
 
     def __post_init__(self):
         super().__post_init__()
@@ -238,6 +240,9 @@ class DistillationConfig(TrainConfig):
             raise ConfigError(
                 "distillation.ema_teacher_weight > 0 needs an EMA: set distillation.ema_decay, e.g. 0.999"
             )
+        _check(
+            self.teacher_cache_top_k >= 1, "distillation.teacher_cache_top_k", "must be >= 1", self.teacher_cache_top_k
+        )
         for i, t in enumerate(self.teachers):
             if not (isinstance(t, dict) and "checkpoint" in t and set(t) <= {"checkpoint", "weight"}):
                 raise ConfigError(
@@ -359,7 +364,9 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
     return _build(Config, raw, "")
 
 
-def parse_cli(argv: list[str] | None, description: str, list_layers: bool = False) -> tuple[Config, argparse.Namespace]:
+def parse_cli(
+    argv: list[str] | None, description: str, list_layers: bool = False, cache_teacher: bool = False
+) -> tuple[Config, argparse.Namespace]:
     """`--config C [--resume] [section.key=value ...]` -> (validated Config, parsed arguments)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file (see configs/)")
@@ -367,6 +374,13 @@ def parse_cli(argv: list[str] | None, description: str, list_layers: bool = Fals
     if list_layers:
         parser.add_argument(
             "--list-layers", action="store_true", help="print hookable layers with shapes, suggest pairs, exit"
+        )
+    if cache_teacher:
+        parser.add_argument(
+            "--cache-teacher",
+            action="store_true",
+            help="run the teacher(s) once over every epoch's training views, store top-k logits in "
+            "distillation.teacher_cache, exit",
         )
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_epochs=3")
     args = parser.parse_intermixed_args(argv)

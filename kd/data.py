@@ -100,12 +100,12 @@ class LeafDataset(Dataset):
     def __getitem__(self, key: int) -> dict:
         """Sample `key % len(self)`; with an EpochSampler, `key // len(self)` is the epoch, and the augmentation is
         drawn from a generator seeded by (seed, epoch, sample): the same view whatever the worker count, after a
-        resume, or when a teacher's output for it is cached."""
+        resume, or when a teacher's output for it is cached. The sample carries `key`: kd.cache finds its row by it."""
         epoch, index = divmod(key, len(self))
         rgb, ms, label = self.read(index)
         generator = torch.Generator().manual_seed(hash((self.augment_seed, epoch, index)) % 2**63)
         sample = self.transform(rgb, ms, generator=generator)
-        sample["label"] = label
+        sample["label"], sample["key"] = label, key
         return sample
 
     def check(self, index: int) -> tuple[Path, str] | None:

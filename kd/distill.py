@@ -183,3 +183,18 @@ def teacher_sanity_check(teacher: nn.Module, batch: dict, num_classes: int) -> d
         "chance": chance,
         "better_than_chance": accuracy > threshold,
     }
+
+
+def teacher_sanity_report(name: str, teacher: nn.Module, batch: dict, num_classes: int) -> str:
+    """One line on the teacher's logits and accuracy on `batch`, with a loud warning when it is near chance."""
+    check = teacher_sanity_check(teacher, batch, num_classes)
+    line = (
+        f"teacher {name}: logits mean {check['logit_mean']:.3f} std {check['logit_std']:.3f}, "
+        f"accuracy {check['accuracy']:.3f} on {check['samples']} val images (chance {check['chance']:.3f})"
+    )
+    if not check["better_than_chance"]:
+        line += (
+            f"\nWARNING: teacher {name} is no better than chance on a validation batch: wrong checkpoint, "
+            "wrong class order, or wrong normalization? Distilling it teaches noise."
+        )
+    return line

@@ -1,0 +1,258 @@
+"""Teacher cache, after FKD (Shen & Xing, "A Fast Knowledge Distillation Framework", ECCV 2022): the teacher's
+top-k logits for every (sample, epoch) training view, computed once and then read instead of running the teacher.
+
+Augmentation is seeded per (seed, epoch, sample) (kd.data.LeafDataset), so the view the student trains on at
+epoch e is the view the teacher saw when the cache was built. A view's row is its loader key, e * N + sample.
+
+Each row holds the top-k logits (fp16, descending), their class indices (int16; int32 past 32,767 classes) and
+log Σ exp(logit) over the other classes (fp16): 4k + 2 bytes per sample per epoch (6k + 2 with int32 indices).
+`reconstruct_logits` puts the top-k logits back in place and gives every other class the log-mean-exp of the rest,
+so at T = 1 the top-k probabilities are the teacher's and the remaining mass is spread uniformly over the other
+classes (FKD's choice); every soft loss (KL, DKD, DIST) and temperature works on the result. With k >= classes it
+is the teacher's logits, up to fp16 rounding.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from accelerate import Accelerator
+from numpy.lib.format import open_memmap
+from rich.progress import track
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from kd.config import DistillationConfig
+from kd.errors import UserError
+from kd.models import checkpoint_stem
+
+FORMAT = 1
+# what in a teacher checkpoint's metadata changes its logits on a view, beside the weights
+TEACHER_FIELDS = ("arch", "classes", "inputs", "image_size", "mean", "std", "ms_mean", "ms_std", "ms_bands")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_applies(d: DistillationConfig) -> None:
+    """The cache holds the teachers' final logits, nothing that changes or is read inside them during training."""
+    if d.feature_matching and d.feature_layers:
+        raise UserError(
+            "distillation.teacher_cache holds logits only, and feature matching needs the teacher's features at "
+            "every step: set distillation.feature_matching=false to distil logits from the cache, or "
+            "distillation.teacher_cache='' to run the teacher online"
+        )
+    if d.ema_teacher_weight > 0:
+        raise UserError(
+            "distillation.teacher_cache cannot include the EMA teacher (it changes every step): set "
+            "distillation.ema_teacher_weight=0, or distillation.teacher_cache='' to run the teachers online"
+        )
+
+
+def cache_key(
+    teachers: list[dict], metas: list[dict], dataset: Dataset, data_root: str, teacher_inputs: list[dict], top_k: int
+) -> dict:
+    """Everything the cached logits depend on, as plain JSON data: the teachers (weights hash, ensemble weight,
+    inputs, classes, MS statistics), the augmentation as the training loader applies it (seed, view size,
+    normalization, flips, crop scale, torch versions), the training samples (paths, labels, file sizes) and k."""
+    transform = dataset.transform
+    files = hashlib.sha256()
+    for path, label in dataset.samples:
+        files.update(f"{os.path.relpath(path, data_root)}\t{label}\t{os.path.getsize(path)}\n".encode())
+    classes = metas[0]["classes"]
+    key = {
+        "format": FORMAT,
+        "teachers": [
+            {
+                "weights_sha256": file_sha256(checkpoint_stem(t["checkpoint"]).with_suffix(".safetensors")),
+                "weight": float(t.get("weight", 1.0)),
+                **{f: m.get(f) for f in TEACHER_FIELDS},
+            }
+            for t, m in zip(teachers, metas)
+        ],
+        "teacher_inputs": teacher_inputs,
+        "augmentation": {
+            "seed": dataset.augment_seed,
+            "image_size": transform.image_size,
+            "mean": transform.mean,
+            "std": transform.std,
+            "hflip": transform.hflip,
+            "vflip": transform.vflip,
+            "scale": list(transform.scale),
+            # the random draws and the resizing kernels that make a view are theirs
+            "libraries": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+        },
+        "samples": {"count": len(dataset.samples), "sha256": files.hexdigest()},
+        "top_k": min(top_k, len(classes)),
+        "num_classes": len(classes),
+    }
+    return json.loads(json.dumps(key))  # tuples -> lists, as they come back from meta.json
+
+
+def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(top-k logits fp16, their class indices, log Σ exp over the other classes fp16; -inf when k >= classes)."""
+    logits = logits.float()
+    values, indices = logits.topk(min(k, logits.shape[1]), dim=1)
+    rest = logits.scatter(1, indices, float("-inf"))
+    log_rest = rest.logsumexp(1)  # log-sum-exp in fp32, then stored: no cancellation as 1 - Σ top-k p would have
+    index_dtype = torch.int16 if logits.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+    return values.half(), indices.to(index_dtype), log_rest.half()
+
+
+def reconstruct_logits(
+    values: torch.Tensor, indices: torch.Tensor, log_rest: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """B×C logits: the top-k in place, each other class log(rest mass / (C - k)), i.e. the rest spread uniformly."""
+    values = values.float()
+    batch, k = values.shape
+    fill = log_rest.float() - math.log(num_classes - k) if k < num_classes else values.new_zeros(batch)
+    return fill[:, None].repeat(1, num_classes).scatter_(1, indices.long(), values)
+
+
+def bytes_per_row(k: int, num_classes: int) -> int:
+    """Disk bytes per (sample, epoch): k fp16 values + k indices + one fp16 log rest mass."""
+    return k * (2 + (2 if num_classes <= torch.iinfo(torch.int16).max else 4)) + 2
+
+
+def _leaves(value, name: str = ""):
+    """(dotted name, value) of every leaf of nested dicts and lists of dicts."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{name}.{k}" if name else k)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{name}[{i}]")
+    else:
+        yield name, value
+
+
+def describe_difference(cached: dict, key: dict, limit: int = 5) -> str:
+    """The first `limit` entries of the key that differ, with the cache's value and this run's."""
+    ours, theirs = dict(_leaves(key)), dict(_leaves(cached))
+    names = [n for n in {**theirs, **ours} if ours.get(n) != theirs.get(n)]
+    shown = [f"{n}: cache {theirs.get(n)!r}, this run {ours.get(n)!r}" for n in names[:limit]]
+    return "; ".join(shown) + (f"; and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class TeacherCache:
+    """A built cache, memory-mapped: rows are read from disk as batches ask for them, so it may exceed RAM."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        self.values, self.indices, self.log_rest = (
+            np.load(self.path / f"{name}.npy", mmap_mode="r") for name in ("values", "indices", "log_rest")
+        )
+        self.num_classes, self.epochs = self.meta["key"]["num_classes"], self.meta["epochs"]
+
+    @classmethod
+    def open(cls, path: str | Path, key: dict, epochs: int, rebuild: str) -> "TeacherCache":
+        """The cache at `path` if it was built for exactly this `key` and at least `epochs` epochs; else a UserError
+        that says why and gives the `rebuild` command. A stale cache is never used."""
+        path = Path(path)
+        if not (path / "meta.json").is_file():
+            raise UserError(f"teacher cache {path} not found (or its build was cut short); build it with:\n  {rebuild}")
+        cache = cls(path)
+        if cache.meta["key"] != key:
+            raise UserError(
+                f"teacher cache {path} was built for another teacher, augmentation, seed, data or k, so its logits "
+                f"are not this run's targets ({describe_difference(cache.meta['key'], key)}). Rebuild it with:\n"
+                f"  {rebuild}\nor point distillation.teacher_cache at a new folder."
+            )
+        if cache.epochs < epochs:
+            raise UserError(
+                f"teacher cache {path} holds {cache.epochs} epochs of views, but distillation.max_epochs={epochs}. "
+                f"Rebuild it with:\n  {rebuild}"
+            )
+        return cache
+
+    def logits(self, keys: torch.Tensor) -> torch.Tensor:
+        """Reconstructed teacher logits (float32, on the keys' device) for the views with these loader keys."""
+        rows = keys.cpu().numpy()
+        values, indices, log_rest = (torch.from_numpy(a[rows]) for a in (self.values, self.indices, self.log_rest))
+        return reconstruct_logits(values, indices, log_rest, self.num_classes).to(keys.device, non_blocking=True)
+
+
+class CachedTeacher(nn.Module):
+    """The cache as a teacher for the Distiller: it takes the batch's loader keys and returns the cached logits."""
+
+    input_keys = ("key",)
+
+    def __init__(self, cache: TeacherCache):
+        super().__init__()
+        self.cache = cache
+
+    def forward(self, key: torch.Tensor) -> torch.Tensor:
+        return self.cache.logits(key)
+
+
+def is_current(path: Path, key: dict, epochs: int) -> bool:
+    if not (path / "meta.json").is_file():
+        return False
+    meta = json.loads((path / "meta.json").read_text())
+    return meta["key"] == key and meta["epochs"] >= epochs
+
+
+def build_teacher_cache(
+    accelerator: Accelerator,
+    path: str | Path,
+    key: dict,
+    teacher_logits: Callable[[dict], torch.Tensor],
+    dataset: Dataset,
+    epochs: int,
+    batch_size: int,
+    num_workers: int = 0,
+) -> Path:
+    """Run `teacher_logits` once on every (sample, epoch) view of `dataset` and store the top-k rows at `path`.
+
+    Each process computes every num_processes-th row into shared memory-mapped files (one machine, or a shared
+    file system); the build goes to <path>.tmp and is renamed when complete, so a killed build is never read.
+    An existing cache with the same key and enough epochs is kept as it is.
+    """
+    path = Path(path)
+    if is_current(path, key, epochs):
+        accelerator.print(f"teacher cache {path} is up to date ({key['top_k']} logits x {epochs} epochs)")
+        return path
+    tmp, rows, k = path.with_name(path.name + ".tmp"), epochs * len(dataset), key["top_k"]
+    index_dtype = np.int16 if key["num_classes"] <= np.iinfo(np.int16).max else np.int32
+    shapes = {"values": ((rows, k), np.float16), "indices": ((rows, k), index_dtype), "log_rest": ((rows,), np.float16)}
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, (shape, dtype) in shapes.items():
+            open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape).flush()
+    accelerator.wait_for_everyone()
+    arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in shapes}
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=range(rank, rows, world), num_workers=num_workers)
+    for batch in track(loader, f"caching the teacher ({rows} views)", disable=not accelerator.is_main_process):
+        batch = {name: value.to(accelerator.device) for name, value in batch.items()}
+        with torch.no_grad(), accelerator.autocast():  # the precision the online teacher would run in
+            logits = teacher_logits(batch)
+        keys = batch["key"].cpu().numpy()
+        for name, part in zip(shapes, top_k_rows(logits, k)):
+            arrays[name][keys] = part.cpu().numpy()
+    for array in arrays.values():
+        array.flush()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = {"key": key, "epochs": epochs, "samples": len(dataset), "precision": accelerator.mixed_precision}
+        meta["bytes"] = sum((tmp / f"{name}.npy").stat().st_size for name in shapes)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: its presence marks a whole cache
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        accelerator.print(f"teacher cache {path}: {rows} views x top-{k}, {meta['bytes']:,} bytes")
+    accelerator.wait_for_everyone()
+    return path
