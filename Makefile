@@ -6,7 +6,7 @@ DEMO_EPOCHS ?= 10
 DEMO_DISTILL := distillation.student_pretrained=null distillation.max_epochs=$(DEMO_EPOCHS) \
 	distillation.warmup_epochs=1 distillation.learning_rate=2e-3
 
-.PHONY: demo test lint venv clean-demo qat-compare seeds
+.PHONY: demo test lint venv clean-demo qat-compare seeds export-deps
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,11 +19,16 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 
 venv: $(VENV)/.installed
 
+# TFLite export (export.py --tflite): litert-torch and what it pulls in (about 1 GB), beside the pinned torch.
+export-deps: $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-export.txt
+
 demo: $(VENV)/.installed
 	$(PY) train_teacher.py --config configs/teacher.yaml train.max_epochs=$(DEMO_EPOCHS)
 	$(PY) train_teacher.py --config configs/baseline_b0.yaml train.max_epochs=$(DEMO_EPOCHS)
 	$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL)
-	$(PY) export.py --checkpoint checkpoints/student/best.safetensors --out exports/student.onnx --config configs/b0.yaml --int8
+	$(PY) export.py --checkpoint checkpoints/student/best.safetensors --out exports/student.onnx --config configs/b0.yaml \
+		--formats torchscript onnx-int8-static onnx-int8-dynamic torch-int8-dynamic
 	$(PY) evaluate.py --config configs/b0.yaml --out results \
 		--models teacher=checkpoints/teacher/best.safetensors distilled=checkpoints/student/best.safetensors \
 		         baseline=checkpoints/baseline/best.safetensors
@@ -44,9 +49,9 @@ qat-compare: $(VENV)/.installed
 	$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL) distillation.qat_start_fraction=0.8 \
 		distillation.checkpoint_dir=checkpoints/student_qat
 	$(PY) export.py --checkpoint checkpoints/student_ptq/latest.safetensors --out exports/ptq/student.onnx \
-		--config configs/b0.yaml --int8
+		--config configs/b0.yaml --formats onnx-int8-static
 	$(PY) export.py --checkpoint checkpoints/student_qat/latest.safetensors --out exports/qat/student.onnx \
-		--config configs/b0.yaml --int8
+		--config configs/b0.yaml --formats onnx-int8-static
 
 # The demo's comparison table over seeds (after `make demo`, which is seed 0): every model retrained per seed, the
 # student distilled from that seed's teacher; mean ± std of the best and of the last epoch. Finished runs are
@@ -67,3 +72,26 @@ seeds: $(VENV)/.installed
 			distillation.checkpoint_dir=checkpoints/seeds/distilled_$$s || exit 1; \
 	done
 	$(PY) evaluate.py --config configs/b0.yaml --out results/seeds --last --models $(SEED_MODELS)
+
+# Logit distillation online vs from the teacher cache on the demo (after `make demo`), over CACHE_SEEDS: the demo
+# recipe without feature matching (the cache holds logits only); one cache per seed (the seed draws the views).
+# evaluate.py reports each recipe as mean ± std. Finished runs are skipped (resume=auto), as are current caches.
+.PHONY: cache-compare
+CACHE_SEEDS ?= 0 1 2
+CACHE_RUNS ?= checkpoints/cache_compare
+CACHE_DISTILL = $(DEMO_DISTILL) distillation.feature_matching=false distillation.resume=auto
+cache-compare: $(VENV)/.installed
+	for s in $(CACHE_SEEDS); do \
+		$(PY) distill.py --config configs/b0.yaml $(CACHE_DISTILL) seed=$$s \
+			distillation.checkpoint_dir=$(CACHE_RUNS)/online_$$s || exit 1; \
+		$(PY) distill.py --config configs/b0.yaml $(CACHE_DISTILL) seed=$$s --cache-teacher \
+			distillation.teacher_cache=$(CACHE_RUNS)/teacher_cache_$$s distillation.checkpoint_dir=$(CACHE_RUNS)/cached_$$s \
+			|| exit 1; \
+		$(PY) distill.py --config configs/b0.yaml $(CACHE_DISTILL) seed=$$s \
+			distillation.teacher_cache=$(CACHE_RUNS)/teacher_cache_$$s distillation.checkpoint_dir=$(CACHE_RUNS)/cached_$$s \
+			|| exit 1; \
+	done
+	$(PY) evaluate.py --config configs/b0.yaml --out $(CACHE_RUNS)/results --models \
+		teacher=checkpoints/teacher/best.safetensors \
+		$(foreach s,$(CACHE_SEEDS),online@$(s)=$(CACHE_RUNS)/online_$(s)/best.safetensors \
+		cached@$(s)=$(CACHE_RUNS)/cached_$(s)/best.safetensors)

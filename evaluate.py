@@ -2,11 +2,12 @@
 
     python evaluate.py --config configs/b0.yaml --models teacher=checkpoints/teacher/best.safetensors \
         distilled=checkpoints/student/best.safetensors baseline=checkpoints/baseline/best.safetensors \
-        onnx=exports/student.onnx int8=exports/student_int8.pt [--corruptions] [--out results]
+        onnx=exports/student.onnx int8=exports/student_int8_static.onnx [--corruptions] [--out results]
 
-Models are name=path pairs: kd checkpoints (teacher or student, RGB or RGB+MS), ONNX files (run with onnxruntime;
-classes and normalization from the ONNX metadata or the sidecar .json) and TorchScript files such as export.py's
-<stem>_int8.pt (metadata from the sidecar <stem>.json beside it, or --meta). Each model sees the split at its own
+Models are name=path pairs: kd checkpoints (teacher or student, RGB or RGB+MS) and the files export.py writes:
+ONNX, fp32 or INT8 (run with onnxruntime; classes and normalization from the ONNX metadata or the sidecar .json),
+TorchScript (.pt) and TFLite (.tflite, LiteRT interpreter, needs requirements-export.txt) files (metadata from the
+sidecar <stem>.json beside them, or --meta). Each model sees the split at its own
 image size and normalization; a model that needs MS gets the same images plus their band stacks.
 
 One row per model: parameters, top-1, batch-1 latency (median; p90 too), memory (peak during batch-1 inference by
@@ -57,7 +58,7 @@ from kd.models import checkpoint_stem
 
 COLUMNS = ("Model", "Parameters", "Top-1 Acc.", "Latency (ms)", "Memory (MB)")
 EXTRA = ("Top-5", "Macro-F1", "ECE", "Agreement", "KL", "p90 (ms)", "Images/s", "Weights (MB)", "File (MB)")
-KIND = {"checkpoint": "", "onnx": " ONNX", "torchscript": " TorchScript"}
+KIND = {"checkpoint": "", "onnx": " ONNX", "torchscript": " TorchScript", "tflite": " TFLite"}
 
 
 def model_list(args) -> list[tuple[str, str, str]]:
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--meta", help="JSON with classes/image_size/mean/std for exported files lacking a sidecar")
     parser.add_argument("--split", default="test", help="data split to evaluate on (default: test)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (ONNX and TorchScript files run on the CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (exported files run on the CPU)")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed batch-1 calls before timing")
     parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 calls")

@@ -1,14 +1,17 @@
 """Export a student checkpoint for deployment, and prove every exported file agrees with PyTorch.
 
     python export.py --checkpoint checkpoints/student/best.safetensors --out exports/student.onnx \
-        [--config configs/b0.yaml] [--int8] [--atol 1e-3] [--min-agreement 0.9]
+        [--config configs/b0.yaml] [--int8] [--tflite] [--formats onnx torchscript ...] [--atol 1e-3]
 
-Writes a single self-contained ONNX file (dynamic batch, weights embedded), with --int8 also an INT8 TorchScript
-model (PyTorch FX static quantization, per-channel weights, activations calibrated on training images). Each format
-is checked against the PyTorch model on real validation images (random inputs without --config): max |logit
-difference|, top-1 agreement, accuracy, file size and batch-1 latency, printed and written to export_report.json.
-An fp32 file past --atol, or an INT8 file below --min-agreement, fails loudly and is renamed *.rejected. Classes,
-input size and normalization travel in the ONNX metadata and a sidecar <out>.json.
+Always writes <stem>.onnx (self-contained, dynamic batch) and <stem>.pt (fp32 TorchScript); --tflite adds
+<stem>.tflite (litert-torch, `make export-deps`); --int8 adds every INT8 path: ONNX Runtime static QDQ and dynamic
+(<stem>_int8_static.onnx, _int8_dynamic.onnx), PyTorch FX static and dynamic (<stem>_int8_static.pt,
+_int8_dynamic.pt) and, with --tflite, TFLite INT8 (<stem>_int8.tflite). Each file is run on validation images
+(random inputs without --config) against the PyTorch model: max |logit difference|, top-1 agreement, accuracy,
+size and batch-1 latency (all formats timed in turn, so machine load hits them alike), printed and written to
+export_report.json. An fp32 file past --atol, or an INT8 file below --reject-agreement, is renamed *.rejected and
+the command fails; an INT8 file between --reject-agreement and --min-agreement is kept but marked not recommended.
+Classes, input size and normalization travel in the ONNX metadata and the sidecar <stem>.json.
 """
 
 import argparse
@@ -16,103 +19,82 @@ import json
 import os
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch.utils.data import DataLoader, Subset
 
+from kd import export_formats as fmt
 from kd.config import load_config
 from kd.data import checkpoint_loader, prepare_data
 from kd.errors import UserError, exit_on_user_error
 from kd.models import input_keys, load_checkpoint
-from kd.qat import quantize_int8
+
+FP32 = ("onnx", "torchscript", "tflite")
+INT8 = ("onnx-int8-static", "onnx-int8-dynamic", "torch-int8-static", "torch-int8-dynamic", "tflite-int8")
+BASELINE = {"onnx": "onnx", "torch": "pytorch", "tflite": "tflite"}  # INT8 rows are timed against these fp32 rows
 
 
-def export_onnx(model: torch.nn.Module, meta: dict, path: Path, opset: int = 18) -> Path:
-    """Dynamo-export with a dynamic batch dimension; weights embedded (no .onnx.data); metadata attached."""
-    size = meta["image_size"]
-    example = torch.randn(2, 3, size, size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(),
-            (example,),
-            str(path),
-            dynamo=True,
-            external_data=False,
-            opset_version=opset,
-            input_names=["rgb"],
-            output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            verbose=False,
-        )
-    proto = onnx.load(str(path))
-    for key in ("classes", "image_size", "mean", "std"):
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(meta[key])
-    onnx.save(proto, str(path))
-    return path
-
-
-def export_int8(model: torch.nn.Module, calibration: list[torch.Tensor], path: Path) -> Path:
-    """INT8 TorchScript via FX static quantization, loadable with torch.jit.load and no kd code."""
-    int8 = quantize_int8(model, calibration)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.trace(int8, calibration[0][:1]), str(path))
-    return path
-
-
-def compare(reference: Callable, candidate: Callable, batches: list[dict]) -> dict:
-    """Max |logit difference|, top-1 agreement and (with labels) accuracy of `candidate` against `reference`."""
-    max_diff, agree, correct, total = 0.0, 0, 0, 0
-    for batch in batches:
-        expected, got = reference(batch["rgb"]), candidate(batch["rgb"])
-        max_diff = max(max_diff, float(np.abs(got - expected).max()))
-        agree += int((got.argmax(1) == expected.argmax(1)).sum())
-        correct += int((got.argmax(1) == batch["label"].numpy()).sum()) if "label" in batch else 0
-        total += batch["rgb"].shape[0]
-    labelled = all("label" in b for b in batches)
+def compare(reference: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict:
+    """Max |logit difference|, top-1 agreement and (with labels) accuracy of `got` against `reference` logits."""
     return {
-        "max_abs_diff": max_diff,
-        "top1_agreement": agree / total,
-        "samples": total,
-        "accuracy": correct / total if labelled else None,
+        "max_abs_diff": float(np.abs(got - reference).max()),
+        "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
+        "samples": len(got),
+        "accuracy": None if labels is None else float((got.argmax(1) == labels).mean()),
     }
 
 
-def latency_ms(run: Callable, example: torch.Tensor, warmup: int = 10, runs: int = 50) -> float:
-    """Median batch-1 latency over `runs` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        run(example)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(example)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def latencies_ms(runners: dict[str, Callable], example: torch.Tensor, warmup: int, runs: int) -> dict[str, float]:
+    """Median batch-1 latency of each runner; rounds visit every runner once, so load changes hit all alike."""
+    times = {name: [] for name in runners}
+    for round_ in range(warmup + runs):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run(example)
+            if round_ >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def torch_runner(module: torch.nn.Module) -> Callable:
-    def run(x: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return module(x).float().numpy()
+def write(name: str, model: torch.nn.Module, meta: dict, out: Path, calibration: list, opset: int) -> Path:
+    """Write format `name` beside `out` (the ONNX path) and return the file."""
+    stem, example = out.with_suffix(""), calibration[0][:1]
+    if name == "onnx":
+        return fmt.write_onnx(model, meta, out, opset)
+    if name == "torchscript":
+        return fmt.write_torchscript(model, example, stem.with_suffix(".pt"))
+    if name == "tflite":
+        return fmt.write_tflite(model, example, stem.with_suffix(".tflite"))
+    target = Path(f"{stem}_int8_{name.rsplit('-', 1)[-1]}")
+    if name == "onnx-int8-static":
+        return fmt.write_onnx_int8_static(out, meta, calibration, target.with_suffix(".onnx"))
+    if name == "onnx-int8-dynamic":
+        return fmt.write_onnx_int8_dynamic(out, meta, target.with_suffix(".onnx"))
+    if name == "torch-int8-static":
+        return fmt.write_torch_int8_static(model, calibration, target.with_suffix(".pt"))
+    if name == "torch-int8-dynamic":
+        return fmt.write_torch_int8_dynamic(model, example, target.with_suffix(".pt"))
+    return fmt.write_tflite_int8(model, calibration, Path(f"{stem}_int8.tflite"))
 
-    return run
+
+def runner(path: Path) -> Callable:
+    if path.suffix == ".onnx":
+        return fmt.onnx_runner(path)
+    return fmt.tflite_runner(path) if path.suffix == ".tflite" else fmt.torchscript_runner(path)
 
 
-def onnx_runner(path: Path) -> Callable:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as PyTorch
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"rgb": x.numpy()})[0]
+def verdict(name: str, row: dict, args) -> str:
+    """ok | not recommended | rejected. fp32 must match to --atol; INT8 is judged on top-1 agreement."""
+    if name in FP32:
+        return "ok" if row["max_abs_diff"] <= args.atol else "rejected"
+    if row["top1_agreement"] < args.reject_agreement:
+        return "rejected"
+    return "ok" if row["top1_agreement"] >= args.min_agreement else "not recommended"
 
 
 @exit_on_user_error
@@ -122,15 +104,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="exports/student.onnx", help="ONNX path; other files go beside it")
     parser.add_argument("--config", help="config whose data section gives validation images for the check")
     parser.add_argument("--split", default="val", help="split used for the parity and accuracy check")
-    parser.add_argument("--int8", action="store_true", help="also write an INT8 TorchScript model")
+    parser.add_argument("--formats", nargs="+", default=["onnx", "torchscript"], choices=FP32 + INT8)
+    parser.add_argument("--int8", action="store_true", help="add every INT8 format (TFLite INT8 with --tflite)")
+    parser.add_argument("--tflite", action="store_true", help="add TFLite (needs `make export-deps`)")
     parser.add_argument("--calibration-images", type=int, default=256, help="training images for INT8 ranges")
     parser.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit difference| (fp32)")
-    parser.add_argument("--min-agreement", type=float, default=0.9, help="smallest INT8 top-1 agreement")
+    parser.add_argument("--min-agreement", type=float, default=0.9, help="INT8 top-1 agreement to recommend it")
+    parser.add_argument("--reject-agreement", type=float, default=0.8, help="INT8 top-1 agreement below: rejected")
     parser.add_argument("--opset", type=int, default=18)
-    parser.add_argument("--max-batches", type=int, default=8, help="batches of 32 images used for the check")
+    parser.add_argument("--max-batches", type=int, default=10, help="batches of 32 images used for the check")
+    parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 calls per format")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_intermixed_args(argv)
+    names = ["onnx", *args.formats]
+    names += ["tflite"] if args.tflite else []
+    names += [n for n in INT8 if n != "tflite-int8" or args.tflite] if args.int8 else []
+    names = list(dict.fromkeys(names))  # ONNX first: the ORT quantizers start from it
 
+    if any(name.startswith("tflite") for name in names):
+        fmt.require_litert()  # before minutes of other exports, not after
     model, meta = load_checkpoint(args.checkpoint)
     if input_keys(model) != ("rgb",):
         raise UserError(
@@ -139,34 +131,45 @@ def main(argv: list[str] | None = None) -> dict:
         )
     model.eval()
     size, out = meta["image_size"], Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.config:
         cfg = load_config(args.config, args.overrides)
         prepare_data(cfg.data)
         batches = [b for b, _ in zip(checkpoint_loader(cfg.data, meta, args.split, 32), range(args.max_batches))]
-        calibration_loader = checkpoint_loader(cfg.data, meta, "train", 32)
-        calibration = [b["rgb"] for b, _ in zip(calibration_loader, range(-(-args.calibration_images // 32)))]
+        # A random sample of the training images: the loader lists them class by class, and ranges calibrated on
+        # the first classes alone clip the others' activations.
+        train = checkpoint_loader(cfg.data, meta, "train", 32)
+        picked = torch.randperm(len(train.dataset), generator=torch.Generator().manual_seed(0))
+        sample = Subset(train.dataset, picked[: args.calibration_images].tolist())
+        calibration = [b["rgb"] for b in DataLoader(sample, batch_size=32, collate_fn=train.collate_fn)]
     else:
         generator = torch.Generator().manual_seed(0)
         batches = [{"rgb": torch.randn(8, 3, size, size, generator=generator)} for _ in range(2)]
         calibration = [torch.randn(8, 3, size, size, generator=generator) for _ in range(4)]
+    images = torch.cat([b["rgb"] for b in batches])
+    labels = torch.cat([b["label"] for b in batches]).numpy() if "label" in batches[0] else None
 
-    checkpoint_file = Path(args.checkpoint).with_suffix(".safetensors")
-    formats = {"pytorch fp32": (checkpoint_file, torch_runner(model), None)}
-    formats["onnx fp32"] = (export_onnx(model, meta, out, args.opset), None, args.atol)
-    if args.int8:
-        int8_path = export_int8(model, calibration, out.with_name(out.stem + "_int8.pt"))
-        formats["pytorch int8"] = (int8_path, torch_runner(torch.jit.load(str(int8_path))), None)
-    reference = formats["pytorch fp32"][1]
-    rows, failures = {}, []
-    for name, (path, run, atol) in formats.items():
-        run = run or onnx_runner(path)
-        row = {"file": str(path), "size_mb": os.path.getsize(path) / 2**20, **compare(reference, run, batches)}
-        row["latency_ms"] = latency_ms(run, batches[0]["rgb"][:1])
-        rows[name] = row
-        too_far = atol is not None and row["max_abs_diff"] > atol
-        if too_far or ("int8" in name and row["top1_agreement"] < args.min_agreement):
-            rejected = Path(str(path) + ".rejected")
-            Path(path).rename(rejected)
+    files = {"pytorch": Path(args.checkpoint).with_suffix(".safetensors")}
+    runners = {"pytorch": fmt.torch_runner(model)}
+    for name in names:
+        print(f"writing {name} ...", flush=True)
+        files[name] = write(name, model, meta, out, calibration, args.opset)
+        runners[name] = runner(files[name])
+    reference = runners["pytorch"](images)
+    rows = {name: {"file": str(files[name]), "size_mb": os.path.getsize(files[name]) / 2**20} for name in files}
+    for name, run in runners.items():
+        rows[name] |= compare(reference, np.concatenate([run(b["rgb"]) for b in batches]), labels)
+    for name, ms in latencies_ms(runners, images[:1], warmup=10, runs=args.latency_runs).items():
+        rows[name]["latency_ms"] = ms
+    failures = []
+    for name, row in rows.items():
+        fp32 = BASELINE[name.split("-")[0]] if name in INT8 else None
+        row["speedup_vs_fp32"] = rows[fp32]["latency_ms"] / row["latency_ms"] if fp32 in rows else None
+        row["status"] = "ok" if name == "pytorch" else verdict(name, row, args)
+        if row["status"] == "rejected":
+            rejected = Path(row["file"] + ".rejected")
+            Path(row["file"]).rename(rejected)
+            row["file"] = str(rejected)
             failures.append(
                 f"{name}: max |diff| {row['max_abs_diff']:.2e}, top-1 agreement "
                 f"{row['top1_agreement']:.3f}; moved to {rejected}, do not ship it"
@@ -177,38 +180,39 @@ def main(argv: list[str] | None = None) -> dict:
         "opset": args.opset,
         "threads": torch.get_num_threads(),
         "split": args.split if args.config else "random inputs",
+        "calibration_images": sum(len(c) for c in calibration),
+        "thresholds": {"atol": args.atol, "min_agreement": args.min_agreement, "reject": args.reject_agreement},
         "formats": rows,
     }
     sidecar = {k: meta[k] for k in ("classes", "image_size", "mean", "std", "arch")}
     sidecar.update(input="rgb: float32 N×3×H×W, normalized", output="logits: float32 N×classes")
     out.with_suffix(".json").write_text(json.dumps({**sidecar, "export": report}, indent=2))
     (out.parent / "export_report.json").write_text(json.dumps(report, indent=2))
-    table = Table(
-        "format",
-        "file",
-        "MB",
-        "latency (ms)",
-        "accuracy",
-        "top-1 agreement",
-        "max |diff|",
-        title=f"export check on {report['split']} ({rows['pytorch fp32']['samples']} images), "
-        f"batch-1 latency on CPU, {report['threads']} threads",
+    title = (
+        f"export check on {report['split']} ({len(images)} images), batch-1 latency on CPU, {report['threads']} "
+        f"threads; x fp32 = the same runtime's fp32 latency / this one"
     )
+    columns = ("format", "file", "MB", "latency (ms)", "x fp32", "accuracy", "agreement", "max |diff|", "status")
+    table = Table(*columns, title=title)
     for name, r in rows.items():
-        accuracy = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%"
         table.add_row(
             name,
             Path(r["file"]).name,
-            f"{r['size_mb']:.1f}",
+            f"{r['size_mb']:.2f}",
             f"{r['latency_ms']:.2f}",
-            accuracy,
+            "-" if r["speedup_vs_fp32"] is None else f"{r['speedup_vs_fp32']:.2f}",
+            "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
             f"{r['top1_agreement']:.3f}",
             f"{r['max_abs_diff']:.1e}",
+            r["status"],
         )
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(140, Console().width)).print(table)
     if failures:
         raise UserError("exported model(s) do not match PyTorch:\n  " + "\n  ".join(failures))
-    print(f"wrote {out} (opset {args.opset}) and {out.parent / 'export_report.json'}; onnxruntime matches PyTorch")
+    weak = [n for n, r in rows.items() if r["status"] == "not recommended"]
+    if weak:
+        print(f"not recommended: {', '.join(weak)} (top-1 agreement below --min-agreement {args.min_agreement})")
+    print(f"wrote {len(names)} files beside {out} and {out.parent / 'export_report.json'}; all match PyTorch")
     return report
 
 

@@ -1,7 +1,7 @@
 """What evaluate.py measures, and how.
 
 1. Metrics: pure functions of a logit matrix (N×K) and labels (N), each stating its formula.
-2. Models: one interface over kd checkpoints, ONNX files (onnxruntime) and INT8 TorchScript files.
+2. Models: one interface over kd checkpoints, ONNX files (onnxruntime), TorchScript and TFLite files.
 3. Speed and memory: batch-1 latency, throughput, peak memory in a fresh process.
 4. Corruptions: gaussian noise, gaussian blur, brightness, JPEG at severities 1..3, on un-normalized images.
 5. Plots (PIL only): confusion matrix, reliability diagram, per-class accuracy.
@@ -132,7 +132,7 @@ class LoadedModel:
 
     run: Callable[..., torch.Tensor]
     meta: dict  # classes, image_size, mean, std, inputs (+ arch, MS statistics for checkpoints)
-    kind: str  # checkpoint (PyTorch) | onnx (onnxruntime) | torchscript
+    kind: str  # checkpoint (PyTorch) | onnx (onnxruntime) | torchscript | tflite (LiteRT)
     device: str  # where it runs: exported files always on the CPU
     params: int | None  # of the architecture (exported files: rebuilt from the sidecar's arch)
     weights_mb: float  # checkpoint: parameters + buffers; ONNX: initializers; TorchScript: the file
@@ -140,10 +140,13 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, meta_file: str | None = None, device: str = "cpu") -> LoadedModel:
-    """A kd checkpoint (.safetensors + .json), an ONNX file, or a TorchScript file (e.g. export.py's *_int8.pt)."""
+    """A kd checkpoint (.safetensors + .json), or a file export.py writes: ONNX (fp32 or INT8), TorchScript (.pt,
+    fp32 or INT8) or TFLite (LiteRT interpreter)."""
     path = Path(path)
     if path.suffix == ".onnx":
         return _load_onnx(path, meta_file)
+    if path.suffix == ".tflite":
+        return _load_tflite(path, meta_file)
     if path.suffix == ".pt" and path.is_file() and not checkpoint_stem(path).with_suffix(".safetensors").is_file():
         return _load_torchscript(path, meta_file)
     model, meta = load_checkpoint(path)
@@ -187,7 +190,7 @@ def _load_onnx(path: Path, meta_file: str | None) -> LoadedModel:
 
     proto = onnx.load(str(path))
     found = {p.key: json.loads(p.value) for p in proto.metadata_props}
-    meta = _export_meta(path, found, path.with_suffix(".json"), meta_file)
+    meta = _export_meta(path, found, _sidecar(path), meta_file)
     weights = sum(len(t.raw_data) for t in proto.graph.initializer) / 2**20
     params = _arch_parameters(meta) or sum(math.prod(t.dims) for t in proto.graph.initializer)
     options = ort.SessionOptions()
@@ -201,9 +204,24 @@ def _load_onnx(path: Path, meta_file: str | None) -> LoadedModel:
     return LoadedModel(run, meta, "onnx", "cpu", params, weights, path.stat().st_size / 2**20)
 
 
+def _sidecar(path: Path) -> Path:
+    """export.py's sidecar of any file it wrote: s.onnx, s.pt, s.tflite, s_int8_static.pt, ... -> s.json."""
+    return path.with_name(path.stem.split("_int8")[0] + ".json")
+
+
+def _load_tflite(path: Path, meta_file: str | None) -> LoadedModel:
+    from kd.export_formats import tflite_runner  # needs requirements-export.txt; it says so when missing
+
+    meta = _export_meta(path, {}, _sidecar(path), meta_file)
+    run_numpy = tflite_runner(path)
+    size = path.stat().st_size / 2**20
+    return LoadedModel(
+        lambda rgb: torch.from_numpy(run_numpy(rgb.cpu())), meta, "tflite", "cpu", _arch_parameters(meta), size, size
+    )
+
+
 def _load_torchscript(path: Path, meta_file: str | None) -> LoadedModel:
-    sidecar = path.with_name(path.stem.removesuffix("_int8") + ".json")  # export.py: s.onnx, s.json, s_int8.pt
-    meta = _export_meta(path, {}, sidecar, meta_file)
+    meta = _export_meta(path, {}, _sidecar(path), meta_file)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit is deprecated upstream; it is what export.py writes
         module = torch.jit.load(str(path), map_location="cpu").eval()

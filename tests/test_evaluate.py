@@ -173,9 +173,9 @@ def files(tiny_demo, tmp_path_factory):
     first = _student(work / "s0/best", 1, classes)
     _student(work / "s0/latest", 2, classes)
     _student(work / "s1/best", 3, classes)
-    with one_thread(), pytest.MonkeyPatch.context() as patch:  # export.py's own latency check is not tested here
-        patch.setattr(export, "latency_ms", lambda run, example: run(example) is not None)
-        export.main(["--checkpoint", str(first), "--out", str(work / "exp/s.onnx"), "--int8", "--min-agreement", "0"])
+    with one_thread():  # export.py's own latency check is not tested here
+        args = ["--checkpoint", str(first), "--out", str(work / "exp/s.onnx"), "--latency-runs", "1"]
+        export.main([*args, "--formats", "torch-int8-static", "--reject-agreement", "0"])
     return work
 
 
@@ -194,7 +194,7 @@ def results(files, tiny_demo):
         "--models",
         f"teacher={files / 'teacher/best.safetensors'}",
         f"onnx={files / 'exp/s.onnx'}",
-        f"int8={files / 'exp/s_int8.pt'}",
+        f"int8={files / 'exp/s_int8_static.pt'}",
         f"baseline={files / 's1/best.safetensors'}",
         "--group",
         f"distilled={files / 's0/best.safetensors'},{files / 's1/best.safetensors'}",
@@ -264,7 +264,7 @@ def test_corruptions_and_peak_memory_of_an_rgb_ms_teacher(files, tiny_demo):
 
 def test_int8_without_its_sidecar_needs_meta(files, tmp_path):
     lone = tmp_path / "m_int8.pt"
-    shutil.copy(files / "exp/s_int8.pt", lone)
+    shutil.copy(files / "exp/s_int8_static.pt", lone)
     with pytest.raises(UserError, match="--meta"):
         load_model(lone)
     (tmp_path / "meta.json").write_text(

@@ -1,0 +1,222 @@
+"""Deployment formats of an RGB student: one writer per file type, and a runner that executes the written file.
+
+Every runner takes a normalized float batch (N×3×H×W torch tensor) and returns float32 logits (numpy), whatever
+the file holds inside, so export.py checks each format against PyTorch the same way. TFLite needs the optional
+litert-torch (requirements-export.txt); everything else is in requirements.txt.
+"""
+
+import copy
+import json
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from kd.errors import UserError
+from kd.qat import quantize_int8
+
+Runner = Callable[[torch.Tensor], np.ndarray]
+TFLITE_MISSING = (
+    "TFLite export needs litert-torch, which is not installed: run `make export-deps` "
+    "(or `pip install -r requirements-export.txt`, about 1 GB: litert-torch pulls in jax, transformers and torchao)"
+)
+
+
+def _traced(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream; it is still the no-Python-code format
+        torch.jit.save(torch.jit.trace(module, example), str(path))
+    return path
+
+
+def _set_metadata(path: Path, meta: dict) -> None:
+    """Classes, input size and normalization in the ONNX file itself (the quantizers drop them)."""
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key in ("classes", "image_size", "mean", "std"):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(meta[key])
+    onnx.save(proto, str(path))
+
+
+def write_onnx(model: nn.Module, meta: dict, path: Path, opset: int = 18) -> Path:
+    """Dynamo-export with a dynamic batch dimension; weights embedded (no .onnx.data); metadata attached."""
+    size = meta["image_size"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(),
+            (torch.randn(2, 3, size, size),),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            opset_version=opset,
+            input_names=["rgb"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False,
+        )
+    _set_metadata(path, meta)
+    return path
+
+
+def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """fp32 TorchScript by tracing: torch.jit.load(path) runs it without kd or timm."""
+    return _traced(model.eval(), example, path)
+
+
+def write_torch_int8_static(model: nn.Module, calibration: list[torch.Tensor], path: Path) -> Path:
+    """INT8 TorchScript via FX static quantization (kd/qat.py: per-channel weights, calibrated activations)."""
+    return _traced(quantize_int8(model, calibration), calibration[0][:1], path)
+
+
+def write_torch_int8_dynamic(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """PyTorch dynamic quantization: INT8 weights for nn.Linear only (no Conv kernel exists), so for a CNN
+    just the classifier; convolutions stay fp32."""
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+    return _traced(quantized, example, path)
+
+
+def _prepared(onnx_path: Path, folder: str) -> str:
+    """Shapes inferred and the graph folded, as ORT's quantizers want (they fail on the raw dynamo graph)."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = str(Path(folder) / "prepared.onnx")
+    quant_pre_process(str(onnx_path), prepared)
+    return prepared
+
+
+def write_onnx_int8_dynamic(onnx_path: Path, meta: dict, path: Path) -> Path:
+    """ORT dynamic quantization: INT8 weights, activation ranges computed at run time (ConvInteger/MatMulInteger)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_dynamic(_prepared(onnx_path, tmp), str(path), weight_type=QuantType.QInt8)
+    _set_metadata(path, meta)
+    return path
+
+
+class _Batches:  # onnxruntime.quantization.CalibrationDataReader's protocol: get_next() until None
+    def __init__(self, calibration: list[torch.Tensor]):
+        self._batches = iter([{"rgb": batch.numpy()} for batch in calibration])
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
+
+
+def write_onnx_int8_static(onnx_path: Path, meta: dict, calibration: list[torch.Tensor], path: Path) -> Path:
+    """ORT static QDQ quantization, per-channel INT8 weights, UINT8 activations calibrated on `calibration`.
+
+    These are the settings that measured fastest here (README, Export): per-tensor weights, reduce_range, INT8
+    activations, QOperator format or quantizing only Conv were each slower on an EfficientNet.
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp:
+        quantize_static(
+            _prepared(onnx_path, tmp),
+            str(path),
+            _Batches(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    _set_metadata(path, meta)
+    return path
+
+
+def require_litert() -> ModuleType:
+    try:
+        import litert_torch
+    except ImportError:
+        raise UserError(TFLITE_MISSING) from None
+    litert_torch.config.show_progress = False  # dozens of progress lines per conversion
+    return litert_torch
+
+
+def write_tflite(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """fp32 TFLite through litert-torch (torch.export, then the LiteRT converter); batch size fixed at 1."""
+    litert_torch = require_litert()
+    litert_torch.convert(model.eval(), (example[:1],)).export(str(path))
+    return path
+
+
+def write_tflite_int8(model: nn.Module, calibration: list[torch.Tensor], path: Path) -> Path:
+    """INT8 TFLite: PT2E static quantization with litert-torch's quantizer (per-channel symmetric weights, INT8
+    activations calibrated on `calibration`), then converted; inputs and outputs are INT8 too (see tflite_runner)."""
+    litert_torch = require_litert()
+    from litert_torch.quantize import pt2e_quantizer
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    config = pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
+    quantizer = pt2e_quantizer.PT2EQuantizer().set_global(config)
+    batch = torch.export.Dim("batch", min=1)  # calibrate whole batches; the file itself gets batch 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = torch.export.export(copy.deepcopy(model).eval(), (calibration[0],), dynamic_shapes=({0: batch},))
+        prepared = prepare_pt2e(graph.module(), quantizer)
+        with torch.no_grad():
+            for images in calibration:
+                prepared(images)
+        quantized = move_exported_model_to_eval(convert_pt2e(prepared, fold_quantize=False))
+        converted = litert_torch.convert(quantized, (calibration[0][:1],), quant_config=QuantConfig(quantizer))
+        converted.export(str(path))
+    return path
+
+
+def torch_runner(module: nn.Module) -> Runner:
+    def run(x: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return module(x).float().numpy()
+
+    return run
+
+
+def torchscript_runner(path: Path) -> Runner:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch_runner(torch.jit.load(str(path), map_location="cpu").eval())
+
+
+def onnx_runner(path: Path) -> Runner:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as PyTorch
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"rgb": x.numpy()})[0]
+
+
+def tflite_runner(path: Path) -> Runner:
+    """The LiteRT interpreter (XNNPACK delegate on CPU), one image at a time (the file has batch 1); INT8 inputs
+    and outputs are (de)quantized with the scale and zero point stored in the file."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise UserError(TFLITE_MISSING) from None
+    interpreter = Interpreter(model_path=str(path), num_threads=torch.get_num_threads())
+    interpreter.allocate_tensors()
+    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+
+    def one(image: np.ndarray) -> np.ndarray:
+        if inp["dtype"] != np.float32:
+            scale, zero = inp["quantization"]
+            info = np.iinfo(inp["dtype"])
+            image = np.clip(np.round(image / scale) + zero, info.min, info.max).astype(inp["dtype"])
+        interpreter.set_tensor(inp["index"], image)
+        interpreter.invoke()
+        logits = interpreter.get_tensor(out["index"])
+        if out["dtype"] != np.float32:
+            scale, zero = out["quantization"]
+            logits = (logits.astype(np.float32) - zero) * scale
+        return logits
+
+    return lambda x: np.concatenate([one(image[None]) for image in x.numpy()])

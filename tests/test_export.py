@@ -1,0 +1,178 @@
+"""export.py: each format round-trips with parity on a tiny student, wrong files are refused, evaluate.py reads them."""
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+import evaluate
+import export
+from kd import export_formats
+from kd.models import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+CLASSES = ["early_blight", "healthy", "leaf_rust", "nitrogen_stress", "powdery_mildew"]  # the demo set's
+QUICK = ["--latency-runs", "2"]  # latency is reported, not tested, here
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=len(CLASSES))
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(20)  # clear logit gaps: no argmax ties between formats
+    meta = {"arch": {"name": "test_efficientnet", "num_classes": len(CLASSES)}, "classes": CLASSES}
+    meta |= {"inputs": ["rgb"], "image_size": 32, "mean": MEAN, "std": STD}
+    return save_checkpoint(tmp_path_factory.mktemp("student") / "best", model, meta)
+
+
+@pytest.fixture(scope="module")
+def exported(student, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("exp") / "s.onnx"
+    report = export.main(["--checkpoint", str(student), "--out", str(out), "--int8", *QUICK])
+    return out, report
+
+
+def images(n: int = 4) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_every_format_is_written_and_matches_pytorch(exported):
+    out, report = exported
+    rows = report["formats"]
+    assert set(rows) == {"pytorch", "onnx", "torchscript", *(n for n in export.INT8 if n != "tflite-int8")}
+    for name in ("onnx", "torchscript"):
+        assert rows[name]["max_abs_diff"] < 1e-3 and rows[name]["top1_agreement"] == 1.0, name
+    for name, row in rows.items():
+        assert Path(row["file"]).is_file() and row["latency_ms"] > 0 and row["status"] != "rejected", name
+        assert row["samples"] == 16 and row["accuracy"] is None  # random inputs: no labels
+    for name in ("onnx-int8-static", "onnx-int8-dynamic"):
+        assert rows[name]["size_mb"] < 0.6 * rows["onnx"]["size_mb"], name  # INT8 weights: about a quarter
+        assert rows[name]["speedup_vs_fp32"] > 0
+    assert rows["torch-int8-static"]["size_mb"] < rows["torchscript"]["size_mb"]  # TorchScript code: a fixed cost
+    assert rows["torch-int8-dynamic"]["speedup_vs_fp32"] == pytest.approx(
+        rows["pytorch"]["latency_ms"] / rows["torch-int8-dynamic"]["latency_ms"]
+    )
+    assert json.loads((out.parent / "export_report.json").read_text())["formats"].keys() == rows.keys()
+
+
+def test_files_run_without_kd_code(exported, student):
+    """The deployable promise: onnxruntime or torch.jit alone, fed per the metadata, gives the checkpoint's logits."""
+    out, _ = exported
+    model = timm.create_model("test_efficientnet", num_classes=5)
+    model.load_state_dict(load_file(str(student.with_suffix(".safetensors"))))
+    expected = model.eval()(images()).detach().numpy()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"rgb": images().numpy()})[0], expected, atol=1e-3)
+    np.testing.assert_allclose(torch.jit.load(str(out.with_suffix(".pt")))(images()).detach(), expected, atol=1e-3)
+    int8 = torch.jit.load(str(out.with_name("s_int8_static.pt")))(images()).detach().numpy()
+    assert (int8.argmax(1) == expected.argmax(1)).mean() >= 0.75
+    for path in (out, out.with_name("s_int8_static.onnx"), out.with_name("s_int8_dynamic.onnx")):
+        metadata = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
+        assert metadata == {"classes": CLASSES, "image_size": 32, "mean": MEAN, "std": STD}, path
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["classes"] == CLASSES and sidecar["arch"]["name"] == "test_efficientnet"
+    assert not out.with_suffix(".onnx.data").exists()
+
+
+def perturbed(writer):
+    """`writer`, but on a model whose classifier is scrambled: the file it writes disagrees with the checkpoint."""
+
+    def write(model, *args, **kwargs):
+        broken = copy.deepcopy(model)
+        with torch.no_grad():
+            broken.get_classifier().weight.copy_(broken.get_classifier().weight.flip(0))
+        return writer(broken, *args, **kwargs)
+
+    return write
+
+
+def test_wrong_files_are_refused_and_renamed(student, tmp_path, monkeypatch, capsys):
+    for writer in ("write_torchscript", "write_torch_int8_dynamic"):  # one fp32 file, one INT8 file
+        monkeypatch.setattr(export.fmt, writer, perturbed(getattr(export_formats, writer)))
+    args = ["--checkpoint", str(student), "--out", str(tmp_path / "s.onnx"), *QUICK]
+    with pytest.raises(SystemExit) as exit_:
+        export.main([*args, "--formats", "torchscript", "torch-int8-dynamic"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "do not match PyTorch" in err and "do not ship it" in err
+    report = json.loads((tmp_path / "export_report.json").read_text())["formats"]
+    for name, file in (("torchscript", "s.pt"), ("torch-int8-dynamic", "s_int8_dynamic.pt")):
+        assert f"{name}: max |diff|" in err and report[name]["status"] == "rejected"
+        assert (tmp_path / f"{file}.rejected").is_file() and not (tmp_path / file).exists()
+    assert report["onnx"]["status"] == "ok" and (tmp_path / "s.onnx").is_file()  # the good file stays
+
+
+def test_int8_between_the_thresholds_is_kept_but_not_recommended(student, tmp_path, capsys):
+    args = ["--checkpoint", str(student), "--out", str(tmp_path / "s.onnx"), "--formats", "torch-int8-dynamic"]
+    report = export.main([*args, *QUICK, "--min-agreement", "1.01", "--reject-agreement", "0"])
+    assert report["formats"]["torch-int8-dynamic"]["status"] == "not recommended"
+    assert "not recommended: torch-int8-dynamic" in capsys.readouterr().out
+    assert (tmp_path / "s_int8_dynamic.pt").is_file()
+
+
+def test_the_script_checks_on_labelled_images_and_evaluate_reads_every_file(student, tiny_demo, tmp_path):
+    """As users run it: a subprocess on a data config; then evaluate.py on the written files."""
+    data = [f"data.root={tiny_demo}", "data.demo=false", "data.num_workers=0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "export.py"), "--checkpoint", str(student), "--out", "exp/s.onnx"]
+    command += ["--config", str(ROOT / "configs/b0.yaml"), *data, "--int8", "--calibration-images", "16", *QUICK]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "all match PyTorch" in proc.stdout and "onnx-int8-static" in proc.stdout
+    report = json.loads((tmp_path / "exp/export_report.json").read_text())
+    assert report["split"] == "val" and report["calibration_images"] == 16
+    assert report["formats"]["onnx"]["accuracy"] == report["formats"]["pytorch"]["accuracy"]  # 20 labelled images
+    assert report["formats"]["onnx"]["samples"] == 20
+
+    exp = tmp_path / "exp"
+    files = {"ckpt": student, "onnx": exp / "s.onnx", "ts": exp / "s.pt", "ort_int8": exp / "s_int8_static.onnx"}
+    files |= {"fx_int8": exp / "s_int8_static.pt", "dyn_int8": exp / "s_int8_dynamic.pt"}
+    results = evaluate_files(files, tiny_demo, tmp_path)
+    rows = results["models"]
+    assert rows["ts"]["kind"] == "torchscript" and rows["ort_int8"]["kind"] == "onnx"
+    assert rows["onnx"]["top1"] == rows["ts"]["top1"] == rows["ckpt"]["top1"]
+    for name, row in rows.items():
+        assert row["samples"] == 20 and row["params"] == rows["ckpt"]["params"], name  # params from the sidecar arch
+
+
+def evaluate_files(files: dict[str, Path], tiny_demo: Path, work: Path) -> dict:
+    data = [f"data.root={tiny_demo}", "data.demo=false", "data.num_workers=0"]
+    speed = ["--latency-runs", "2", "--warmup", "1", "--throughput-batch", "2", "--memory", "weights"]
+    models = [f"{name}={path}" for name, path in files.items()]
+    args = ["--config", str(ROOT / "configs/b0.yaml"), *data, *speed, "--threads", "1", "--out", str(work / "r")]
+    return evaluate.main([*args, "--models", *models])
+
+
+def test_tflite_round_trips_and_evaluate_reads_it(student, tiny_demo, tmp_path):
+    """TFLite needs requirements-export.txt; CI installs it (make export-deps), so there a missing package fails."""
+    if importlib.util.find_spec("litert_torch") is None:
+        if os.environ.get("CI"):
+            pytest.fail(export_formats.TFLITE_MISSING)
+        pytest.skip(export_formats.TFLITE_MISSING)
+    out = tmp_path / "s.onnx"
+    args = ["--checkpoint", str(student), "--out", str(out), "--formats", "tflite", "tflite-int8", *QUICK]
+    rows = export.main(args)["formats"]
+    assert rows["tflite"]["max_abs_diff"] < 1e-3 and rows["tflite"]["top1_agreement"] == 1.0
+    assert rows["tflite-int8"]["status"] != "rejected" and rows["tflite-int8"]["size_mb"] < rows["tflite"]["size_mb"]
+    rows = evaluate_files({"ckpt": student, "tfl": out.with_suffix(".tflite")}, tiny_demo, tmp_path)["models"]
+    assert rows["tfl"]["kind"] == "tflite" and rows["tfl"]["top1"] == rows["ckpt"]["top1"]
+
+
+def test_missing_litert_says_what_to_install(student, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "litert_torch", None)  # import fails as if not installed
+    with pytest.raises(SystemExit):
+        export.main(["--checkpoint", str(student), "--out", str(tmp_path / "s.onnx"), "--tflite", *QUICK])
+    err = capsys.readouterr().err
+    assert "make export-deps" in err and "requirements-export.txt" in err
