@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate
 
 import distill
 from kd.cache import CachedTeacher, TeacherCache, bytes_per_row, reconstruct_logits, top_k_rows
@@ -24,13 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def save_teacher(path: Path, data: Path, seed: int) -> Path:
@@ -71,8 +65,7 @@ def setup(tiny_demo, tmp_path_factory):
         f"distillation.teacher_cache={work / 'cache'}",
         f"distillation.checkpoint_dir={work / 'run'}",
     ]
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     distill.main([*args, "--cache-teacher"])
     return work, teacher, args
 
@@ -179,8 +172,7 @@ def test_an_up_to_date_cache_is_not_rebuilt(setup, capsys):
 
 
 def refused(args: list[str], capsys) -> str:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(SystemExit) as exit_info:
         distill.main(args)
     assert exit_info.value.code == 2
@@ -259,14 +251,12 @@ def test_distilling_from_the_cache_never_loads_the_teacher_and_resumes_bitwise(s
 
     monkeypatch.setattr(CachedTeacher, "forward", dies_at_step_7)
     run = [*args, f"distillation.checkpoint_dir={tmp_path / 'killed'}"]
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(Interrupted):
         distill.main(run)
     assert json.loads((tmp_path / "killed/last/progress.json").read_text())["batches_done"] == 1  # 6 steps done
     monkeypatch.setattr(CachedTeacher, "forward", cached_forward)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     distill.main([*run, "--resume"])
     for name in ("best.safetensors", "latest.safetensors", "last/model.safetensors"):
         ours = safetensors.torch.load_file(tmp_path / "killed" / name)

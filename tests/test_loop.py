@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -47,13 +47,7 @@ def conv(seed=0):
     )
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def loaders(seed=0):
@@ -180,8 +174,7 @@ def test_resume_mid_epoch_gives_the_same_weights_as_an_uninterrupted_run(tmp_pat
 
     with pytest.raises(Killed):
         train(tmp_path / "killed", DiesAtStep(conv()), max_epochs=2, save_every_n_steps=5, **extra)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     resumed = Classifier(conv(seed=123))  # different init: everything must come from the saved state
     train(tmp_path / "killed", resumed, max_epochs=2, resume=True, **extra)
     for a, b in zip(whole.parameters(), resumed.parameters()):

@@ -16,7 +16,7 @@ import safetensors.torch
 import timm
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate
 
 import distill
 import train_teacher
@@ -179,8 +179,7 @@ def test_a_kill_between_the_state_renames_still_resumes(tiny_demo, reference, tm
 
 
 def test_a_mid_epoch_state_reproduces_the_augmentation_of_the_next_batch(tiny_demo, tmp_path):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     data = [f"data.root={tiny_demo}", "data.demo=false", "data.image_size=32", "data.num_workers=0"]
     cfg = load_config(ROOT / "configs/baseline_b0.yaml", [*data, "data.mean=[0.5, 0.5, 0.5]", "data.std=[1, 1, 1]"])
     accelerator = make_accelerator(cfg.train, tmp_path, seed=0)
@@ -390,8 +389,7 @@ def test_bad_input_gets_one_clear_message(mistake, template, message, bad, capsy
     """In-process through each script's main() (a subprocess per case would cost 5 s of imports each)."""
     monkeypatch.chdir(tmp_path)  # defaults such as runs/<name> stay out of the repository
     script, *args = command(template, bad)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(SystemExit) as exit_info:  # any other exception would be a traceback for the user
         SCRIPTS[script](args)
     err = capsys.readouterr().err
