@@ -6,7 +6,8 @@
 Always writes <stem>.onnx (self-contained, dynamic batch) and <stem>.pt (fp32 TorchScript); --tflite adds
 <stem>.tflite (litert-torch, `make export-deps`); --int8 adds every INT8 path: ONNX Runtime static QDQ and dynamic
 (<stem>_int8_static.onnx, _int8_dynamic.onnx), PyTorch FX static and dynamic (<stem>_int8_static.pt,
-_int8_dynamic.pt) and, with --tflite, TFLite INT8 (<stem>_int8.tflite). Each file is run on validation images
+_int8_dynamic.pt), for a QAT checkpoint PyTorch INT8 with the ranges QAT learned (<stem>_int8_qat.pt) and, with
+--tflite, TFLite INT8 (<stem>_int8.tflite). Each file is run on validation images
 (random inputs without --config) against the PyTorch model: max |logit difference|, top-1 agreement, accuracy,
 size and batch-1 latency (all formats timed in turn, so machine load hits them alike), printed and written to
 export_report.json. An fp32 file past --atol, or an INT8 file below --reject-agreement, is renamed *.rejected and
@@ -32,10 +33,10 @@ from kd import export_formats as fmt
 from kd.config import load_config
 from kd.data import checkpoint_loader, prepare_data
 from kd.errors import UserError, exit_on_user_error
-from kd.models import input_keys, load_checkpoint
+from kd.models import checkpoint_ranges, input_keys, load_checkpoint
 
 FP32 = ("onnx", "torchscript", "tflite")
-INT8 = ("onnx-int8-static", "onnx-int8-dynamic", "torch-int8-static", "torch-int8-dynamic", "tflite-int8")
+INT8 = tuple(name for name in fmt.ENDINGS if "int8" in name)
 BASELINE = {"onnx": "onnx", "torch": "pytorch", "tflite": "tflite"}  # INT8 rows are timed against these fp32 rows
 
 
@@ -61,31 +62,26 @@ def latencies_ms(runners: dict[str, Callable], example: torch.Tensor, warmup: in
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def write(name: str, model: torch.nn.Module, meta: dict, out: Path, calibration: list, opset: int) -> Path:
+def write(name: str, model: torch.nn.Module, meta: dict, out: Path, calibration: list, args, ranges: dict) -> Path:
     """Write format `name` beside `out` (the ONNX path) and return the file."""
-    stem, example = out.with_suffix(""), calibration[0][:1]
+    path, example = fmt.export_path(out, name), calibration[0][:1]
     if name == "onnx":
-        return fmt.write_onnx(model, meta, out, opset)
+        return fmt.write_onnx(model, meta, path, args.opset)
     if name == "torchscript":
-        return fmt.write_torchscript(model, example, stem.with_suffix(".pt"))
+        return fmt.write_torchscript(model, example, path)
     if name == "tflite":
-        return fmt.write_tflite(model, example, stem.with_suffix(".tflite"))
-    target = Path(f"{stem}_int8_{name.rsplit('-', 1)[-1]}")
+        return fmt.write_tflite(model, example, path)
     if name == "onnx-int8-static":
-        return fmt.write_onnx_int8_static(out, meta, calibration, target.with_suffix(".onnx"))
+        return fmt.write_onnx_int8_static(out, meta, calibration, path)
     if name == "onnx-int8-dynamic":
-        return fmt.write_onnx_int8_dynamic(out, meta, target.with_suffix(".onnx"))
+        return fmt.write_onnx_int8_dynamic(out, meta, path)
     if name == "torch-int8-static":
-        return fmt.write_torch_int8_static(model, calibration, target.with_suffix(".pt"))
+        return fmt.write_torch_int8_static(model, calibration, path)
     if name == "torch-int8-dynamic":
-        return fmt.write_torch_int8_dynamic(model, example, target.with_suffix(".pt"))
-    return fmt.write_tflite_int8(model, calibration, Path(f"{stem}_int8.tflite"))
-
-
-def runner(path: Path) -> Callable:
-    if path.suffix == ".onnx":
-        return fmt.onnx_runner(path)
-    return fmt.tflite_runner(path) if path.suffix == ".tflite" else fmt.torchscript_runner(path)
+        return fmt.write_torch_int8_dynamic(model, example, path)
+    if name == "torch-int8-qat":
+        return fmt.write_torch_int8_qat(model, ranges, example, path)
+    return fmt.write_tflite_int8(model, calibration, path)
 
 
 def verdict(name: str, row: dict, args) -> str:
@@ -118,8 +114,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_intermixed_args(argv)
     names = ["onnx", *args.formats]
     names += ["tflite"] if args.tflite else []
-    names += [n for n in INT8 if n != "tflite-int8" or args.tflite] if args.int8 else []
+    ranges = checkpoint_ranges(args.checkpoint)
+    if args.int8:
+        names += [n for n in INT8 if (n != "tflite-int8" or args.tflite) and (n != "torch-int8-qat" or ranges)]
     names = list(dict.fromkeys(names))  # ONNX first: the ORT quantizers start from it
+    if "torch-int8-qat" in names and not ranges:
+        raise UserError(
+            f"torch-int8-qat: {args.checkpoint} holds no QAT ranges (its epoch was not quantization-aware). Export "
+            "a QAT run's latest.safetensors (its best epoch may precede QAT), distill with "
+            "distillation.qat_start_fraction=0.8, or use torch-int8-static (post-training calibration)"
+        )
 
     if any(name.startswith("tflite") for name in names):
         fmt.require_litert()  # before minutes of other exports, not after
@@ -153,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     runners = {"pytorch": fmt.torch_runner(model)}
     for name in names:
         print(f"writing {name} ...", flush=True)
-        files[name] = write(name, model, meta, out, calibration, args.opset)
-        runners[name] = runner(files[name])
+        files[name] = write(name, model, meta, out, calibration, args, ranges)
+        runners[name] = fmt.runner(files[name])
     reference = runners["pytorch"](images)
     rows = {name: {"file": str(files[name]), "size_mb": os.path.getsize(files[name]) / 2**20} for name in files}
     for name, run in runners.items():

@@ -20,13 +20,38 @@ import torch
 from torch import nn
 
 from kd.errors import UserError
-from kd.qat import quantize_int8
+from kd.qat import convert_qat, quantize_int8
 
 Runner = Callable[[torch.Tensor], np.ndarray]
+# Each format's file: <stem><ending>, beside <stem>.onnx and the sidecar <stem>.json that export.py writes.
+ENDINGS = {
+    "onnx": ".onnx",
+    "torchscript": ".pt",
+    "tflite": ".tflite",
+    "onnx-int8-static": "_int8_static.onnx",
+    "onnx-int8-dynamic": "_int8_dynamic.onnx",
+    "torch-int8-static": "_int8_static.pt",
+    "torch-int8-dynamic": "_int8_dynamic.pt",
+    "torch-int8-qat": "_int8_qat.pt",
+    "tflite-int8": "_int8.tflite",
+}
 TFLITE_MISSING = (
     "TFLite export needs litert-torch, which is not installed: run `make export-deps` "
     "(or `pip install -r requirements-export.txt`, about 1 GB: litert-torch pulls in jax, transformers and torchao)"
 )
+
+
+def export_path(out: Path, name: str) -> Path:
+    """Where format `name` goes when the ONNX file is `out`: exports/student.onnx -> exports/student_int8_qat.pt."""
+    return out.with_name(out.with_suffix("").name + ENDINGS[name])
+
+
+def sidecar_path(path: Path) -> Path:
+    """The sidecar JSON of any file export.py wrote (exports/student_int8_static.pt -> exports/student.json)."""
+    for ending in sorted(ENDINGS.values(), key=len, reverse=True):
+        if path.name.endswith(ending):
+            return path.with_name(path.name[: -len(ending)] + ".json")
+    return path.with_suffix(".json")
 
 
 def _traced(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
@@ -75,6 +100,11 @@ def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Pa
 def write_torch_int8_static(model: nn.Module, calibration: list[torch.Tensor], path: Path) -> Path:
     """INT8 TorchScript via FX static quantization (kd/qat.py: per-channel weights, calibrated activations)."""
     return _traced(quantize_int8(model, calibration), calibration[0][:1], path)
+
+
+def write_torch_int8_qat(model: nn.Module, ranges: dict, example: torch.Tensor, path: Path) -> Path:
+    """INT8 TorchScript from a QAT checkpoint: its weights with the ranges QAT learned (kd/qat.py convert_qat)."""
+    return _traced(convert_qat(model, ranges, example), example, path)
 
 
 def write_torch_int8_dynamic(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
@@ -174,6 +204,13 @@ def write_tflite_int8(model: nn.Module, calibration: list[torch.Tensor], path: P
     return path
 
 
+def runner(path: Path) -> Runner:
+    """A runner for any file export.py writes, by its suffix."""
+    if path.suffix == ".onnx":
+        return onnx_runner(path)
+    return tflite_runner(path) if path.suffix == ".tflite" else torchscript_runner(path)
+
+
 def torch_runner(module: nn.Module) -> Runner:
     def run(x: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
@@ -192,7 +229,8 @@ def onnx_runner(path: Path) -> Runner:
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as PyTorch
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"rgb": x.numpy()})[0]
+    name = session.get_inputs()[0].name  # "rgb" in export.py's files; anything in other ONNX classifiers
+    return lambda x: session.run(None, {name: x.numpy()})[0]
 
 
 def tflite_runner(path: Path) -> Runner:

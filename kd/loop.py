@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from kd.config import TrainConfig
 from kd.errors import UserError
 from kd.models import forward_batch, input_keys, save_checkpoint
-from kd.qat import frozen_observers, prepare_qat
+from kd.qat import frozen_observers, prepare_qat, range_state
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool = False) -> Accelerator:
@@ -114,7 +114,15 @@ class TopK:
     def is_better(self, score: float, than: float | None, min_delta: float = 0.0) -> bool:
         return than is None or self.sign * (score - than) > min_delta
 
-    def update(self, score: float, epoch: int, model: torch.nn.Module, meta: dict, write: bool = True) -> None:
+    def update(
+        self,
+        score: float,
+        epoch: int,
+        model: torch.nn.Module,
+        meta: dict,
+        write: bool = True,
+        extra: dict | None = None,
+    ) -> None:
         """Save if `score` makes the top k (every process keeps the list; only the one with `write` saves)."""
         if len(self.entries) >= self.k and not self.is_better(score, self.entries[-1][0]):
             return
@@ -125,9 +133,9 @@ class TopK:
         dropped, self.entries = self.entries[self.k :], self.entries[: self.k]
         if not write:
             return
-        save_checkpoint(self.run_dir / stem, model, meta)
+        save_checkpoint(self.run_dir / stem, model, meta, extra)
         if new_best:
-            save_checkpoint(self.run_dir / "best", model, meta)
+            save_checkpoint(self.run_dir / "best", model, meta, extra)
         for _, old in dropped:
             for suffix in (".safetensors", ".json"):
                 (self.run_dir / old).with_suffix(suffix).unlink(missing_ok=True)
@@ -344,9 +352,10 @@ def fit(
             improved = top_k.is_better(score, top_k.best, cfg.min_delta)
             qat = qat_epoch is not None and epoch >= qat_epoch
             checkpoint_meta = {**meta, "epoch": epoch, "metrics": metrics, "ema": ema is not None, "qat": qat}
-            top_k.update(score, epoch, saved_model, checkpoint_meta, write=accelerator.is_main_process)
+            ranges = range_state(unwrapped.model) if qat else None  # what export.py's torch-int8-qat converts with
+            top_k.update(score, epoch, saved_model, checkpoint_meta, accelerator.is_main_process, ranges)
             if accelerator.is_main_process:  # the newest weights, whatever their score (e.g. after QAT)
-                save_checkpoint(run_dir / "latest", saved_model, checkpoint_meta)
+                save_checkpoint(run_dir / "latest", saved_model, checkpoint_meta, ranges)
             progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
             progress.update(epoch=epoch + 1, batches_done=0, top_k=top_k.entries, metrics=metrics)
             save_state(accelerator, run_dir, progress, safe_serialization=unwrapped.model is float_model)

@@ -16,7 +16,6 @@ import re
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,12 +142,11 @@ def load_model(path: str | Path, meta_file: str | None = None, device: str = "cp
     """A kd checkpoint (.safetensors + .json), or a file export.py writes: ONNX (fp32 or INT8), TorchScript (.pt,
     fp32 or INT8) or TFLite (LiteRT interpreter)."""
     path = Path(path)
-    if path.suffix == ".onnx":
-        return _load_onnx(path, meta_file)
-    if path.suffix == ".tflite":
-        return _load_tflite(path, meta_file)
-    if path.suffix == ".pt" and path.is_file() and not checkpoint_stem(path).with_suffix(".safetensors").is_file():
-        return _load_torchscript(path, meta_file)
+    exported = (
+        path.suffix == ".pt" and path.is_file() and not checkpoint_stem(path).with_suffix(".safetensors").is_file()
+    )
+    if exported or path.suffix in (".onnx", ".tflite"):
+        return _load_exported(path, meta_file)
     model, meta = load_checkpoint(path)
     model.eval().to(device)
     tensors = list(model.parameters()) + list(model.buffers())
@@ -184,54 +182,29 @@ def _arch_parameters(meta: dict) -> int | None:
         return None
 
 
-def _load_onnx(path: Path, meta_file: str | None) -> LoadedModel:
-    import onnx
-    import onnxruntime as ort
+def _load_exported(path: Path, meta_file: str | None) -> LoadedModel:
+    from kd import export_formats as fmt  # onnxruntime; TFLite says what to install when it is missing
 
-    proto = onnx.load(str(path))
-    found = {p.key: json.loads(p.value) for p in proto.metadata_props}
-    meta = _export_meta(path, found, _sidecar(path), meta_file)
-    weights = sum(len(t.raw_data) for t in proto.graph.initializer) / 2**20
-    params = _arch_parameters(meta) or sum(math.prod(t.dims) for t in proto.graph.initializer)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as PyTorch
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    found, kind, size = {}, {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix, "torchscript"), path.stat().st_size
+    weights, params = size, None
+    if kind == "onnx":  # classes and preprocessing in the file; weights = its initializers
+        import onnx
 
-    def run(rgb: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: rgb.cpu().numpy()})[0])
-
-    return LoadedModel(run, meta, "onnx", "cpu", params, weights, path.stat().st_size / 2**20)
-
-
-def _sidecar(path: Path) -> Path:
-    """export.py's sidecar of any file it wrote: s.onnx, s.pt, s.tflite, s_int8_static.pt, ... -> s.json."""
-    return path.with_name(path.stem.split("_int8")[0] + ".json")
-
-
-def _load_tflite(path: Path, meta_file: str | None) -> LoadedModel:
-    from kd.export_formats import tflite_runner  # needs requirements-export.txt; it says so when missing
-
-    meta = _export_meta(path, {}, _sidecar(path), meta_file)
-    run_numpy = tflite_runner(path)
-    size = path.stat().st_size / 2**20
+        proto = onnx.load(str(path))
+        found = {p.key: json.loads(p.value) for p in proto.metadata_props}
+        weights = sum(len(t.raw_data) for t in proto.graph.initializer)
+        params = sum(math.prod(t.dims) for t in proto.graph.initializer)
+    meta = _export_meta(path, found, fmt.sidecar_path(path), meta_file)
+    run_numpy = fmt.runner(path)
     return LoadedModel(
-        lambda rgb: torch.from_numpy(run_numpy(rgb.cpu())), meta, "tflite", "cpu", _arch_parameters(meta), size, size
+        lambda rgb: torch.from_numpy(run_numpy(rgb.cpu())),
+        meta,
+        kind,
+        "cpu",
+        _arch_parameters(meta) or params,
+        weights / 2**20,
+        size / 2**20,
     )
-
-
-def _load_torchscript(path: Path, meta_file: str | None) -> LoadedModel:
-    meta = _export_meta(path, {}, _sidecar(path), meta_file)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream; it is what export.py writes
-        module = torch.jit.load(str(path), map_location="cpu").eval()
-
-    def run(rgb: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return module(rgb.cpu())
-
-    size = path.stat().st_size / 2**20
-    return LoadedModel(run, meta, "torchscript", "cpu", _arch_parameters(meta), size, size)
 
 
 # ------------------------------------------------------------------------------------------- 3. speed and memory

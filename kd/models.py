@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import UserError
+from kd.qat import RANGE_PREFIX
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".ckpt", ".pt", ".pth")
 
@@ -221,11 +222,12 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)  # what a failed write left; nothing after the replace
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> Path:
-    """Write <stem>.safetensors (weights) and <stem>.json (architecture, classes, input size, normalization...)."""
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, extra: dict | None = None) -> Path:
+    """Write <stem>.safetensors (weights) and <stem>.json (architecture, classes, input size, normalization...).
+    `extra` tensors (a QAT run's learned ranges, under "qat.") are stored beside the weights."""
     stem = checkpoint_stem(path)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in {**model.state_dict(), **(extra or {})}.items()}
     _atomic_write(stem.with_suffix(".safetensors"), lambda p: safetensors.torch.save_file(weights, str(p)))
     _atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta, indent=2)))
     return stem.with_suffix(".safetensors")
@@ -267,6 +269,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
         message = f"cannot read weights {stem}.safetensors ({e}); the file is damaged or not safetensors"
         raise UserError(message) from None
     misfit = f"weights in {stem}.safetensors do not fit architecture {meta['arch']} from {stem}.json"
+    weights = {k: v for k, v in weights.items() if not k.startswith(RANGE_PREFIX)}  # see checkpoint_ranges
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # same names, other shapes: another width, class count or band count
@@ -274,6 +277,12 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     if missing or unexpected:
         raise UserError(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model, meta
+
+
+def checkpoint_ranges(path: str | Path) -> dict[str, torch.Tensor]:
+    """The INT8 ranges a QAT run learned (kd/qat.py `range_state`), stored in its checkpoints; {} without QAT."""
+    with safetensors.safe_open(str(checkpoint_stem(path).with_suffix(".safetensors")), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if k.startswith(RANGE_PREFIX)}
 
 
 def check_ms_bands(meta: dict | None, dataset: Any) -> None:

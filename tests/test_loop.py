@@ -237,8 +237,12 @@ def test_qat_trains_a_fake_quantized_graph_and_checkpoints_float_weights(tmp_pat
     meta = json.loads((tmp_path / "epoch001.json").read_text())
     assert meta["qat"] is True and json.loads((tmp_path / "epoch000.json").read_text())["qat"] is False
     saved = safetensors.torch.load_file(str(tmp_path / "epoch001.safetensors"))
-    assert set(saved) == set(float_model.state_dict())  # float layout, loadable without any QAT machinery
+    ranges = {k: v for k, v in saved.items() if k.startswith("qat.")}  # what export.py's torch-int8-qat uses
+    assert set(saved) - set(ranges) == set(float_model.state_dict())  # float layout, loadable without QAT machinery
     assert torch.equal(saved["1.weight"], float_model[1].weight.detach())
+    learned = task.model.state_dict()
+    assert ranges and all(torch.equal(v, learned[k.removeprefix("qat.")]) for k, v in ranges.items())
+    assert not any(k.startswith("qat.") for k in safetensors.torch.load_file(str(tmp_path / "epoch000.safetensors")))
 
 
 def test_int8_conversion_stays_close_to_float():

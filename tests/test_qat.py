@@ -1,0 +1,113 @@
+"""kd/qat.py: INT8 from the ranges QAT learned (checkpointed, converted, exported) and robust PTQ calibration."""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import export
+from kd.errors import UserError
+from kd.models import checkpoint_ranges, load_checkpoint, save_checkpoint
+from kd.qat import RANGE_PREFIX, convert_qat, frozen_observers, prepare_qat, quantize_int8, range_state
+
+META = {"arch": {"name": "test_efficientnet", "num_classes": 3}, "classes": ["a", "b", "c"], "inputs": ["rgb"]}
+META |= {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def qat_trained(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """A timm student and its QAT graph with BN statistics and activation ranges learned as in training; the ranges
+    are relearned in eval mode, since four training steps leave BN statistics far from the batch statistics."""
+    from torch.ao.quantization import FakeQuantizeBase
+
+    torch.manual_seed(seed)
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(20)  # clear logit gaps
+    graph = prepare_qat(model, torch.randn(2, 3, 32, 32))
+    for _ in range(4):
+        graph(torch.randn(16, 3, 32, 32))
+    graph.eval()
+    for module in graph.modules():
+        if isinstance(module, FakeQuantizeBase) and hasattr(module.activation_post_process, "reset_min_max_vals"):
+            module.activation_post_process.reset_min_max_vals()
+    with torch.no_grad():
+        for _ in range(4):
+            graph(torch.randn(16, 3, 32, 32))
+    return model.eval(), graph
+
+
+def test_convert_qat_gives_the_int8_model_the_fake_quantized_graph_emulates():
+    model, graph = qat_trained()
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), frozen_observers(graph):
+        emulated = graph(x)  # torch's own fake-quant emulation, independent of the conversion
+    int8 = convert_qat(model, range_state(graph), x[:1])
+    with torch.no_grad():
+        got, scale = int8(x), model(x).abs().mean()
+    error = (got - emulated).abs().mean() / scale
+    assert error < 0.15  # INT8 kernels round a few output levels away from the emulation
+    assert (got.argmax(1) == emulated.argmax(1)).float().mean() >= 0.9
+    # the learned ranges are what converts: other ranges give another model
+    activation_range = ("min_val", "max_val", "scale")  # of the activation fake-quants, not the weights'
+    squeezed = {
+        k: v / 8 if k.endswith(activation_range) and "weight_fake_quant" not in k else v
+        for k, v in range_state(graph).items()
+    }
+    with torch.no_grad():
+        assert (convert_qat(model, squeezed, x[:1])(x) - emulated).abs().mean() / scale > 3 * error
+
+
+def test_ranges_that_do_not_fit_the_model_are_refused():
+    model, graph = qat_trained()
+    ranges = range_state(graph)
+    del ranges[next(iter(ranges))]
+    with pytest.raises(ValueError, match="missing"):
+        convert_qat(model, ranges, torch.randn(1, 3, 32, 32))
+
+
+def test_qat_checkpoint_carries_the_ranges_and_still_loads_as_a_float_model(tmp_path):
+    model, graph = qat_trained()
+    path = save_checkpoint(tmp_path / "latest", model, META, range_state(graph))
+    ranges = checkpoint_ranges(path)
+    assert ranges and all(k.startswith(RANGE_PREFIX) for k in ranges)
+    scales = {k: v for k, v in graph.state_dict().items() if k.endswith(".scale")}
+    assert {f"{RANGE_PREFIX}{k}" for k in scales} <= set(ranges)
+    assert all(torch.equal(ranges[f"{RANGE_PREFIX}{k}"], v) for k, v in scales.items())
+    loaded, _ = load_checkpoint(path)  # strict load of the float weights; the ranges are set aside
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert checkpoint_ranges(save_checkpoint(tmp_path / "plain", model, META)) == {}
+
+
+def test_export_writes_int8_from_the_learned_ranges(tmp_path):
+    model, graph = qat_trained()
+    checkpoint = save_checkpoint(tmp_path / "latest", model, META, range_state(graph))
+    report = export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.onnx"), "--int8"])
+    row = report["formats"]["torch-int8-qat"]
+    assert row["file"].endswith("s_int8_qat.pt") and row["status"] != "rejected"
+    x = torch.randn(4, 3, 32, 32)
+    expected = convert_qat(model, checkpoint_ranges(checkpoint), x[:1])(x)
+    torch.testing.assert_close(torch.jit.load(row["file"])(x), expected)
+
+
+def test_export_of_torch_int8_qat_without_ranges_says_what_to_export(tmp_path, capsys):
+    model, _ = qat_trained()
+    checkpoint = save_checkpoint(tmp_path / "best", model, META)
+    with pytest.raises(SystemExit):
+        export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.onnx"), "--formats", "torch-int8-qat"])
+    message = capsys.readouterr().err
+    assert "holds no QAT ranges" in message and "latest.safetensors" in message and "torch-int8-static" in message
+
+
+def test_ptq_ranges_are_not_set_by_a_few_outlier_images():
+    """A few calibration images far outside the usual range (seen on the demo student: 9 of 256 images, 50-250x)
+    must not set the INT8 range for all the others."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    normal = [torch.randn(8, 3, 16, 16) for _ in range(8)]
+    calibration = [*normal[:4], normal[4] * torch.tensor([1.0] * 7 + [200.0]).view(8, 1, 1, 1), *normal[5:]]
+    int8 = quantize_int8(model, calibration)
+    x = torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(x)
+        error = (int8(x) - reference).abs().mean() / reference.abs().mean()
+    assert error < 0.15  # 0.03 without the outlier; torch's default histogram calibration: 1.0 (all outputs zero)
