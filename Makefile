@@ -42,17 +42,33 @@ lint: $(VENV)/.installed-dev
 clean-demo:
 	rm -rf data/demo checkpoints results exports
 
-# QAT vs post-training quantization on the demo (after `make demo`): the same distillation with its last 20% of
-# epochs quantization-aware, then both students exported to INT8 and checked on the validation split (a rejected
-# INT8 file is reported, and the other export still runs).
+# QAT vs post-training quantization on the demo (after `make demo`), over QAT_SEEDS: the same distillation plain and
+# with its last 20% of epochs quantization-aware. The plain student is quantized after training (ORT static QDQ and
+# PyTorch FX static, calibrated); the QAT student with the ranges it learned (torch-int8-qat), and calibrated too.
+# Every INT8 file is kept (--reject-agreement 0) so that evaluate.py can report it: mean ± std on the test split.
+QAT_SEEDS ?= 0 1 2
+QAT_RUNS ?= checkpoints/qat_compare
+QAT_EXPORTS ?= exports/qat_compare
 qat-compare: $(VENV)/.installed
-	$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL) distillation.checkpoint_dir=checkpoints/student_ptq
-	$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL) distillation.qat_start_fraction=0.8 \
-		distillation.checkpoint_dir=checkpoints/student_qat
-	-$(PY) export.py --checkpoint checkpoints/student_ptq/latest.safetensors --out exports/ptq/student.onnx \
-		--config configs/b0.yaml --formats onnx-int8-static
-	-$(PY) export.py --checkpoint checkpoints/student_qat/latest.safetensors --out exports/qat/student.onnx \
-		--config configs/b0.yaml --formats onnx-int8-static
+	for s in $(QAT_SEEDS); do \
+		$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL) seed=$$s distillation.resume=auto \
+			distillation.checkpoint_dir=$(QAT_RUNS)/plain_$$s || exit 1; \
+		$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL) seed=$$s distillation.resume=auto \
+			distillation.qat_start_fraction=0.8 distillation.checkpoint_dir=$(QAT_RUNS)/qat_$$s || exit 1; \
+		$(PY) export.py --checkpoint $(QAT_RUNS)/plain_$$s/latest.safetensors --out $(QAT_EXPORTS)/plain_$$s/student.onnx \
+			--config configs/b0.yaml --formats onnx-int8-static torch-int8-static --reject-agreement 0 || exit 1; \
+		$(PY) export.py --checkpoint $(QAT_RUNS)/qat_$$s/latest.safetensors --out $(QAT_EXPORTS)/qat_$$s/student.onnx \
+			--config configs/b0.yaml --formats onnx-int8-static torch-int8-static torch-int8-qat --reject-agreement 0 \
+			|| exit 1; \
+	done
+	$(PY) evaluate.py --config configs/b0.yaml --out $(QAT_RUNS)/results --latency-runs 20 --models \
+		$(foreach s,$(QAT_SEEDS),plain@$(s)=$(QAT_RUNS)/plain_$(s)/latest.safetensors \
+		plain_int8_ort@$(s)=$(QAT_EXPORTS)/plain_$(s)/student_int8_static.onnx \
+		plain_int8_fx@$(s)=$(QAT_EXPORTS)/plain_$(s)/student_int8_static.pt \
+		qat@$(s)=$(QAT_RUNS)/qat_$(s)/latest.safetensors \
+		qat_int8_ort@$(s)=$(QAT_EXPORTS)/qat_$(s)/student_int8_static.onnx \
+		qat_int8_fx@$(s)=$(QAT_EXPORTS)/qat_$(s)/student_int8_static.pt \
+		qat_int8_learned@$(s)=$(QAT_EXPORTS)/qat_$(s)/student_int8_qat.pt)
 
 # The demo's comparison table over seeds (after `make demo`, which is seed 0): every model retrained per seed, the
 # student distilled from that seed's teacher; mean ± std of the best and of the last epoch. Finished runs are
