@@ -14,7 +14,7 @@ One row per model: parameters, top-1, batch-1 latency (median; p90 too), memory 
 default; `--memory weights` for the weights alone), then top-5, macro-F1, ECE (15 equal-width bins), top-1 agreement
 with and KL(teacher || model) to the teacher (the row named `teacher`, or --teacher; only for models evaluated on the
 same samples in the same order), throughput at --throughput-batch, weight and file size, and with --corruptions the
-top-1 under gaussian noise, blur, brightness and JPEG (severities 1-3; kd/metrics.py gives the values).
+top-1 under gaussian noise, blur, brightness and JPEG (severities 1-3; kd/corruptions.py gives the values).
 
 Runs of one recipe (`distilled@0=… distilled@1=…`, or `--group distilled=a,b,c`) become one row, mean ± std (sample
 std over runs). With --last, a checkpoint named best.* whose run also has latest.* gets a second row `<name>:last`.
@@ -37,24 +37,30 @@ from rich.console import Console
 from rich.table import Table
 
 from kd.config import load_config
+from kd.corruptions import (
+    CORRUPTIONS,
+    corrupt_normalized,
+)
 from kd.data import checkpoint_loader, prepare_data
 from kd.errors import UserError, exit_on_user_error
 from kd.metrics import (
-    CORRUPTIONS,
     ECE_BINS,
-    PEAK_MEMORY_METHOD,
     classification_metrics,
-    corrupt_normalized,
+    mean_std,
+    per_class_accuracy,
+)
+from kd.models import checkpoint_stem
+from kd.plots import (
+    save_plots,
+)
+from kd.runtime import (
+    PEAK_MEMORY_METHOD,
     cuda_peak_memory_mb,
     latency_ms,
     load_model,
-    mean_std,
     peak_memory_mb,
-    per_class_accuracy,
-    save_plots,
     throughput,
 )
-from kd.models import checkpoint_stem
 
 COLUMNS = ("Model", "Parameters", "Top-1 Acc.", "Latency (ms)", "Memory (MB)")
 EXTRA = ("Top-5", "Macro-F1", "ECE", "Agreement", "KL", "p90 (ms)", "Images/s", "Weights (MB)", "File (MB)")

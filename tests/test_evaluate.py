@@ -1,4 +1,4 @@
-"""evaluate.py and kd/metrics.py: each metric against a hand computation, then the script on tiny models and files."""
+"""evaluate.py and kd/{metrics,runtime,corruptions}.py: each metric against a hand computation, then the script."""
 
 import contextlib
 import json
@@ -13,27 +13,31 @@ import torch
 
 import evaluate
 import export
+from kd.corruptions import (
+    CORRUPTIONS,
+    corrupt,
+    corrupt_normalized,
+)
 from kd.data import LeafDataset, ms_statistics
 from kd.errors import UserError
 from kd.metrics import (
-    CORRUPTIONS,
-    LoadedModel,
     agreement,
     calibration_bins,
     confusion_matrix,
-    corrupt,
-    corrupt_normalized,
     expected_calibration_error,
     kl_divergence,
-    latency_ms,
-    load_model,
     macro_f1,
     mean_std,
     per_class_accuracy,
-    throughput,
     topk_accuracy,
 )
 from kd.models import build_model, save_checkpoint
+from kd.runtime import (
+    LoadedModel,
+    latency_ms,
+    load_model,
+    throughput,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -204,3 +204,16 @@ def test_ptq_ranges_are_not_set_by_a_few_outlier_images(quantize, tmp_path):
         reference = model(x)
         error = (int8(x) - reference).abs().mean() / reference.abs().mean()
     assert error < 0.15  # about 0.03 without the outlier; ranges set by the outlier (torch's and ORT's defaults): 1.0
+
+
+def test_int8_latency_benchmark_times_every_format(tmp_path):
+    spec = importlib.util.spec_from_file_location("int8_latency", ROOT / "benchmarks" / "int8_latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "int8.json"
+    argv = ["--arch", "test_efficientnet", "--image-size", "32", "--no-tflite", "--latency-runs", "2"]
+    report = bench.main([*argv, "--out", str(out)])
+    rows = report["formats"]
+    assert {"onnx", "onnx-int8-static", "torch-int8-static", "torch-int8-dynamic"} <= set(rows)
+    assert all(row["latency_ms"] > 0 and row["status"] != "rejected" for row in rows.values())
+    assert json.loads(out.read_text())["formats"].keys() == rows.keys()
