@@ -281,6 +281,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
 
 def checkpoint_ranges(path: str | Path) -> dict[str, torch.Tensor]:
     """The INT8 ranges a QAT run learned (kd/qat.py `range_state`), stored in its checkpoints; {} without QAT."""
+    read_meta(path)  # a missing or foreign checkpoint: the message that says so
     with safetensors.safe_open(str(checkpoint_stem(path).with_suffix(".safetensors")), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys() if k.startswith(RANGE_PREFIX)}
 

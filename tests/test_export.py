@@ -217,3 +217,10 @@ def test_int8_latency_benchmark_times_every_format(tmp_path):
     assert {"onnx", "onnx-int8-static", "torch-int8-static", "torch-int8-dynamic"} <= set(rows)
     assert all(row["latency_ms"] > 0 and row["status"] != "rejected" for row in rows.values())
     assert json.loads(out.read_text())["formats"].keys() == rows.keys()
+
+
+def test_a_missing_checkpoint_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        export.main(["--checkpoint", str(tmp_path / "nope" / "best.safetensors"), "--out", str(tmp_path / "s.onnx")])
+    message = capsys.readouterr().err
+    assert f"checkpoint {tmp_path / 'nope' / 'best.safetensors'} not found" in message
