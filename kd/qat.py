@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from kd.errors import UserError
+
 BACKEND = "x86"  # fbgemm kernels for x86 servers and laptops; "qnnpack" for ARM phones
 
 
@@ -90,7 +92,10 @@ def convert_qat(
     own = range_state(graph)
     if set(own) != set(ranges):
         missing, extra = sorted(set(own) - set(ranges)), sorted(set(ranges) - set(own))
-        raise ValueError(f"QAT ranges do not fit this model's QAT graph: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise UserError(
+            f"the checkpoint's QAT ranges do not fit this model's QAT graph (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}): it was written by another version of kd or timm; export torch-int8-static instead"
+        )
     graph.load_state_dict({k[len(RANGE_PREFIX) :]: v for k, v in ranges.items()}, strict=False)
     context = _quiet()
     try:

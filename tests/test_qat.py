@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import export
+from kd.errors import UserError
 from kd.models import checkpoint_ranges, load_checkpoint, save_checkpoint
 from kd.qat import RANGE_PREFIX, convert_qat, frozen_observers, prepare_qat, range_state
 
@@ -60,7 +61,7 @@ def test_ranges_that_do_not_fit_the_model_are_refused():
     model, graph = qat_trained()
     ranges = range_state(graph)
     del ranges[next(iter(ranges))]
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(UserError, match="missing"):
         convert_qat(model, ranges, torch.randn(1, 3, 32, 32))
 
 
