@@ -24,14 +24,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from kd.config import TrainConfig
 from kd.errors import UserError
 from kd.models import forward_batch, input_keys, save_checkpoint
-from kd.qat import calibrate_qat, frozen_observers, prepare_qat, range_state
-
-QAT_CALIBRATION_IMAGES = 256  # training views that set the activation ranges when QAT starts (kd/qat.py calibrate_qat)
+from kd.qat import frozen_observers, prepare_qat, range_state
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool = False) -> Accelerator:
@@ -214,7 +212,6 @@ def fit(
             raise UserError(f"grad_checkpointing: {type(unwrapped.model).__name__} has no set_grad_checkpointing")
         unwrapped.model.set_grad_checkpointing(True)
     optimizer = create_optimizer_v2(task, "adamw", lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    raw_train_loader = train_loader
     task, optimizer, train_loader, val_loader = accelerator.prepare(task, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate_grad_batches)
     scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
@@ -240,20 +237,9 @@ def fit(
     def enter_qat() -> None:
         if unwrapped.model is not float_model:
             return  # already entered (resumed inside the QAT phase)
-        # Training images spread evenly over the set (it may be listed class by class), read without the training
-        # sampler, so calibrating moves no random state the run depends on; every process reads the same ones.
-        dataset = raw_train_loader.dataset
-        picked = torch.linspace(0, len(dataset) - 1, min(len(dataset), QAT_CALIBRATION_IMAGES)).long().tolist()
-        calibration = DataLoader(
-            Subset(dataset, picked), raw_train_loader.batch_size, collate_fn=raw_train_loader.collate_fn
-        )
-        images = [image for batch in calibration for image in batch["rgb"].to(accelerator.device).split(1)]
-        graph = prepare_qat(float_model, torch.cat(images[:2]))
-        unwrapped.set_model(calibrate_qat(graph, images))
-        accelerator.print(
-            "quantization-aware training from here on: fake-quantized INT8 weights and activations, activation "
-            f"ranges calibrated on {len(images)} training images and fixed"
-        )
+        example = next(iter(val_loader))["rgb"][:2]
+        unwrapped.set_model(prepare_qat(float_model, example))
+        accelerator.print("quantization-aware training from here on (fake-quantized INT8 weights and activations)")
 
     if accelerator.is_main_process and (resume or cfg.resume == "auto"):
         recover_state(run_dir)

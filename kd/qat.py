@@ -11,7 +11,7 @@ import contextlib
 import copy
 import itertools
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -54,43 +54,15 @@ def plain_norm_act(model: nn.Module) -> nn.Module:
 
 
 def prepare_qat(model: nn.Module, example: torch.Tensor, backend: str = BACKEND) -> nn.Module:
-    """A fake-quantized training graph of `model` that shares its parameters (the optimizer keeps working).
-    Activation ranges average per-update min/max with weight 0.1, as in `quantize_int8` (see calibrate_qat)."""
-    from torch.ao.quantization import QConfig, get_default_qat_qconfig, get_default_qat_qconfig_mapping
+    """A fake-quantized training graph of `model` that shares its parameters (the optimizer keeps working)."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-    default = get_default_qat_qconfig(backend)
-    qconfig = QConfig(activation=default.activation.with_args(averaging_constant=0.1), weight=default.weight)
-    mapping = get_default_qat_qconfig_mapping(backend).set_global(qconfig)
     context = _quiet()
     try:
-        return prepare_qat_fx(plain_norm_act(model).train(), mapping, (example,))
+        return prepare_qat_fx(plain_norm_act(model).train(), get_default_qat_qconfig_mapping(backend), (example,))
     finally:
         context.__exit__(None, None, None)
-
-
-@torch.no_grad()
-def calibrate_qat(graph: nn.Module, images: Iterable[torch.Tensor]) -> nn.Module:
-    """Fix a fresh QAT graph's activation ranges before the QAT epochs train against them: calibrated as
-    `quantize_int8` does (eval mode, one image per update), then frozen, with the BN statistics.
-
-    Ranges learned on the fly from training batches were worse than post-training calibration of the same weights
-    (demo, seed 0: 42% against 47%): a batch's min/max is set by its most extreme image (on the demo student about
-    one image in 30 drives deep activations 50-250x past the usual range), and training-mode BN normalizes with batch
-    statistics the deployed model never sees. Weight ranges keep following the weights.
-    """
-    from torch.ao.nn.intrinsic.qat import freeze_bn_stats
-    from torch.ao.quantization import FakeQuantizeBase
-
-    training = graph.training
-    graph.eval()
-    for image in images:
-        graph(image)
-    for name, module in graph.named_modules():
-        if isinstance(module, FakeQuantizeBase) and not name.endswith("weight_fake_quant"):
-            module.disable_observer()
-    graph.apply(freeze_bn_stats)  # training steps then normalize as the INT8 model will: running statistics
-    return graph.train(training)
 
 
 RANGE_PREFIX = "qat."  # checkpoint keys of the QAT graph's quantization state, beside the float weights

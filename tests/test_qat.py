@@ -8,7 +8,7 @@ from torch import nn
 import export
 from kd.errors import UserError
 from kd.models import checkpoint_ranges, load_checkpoint, save_checkpoint
-from kd.qat import RANGE_PREFIX, calibrate_qat, convert_qat, frozen_observers, prepare_qat, range_state
+from kd.qat import RANGE_PREFIX, convert_qat, frozen_observers, prepare_qat, range_state
 
 META = {"arch": {"name": "test_efficientnet", "num_classes": 3}, "classes": ["a", "b", "c"], "inputs": ["rgb"]}
 META |= {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
@@ -96,32 +96,3 @@ def test_export_of_torch_int8_qat_without_ranges_says_what_to_export(tmp_path, c
         export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.onnx"), "--formats", "torch-int8-qat"])
     message = capsys.readouterr().err
     assert "holds no QAT ranges" in message and "latest.safetensors" in message and "torch-int8-static" in message
-
-
-def test_calibrate_qat_averages_per_image_ranges_then_fixes_them_and_the_bn_statistics():
-    from torch.ao.nn.intrinsic.qat import ConvBn2d
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_efficientnet", num_classes=3)
-    graph = prepare_qat(model, torch.randn(2, 3, 32, 32))
-    images = [torch.randn(1, 3, 32, 32) * scale for scale in (1.0, 3.0, 0.5, 40.0, 1.0, 2.0)]
-    calibrate_qat(graph, images)
-    low, high = images[0].min(), images[0].max()  # the input's observer, by the moving-average formula (0.1)
-    for image in images[1:]:
-        low, high = low + 0.1 * (image.min() - low), high + 0.1 * (image.max() - high)
-    observer = graph.activation_post_process_0.activation_post_process
-    torch.testing.assert_close((observer.min_val, observer.max_val), (low, high))
-
-    assert graph.training  # as it came in
-    fake_quants = {n: m for n, m in graph.named_modules() if hasattr(m, "observer_enabled")}
-    assert all(m.observer_enabled.item() == n.endswith("weight_fake_quant") for n, m in fake_quants.items())
-    conv_bns = [m for m in graph.modules() if isinstance(m, ConvBn2d)]
-    assert conv_bns and all(m.freeze_bn and not m.bn.training for m in conv_bns)
-    before, statistics = range_state(graph), [m.bn.running_mean.clone() for m in conv_bns]
-    with torch.no_grad():
-        model.conv_stem.weight.mul_(2)  # as if an optimizer step had changed it (the graph shares the tensor)
-    graph(torch.randn(8, 3, 32, 32) * 5)  # a training step's forward: activation ranges and BN statistics stay
-    after = range_state(graph)
-    moved = {k.split(".")[1] for k in before if not torch.equal(before[k], after[k])}
-    assert moved == {"conv_stem"}  # only the changed weight's range, which follows its weights
-    assert all(torch.equal(m.bn.running_mean, old) for m, old in zip(conv_bns, statistics))
