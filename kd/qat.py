@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import UserError
@@ -60,9 +61,30 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, backend: str = BACKEND)
 
     context = _quiet()
     try:
-        return prepare_qat_fx(plain_norm_act(model).train(), get_default_qat_qconfig_mapping(backend), (example,))
+        graph = prepare_qat_fx(plain_norm_act(model).train(), get_default_qat_qconfig_mapping(backend), (example,))
     finally:
         context.__exit__(None, None, None)
+    return runtime_dropout(graph)
+
+
+def runtime_dropout(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Each `F.dropout` call of `graph` becomes an nn.Dropout module, which asks `self.training` at run time.
+
+    timm heads call F.dropout(x, p, training=self.training) inline, and FX bakes the flag of trace time into the
+    call: a QAT graph, traced in train mode, would keep dropping activations in eval (validation) and in the INT8
+    model converted from it.
+    """
+    for node in list(graph.graph.nodes):
+        if node.op != "call_function" or node.target is not F.dropout:
+            continue
+        p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+        graph.add_submodule(f"{node.name}_module", nn.Dropout(p))
+        with graph.graph.inserting_after(node):
+            module_call = graph.graph.call_module(f"{node.name}_module", (node.args[0],))
+        node.replace_all_uses_with(module_call)
+        graph.graph.erase_node(node)
+    graph.recompile()
+    return graph
 
 
 RANGE_PREFIX = "qat."  # checkpoint keys of the QAT graph's quantization state, beside the float weights

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,24 +19,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_stay_in_sync_and_report_exact_accuracy(tiny_demo, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def two_processes() -> list[str]:
+    """`accelerate launch` of two synced CPU (gloo) processes; ACCELERATE_USE_CPU=1 in ENV makes --multi_gpu CPU."""
+    return [
+        *(sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"),
+        *("--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"),
+        *("--main_process_port", str(free_port())),
     ]
+
+
+def test_two_processes_stay_in_sync_and_report_exact_accuracy(tiny_demo, tmp_path):
+    env, launch = ENV, two_processes()
     data = [f"data.root={tiny_demo}", "data.demo=false", "data.image_size=32", "data.num_workers=0"]
     proc = subprocess.run(
         [
@@ -104,25 +103,40 @@ print("rank 0 passed the barrier")
 def test_a_crashing_rank_stops_the_run_instead_of_hanging(tmp_path):
     script = tmp_path / "crash.py"
     script.write_text(CRASHING_RANK)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-    ]
+    env, launch = ENV, two_processes()
     proc = subprocess.run(
         [*launch, str(script), str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=180
     )
     assert proc.returncode != 0
     assert "rank 1 fails on purpose" in proc.stderr and "rank 0 passed the barrier" not in proc.stdout
+
+
+def test_qat_under_two_processes_validates_the_graph_its_checkpoint_rebuilds(tiny_demo, tmp_path):
+    """QAT swaps in its fake-quantized graph after DDP wrapped the model; ranks must stay in sync, and the accuracy
+    reported for the QAT epoch must be that of the graph rebuilt from the checkpoint's weights and ranges."""
+    from kd.config import load_config
+    from kd.data import checkpoint_loader
+    from kd.models import checkpoint_ranges, load_checkpoint
+    from kd.qat import RANGE_PREFIX, frozen_observers, prepare_qat
+
+    data = [f"data.root={tiny_demo}", "data.demo=false", "data.image_size=32", "data.num_workers=0"]
+    train = ["model.name=test_efficientnet", "train.max_epochs=2", "train.warmup_epochs=0", "train.batch_size=4"]
+    config = str(ROOT / "configs/baseline_b0.yaml")
+    command = [*two_processes(), str(ROOT / "train_teacher.py"), "--config", config, *data, *train]
+    command += ["train.qat_start_fraction=0.5", "train.checkpoint_dir=run"]
+    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training on 2 process(es)" in proc.stdout and "weights in sync across 2 process(es)" in proc.stdout
+
+    latest = tmp_path / "run/latest.safetensors"
+    model, meta = load_checkpoint(latest)
+    ranges = checkpoint_ranges(latest)
+    assert meta["qat"] and ranges
+    loader = checkpoint_loader(load_config(config, data).data, meta, "val", 8)
+    batches = list(loader)
+    graph = prepare_qat(model, batches[0]["rgb"][:2])
+    graph.load_state_dict({k.removeprefix(RANGE_PREFIX): v for k, v in ranges.items()}, strict=False)
+    graph.eval()
+    with torch.no_grad(), frozen_observers(graph):
+        correct = sum((graph(b["rgb"]).argmax(1) == b["label"]).sum().item() for b in batches)
+    assert correct / len(loader.dataset) == pytest.approx(meta["metrics"]["val_acc"], abs=1e-9)

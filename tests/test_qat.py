@@ -96,3 +96,19 @@ def test_export_of_torch_int8_qat_without_ranges_says_what_to_export(tmp_path, c
         export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.onnx"), "--formats", "torch-int8-qat"])
     message = capsys.readouterr().err
     assert "holds no QAT ranges" in message and "latest.safetensors" in message and "torch-int8-static" in message
+
+
+def test_qat_graph_drops_out_in_training_only_and_its_int8_model_never():
+    """timm's head calls F.dropout(training=self.training); FX would bake in the train mode of trace time."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3, drop_rate=0.5)
+    graph = prepare_qat(model, torch.randn(2, 3, 32, 32))
+    x = torch.randn(8, 3, 32, 32)
+    graph(x)  # one training step's ranges
+    assert not torch.equal(graph(x), graph(x))  # training: dropout on
+    graph.eval()
+    with torch.no_grad(), frozen_observers(graph):
+        assert torch.equal(graph(x), graph(x))  # eval: dropout off
+    int8 = convert_qat(model, range_state(graph), x[:1])
+    with torch.no_grad():
+        assert torch.equal(int8(x), int8(x))
