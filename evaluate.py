@@ -28,43 +28,21 @@ images to TensorBoard in <out>/tb.
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from kd.config import load_config
-from kd.corruptions import (
-    CORRUPTIONS,
-    corrupt_normalized,
-)
+from kd.corruptions import CORRUPTIONS, corrupt_normalized
 from kd.data import checkpoint_loader, prepare_data
 from kd.errors import UserError, exit_on_user_error
-from kd.metrics import (
-    ECE_BINS,
-    classification_metrics,
-    mean_std,
-    per_class_accuracy,
-)
+from kd.metrics import ECE_BINS, classification_metrics, mean_std, per_class_accuracy
 from kd.models import checkpoint_stem
-from kd.plots import (
-    save_plots,
-)
-from kd.runtime import (
-    PEAK_MEMORY_METHOD,
-    cuda_peak_memory_mb,
-    latency_ms,
-    load_model,
-    peak_memory_mb,
-    throughput,
-)
-
-COLUMNS = ("Model", "Parameters", "Top-1 Acc.", "Latency (ms)", "Memory (MB)")
-EXTRA = ("Top-5", "Macro-F1", "ECE", "Agreement", "KL", "p90 (ms)", "Images/s", "Weights (MB)", "File (MB)")
-KIND = {"checkpoint": "", "onnx": " ONNX", "torchscript": " TorchScript", "tflite": " TFLite"}
+from kd.plots import save_plots
+from kd.report import derived_lines, tables
+from kd.runtime import PEAK_MEMORY_METHOD, cuda_peak_memory_mb, latency_ms, load_model, peak_memory_mb, throughput
 
 
 def model_list(args) -> list[tuple[str, str, str]]:
@@ -142,74 +120,6 @@ def evaluate(path: str, args, cfg, teacher: dict | None) -> tuple[dict, dict]:
     return row, reference
 
 
-def fmt(row: dict, key: str, scale: float = 1.0, digits: int = 1, unit: str = "", spread: bool = True) -> str:
-    """A cell: the value (mean for several runs) and, for several runs, ± their standard deviation."""
-    if row.get(key) is None:
-        return "-"
-    std = row.get("std", {}).get(key) if spread else None
-    return f"{scale * row[key]:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if std is not None else "") + unit
-
-
-def cells(name: str, r: dict, corruptions: bool) -> list[str]:
-    runs = f", {r['n']} runs" if r["n"] > 1 else ""
-    label = f"{name} ({r['arch']}{KIND[r['kind']]}, {'+'.join(r['inputs']).upper()}{runs})"
-    out = [label, fmt(r, "params", 1e-6, 2, "M", spread=False), fmt(r, "top1", 100, 1, "%"), fmt(r, "latency_ms", 1, 2)]
-    out += [fmt(r, "memory_mb"), fmt(r, "top5", 100, 1, "%"), fmt(r, "macro_f1", 1, 3), fmt(r, "ece", 1, 3)]
-    out += [fmt(r, "teacher_agreement", 100, 1, "%"), fmt(r, "teacher_kl", 1, 3), fmt(r, "latency_p90_ms", 1, 2)]
-    out += [fmt(r, "throughput", 1, 0), fmt(r, "weights_mb"), fmt(r, "file_mb")]
-    return out + ([fmt(r, "top1_corrupted", 100, 1, "%")] if corruptions else [])
-
-
-def render(title: str, columns: tuple[str, ...], body: list[list[str]]) -> tuple[Table, list[str]]:
-    """The same table for the console (rich) and for results.md (markdown)."""
-    table = Table(*columns, title=title)
-    for row in body:
-        table.add_row(*row)
-    md = [f"{title}\n", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return table, md + ["| " + " | ".join(row) + " |" for row in body]
-
-
-def derived_lines(rows: dict[str, dict], teacher: str, speed: str, peak: bool) -> list[str]:
-    """The user guide's comparison sentences, computed from the table (means for several runs)."""
-    lines = []
-    if teacher in rows and "distilled" in rows:
-        t, s = rows[teacher], rows["distilled"]
-        if t["params"] and s["params"]:
-            lines.append(f"{100 * (1 - s['params'] / t['params']):.0f}% fewer parameters than the teacher")
-        lines += [
-            f"{t['latency_ms'] / s['latency_ms']:.1f}x faster inference ({speed})",
-            f"{t['weights_mb'] / s['weights_mb']:.1f}x smaller weights"
-            + (f", {t['memory_mb'] / s['memory_mb']:.1f}x smaller peak inference memory" if peak else ""),
-            f"{100 * (t['top1'] - s['top1']):.1f} points accuracy drop from the teacher",
-        ]
-    if "baseline" in rows and "distilled" in rows:
-        d, b = rows["distilled"], rows["baseline"]
-        gain, stds = 100 * (d["top1"] - b["top1"]), [100 * (r["std"].get("top1") or 0) for r in (d, b)]
-        line = f"{gain:+.1f} points over the baseline student (same architecture, no teacher)"
-        if d["n"] > 1 or b["n"] > 1:
-            line += f"; mean of {d['n']} vs {b['n']} runs, run-to-run std {stds[0]:.1f} / {stds[1]:.1f} points"
-            line += " (within run-to-run noise)" if abs(gain) <= math.hypot(*stds) else ""
-        lines.append(line)
-    return lines
-
-
-def tables(summary: dict[str, dict], args, title: str, note: str) -> tuple[list[Table], list[str]]:
-    """Console: the five quoted columns, then the details (and robustness); markdown: all columns in one table."""
-    body, n = [cells(name, r, args.corruptions) for name, r in summary.items()], len(COLUMNS)
-    columns = COLUMNS + EXTRA + (("Corrupted Top-1",) if args.corruptions else ())
-    console = [render(title, COLUMNS, [c[:n] for c in body])[0]]
-    console.append(render("details", ("Model", *columns[n:]), [[m, *c[n:]] for m, c in zip(summary, body)])[0])
-    md = render(title, columns, body)[1] + ["", note]
-    if args.corruptions:
-        keys = [f"top1_{c}" for c in CORRUPTIONS] + ["top1_corrupted"]
-        robust = [[m] + [fmt(r, k, 100, 1, "%") for k in keys] for m, r in summary.items()]
-        what = "Top-1 under corruption, mean over severities 1-3 (RGB corrupted before normalization; MS unchanged)"
-        table, lines = render(what, ("Model", *CORRUPTIONS, "mean"), robust)
-        console.append(table)
-        md += [""] + lines
-    return console, md
-
-
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -268,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Memory: {memory}. ECE: {ECE_BINS} equal-width confidence bins. Agreement, KL: top-1 agreement with, and "
         f"KL({args.teacher} || model) at T=1. Images/s: throughput at batch {args.throughput_batch}."
     )
-    console, md = tables(summary, args, title, note)
+    console, md = tables(summary, args.corruptions, title, note)
     for table in console:
         Console(width=max(120, Console().width)).print(table)
     print(note)

@@ -1,0 +1,80 @@
+"""evaluate.py's report: table cells (mean ± std for runs of a recipe), the same table for the console and for
+markdown, and the user guide's derived comparison lines, computed from the table."""
+
+import math
+
+from rich.table import Table
+
+from kd.corruptions import CORRUPTIONS
+
+COLUMNS = ("Model", "Parameters", "Top-1 Acc.", "Latency (ms)", "Memory (MB)")
+EXTRA = ("Top-5", "Macro-F1", "ECE", "Agreement", "KL", "p90 (ms)", "Images/s", "Weights (MB)", "File (MB)")
+KIND = {"checkpoint": "", "onnx": " ONNX", "torchscript": " TorchScript", "tflite": " TFLite"}
+
+
+def fmt(row: dict, key: str, scale: float = 1.0, digits: int = 1, unit: str = "", spread: bool = True) -> str:
+    """A cell: the value (mean for several runs) and, for several runs, ± their standard deviation."""
+    if row.get(key) is None:
+        return "-"
+    std = row.get("std", {}).get(key) if spread else None
+    return f"{scale * row[key]:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if std is not None else "") + unit
+
+
+def cells(name: str, r: dict, corruptions: bool) -> list[str]:
+    runs = f", {r['n']} runs" if r["n"] > 1 else ""
+    label = f"{name} ({r['arch']}{KIND[r['kind']]}, {'+'.join(r['inputs']).upper()}{runs})"
+    out = [label, fmt(r, "params", 1e-6, 2, "M", spread=False), fmt(r, "top1", 100, 1, "%"), fmt(r, "latency_ms", 1, 2)]
+    out += [fmt(r, "memory_mb"), fmt(r, "top5", 100, 1, "%"), fmt(r, "macro_f1", 1, 3), fmt(r, "ece", 1, 3)]
+    out += [fmt(r, "teacher_agreement", 100, 1, "%"), fmt(r, "teacher_kl", 1, 3), fmt(r, "latency_p90_ms", 1, 2)]
+    out += [fmt(r, "throughput", 1, 0), fmt(r, "weights_mb"), fmt(r, "file_mb")]
+    return out + ([fmt(r, "top1_corrupted", 100, 1, "%")] if corruptions else [])
+
+
+def render(title: str, columns: tuple[str, ...], body: list[list[str]]) -> tuple[Table, list[str]]:
+    """The same table for the console (rich) and for results.md (markdown)."""
+    table = Table(*columns, title=title)
+    for row in body:
+        table.add_row(*row)
+    md = [f"{title}\n", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return table, md + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def derived_lines(rows: dict[str, dict], teacher: str, speed: str, peak: bool) -> list[str]:
+    """The user guide's comparison sentences, computed from the table (means for several runs)."""
+    lines = []
+    if teacher in rows and "distilled" in rows:
+        t, s = rows[teacher], rows["distilled"]
+        if t["params"] and s["params"]:
+            lines.append(f"{100 * (1 - s['params'] / t['params']):.0f}% fewer parameters than the teacher")
+        lines += [
+            f"{t['latency_ms'] / s['latency_ms']:.1f}x faster inference ({speed})",
+            f"{t['weights_mb'] / s['weights_mb']:.1f}x smaller weights"
+            + (f", {t['memory_mb'] / s['memory_mb']:.1f}x smaller peak inference memory" if peak else ""),
+            f"{100 * (t['top1'] - s['top1']):.1f} points accuracy drop from the teacher",
+        ]
+    if "baseline" in rows and "distilled" in rows:
+        d, b = rows["distilled"], rows["baseline"]
+        gain, stds = 100 * (d["top1"] - b["top1"]), [100 * (r["std"].get("top1") or 0) for r in (d, b)]
+        line = f"{gain:+.1f} points over the baseline student (same architecture, no teacher)"
+        if d["n"] > 1 or b["n"] > 1:
+            line += f"; mean of {d['n']} vs {b['n']} runs, run-to-run std {stds[0]:.1f} / {stds[1]:.1f} points"
+            line += " (within run-to-run noise)" if abs(gain) <= math.hypot(*stds) else ""
+        lines.append(line)
+    return lines
+
+
+def tables(summary: dict[str, dict], corruptions: bool, title: str, note: str) -> tuple[list[Table], list[str]]:
+    """Console: the five quoted columns, then the details (and robustness); markdown: all columns in one table."""
+    body, n = [cells(name, r, corruptions) for name, r in summary.items()], len(COLUMNS)
+    columns = COLUMNS + EXTRA + (("Corrupted Top-1",) if corruptions else ())
+    console = [render(title, COLUMNS, [c[:n] for c in body])[0]]
+    console.append(render("details", ("Model", *columns[n:]), [[m, *c[n:]] for m, c in zip(summary, body)])[0])
+    md = render(title, columns, body)[1] + ["", note]
+    if corruptions:
+        keys = [f"top1_{c}" for c in CORRUPTIONS] + ["top1_corrupted"]
+        robust = [[m] + [fmt(r, k, 100, 1, "%") for k in keys] for m, r in summary.items()]
+        what = "Top-1 under corruption, mean over severities 1-3 (RGB corrupted before normalization; MS unchanged)"
+        table, lines = render(what, ("Model", *CORRUPTIONS, "mean"), robust)
+        console.append(table)
+        md += [""] + lines
+    return console, md
