@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         student_input=student_input,
         teacher_inputs=teacher_inputs,
     )
-    distiller.teachers_to(accelerator.device)
+    distiller.teachers_to(accelerator.device, d.channels_last, d.compile)
     if args.cache_teacher:
         views = train_loader.dataset  # the training views, epoch by epoch
         build_teacher_cache(

@@ -130,6 +130,8 @@ class TrainConfig:
     finetune_lr_scale: float = 0.1  # LR factor of the fine-tuning phase
     ema_decay: float = 0.0  # EMA of the weights (timm ModelEmaV3), used for validation and checkpoints; 0 = off
     grad_checkpointing: bool = False  # trade compute for memory in the trained model (timm set_grad_checkpointing)
+    channels_last: bool = False  # trained model and teachers in channels_last memory format (faster convolutions)
+    compile: bool = False  # torch.compile the trained model's and the teachers' forward (not the QAT graph)
     max_nonfinite_steps: int = 5  # non-finite losses are skipped; this many in a row stop the run
     save_every_n_steps: int = 0  # also save the resumable state every N optimizer steps (mid-epoch); 0 = per epoch
     resume: str | None = None  # "auto": continue from <run_dir>/last when it exists (like --resume), else start

@@ -102,8 +102,13 @@ class Distiller(nn.Module):
             t.eval()
         return self
 
-    def teachers_to(self, device: torch.device) -> None:
-        self.teachers = tuple(t.to(device) for t in self.teachers)
+    def teachers_to(self, device: torch.device, channels_last: bool = False, compile: bool = False) -> None:
+        """Move the teachers; optionally channels_last and compiled (in place: nn.Module.compile keeps the module)."""
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.teachers = tuple(t.to(device, memory_format=memory_format) for t in self.teachers)
+        for teacher in self.teachers:
+            if compile and any(True for _ in teacher.parameters()):  # a teacher cache's lookup has nothing to compile
+                teacher.compile()
 
     def set_model(self, student: nn.Module) -> None:
         """Swap in a graph that shares the student's parameters (quantization-aware training). Its blocks are

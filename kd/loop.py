@@ -211,6 +211,10 @@ def fit(
         if not hasattr(unwrapped.model, "set_grad_checkpointing"):
             raise UserError(f"grad_checkpointing: {type(unwrapped.model).__name__} has no set_grad_checkpointing")
         unwrapped.model.set_grad_checkpointing(True)
+    if cfg.channels_last:  # 4-D weights NHWC: oneDNN and tensor-core convolutions skip a layout conversion
+        unwrapped.to(memory_format=torch.channels_last)
+    if cfg.compile:  # in place: the module, its state dict and checkpoints stay as they are
+        unwrapped.model.compile()
     optimizer = create_optimizer_v2(task, "adamw", lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     task, optimizer, train_loader, val_loader = accelerator.prepare(task, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate_grad_batches)

@@ -128,3 +128,21 @@ def test_one_view_is_resized_and_renormalized_for_each_model():
     out = adapt_view(view, a, small)
     assert torch.allclose(out["rgb"], TF.normalize(resized, a["mean"], a["std"]), atol=1e-5)
     assert out["ms"].shape[-2:] == (16, 16) and out["label"] is view["label"]
+
+
+def test_compiled_channels_last_teachers_give_the_same_losses_and_features():
+    """distillation.channels_last / compile: teachers in NHWC and compiled in place, hooks still capturing."""
+    torch.manual_seed(0)
+    distiller, teacher = make_distiller()
+    x = batch()
+    with torch.no_grad():
+        reference = {k: v for k, v in distiller(x).items() if k != "logits"}
+    distiller.teachers_to(torch.device("cpu"), channels_last=True, compile=True)
+    conv = teacher.rgb.conv_stem.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert teacher._compiled_call_impl is not None  # compiled in place: same module, same state dict keys
+    with torch.no_grad():
+        got = {k: v for k, v in distiller(x).items() if k != "logits"}
+    assert reference.keys() == got.keys() and "feature" in got
+    for key in reference:
+        torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-5)

@@ -358,3 +358,16 @@ def test_int8_conversion_of_a_timm_student_folds_every_batchnorm():
     int8 = quantize_int8(model, [torch.randn(8, 3, 32, 32) for _ in range(4)])
     assert "batch_norm" not in int8.code and not any(isinstance(m, nn.BatchNorm2d) for m in int8.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the float model is left as it was
+
+
+def test_channels_last_and_compile_train_the_model_in_place(tmp_path):
+    import safetensors.torch
+
+    task = Classifier(conv())
+    model = task.model
+    result = train(tmp_path, task, max_epochs=2, channels_last=True, compile=True)
+    assert result["best"] > 0.9 and task.model is model  # compiled in place, not wrapped
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model._compiled_call_impl is not None
+    saved = safetensors.torch.load_file(str(tmp_path / "best.safetensors"))
+    assert set(saved) == set(conv().state_dict())  # no "_orig_mod." prefixes: loads into a plain model
