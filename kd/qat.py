@@ -22,13 +22,13 @@ from kd.errors import UserError
 BACKEND = "x86"  # fbgemm kernels for x86 servers and laptops; "qnnpack" for ARM phones
 
 
-def _quiet():
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     """torch.ao.quantization warns on every call that it moves to torchao; say it once in README instead."""
-    context = warnings.catch_warnings()
-    context.__enter__()
-    warnings.filterwarnings("ignore", message=".*torchao.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao")
-    return context
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torchao.*")
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.ao")
+        yield
 
 
 def plain_norm_act(model: nn.Module) -> nn.Module:
@@ -59,11 +59,8 @@ def prepare_qat(model: nn.Module, example: torch.Tensor, backend: str = BACKEND)
     from torch.ao.quantization import get_default_qat_qconfig_mapping
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-    context = _quiet()
-    try:
+    with _quiet():
         graph = prepare_qat_fx(plain_norm_act(model).train(), get_default_qat_qconfig_mapping(backend), (example,))
-    finally:
-        context.__exit__(None, None, None)
     return runtime_dropout(graph)
 
 
@@ -119,12 +116,9 @@ def convert_qat(
             f"{extra[:3]}): it was written by another version of kd or timm; export torch-int8-static instead"
         )
     graph.load_state_dict({k[len(RANGE_PREFIX) :]: v for k, v in ranges.items()}, strict=False)
-    context = _quiet()
-    try:
+    with _quiet():
         torch.backends.quantized.engine = backend
         return convert_fx(graph.eval())
-    finally:
-        context.__exit__(None, None, None)
 
 
 def _calibration_qconfig(backend: str):
@@ -149,8 +143,7 @@ def quantize_int8(model: nn.Module, calibration: list[torch.Tensor], backend: st
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    context = _quiet()
-    try:
+    with _quiet():
         torch.backends.quantized.engine = backend
         float_model = plain_norm_act(copy.deepcopy(model)).eval()  # fusion must not touch `model`
         mapping = get_default_qconfig_mapping(backend).set_global(_calibration_qconfig(backend))
@@ -158,8 +151,6 @@ def quantize_int8(model: nn.Module, calibration: list[torch.Tensor], backend: st
         for image in torch.cat(calibration).split(1):  # one image per observer update: see _calibration_qconfig
             prepared(image)
         return convert_fx(prepared)
-    finally:
-        context.__exit__(None, None, None)
 
 
 @contextlib.contextmanager
