@@ -1,12 +1,29 @@
 """User-facing errors: expected mistakes print one clear message instead of a traceback."""
 
 import functools
+import reprlib
 import sys
 from collections.abc import Callable
+from typing import Any
+
+QUOTE_LIMIT = 200  # characters of a user's value an error message repeats; a 300 MB value is not echoed back
 
 
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing file, wrong layer name). The message says how."""
+
+
+def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
+    """repr(value), cut to `limit` characters: error messages name the value without echoing a huge one.
+
+    The repr of a deeply shared structure (a YAML "billion laughs") is never built in full: reprlib stops early.
+    """
+    short = reprlib.Repr()  # attributes, not keywords: Python 3.10 and 3.11 take none
+    short.maxlevel = 4
+    short.maxlist = short.maxdict = short.maxtuple = short.maxset = 8
+    short.maxstring = short.maxother = limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def exit_on_user_error(main: Callable) -> Callable:
