@@ -23,10 +23,11 @@ venv: $(VENV)/.installed
 export-deps: $(VENV)/.installed
 	$(PY) -m pip install -q -r requirements-export.txt
 
+# resume=auto: a second `make demo` continues (or skips) the runs already there instead of refusing their folders.
 demo: $(VENV)/.installed
-	$(PY) train_teacher.py --config configs/teacher.yaml train.max_epochs=$(DEMO_EPOCHS)
-	$(PY) train_teacher.py --config configs/baseline_b0.yaml train.max_epochs=$(DEMO_EPOCHS)
-	$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL)
+	$(PY) train_teacher.py --config configs/teacher.yaml train.max_epochs=$(DEMO_EPOCHS) train.resume=auto
+	$(PY) train_teacher.py --config configs/baseline_b0.yaml train.max_epochs=$(DEMO_EPOCHS) train.resume=auto
+	$(PY) distill.py --config configs/b0.yaml $(DEMO_DISTILL) distillation.resume=auto
 	$(PY) export.py --checkpoint checkpoints/student/best.safetensors --out exports/student.onnx --config configs/b0.yaml \
 		--formats torchscript onnx-int8-static onnx-int8-dynamic torch-int8-dynamic
 	$(PY) evaluate.py --config configs/b0.yaml --out results \

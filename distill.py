@@ -21,15 +21,14 @@ from kd.cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key
 from kd.config import flat_hparams, parse_cli, save_config
 from kd.data import build_loader, prepare_data, resolve_input
 from kd.distill import Distiller, adapt_view, teacher_sanity_report
-from kd.errors import UserError, exit_on_user_error
+from kd.errors import UserError, exit_on_user_error, quote
 from kd.features import layer_pairs, output_shapes, suggest_pairs
-from kd.loop import fit, make_accelerator
+from kd.loop import claim_run_dir, fit, make_accelerator
 from kd.losses import KnowledgeDistillationLoss
 from kd.models import (
     build_model,
     check_ms_bands,
     count_parameters,
-    ensure_writable,
     input_config,
     input_keys,
     load_checkpoint,
@@ -62,6 +61,7 @@ def print_layers(student: torch.nn.Module, student_size: int, teacher: torch.nn.
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict | None:
     cfg, args = parse_cli(argv, "Distil frozen teacher(s) into an RGB student.", list_layers=True, cache_teacher=True)
+    set_seed(cfg.seed)  # first: every model and draw below depends on it, so two runs of one seed are bitwise equal
     d = cfg.distillation
     run_dir = Path(d.checkpoint_dir or f"runs/{cfg.name}")
     if args.cache_teacher and not d.teacher_cache:
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         print_layers(student, student_data.image_size, teachers[d.feature_teacher], metas[d.feature_teacher])
         return None
 
-    ensure_writable(run_dir)  # a run that could not save fails now, not after training (--list-layers writes nothing)
+    if not args.cache_teacher:  # fails now, not after training (--list-layers and --cache-teacher write no run)
+        claim_run_dir(run_dir, args.resume, d.resume == "auto", [e["checkpoint"] for e in entries])
     accelerator = make_accelerator(d, run_dir, seed=cfg.seed)
-    set_seed(cfg.seed)
     ms_meta = next((m for m in metas if "ms" in m["inputs"]), None)
     with_ms = ms_meta is not None and not cached  # only teachers read MS; the RGB view is the same without it
 
@@ -105,6 +105,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         prepare_data(cfg.data)
     ms_stats = (ms_meta["ms_mean"], ms_meta["ms_std"]) if with_ms else None
     if with_ms and ms_meta.get("ms_bands") is not None:  # the bands the teacher was trained on
+        if cfg.data.ms_bands and cfg.data.ms_bands != ms_meta["ms_bands"]:
+            raise UserError(
+                f"data.ms_bands is {quote(cfg.data.ms_bands)}, but the teacher was trained on bands "
+                f"{quote(ms_meta['ms_bands'] or 'all')}: the teacher must see its own bands. Set data.ms_bands to "
+                "the teacher's, or leave it empty ([]) to use them."
+            )
+        if ms_meta["ms_bands"]:
+            accelerator.print(f"multispectral bands {ms_meta['ms_bands']}: the teacher's (from its checkpoint)")
         cfg.data.ms_bands = ms_meta["ms_bands"]
     # one augmented view at the largest input size, re-sized / re-normalized per model inside the Distiller
     student_input = {k: getattr(student_data, k) for k in ("image_size", "mean", "std")}

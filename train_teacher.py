@@ -11,17 +11,17 @@ from accelerate.utils import set_seed
 from kd.config import flat_hparams, parse_cli, save_config
 from kd.data import build_loader, ms_statistics, open_split, prepare_data, resolve_input
 from kd.errors import UserError, exit_on_user_error
-from kd.loop import fit, make_accelerator
-from kd.models import Classifier, build_model, count_parameters, ensure_writable, input_config
+from kd.loop import claim_run_dir, fit, make_accelerator
+from kd.models import Classifier, build_model, count_parameters, input_config
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     cfg, args = parse_cli(argv, "Train a teacher or a baseline student with cross-entropy.")
+    set_seed(cfg.seed)  # first: every model and draw below depends on it, so two runs of one seed are bitwise equal
     run_dir = Path(cfg.train.checkpoint_dir or f"runs/{cfg.name}")
-    ensure_writable(run_dir)  # a run that could not save fails now, not after training
+    claim_run_dir(run_dir, args.resume, cfg.train.resume == "auto")  # fails now, not after training
     accelerator = make_accelerator(cfg.train, run_dir, seed=cfg.seed)
-    set_seed(cfg.seed)
 
     # data: the hybrid model also reads the MS band stack beside each image, normalized with train-split stats
     with accelerator.main_process_first():

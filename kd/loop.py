@@ -5,17 +5,23 @@ logits; `task.model` is what gets checkpointed. If it has `set_progress(epoch: f
 every step (temperature schedules, loss warmups). The loop never needs to know whether it is distilling.
 """
 
+import contextlib
 import functools
 import json
 import math
 import os
 import shutil
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import accelerate.utils
+import safetensors
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -28,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from kd.config import TrainConfig
 from kd.errors import UserError
-from kd.models import forward_batch, input_keys, save_checkpoint
+from kd.models import checkpoint_stem, ensure_writable, forward_batch, input_keys, save_checkpoint
 from kd.qat import frozen_observers, prepare_qat, range_state
 
 
@@ -54,6 +60,80 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool =
         # a crashed rank ends the others after this long instead of leaving them hanging forever
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))],
     )
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a distributed error means another process of the run is gone (gloo's and NCCL's wordings)."""
+    text = str(error)
+    return (
+        isinstance(error, torch.distributed.DistError) or "Connection closed by peer" in text or "remote worker" in text
+    )
+
+
+@contextlib.contextmanager
+def explain_lost_peers(accelerator: Accelerator, run_dir: Path):
+    """With several processes, say what to do when another one dies, instead of a stack dump from this one.
+
+    A killed rank shows up in the others either as a failed collective (gloo: "Connection closed by peer") or as
+    the launcher's SIGTERM; either way this process prints one line: where the last saved state is and that
+    `--resume` continues from it. Which rank died, and how, is in the launcher's own report ("Root Cause").
+    """
+    if accelerator.num_processes == 1:
+        yield
+        return
+
+    def message() -> str:
+        progress = run_dir / "last" / "progress.json"
+        saved = json.loads(progress.read_text()) if progress.is_file() else None
+        where = (
+            f"the last saved state, {run_dir / 'last'} (epoch {saved['epoch']}, batch {saved['batches_done']}), "
+            "with the same command and --resume"
+            if saved
+            else "the start: no state was saved yet, so run the same command again (without --resume)"
+        )
+        return (
+            f"process {accelerator.process_index} of {accelerator.num_processes} stopped: another process of this "
+            f"run ended first (the launcher's report names it under 'Root Cause'). Continue from {where}."
+        )
+
+    def on_sigterm(signum, frame) -> None:
+        print(f"error: {message()}", file=sys.stderr, flush=True)
+        os._exit(2)  # at once: the launcher kills what is still running after a grace period
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except RuntimeError as e:  # DistError is one
+        if lost_peer(e):
+            raise UserError(message()) from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def claim_run_dir(run_dir: Path, resume: bool, auto_resume: bool, teachers: tuple | list = ()) -> None:
+    """Make sure this run may write into `run_dir`, before anything is trained or written there.
+
+    The folder must be writable, must not be a teacher's folder (the student's best.safetensors would replace the
+    teacher's), and must not hold another run's checkpoints unless this run continues it: two runs never mix.
+    """
+    ensure_writable(run_dir)
+    for teacher in teachers:
+        if checkpoint_stem(teacher).parent.resolve() == run_dir.resolve():
+            raise UserError(
+                f"checkpoint_dir {run_dir} is the folder of teacher {teacher}: this run's checkpoints would replace "
+                "the teacher's. Set distillation.checkpoint_dir to another folder."
+            )
+    resumable = any((run_dir / d / "progress.json").is_file() for d in ("last", "last.tmp", "last.old"))
+    if resume or (auto_resume and resumable):
+        return  # fit continues the run that is there (and says so when there is none to continue)
+    held = sorted(p.name for p in run_dir.iterdir() if p.suffix == ".safetensors" or p.name.startswith("last"))
+    if held:
+        listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise UserError(
+            f"{run_dir} already holds a run ({listed}). Continue it with --resume (or resume=auto), or set "
+            "checkpoint_dir to another folder (or delete this one): kd never mixes two runs in one folder."
+        )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int):
@@ -141,11 +221,23 @@ class TopK:
                 (self.run_dir / old).with_suffix(suffix).unlink(missing_ok=True)
 
 
-def save_state(accelerator: Accelerator, run_dir: Path, progress: dict, safe_serialization: bool = True) -> None:
-    """Resumable state (model, optimizer, scheduler, scaler, EMA, RNG) in <run_dir>/last, replaced atomically.
+SCHEDULER_FILE, EMA_FILE = "scheduler.json", "ema.safetensors"  # our own state in last/: JSON and tensors only
+
+
+def save_state(
+    accelerator: Accelerator,
+    run_dir: Path,
+    progress: dict,
+    scheduler=None,
+    ema: ModelEmaV3 | None = None,
+    safe_serialization: bool = True,
+) -> None:
+    """Resumable state (model, optimizer, scaler, RNG; scheduler, EMA) in <run_dir>/last, replaced atomically.
 
     The new state is written to last.tmp, completed by progress.json, then swapped in (last -> last.old,
     last.tmp -> last). A kill at any point leaves one complete state that `recover_state` finds.
+    The scheduler is saved as JSON and the EMA as safetensors, not through Accelerate's custom-state pickles, which
+    it loads with code execution allowed (see `load_state`).
     A QAT graph needs safe_serialization=False: it reuses observers under several names, and safetensors keeps one
     name per shared tensor by a rule that differs between Accelerate's save and safetensors' load.
     """
@@ -155,6 +247,11 @@ def save_state(accelerator: Accelerator, run_dir: Path, progress: dict, safe_ser
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=safe_serialization)
     if accelerator.is_main_process:
+        if scheduler is not None:
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
+        if ema is not None:
+            ema_state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+            safetensors.torch.save_file(ema_state, str(tmp / EMA_FILE))
         (tmp / "progress.json.tmp").write_text(json.dumps(progress))
         os.replace(tmp / "progress.json.tmp", tmp / "progress.json")  # its presence marks a complete state
         shutil.rmtree(old, ignore_errors=True)  # left by a kill after an earlier swap
@@ -177,6 +274,67 @@ def recover_state(run_dir: Path) -> Path | None:
     return last if (last / "progress.json").is_file() else None
 
 
+def check_state(last: Path) -> dict:
+    """Check every file of a saved state before anything reads it, and return its progress.json.
+
+    A run folder is often copied from a colleague or a shared drive, and a pickle can run code when it is loaded.
+    Each pickled file (optimizer, scaler, RNG states, ...) must load with torch's weights_only unpickler, which builds
+    tensors and plain containers only and refuses anything else without running it; .safetensors and .json files
+    must parse. A file that fails is named, and nothing is resumed.
+    """
+    for path in sorted(p for p in last.iterdir() if p.is_file()):
+        try:
+            if path.suffix in (".bin", ".pkl", ".pt"):
+                accelerate.utils.load(path, map_location="cpu", weights_only=True)
+            elif path.suffix == ".safetensors":
+                with safetensors.safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as e:  # UnpicklingError for a foreign object; anything else for a damaged file
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"refused to resume from {last}: {path.name} is not plain saved state ({reason}). Unpickling it "
+                "could run code, or the file is damaged. Resume only from run folders you made or trust; to start "
+                "over, set checkpoint_dir to a new folder."
+            ) from None
+    progress = json.loads((last / "progress.json").read_text())
+    keys = ("epoch", "batches_done", "updates", "stale_epochs", "top_k")
+    if not (isinstance(progress, dict) and all(k in progress for k in keys)):
+        raise UserError(f"refused to resume from {last}: progress.json lacks some of {keys}; the state is damaged")
+    return progress
+
+
+def load_state(accelerator: Accelerator, run_dir: Path, scheduler=None, ema: ModelEmaV3 | None = None) -> None:
+    """Load <run_dir>/last into the prepared objects; `scheduler=None` keeps the freshly built schedule."""
+    last = run_dir / "last"
+    try:
+        accelerator.load_state(str(last))
+    except (RuntimeError, KeyError, ValueError, OSError, safetensors.SafetensorError) as e:
+        detail = str(e).strip().splitlines()[0][:300]
+        raise UserError(
+            f"cannot resume from {last}: the saved state does not fit the model and optimizer this run builds "
+            f"({detail}). It was saved by another model or configuration: resume with the config it was made with "
+            f"({run_dir / 'config.yaml'}), or start a new run with another checkpoint_dir."
+        ) from None
+    # states saved before kd wrote its own files: Accelerate's custom pickles, registered scheduler first, then EMA
+    legacy = {"scheduler": last / "custom_checkpoint_0.pkl", "ema": last / "custom_checkpoint_1.pkl"}
+    if scheduler is not None:
+        if (last / SCHEDULER_FILE).is_file():
+            scheduler.load_state_dict(json.loads((last / SCHEDULER_FILE).read_text()))
+        elif legacy["scheduler"].is_file():  # checked by check_state: plain data
+            scheduler.load_state_dict(accelerate.utils.load(legacy["scheduler"], weights_only=True))
+    if ema is not None:
+        if (last / EMA_FILE).is_file():
+            ema.load_state_dict(safetensors.torch.load_file(str(last / EMA_FILE), device=str(accelerator.device)))
+        elif legacy["ema"].is_file():
+            ema.load_state_dict(
+                accelerate.utils.load(legacy["ema"], map_location=accelerator.device, weights_only=True)
+            )
+        else:
+            raise UserError(f"cannot resume from {last}: it holds no EMA weights, but this run has ema_decay > 0")
+
+
 def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
     """Give every process rank 0's BatchNorm statistics: DDP lets them drift apart within a step, and the
     checkpoint (written by rank 0) must be the model that validation measured."""
@@ -192,6 +350,22 @@ def check_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> float:
     if not torch.allclose(everyone, everyone[0].expand_as(everyone), rtol=1e-9, atol=0):
         raise RuntimeError(f"weights differ across the {accelerator.num_processes} processes: {everyone.tolist()}")
     return float(checksum)
+
+
+def resumed_schedule(progress: dict, cfg: TrainConfig) -> bool:
+    """Whether a resumed run must rebuild its LR schedule: max_epochs changed since the state was saved.
+
+    A finished run resumed with a larger max_epochs continues training on the schedule of the new length (its LR
+    jumps from the old schedule's end to the new one's value at that step); a smaller one than already trained is
+    refused.
+    """
+    saved = progress.get("max_epochs", cfg.max_epochs)  # states saved before max_epochs was recorded
+    if cfg.max_epochs < progress["epoch"]:
+        raise UserError(
+            f"--resume: the saved run has already trained {progress['epoch']} epochs, more than max_epochs="
+            f"{cfg.max_epochs}; set max_epochs >= {progress['epoch']} (or its former {saved})"
+        )
+    return saved != cfg.max_epochs
 
 
 def fit(
@@ -219,11 +393,9 @@ def fit(
     task, optimizer, train_loader, val_loader = accelerator.prepare(task, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate_grad_batches)
     scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
-    accelerator.register_for_checkpointing(scheduler)
     ema = None
     if cfg.ema_decay > 0:
         ema = ModelEmaV3(unwrapped.model, decay=cfg.ema_decay, device=accelerator.device)
-        accelerator.register_for_checkpointing(ema)
         if hasattr(unwrapped, "set_ema"):
             unwrapped.set_ema(ema.module)
     accelerator.init_trackers("kd", config=hparams or {})
@@ -232,7 +404,14 @@ def fit(
         f"precision {accelerator.mixed_precision}, {updates_per_epoch} optimizer steps per epoch"
     )
 
-    progress = {"epoch": 0, "batches_done": 0, "updates": 0, "stale_epochs": 0, "top_k": []}
+    progress = {
+        "epoch": 0,
+        "batches_done": 0,
+        "updates": 0,
+        "stale_epochs": 0,
+        "top_k": [],
+        "max_epochs": cfg.max_epochs,
+    }
     float_model = unwrapped.model  # what checkpoints store, also during QAT (the QAT graph shares its weights)
     qat_epoch = None if cfg.qat_start_fraction is None else round(cfg.qat_start_fraction * cfg.max_epochs)
     if qat_epoch is not None and input_keys(float_model) != ("rgb",):
@@ -252,10 +431,18 @@ def fit(
     if resume or (cfg.resume == "auto" and (last / "progress.json").is_file()):
         if not (last / "progress.json").is_file():
             raise UserError(f"--resume: no complete saved state in {last}; start without --resume")
-        progress = json.loads((last / "progress.json").read_text())
+        progress = check_state(last)
+        reschedule = resumed_schedule(progress, cfg)
         if qat_epoch is not None and (progress["epoch"], progress["batches_done"]) > (qat_epoch, 0):
             enter_qat()  # the saved state is of the QAT graph
-        accelerator.load_state(str(last))
+        load_state(accelerator, run_dir, None if reschedule else scheduler, ema)
+        if reschedule:  # the new schedule at the step reached, as if max_epochs had been this from the start
+            scheduler.step_update(progress["updates"])
+            accelerator.print(
+                f"max_epochs {progress['max_epochs']} -> {cfg.max_epochs}: the LR schedule is rebuilt for "
+                f"{cfg.max_epochs} epochs and continues from optimizer step {progress['updates']}"
+            )
+        progress["max_epochs"] = cfg.max_epochs
         accelerator.print(f"resumed from {last} at epoch {progress['epoch']}, batch {progress['batches_done']}")
     top_k = TopK(run_dir, cfg.save_top_k, cfg.mode, progress["top_k"])
     main_epochs = cfg.max_epochs - cfg.finetune_epochs
@@ -270,7 +457,7 @@ def fit(
         TimeRemainingColumn(),
         disable=not accelerator.is_main_process,
     )
-    with bar:
+    with bar, explain_lost_peers(accelerator, run_dir):
         for epoch in range(progress["epoch"], cfg.max_epochs):
             task.train()
             train_loader.set_epoch(epoch)
@@ -282,7 +469,7 @@ def fit(
                 for group in optimizer.param_groups:
                     group["lr"] = cfg.learning_rate * cfg.finetune_lr_scale
             bar_task = bar.add_task("train", total=len(train_loader), completed=skip, epoch=epoch, info="")
-            start, seen = time.perf_counter(), 0
+            start, seen, taken = time.perf_counter(), 0, 0
             for step, batch in enumerate(batches, start=skip):
                 if hasattr(unwrapped, "set_progress"):
                     unwrapped.set_progress(epoch + step / len(train_loader))
@@ -304,7 +491,7 @@ def fit(
                         warnings.warn(f"{message}; step skipped ({bad_steps} in a row)", stacklevel=1)
                         optimizer.zero_grad(set_to_none=True)
                         continue
-                    bad_steps = 0
+                    bad_steps, taken = 0, taken + 1
                     accelerator.backward(loss)
                     grad_norm = None
                     if accelerator.sync_gradients and cfg.gradient_clip_val > 0:
@@ -331,10 +518,18 @@ def fit(
                         accelerator,
                         run_dir,
                         {**progress, "epoch": epoch, "batches_done": step + 1},
+                        scheduler,
+                        ema,
                         safe_serialization=unwrapped.model is float_model,
                     )
             bar.remove_task(bar_task)
             train_seconds = time.perf_counter() - start
+            if taken == 0 and len(train_loader) > skip:  # nothing learned: no checkpoint, no success
+                raise UserError(
+                    f"every training step of epoch {epoch} had a non-finite loss and was skipped, so the model did not "
+                    "train; nothing was saved for this epoch. Check the data for NaN/inf values and the teacher, or "
+                    "lower learning_rate."
+                )
 
             evaluated_model = ema.module if ema is not None else unwrapped.model
             saved_model = ema.module if ema is not None else float_model
@@ -362,7 +557,9 @@ def fit(
                 save_checkpoint(run_dir / "latest", saved_model, checkpoint_meta, ranges)
             progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
             progress.update(epoch=epoch + 1, batches_done=0, top_k=top_k.entries, metrics=metrics)
-            save_state(accelerator, run_dir, progress, safe_serialization=unwrapped.model is float_model)
+            save_state(
+                accelerator, run_dir, progress, scheduler, ema, safe_serialization=unwrapped.model is float_model
+            )
             accelerator.print(
                 f"epoch {epoch}: loss {loss.item():.4f}  val_acc {metrics['val_acc']:.4f}  "
                 f"val_loss {metrics['val_loss']:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "

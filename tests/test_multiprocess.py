@@ -111,6 +111,39 @@ def test_a_crashing_rank_stops_the_run_instead_of_hanging(tmp_path):
     assert "rank 1 fails on purpose" in proc.stderr and "rank 0 passed the barrier" not in proc.stdout
 
 
+# Runs a training script, but rank 1 SIGKILLs itself when it is about to save its second resumable state.
+KILL_RANK_1 = """
+import os, runpy, signal, sys
+import kd.loop
+
+save_state, calls = kd.loop.save_state, []
+def save_then_die(accelerator, *args, **kwargs):
+    calls.append(1)
+    if accelerator.process_index == 1 and len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_state(accelerator, *args, **kwargs)
+kd.loop.save_state = save_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_killed_rank_ends_the_run_with_how_to_resume(tiny_demo, tmp_path):
+    (tmp_path / "kill_rank_1.py").write_text(KILL_RANK_1)
+    data = [f"data.root={tiny_demo}", "data.demo=false", "data.image_size=32", "data.num_workers=0"]
+    train = ["model.name=test_efficientnet", "train.max_epochs=2", "train.warmup_epochs=0", "train.batch_size=4"]
+    config = str(ROOT / "configs/baseline_b0.yaml")
+    command = [*two_processes(), "kill_rank_1.py", str(ROOT / "train_teacher.py"), "--config", config, *data, *train]
+    command += ["train.save_every_n_steps=2", "train.checkpoint_dir=run"]
+    proc = subprocess.run(command, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    # the survivor says what to do, in place of its own stack dump; the launcher's report names the killed rank
+    assert "process 0 of 2 stopped: another process of this run ended first" in proc.stderr, proc.stderr[-3000:]
+    assert "(epoch 0, batch 2), with the same command and --resume" in proc.stderr
+    assert "[rank0]: Traceback" not in proc.stderr
+    assert "rank      : 1 (local_rank: 1)" in proc.stderr and "SIGKILL" in proc.stderr
+
+
 def test_qat_under_two_processes_validates_the_graph_its_checkpoint_rebuilds(tiny_demo, tmp_path):
     """QAT swaps in its fake-quantized graph after DDP wrapped the model; ranks must stay in sync, and the accuracy
     reported for the QAT epoch must be that of the graph rebuilt from the checkpoint's weights and ranges."""

@@ -270,6 +270,7 @@ def bad(tiny_demo, tmp_path_factory) -> dict:
         "data": tiny_demo,
         "run": root / "run",
         "teacher": write_teacher(root / "teacher", plain, classes),
+        "teacher_dir": root,
         "ms5_teacher": write_teacher(
             root / "ms5", {**hybrid, "ms_channels": 5}, classes, inputs=["rgb", "ms"], ms_mean=[0.3] * 5, ms_std=[1] * 5
         ),
@@ -375,6 +376,17 @@ BAD_INPUT = [
     ),
     ("unwritable run dir", [*TRAIN, "train.checkpoint_dir={a_file}/run"], "cannot write to the run directory"),
     ("pickled student weights", [*DISTILL, "distillation.student_pretrained={evil}"], "refused to load"),
+    (
+        "MS bands other than the teacher's",
+        [*DISTILL, "distillation.teacher_checkpoint={ms5_teacher}", "data.ms_bands=[0, 1, 2]"],
+        "data.ms_bands is [0, 1, 2], but the teacher was trained on bands 'all'",
+    ),
+    (
+        "student run folder is the teacher's",
+        [*DISTILL, "distillation.checkpoint_dir={teacher_dir}"],
+        "is the folder of teacher",
+    ),
+    ("resume without a saved state", [*TRAIN, "--resume"], "--resume: no complete saved state in"),
 ]
 SCRIPTS = {"train_teacher.py": train_teacher.main, "distill.py": distill.main}
 
@@ -440,3 +452,122 @@ def test_config_files_with_python_tags_are_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("!!python/object:kd.config.Config {}")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(tmp_path / "c.yaml")
+
+
+# ------------------------------------------------------------------------- resume never unpickles code, runs never mix
+
+
+def run_main(args: list[str]) -> dict | None:
+    reset_accelerate()
+    script, *rest = args
+    return SCRIPTS[script](rest)
+
+
+def refused(args: list[str], capsys) -> str:
+    """Run in-process; the run must end with one `error:` line and exit status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    return err
+
+
+def run_dir_of(args: list[str]) -> Path:
+    return Path([a for a in args if "checkpoint_dir=" in a][-1].split("=", 1)[1])
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(bad, tmp_path_factory) -> list[str]:
+    """A one-epoch train_teacher.py run with an EMA, so last/ holds every kind of file a resumable state has."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    args = command([*TRAIN, "train.ema_decay=0.9"], {**bad, "run": run_dir})
+    run_main(args)
+    return args
+
+
+def test_resume_refuses_a_planted_pickle_in_any_file_of_the_state(finished_run, tmp_path, capsys):
+    """A run folder from a shared drive: whichever file of last/ holds a code-running pickle, resume refuses it by
+    name and the code never runs (the marker file never appears)."""
+    source = run_dir_of(finished_run)
+    names = sorted(p.name for p in (source / "last").iterdir())
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "scheduler.json", "ema.safetensors"} <= set(
+        names
+    )
+    marker = tmp_path / "marker"
+    for name in [*names, "custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"]:  # and Accelerate's own custom files
+        run_dir = tmp_path / name
+        shutil.copytree(source, run_dir)
+        torch.save({"state": Payload(marker)}, run_dir / "last" / name)
+        err = refused([*finished_run, f"train.checkpoint_dir={run_dir}", "train.max_epochs=2", "--resume"], capsys)
+        assert name in err and "resume" in err, err
+        assert not marker.exists(), f"resuming ran the code planted in {name}"
+
+
+def test_resume_after_changing_the_architecture_names_the_mismatch(finished_run, capsys):
+    err = refused([*finished_run, "model.name=test_resnet", "--resume"], capsys)
+    assert "the saved state does not fit the model" in err and "config it was made with" in err, err
+
+
+def test_a_run_never_overwrites_another_run_or_a_teacher(finished_run, bad, capsys):
+    run_dir = run_dir_of(finished_run)
+    before = tree(run_dir)
+    err = refused(finished_run, capsys)  # the same command again, without --resume
+    assert f"{run_dir} already holds a run" in err and "--resume" in err, err
+    assert tree(run_dir) == before  # not a byte changed, config.yaml included
+
+    teacher_dir = Path(bad["teacher"]).parent
+    before = tree(teacher_dir)
+    args = command([*DISTILL, "distillation.checkpoint_dir={teacher_dir}"], bad)
+    assert "is the folder of teacher" in refused(args, capsys)
+    assert "is the folder of teacher" in refused([*args, "--resume"], capsys)
+    assert tree(teacher_dir) == before
+
+
+def test_a_finished_run_resumed_with_more_epochs_trains_on(finished_run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_dir_of(finished_run), run_dir)
+    args = [*finished_run, f"train.checkpoint_dir={run_dir}"]
+    before = safetensors.torch.load_file(run_dir / "last/model.safetensors")  # the trained weights, not the EMA
+    run_main([*args, "train.max_epochs=2", "--resume"])
+    assert "max_epochs 1 -> 2: the LR schedule is rebuilt for 2 epochs" in capsys.readouterr().out
+    # the old schedule ended at LR 0, under which AdamW leaves every weight where it is
+    after = safetensors.torch.load_file(run_dir / "last/model.safetensors")
+    learned = [k for k in before if before[k].is_floating_point() and "running" not in k]
+    assert sum(not torch.equal(before[k], after[k]) for k in learned) == len(learned)
+    assert json.loads((run_dir / "latest.json").read_text())["epoch"] == 1
+    err = refused([*args, "train.max_epochs=1", "--resume"], capsys)  # back down is not possible: it trained 2
+    assert "already trained 2 epochs, more than max_epochs=1" in err, err
+
+
+def test_an_epoch_of_only_skipped_steps_saves_nothing_and_fails(bad, tmp_path, capsys, monkeypatch):
+    from kd.models import Classifier
+
+    real_forward = Classifier.forward
+
+    def nan_loss(self, batch):
+        terms = real_forward(self, batch)
+        return {**terms, "loss": terms["loss"] * float("nan")}
+
+    monkeypatch.setattr(Classifier, "forward", nan_loss)
+    run_dir = tmp_path / "run"
+    err = refused(command(TRAIN, {**bad, "run": run_dir}), capsys)
+    assert "every training step of epoch 0 had a non-finite loss" in err, err
+    assert not list(run_dir.glob("*.safetensors"))  # no untrained "best"
+
+
+@pytest.mark.parametrize("script", ["train_teacher.py", "distill.py"])
+def test_two_runs_of_one_seed_are_bitwise_equal_and_other_seeds_differ(script, bad, tmp_path):
+    template = {"train_teacher.py": TRAIN, "distill.py": DISTILL}[script]
+    section = "train" if script == "train_teacher.py" else "distillation"
+    weights = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        torch.manual_seed(1000 + len(weights))  # whatever the global RNG held before must not matter
+        run_main(command([*template, f"seed={seed}", f"{section}.checkpoint_dir={tmp_path / name}"], bad))
+        weights[name] = safetensors.torch.load_file(tmp_path / name / "latest.safetensors")
+    assert weights["a"].keys() == weights["b"].keys()
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert any(not torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
