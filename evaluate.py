@@ -4,6 +4,10 @@
         distilled=checkpoints/student/best.safetensors baseline=checkpoints/baseline/best.safetensors \
         onnx=exports/student.onnx int8=exports/student_int8_static.onnx [--corruptions] [--out results]
 
+The data comes from --config's data section, or with --demo from the built-in synthetic demo set (written to
+data/demo, about 99 MB, on first use); one of the two is required. section.key=value config overrides may stand
+anywhere, after --models too.
+
 Models are name=path pairs: kd checkpoints (teacher or student, RGB or RGB+MS) and the files export.py writes:
 ONNX, fp32 or INT8 (run with onnxruntime; classes and normalization from the ONNX metadata or the sidecar .json),
 TorchScript (.pt) and TFLite (.tflite, LiteRT interpreter, needs requirements-export.txt) files (metadata from the
@@ -27,6 +31,7 @@ images to TensorBoard in <out>/tb.
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -34,15 +39,40 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from kd.config import load_config
+from kd.config import Config, load_config
 from kd.corruptions import CORRUPTIONS, corrupt_normalized
 from kd.data import checkpoint_loader, prepare_data
-from kd.errors import UserError, exit_on_user_error
+from kd.errors import UserError, exit_on_user_error, quote
 from kd.metrics import ECE_BINS, classification_metrics, mean_std, per_class_accuracy
 from kd.models import checkpoint_stem
 from kd.plots import save_plots
 from kd.report import derived_lines, tables
-from kd.runtime import PEAK_MEMORY_METHOD, cuda_peak_memory_mb, latency_ms, load_model, peak_memory_mb, throughput
+from kd.runtime import (
+    PEAK_MEMORY_METHOD,
+    cuda_peak_memory_mb,
+    latency_ms,
+    load_model,
+    peak_memory_mb,
+    read_json_object,
+    require_writable_folder,
+    throughput,
+)
+
+SECTIONS = {f.name for f in dataclasses.fields(Config)}  # data, model, train, distillation, name, seed
+
+
+def is_override(item: str) -> bool:
+    """Whether a command-line item is a config override (data.root=x) rather than a model (name=path).
+
+    `--models a=x.safetensors data.root=foo` puts the override among the models: a dotted key that starts with a
+    config section is never a model name. A bare section key (seed=3, name=b0) is an override unless its value
+    looks like a path (name=runs/b0/best.safetensors): a model may well be called `name`.
+    """
+    key, equals, value = item.partition("=")
+    section, dot, _ = key.partition(".")
+    if not equals or section not in SECTIONS:
+        return False
+    return bool(dot) or ("/" not in value and not Path(value).suffix)
 
 
 def model_list(args) -> list[tuple[str, str, str]]:
@@ -64,7 +94,8 @@ def model_list(args) -> list[tuple[str, str, str]]:
     if not names:
         raise UserError("no models given: pass --models name=path ... or --group name=path1,path2")
     if len(set(names)) < len(names):
-        raise UserError(f"two models are named {[n for n in names if names.count(n) > 1][0]!r}; name them name=path")
+        twice = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"two models are named {quote(twice)}; give each its own name=path")
     return entries
 
 
@@ -123,7 +154,11 @@ def evaluate(path: str, args, cfg, teacher: dict | None) -> tuple[dict, dict]:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="config whose data section names the dataset")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--config", help="config whose data section names the dataset (this or --demo is required)")
+    data.add_argument(
+        "--demo", action="store_true", help="evaluate on the built-in synthetic demo set (data/demo, ~99 MB)"
+    )
     parser.add_argument("--models", nargs="*", default=[], help="name=path pairs (or bare paths); NAME@i for runs")
     parser.add_argument("--group", action="append", default=[], help="NAME=path1,path2,...: runs of one recipe")
     parser.add_argument("--teacher", default="teacher", help="row (or group) the others are compared with")
@@ -139,14 +174,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory", choices=("peak", "weights"), default="peak", help="what Memory (MB) reports")
     parser.add_argument("--corruptions", action="store_true", help="also top-1 under noise, blur, brightness, JPEG")
     parser.add_argument("--out", default="results", help="folder for results.json, results.md, plots/, tb/")
-    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides (anywhere on the line)")
     args = parser.parse_intermixed_args(argv)
+    args.overrides += [item for item in args.models if is_override(item)]
+    args.models = [item for item in args.models if not is_override(item)]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}, but torch sees no CUDA GPU; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     entries = model_list(args)
+    if not (args.config or args.demo):
+        raise UserError(
+            "no data to evaluate on: pass --config with the config whose data section names the dataset (e.g. --config "
+            "configs/b0.yaml), or --demo for the built-in demo set (written to data/demo, about 99 MB)"
+        )
     cfg = load_config(args.config, args.overrides)
+    # Every mistake that can be found without evaluating is found before the first (possibly long) evaluation.
+    require_writable_folder(args.out, "--out")
+    if args.meta:
+        read_json_object(Path(args.meta), "--meta file")
+    for _, _, path in entries:
+        load_model(path, args.meta)
     prepare_data(cfg.data)
 
     # The teacher first: its logits are what the others' agreement and KL are measured against.

@@ -12,7 +12,8 @@ _int8_dynamic.pt), for a QAT checkpoint PyTorch INT8 with the ranges QAT learned
 size and batch-1 latency (all formats timed in turn, so machine load hits them alike), printed and written to
 export_report.json. An fp32 file past --atol, or an INT8 file below --reject-agreement, is renamed *.rejected and
 the command fails; an INT8 file between --reject-agreement and --min-agreement is kept but marked not recommended.
-Classes, input size and normalization travel in the ONNX metadata and the sidecar <stem>.json.
+Classes, input size and normalization travel in the ONNX metadata and the sidecar <stem>.json. An --out whose files
+would overwrite a kd checkpoint (--out runs/x/best.onnx beside runs/x/best.safetensors: best.json) is refused.
 """
 
 import argparse
@@ -32,8 +33,9 @@ from torch.utils.data import DataLoader, Subset
 from kd import export_formats as fmt
 from kd.config import load_config
 from kd.data import checkpoint_loader, prepare_data
-from kd.errors import UserError, exit_on_user_error
-from kd.models import checkpoint_ranges, input_keys, load_checkpoint
+from kd.errors import UserError, exit_on_user_error, quote
+from kd.models import checkpoint_ranges, checkpoint_stem, input_keys, load_checkpoint
+from kd.runtime import require_writable_folder
 
 FP32 = ("onnx", "torchscript", "tflite")
 INT8 = tuple(name for name in fmt.ENDINGS if "int8" in name)
@@ -84,6 +86,27 @@ def write(name: str, model: torch.nn.Module, meta: dict, out: Path, calibration:
     return fmt.write_tflite_int8(model, calibration, path)
 
 
+def planned_files(out: Path, names: list[str]) -> list[Path]:
+    """Every file an export to `out` writes: each format's, the sidecar <stem>.json and export_report.json."""
+    return [fmt.export_path(out, name) for name in names] + [
+        out.with_suffix(".json"),
+        out.parent / "export_report.json",
+    ]
+
+
+def is_checkpoint_file(path: Path) -> bool:
+    """A kd checkpoint's weights, or metadata that kd.models.read_meta accepts (export.py's sidecars lack inputs)."""
+    if path.suffix == ".safetensors":
+        return path.exists()
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(meta, dict) and {"arch", "classes", "inputs"} <= meta.keys()
+
+
 def verdict(name: str, row: dict, args) -> str:
     """ok | not recommended | rejected. fp32 must match to --atol; INT8 is judged on top-1 agreement."""
     if name in FP32:
@@ -112,6 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 calls per format")
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_intermixed_args(argv)
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {quote(args.out)} is a folder; --out names the ONNX file, e.g. {out / 'student.onnx'}")
+    model, meta = load_checkpoint(args.checkpoint)  # first: a missing or damaged checkpoint is named as such
     names = ["onnx", *args.formats]
     names += ["tflite"] if args.tflite else []
     ranges = checkpoint_ranges(args.checkpoint)
@@ -125,17 +152,23 @@ def main(argv: list[str] | None = None) -> dict:
             "distillation.qat_start_fraction=0.8, or use torch-int8-static (post-training calibration)"
         )
 
+    clash = next((path for path in planned_files(out, names) if is_checkpoint_file(path)), None)
+    if clash:
+        whose = "the --checkpoint" if checkpoint_stem(clash) == checkpoint_stem(args.checkpoint) else "a kd checkpoint"
+        raise UserError(
+            f"--out {quote(args.out)} would overwrite {clash}, a file of {whose}: export elsewhere, e.g. "
+            f"--out {out.parent / 'export' / out.with_suffix('.onnx').name}"
+        )
+    require_writable_folder(out.parent, "--out")
     if any(name.startswith("tflite") for name in names):
         fmt.require_litert()  # before minutes of other exports, not after
-    model, meta = load_checkpoint(args.checkpoint)
     if input_keys(model) != ("rgb",):
         raise UserError(
             f"{args.checkpoint} is a {meta['arch']['name']} model with inputs {meta['inputs']}; "
             "export.py exports RGB students (distill.py or train_teacher.py with a timm model)"
         )
     model.eval()
-    size, out = meta["image_size"], Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    size = meta["image_size"]
     if args.config:
         cfg = load_config(args.config, args.overrides)
         prepare_data(cfg.data)

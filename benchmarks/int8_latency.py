@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     meta |= {"classes": [f"class_{i}" for i in range(args.num_classes)], "image_size": args.image_size}
     meta |= {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = save_checkpoint(Path(tmp) / "student", model, meta)
+        checkpoint = save_checkpoint(Path(tmp) / "checkpoint" / "student", model, meta)  # not beside the exports
         report = export.main(
             ["--checkpoint", str(checkpoint), "--out", str(Path(tmp) / "student.onnx"), "--int8"]
             + ([] if args.no_tflite else ["--tflite"])

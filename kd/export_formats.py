@@ -9,6 +9,7 @@ import copy
 import json
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -19,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from kd.errors import UserError
+from kd.errors import UserError, quote
 from kd.qat import convert_qat, quantize_int8
 
 Runner = Callable[[torch.Tensor], np.ndarray]
@@ -223,6 +224,18 @@ def torch_runner(module: nn.Module) -> Runner:
 
 
 def torchscript_runner(path: Path) -> Runner:
+    """A TorchScript archive, loaded with torch.jit.load only. A torch.save file (a state dict, a pickled model) is
+    refused before anything reads it: it is a pickle, and unpickling it could run code."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            scripted = any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        scripted = False
+    if not scripted:
+        raise UserError(
+            f"{quote(str(path))} is not a TorchScript file (no code/ inside: e.g. a torch.save'd state dict or "
+            "model). Pass the kd checkpoint (.safetensors + .json) instead, or the .pt that export.py writes"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch_runner(torch.jit.load(str(path), map_location="cpu").eval())

@@ -5,6 +5,7 @@ import gc
 import json
 import math
 import multiprocessing
+import os
 import re
 import statistics
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kd.errors import UserError
+from kd.errors import UserError, quote
 from kd.models import build_model, checkpoint_stem, count_parameters, load_checkpoint
 
 
@@ -30,6 +31,10 @@ class LoadedModel:
     params: int | None  # of the architecture (exported files: rebuilt from the sidecar's arch)
     weights_mb: float  # checkpoint: parameters + buffers; ONNX: initializers; TorchScript: the file
     file_mb: float
+
+
+EXPORT_META_KEYS = ("classes", "image_size", "mean", "std")  # what export.py stores in an ONNX file's metadata
+KIND_NAMES = {"onnx": "an ONNX", "torchscript": "a TorchScript", "tflite": "a TFLite"}
 
 
 def load_model(path: str | Path, meta_file: str | None = None, device: str = "cpu") -> LoadedModel:
@@ -54,13 +59,30 @@ def load_model(path: str | Path, meta_file: str | None = None, device: str = "cp
     return LoadedModel(run, meta, "checkpoint", device, count_parameters(model), weights_mb, file_mb)
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold an object (a sidecar, a --meta file); anything else is a UserError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{what} {quote(str(path))} not found: check the path") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{what} {quote(str(path))} is not valid JSON ({e}); fix or replace the file") from None
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{what} {quote(str(path))} holds a JSON {type(data).__name__}, not an object: write "
+            '{"classes": [...], "image_size": 224, "mean": [...], "std": [...]}'
+        )
+    return data
+
+
 def _export_meta(path: Path, found: dict, sidecar: Path, meta_file: str | None) -> dict:
     """Classes and preprocessing of an exported file: its own metadata, else the sidecar .json, else --meta."""
     meta = dict(found)
-    for source in (sidecar, Path(meta_file) if meta_file else None):
-        if source is not None and source.is_file():
-            meta = {**json.loads(source.read_text()), **meta}
-    missing = [k for k in ("classes", "image_size", "mean", "std") if meta.get(k) is None]
+    if sidecar.is_file():
+        meta = {**read_json_object(sidecar, "sidecar"), **meta}
+    if meta_file:
+        meta = {**read_json_object(Path(meta_file), "--meta file"), **meta}
+    missing = [k for k in EXPORT_META_KEYS if meta.get(k) is None]
     if missing:
         raise UserError(
             f"{path} lacks {missing}: put export.py's sidecar {sidecar.name} beside it, or pass --meta with a JSON "
@@ -79,17 +101,28 @@ def _arch_parameters(meta: dict) -> int | None:
 def _load_exported(path: Path, meta_file: str | None) -> LoadedModel:
     from kd import export_formats as fmt  # onnxruntime; TFLite says what to install when it is missing
 
+    if not path.is_file():
+        raise UserError(f"model file {quote(str(path))} not found: check the path given to --models")
     found, kind, size = {}, {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix, "torchscript"), path.stat().st_size
     weights, params = size, None
-    if kind == "onnx":  # classes and preprocessing in the file; weights = its initializers
-        import onnx
+    try:
+        if kind == "onnx":  # classes and preprocessing in the file; weights = its initializers
+            import onnx
 
-        proto = onnx.load(str(path))
-        found = {p.key: json.loads(p.value) for p in proto.metadata_props}
-        weights = sum(len(t.raw_data) for t in proto.graph.initializer)
-        params = sum(math.prod(t.dims) for t in proto.graph.initializer)
+            proto = onnx.load(str(path))
+            found = {p.key: json.loads(p.value) for p in proto.metadata_props if p.key in EXPORT_META_KEYS}
+            weights = sum(len(t.raw_data) for t in proto.graph.initializer)
+            params = sum(math.prod(t.dims) for t in proto.graph.initializer)
+        run_numpy = fmt.runner(path)
+    except UserError:
+        raise
+    except Exception as e:  # protobuf, onnxruntime and LiteRT each raise their own types for a damaged file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot load {quote(str(path))} as {KIND_NAMES[kind]} model ({reason[:300]}): the file is damaged or "
+            "not a model export.py writes; export the checkpoint again with export.py"
+        ) from None
     meta = _export_meta(path, found, fmt.sidecar_path(path), meta_file)
-    run_numpy = fmt.runner(path)
     return LoadedModel(
         lambda rgb: torch.from_numpy(run_numpy(rgb.cpu())),
         meta,
@@ -99,6 +132,24 @@ def _load_exported(path: Path, meta_file: str | None) -> LoadedModel:
         weights / 2**20,
         size / 2**20,
     )
+
+
+def require_writable_folder(folder: str | Path, flag: str) -> None:
+    """Create `folder` and write a probe file in it, so output that could not be saved fails before minutes of
+    work, not after."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag}: {quote(str(folder))} is a file, not a folder; give {flag} another path")
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(
+            f"{flag}: cannot write to the folder {quote(str(folder))} ({e.strerror or e}); give {flag} a folder you "
+            "can write to"
+        ) from None
 
 
 def _sync(device: str) -> None:

@@ -3,6 +3,8 @@
 import contextlib
 import json
 import math
+import os
+import random
 import shutil
 import statistics
 from pathlib import Path
@@ -287,3 +289,121 @@ def test_mistakes_get_one_clear_message(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--models", "a=x/best.safetensors", "a=y/best.safetensors"])
     assert "two models are named 'a'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- mistakes, refused early
+
+
+def refused(capsys, argv: list[str], main=evaluate.main) -> tuple[str, str]:
+    """Run a script's main on `argv`; it must stop with exit status 2 and one `error:` message, no traceback."""
+    with pytest.raises(SystemExit) as exit_, one_thread():
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    return out, err
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder no file can be created in: mode 555, or for root (who ignores modes) /sys, which refuses writes."""
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        return folder
+    if not Path("/sys").is_dir():
+        pytest.skip("running as root without /sys: no folder refuses writes")
+    return Path("/sys")
+
+
+class WritesAFile:
+    """Unpickling this runs code (it touches `marker`): no loader may unpickle a file that holds it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+BAD_MODELS = {  # case -> (file name, what to write there or None for no file, the message)
+    "missing onnx": ("nope.onnx", None, "model file '{path}' not found"),
+    "garbage onnx": ("garbage.onnx", random.Random(0).randbytes(4096), "cannot load '{path}' as an ONNX model"),
+    "state dict .pt": ("weights.pt", "state dict", "'{path}' is not a TorchScript file"),
+    "garbage .pt": ("garbage.pt", random.Random(1).randbytes(4096), "'{path}' is not a TorchScript file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODELS)
+def test_an_unreadable_model_is_refused_before_any_model_is_evaluated(case, files, tiny_demo, tmp_path, capsys):
+    name, content, message = BAD_MODELS[case]
+    path, marker = tmp_path / name, tmp_path / "code-ran"
+    if content == "state dict":  # what torch.save writes: a pickle, here one that would run code when unpickled
+        net = timm.create_model("test_efficientnet", num_classes=5)
+        torch.save({"state_dict": net.state_dict(), "extra": WritesAFile(marker)}, path)
+    elif content is not None:
+        path.write_bytes(content)
+    models = ["--models", f"good={files / 's0/best.safetensors'}", f"bad={path}"]
+    out, err = refused(capsys, [*quick_args(tiny_demo), *models, "--out", str(tmp_path / "r")])
+    assert err.startswith(f"error: {message.format(path=path)}") and len(err.strip().splitlines()) == 1
+    assert "evaluating" not in out and not marker.exists()
+
+
+def test_meta_mistakes_are_refused(files, tiny_demo, tmp_path, capsys):
+    lone = tmp_path / "m_int8.pt"  # needs --meta: no sidecar beside it
+    shutil.copy(files / "exp/s_int8_static.pt", lone)
+    (tmp_path / "broken.json").write_text('{"classes": ["a", "b"')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    cases = {
+        "broken.json": "is not valid JSON",
+        "missing.json": "not found",
+        "list.json": "holds a JSON list, not an object",
+    }
+    for meta, problem in cases.items():
+        argv = [*quick_args(tiny_demo), "--models", f"m={lone}", "--meta", str(tmp_path / meta)]
+        out, err = refused(capsys, [*argv, "--out", str(tmp_path / "r")])
+        assert err.startswith(f"error: --meta file '{tmp_path / meta}' {problem}"), err
+        assert "evaluating" not in out
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_before_evaluating(files, tiny_demo, tmp_path, capsys):
+    (tmp_path / "results.txt").write_text("a file, not a folder")
+    cases = {
+        tmp_path / "results.txt": "is a file, not a folder",
+        tmp_path / "results.txt/sub": "cannot write to the folder",
+        unwritable_folder(tmp_path): "cannot write to the folder",
+    }
+    for out_dir, problem in cases.items():
+        argv = [*quick_args(tiny_demo), "--models", f"s={files / 's0/best.safetensors'}", "--out", str(out_dir)]
+        out, err = refused(capsys, argv)
+        assert err.startswith("error: --out: ") and problem in err and "evaluating" not in out, err
+
+
+def test_without_config_or_demo_nothing_is_written(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _, err = refused(capsys, ["--models", f"s={files / 's0/best.safetensors'}"])
+    assert "--config" in err and "--demo" in err
+    assert list(tmp_path.iterdir()) == []  # no data/demo (99 MB), no results/
+
+
+def test_demo_flag_and_overrides_placed_after_models(files, tiny_demo, tmp_path):
+    """--demo: the built-in demo set (here already on disk at data.root); data.root=... after --models is an
+    override, not a model called data.root."""
+    speed = ["--latency-runs", "2", "--warmup", "1", "--throughput-batch", "2", "--memory", "weights"]
+    argv = ["--demo", *speed, "--threads", "1", "--out", str(tmp_path / "r")]
+    argv += ["--models", f"s={files / 's0/best.safetensors'}", f"data.root={tiny_demo}", "data.num_workers=0"]
+    with one_thread():
+        results = evaluate.main(argv)
+    assert list(results["models"]) == ["s"] and results["root"] == str(tiny_demo)
+    assert results["models"]["s"]["samples"] == len(list((tiny_demo / "test").glob("*/*.png")))
+
+
+def test_which_items_are_overrides():
+    overrides = ["data.root=foo", "train.max_epochs=3", "distillation.alpha=0.5", "model.name=x", "seed=3", "name=b0"]
+    models = ["a=x.safetensors", "data=run/best.safetensors", "name=runs/b0/best.safetensors", "b0.v2=x.onnx", "x.pt"]
+    assert [evaluate.is_override(item) for item in overrides + models] == [True] * 6 + [False] * 5
+
+
+def quick_args(tiny_demo: Path) -> list[str]:
+    data = [f"data.root={tiny_demo}", "data.demo=false", "data.num_workers=0"]
+    speed = ["--latency-runs", "2", "--warmup", "1", "--throughput-batch", "2", "--memory", "weights"]
+    return ["--config", str(ROOT / "configs/b0.yaml"), *data, *speed, "--threads", "1"]

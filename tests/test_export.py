@@ -4,6 +4,7 @@ import copy
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,76 @@ def test_a_missing_checkpoint_is_named(tmp_path, capsys):
         export.main(["--checkpoint", str(tmp_path / "nope" / "best.safetensors"), "--out", str(tmp_path / "s.onnx")])
     message = capsys.readouterr().err
     assert f"checkpoint {tmp_path / 'nope' / 'best.safetensors'} not found" in message
+
+
+# ------------------------------------------------------------------------------------------- mistakes, refused early
+
+
+def refused(capsys, argv: list[str]) -> tuple[str, str]:
+    """export.main must stop with exit status 2 and one `error:` message, no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        export.main([*argv, *QUICK])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    return out, err
+
+
+def copied(student: Path, folder: Path, stem: str = "best") -> Path:
+    """The student checkpoint's pair, copied to <folder>/<stem>.{safetensors,json}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(student.with_suffix(suffix), folder / f"{stem}{suffix}")
+    return folder / f"{stem}.safetensors"
+
+
+@pytest.mark.parametrize("out_name", ["best.onnx", "best.pt", "best"])
+def test_an_export_never_overwrites_its_own_checkpoint(student, tmp_path, capsys, out_name):
+    checkpoint = copied(student, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    out, err = refused(capsys, ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "run" / out_name)])
+    assert err.startswith(f"error: --out '{tmp_path / 'run' / out_name}' would overwrite {tmp_path / 'run/best.json'}")
+    assert "the --checkpoint" in err and "writing" not in out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # nothing written, nothing changed
+    assert evaluate.load_model(checkpoint).meta["inputs"] == ["rgb"]  # still a checkpoint evaluate.py reads
+
+
+def test_an_export_never_overwrites_another_checkpoint_in_the_out_folder(student, tmp_path, capsys):
+    copied(student, tmp_path / "run", stem="export_report")  # a checkpoint named like the report export.py writes
+    out, err = refused(capsys, ["--checkpoint", str(student), "--out", str(tmp_path / "run/s.onnx")])
+    assert f"would overwrite {tmp_path / 'run/export_report.json'}, a file of a kd checkpoint" in err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["export_report.json", "export_report.safetensors"]
+
+
+def test_an_earlier_export_is_overwritten(student, tmp_path):
+    """Its sidecar and report are no checkpoint files (the sidecar has no inputs): exporting again replaces them."""
+    args = ["--checkpoint", str(student), "--out", str(tmp_path / "s.onnx"), "--formats", "onnx", *QUICK]
+    export.main(args)
+    assert export.main(args)["formats"]["onnx"]["status"] == "ok"
+
+
+def test_a_truncated_checkpoint_is_named(student, tmp_path, capsys):
+    checkpoint = copied(student, tmp_path / "run")
+    weights = checkpoint.read_bytes()
+    checkpoint.write_bytes(weights[: len(weights) // 2])
+    _, err = refused(capsys, ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "exp/s.onnx")])
+    assert f"{tmp_path / 'run/best'}.safetensors" in err and "damaged" in err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_exporting(student, tmp_path, capsys):
+    (tmp_path / "exports").write_text("a file, not a folder")
+    if os.geteuid() != 0:
+        read_only = tmp_path / "read-only"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+    else:  # root ignores file modes; /sys refuses even root's writes
+        read_only = Path("/sys") if Path("/sys").is_dir() else pytest.skip("root without /sys")
+    cases = {
+        tmp_path / "exports/s.onnx": "exports' is a file, not a folder",
+        tmp_path / "exports/sub/s.onnx": "cannot write to the folder",
+        read_only / "s.onnx": "cannot write to the folder",
+        tmp_path: "is a folder; --out names the ONNX file",
+    }
+    for out_path, problem in cases.items():
+        out, err = refused(capsys, ["--checkpoint", str(student), "--out", str(out_path)])
+        assert err.startswith("error: --out") and problem in err and "writing" not in out, err
