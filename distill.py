@@ -20,7 +20,7 @@ from torch.utils.data import default_collate
 from kd.cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key, check_applies
 from kd.config import flat_hparams, parse_cli, save_config
 from kd.data import build_loader, prepare_data, resolve_input
-from kd.distill import Distiller, adapt_view, teacher_sanity_report
+from kd.distill import Distiller, adapt_view, class_balanced_batch, teacher_sanity_report
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.features import layer_pairs, output_shapes, suggest_pairs
 from kd.loop import claim_run_dir, fit, make_accelerator
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     check_ms_bands(ms_meta if with_ms else None, val_loader.dataset)  # the band count the MS teacher was trained on
 
     if d.teacher_sanity_check and not cached:  # a cached run checked its teachers when it built the cache
-        first_batch = next(iter(val_loader))
+        first_batch = class_balanced_batch(val_loader, d.batch_size)  # sorted val sets start with one class
         for entry, teacher, target in zip(entries, teachers, teacher_inputs):
             teacher_batch = adapt_view(first_batch, student_input, target)
             accelerator.print(teacher_sanity_report(entry["checkpoint"], teacher, teacher_batch, len(classes)))

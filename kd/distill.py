@@ -1,10 +1,12 @@
 """Distiller: a trainable student (+ feature adapters) and frozen teachers; one call on a batch gives the loss terms."""
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from kd.ensemble import normalize_weights, weighted_logits
 from kd.features import FeatureAdapter, FeatureHooks, feature_shapes
@@ -172,21 +174,37 @@ class Distiller(nn.Module):
 def teacher_sanity_check(teacher: nn.Module, batch: dict, num_classes: int) -> dict:
     """Logit statistics and accuracy of a teacher on one batch, and whether that is clearly better than chance.
 
-    "Clearly" means more than two standard errors above 1 / num_classes: a wrong checkpoint or class order
-    lands at chance, a working teacher far above it.
+    The verdict uses balanced accuracy (the mean recall of the classes in the batch), whose chance level is
+    1 / (classes present) whatever the mix: a validation set sorted by class gives a first batch of mostly one class,
+    on which a teacher that always names that class has a high plain accuracy and learnt nothing.
+    "Clearly better" means at least the larger of
+    - chance + 2 standard deviations of a blind guesser's balanced accuracy on these class counts: on a small batch a
+      teacher guessing at random passes about 2% of the time;
+    - 1.5 x chance: on a large batch the 2 deviations shrink towards chance, yet a teacher barely above chance still
+      teaches mostly noise.
+    A batch of one class cannot tell (chance is 1): `better_than_chance` is then None.
     """
     logits = forward_batch(teacher.eval(), batch).float()
-    n = batch["label"].numel()
-    accuracy = (logits.argmax(1) == batch["label"]).float().mean().item()
-    chance = 1.0 / num_classes
-    threshold = chance + 2 * (chance * (1 - chance) / n) ** 0.5
+    labels = batch["label"].cpu()
+    hits = (logits.argmax(1).cpu() == labels).float()
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    present = counts > 0
+    recall = torch.zeros(num_classes).index_add_(0, labels, hits)[present] / counts[present]
+    k = int(present.sum())
+    chance = 1.0 / k
+    deviation = (chance * (1 - chance) * (1 / counts[present]).sum().item()) ** 0.5 / k
+    threshold = max(chance + 2 * deviation, 1.5 * chance)
+    balanced = recall.mean().item()
     return {
         "logit_mean": logits.mean().item(),
         "logit_std": logits.std().item(),
-        "accuracy": accuracy,
-        "samples": n,
+        "accuracy": hits.mean().item(),
+        "balanced_accuracy": balanced,
+        "classes_present": k,
+        "samples": labels.numel(),
         "chance": chance,
-        "better_than_chance": accuracy > threshold,
+        "threshold": threshold,
+        "better_than_chance": balanced >= threshold if k > 1 else None,
     }
 
 
@@ -195,11 +213,27 @@ def teacher_sanity_report(name: str, teacher: nn.Module, batch: dict, num_classe
     check = teacher_sanity_check(teacher, batch, num_classes)
     line = (
         f"teacher {name}: logits mean {check['logit_mean']:.3f} std {check['logit_std']:.3f}, "
-        f"accuracy {check['accuracy']:.3f} on {check['samples']} val images (chance {check['chance']:.3f})"
+        f"accuracy {check['accuracy']:.3f} on {check['samples']} val images, balanced accuracy "
+        f"{check['balanced_accuracy']:.3f} over their {check['classes_present']} classes (chance {check['chance']:.3f})"
     )
-    if not check["better_than_chance"]:
+    if check["better_than_chance"] is None:
+        line += " - one class only: the check cannot tell a teacher from a constant guess"
+    elif not check["better_than_chance"]:
         line += (
-            f"\nWARNING: teacher {name} is no better than chance on a validation batch: wrong checkpoint, "
-            "wrong class order, or wrong normalization? Distilling it teaches noise."
+            f"\nWARNING: teacher {name} is not clearly better than chance on a validation batch (balanced accuracy "
+            f"{check['balanced_accuracy']:.3f}, needs {check['threshold']:.3f}): distilling it teaches noise. Train "
+            "the teacher longer, or check that the checkpoint is the one you meant and was trained on these classes "
+            "in this order with this normalization."
         )
     return line
+
+
+def class_balanced_batch(loader: DataLoader, size: int) -> dict:
+    """Up to `size` samples of the loader's dataset, taken in turn from each class, as one batch (for the sanity
+    check: the loader's own first batch is mostly one class, as validation sets are sorted by class)."""
+    by_class: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(loader.dataset.samples):
+        by_class.setdefault(label, []).append(index)
+    in_turn = (i for row in itertools.zip_longest(*by_class.values()) for i in row if i is not None)
+    picks = list(itertools.islice(in_turn, size))
+    return next(iter(DataLoader(Subset(loader.dataset, picks), batch_size=len(picks), collate_fn=loader.collate_fn)))

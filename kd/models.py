@@ -1,11 +1,19 @@
 """Models: timm networks by name, the RGB+MS HybridFusion teacher, and safetensors + JSON checkpoints (no pickle)."""
 
+import inspect
 import json
+import math
 import os
 import pickle
+import re
+import socket
+import threading
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import huggingface_hub
 import safetensors
 import safetensors.torch
 import timm
@@ -14,10 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.errors import UserError
+from kd.errors import UserError, quote
 from kd.qat import RANGE_PREFIX
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".ckpt", ".pt", ".pth")
+
+
+OFFLINE_HINT = (
+    "\nOffline? Put timm's weights in the Hugging Face cache (HF_HOME) while online, point the pretrained key at a "
+    "local weights file, or set it to null to start from random weights."
+)
 
 
 def create_timm(name: str, num_classes: int, pretrained: str | None = None, **kwargs: Any) -> nn.Module:
@@ -27,19 +41,82 @@ def create_timm(name: str, num_classes: int, pretrained: str | None = None, **kw
         close = timm.list_models(f"*{base[:6]}*")[:8]
         raise UserError(f"'{name}' is not a timm model name. Similar names: {', '.join(close) or 'none'}")
     if pretrained in (None, "", "none", "null"):
-        return timm.create_model(name, num_classes=num_classes, **kwargs)
+        return _timm_model(name, num_classes=num_classes, **kwargs)
     if pretrained != "imagenet":
-        model = timm.create_model(name, num_classes=num_classes, **kwargs)
+        model = _timm_model(name, num_classes=num_classes, **kwargs)
         load_foreign_weights(model, pretrained)
         return model
-    try:
-        return timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
-    except (OSError, RuntimeError, ValueError) as e:
+    local, remote = pretrained_location(name)
+    if local:  # read straight from the file: even a cached download would first ask the hub for a newer one
+        kwargs["pretrained_cfg_overlay"] = {"file": local}
+    elif remote and not reachable(remote):  # fail now, not after a minute of the hub client's retries
         raise UserError(
-            f"could not load pretrained weights '{pretrained}' for {name}: {e}\nOffline? Put timm's "
-            "weights in the Hugging Face cache (HF_HOME) while online, point the pretrained key at a "
-            "local weights file, or set it to null to start from random weights."
-        ) from None
+            f"could not load pretrained weights 'imagenet' for {name}: they are not in the local cache and {remote} "
+            f"cannot be reached (no network, or HF_HUB_OFFLINE=1).{OFFLINE_HINT}"
+        )
+    try:
+        return _timm_model(name, pretrained=True, num_classes=num_classes, **kwargs)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise UserError(f"could not load pretrained weights '{pretrained}' for {name}: {e}{OFFLINE_HINT}") from None
+
+
+def _timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """timm.create_model, with an argument the model does not take (from a config or a checkpoint) a UserError."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:  # timm passes unknown keyword arguments on to the model class's __init__
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if unexpected:
+            raise UserError(f"timm model {name} takes no argument {quote(unexpected[1])}: remove it") from None
+        raise UserError(f"timm model {name} cannot be built with these arguments ({e})") from None
+
+
+def pretrained_location(name: str) -> tuple[str | None, str | None]:
+    """Where timm finds `name`'s ImageNet weights: (the file, when already on this machine; the address it would
+    download them from). (None, None) when timm has no such weights: creating the model then says so."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown pretrained tag
+        return None, None
+    if cfg is None:
+        return None, None
+    if cfg.hf_hub_id:  # timm prefers the hub: model.safetensors, else pytorch_model.bin (or the cfg's own name)
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
+            found = huggingface_hub.try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return found, None
+        return None, huggingface_hub.constants.ENDPOINT
+    if cfg.url:  # torch.hub's download cache
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(cfg.url).path).name
+        return (str(cached), None) if cached.is_file() else (None, cfg.url)
+    return None, None
+
+
+def reachable(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether a TCP connection to `url`'s host (or to the proxy for it) opens within `timeout_s`; False for the
+    Hugging Face Hub under HF_HUB_OFFLINE=1."""
+    if url.startswith(huggingface_hub.constants.ENDPOINT) and huggingface_hub.constants.HF_HUB_OFFLINE:
+        return False
+    target = urlsplit(url)
+    proxy = urllib.request.getproxies().get(target.scheme)
+    if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
+        target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    address = (target.hostname, target.port or (443 if target.scheme == "https" else 80))
+    opened = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=timeout_s).close()
+            opened.append(True)
+        except OSError:
+            pass
+
+    # In a thread: a name lookup that no DNS server answers blocks far longer than the socket's timeout.
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout_s)
+    return bool(opened)
 
 
 def load_foreign_weights(model: nn.Module, path: str | Path) -> None:
@@ -234,35 +311,23 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict, extra: dict 
 
 
 def read_meta(path: str | Path) -> dict:
-    stem = checkpoint_stem(path)
-    meta_path = stem.with_suffix(".json")
-    if not stem.with_suffix(".safetensors").is_file() or not meta_path.is_file():
-        hint = ""
-        if Path(path).suffix in (".ckpt", ".pt", ".pth"):
-            hint = (
-                f" kd reads {Path(path).suffix} paths as their <stem>.safetensors + <stem>.json pair and found neither."
-            )
-        raise UserError(
-            f"checkpoint {path} not found: expected {stem}.safetensors and {stem}.json.{hint} "
-            "Train one first, e.g. `python train_teacher.py --config configs/teacher.yaml`."
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"checkpoint metadata {meta_path} is not valid JSON ({e}); the file is damaged") from None
-    missing = [k for k in ("arch", "classes", "inputs") if k not in meta] if isinstance(meta, dict) else ["all"]
-    if missing:
-        raise UserError(
-            f"{meta_path} is not a kd checkpoint's metadata: it lacks {missing} (written by save_checkpoint)"
-        )
+    """The metadata <stem>.json beside <stem>.safetensors, checked: one error lists everything wrong with it."""
+    meta_path, meta, problems = _read_sidecar(path)
+    _refuse(meta_path, problems)
     return meta
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model from <stem>.json and load <stem>.safetensors into it (strict). Returns (model, meta)."""
-    meta = read_meta(path)
+    meta_path, meta, problems = _read_sidecar(path)
+    model = None
+    if isinstance(meta, dict) and not _arch_problems(meta.get("arch")):  # the model builder has its own say
+        try:
+            model = build_model(meta["arch"])
+        except UserError as e:  # an unknown timm name or argument
+            problems.append(f"arch: {e}")
+    _refuse(meta_path, problems)
     stem = checkpoint_stem(path)
-    model = build_model(meta["arch"])
     try:
         weights = safetensors.torch.load_file(str(stem.with_suffix(".safetensors")))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
@@ -277,6 +342,132 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     if missing or unexpected:
         raise UserError(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model, meta
+
+
+def _read_sidecar(path: str | Path) -> tuple[Path, Any, list[str]]:
+    """(the .json path, its parsed content, what is wrong with it)."""
+    stem = checkpoint_stem(path)
+    meta_path = stem.with_suffix(".json")
+    if not stem.with_suffix(".safetensors").is_file() or not meta_path.is_file():
+        hint = ""
+        if Path(path).suffix in (".ckpt", ".pt", ".pth"):
+            hint = (
+                f" kd reads {Path(path).suffix} paths as their <stem>.safetensors + <stem>.json pair and found neither."
+            )
+        raise UserError(
+            f"checkpoint {path} not found: expected {stem}.safetensors and {stem}.json.{hint} "
+            "Train one first, e.g. `python train_teacher.py --config configs/teacher.yaml`."
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not text at all
+        raise UserError(f"checkpoint metadata {meta_path} is not valid JSON ({e}); the file is damaged") from None
+    return meta_path, meta, meta_problems(meta)
+
+
+def _refuse(meta_path: Path, problems: list[str]) -> None:
+    if problems:
+        listing = "".join(f"\n  - {p}" for p in problems)
+        raise UserError(
+            f"{meta_path} is not a kd checkpoint's metadata as kd writes it:{listing}\n"
+            "Fix these keys, restore the .json the run wrote beside the .safetensors, or retrain the model."
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numbers(value: Any, count: int | None = None, positive: bool = False) -> bool:
+    """A non-empty list of finite numbers (`count` of them; all > 0 when `positive`)."""
+    if not isinstance(value, list) or not value or len(value) != (count or len(value)):
+        return False
+    finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    return finite and (not positive or min(value) > 0)
+
+
+def _class_names(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(c, str) for c in value)
+        and len(set(value)) == len(value)
+    )
+
+
+# What each key of a checkpoint's metadata must hold: (test, what to write in the message).
+META_KEYS = {
+    "classes": (_class_names, "a list of distinct class names (strings)"),
+    "inputs": (lambda v: v in (["rgb"], ["rgb", "ms"]), '["rgb"], or ["rgb", "ms"] for the hybrid model'),
+    "image_size": (lambda v: _is_int(v) and v > 0, "a positive integer (pixels)"),
+    "mean": (lambda v: _numbers(v, 3), "3 numbers (R, G, B)"),
+    "std": (lambda v: _numbers(v, 3, positive=True), "3 positive numbers (R, G, B)"),
+    "ms_mean": (_numbers, "a list of numbers, one per MS band"),
+    "ms_std": (lambda v: _numbers(v, positive=True), "a list of positive numbers, one per MS band"),
+    "ms_bands": (
+        lambda v: isinstance(v, list) and all(_is_int(b) or isinstance(b, str) for b in v),
+        "a list of band indices or names",
+    ),
+}
+FUSIONS = ("concat", "add", "attention")
+
+
+def meta_problems(meta: Any) -> list[str]:
+    """Everything missing or malformed in a checkpoint's metadata, one phrase each; [] when it is usable.
+    Keys kd does not read (epoch, metrics, teachers...) are left alone."""
+    if not isinstance(meta, dict):
+        return [f"it holds a JSON {type(meta).__name__}, not an object with arch, classes, inputs, image_size..."]
+    required = ["arch", "classes", "inputs", "image_size", "mean", "std"]
+    required += ["ms_mean", "ms_std"] if isinstance(meta.get("inputs"), list) and "ms" in meta["inputs"] else []
+    missing = [k for k in required if meta.get(k) is None]
+    problems = [f"it lacks {', '.join(missing)}"] if missing else []
+    problems += [
+        f"{key} must be {expected}, got {quote(meta[key])}"
+        for key, (ok, expected) in META_KEYS.items()
+        if meta.get(key) is not None and not ok(meta[key])
+    ]
+    if _numbers(meta.get("ms_mean")) and _numbers(meta.get("ms_std")) and len(meta["ms_mean"]) != len(meta["ms_std"]):
+        problems.append(
+            f"ms_mean has {len(meta['ms_mean'])} values but ms_std {len(meta['ms_std'])}: one per band each"
+        )
+    arch, classes = meta.get("arch"), meta.get("classes")
+    if arch is not None:
+        problems += _arch_problems(arch, len(classes) if _class_names(classes) else None)
+        reads = list(HybridFusion.input_keys if isinstance(arch, dict) and arch.get("name") == "hybrid" else ["rgb"])
+        if meta.get("inputs") in (["rgb"], ["rgb", "ms"]) and meta["inputs"] != reads:
+            problems.append(f"inputs are {meta['inputs']}, but the {quote(arch.get('name'))} model reads {reads}")
+    return problems
+
+
+HYBRID_ARGS = {  # what each HybridFusion argument a checkpoint sets must be
+    "backbone": (lambda v: isinstance(v, str) and v, "a timm model name"),
+    "ms_backbone": (lambda v: isinstance(v, str), 'a timm model name, or "" for the RGB backbone'),
+    "ms_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "fusion": (lambda v: v in FUSIONS, " or ".join(FUSIONS)),
+    "drop_rate": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "in [0, 1)"),
+}
+
+
+def _arch_problems(arch: Any, num_classes: int | None = None) -> list[str]:
+    """What is wrong with an architecture spec, as far as can be told without building the model."""
+    if not (isinstance(arch, dict) and isinstance(arch.get("name"), str)):
+        return [f'arch must be an object with a string "name" (a timm model or "hybrid"), got {quote(arch)}']
+    problems = []
+    if not (_is_int(arch.get("num_classes")) and arch["num_classes"] > 0):
+        problems.append(f"arch.num_classes must be a positive integer, got {quote(arch.get('num_classes'))}")
+    elif num_classes is not None and arch["num_classes"] != num_classes:
+        problems.append(f"arch.num_classes is {arch['num_classes']}, but classes has {num_classes} names")
+    if arch["name"] == "hybrid":  # timm models' arguments are checked by building them (load_checkpoint)
+        accepted = [p for p in inspect.signature(HybridFusion).parameters if p not in ("num_classes", "pretrained")]
+        unknown = [k for k in arch if k not in ("name", "num_classes", *accepted)]
+        if unknown:
+            problems.append(f"arch has arguments HybridFusion does not take: {quote(unknown)} (it takes {accepted})")
+        problems += [
+            f"arch.{key} must be {expected}, got {quote(arch[key])}"
+            for key, (ok, expected) in HYBRID_ARGS.items()
+            if key in arch and not ok(arch[key])
+        ]
+    return problems
 
 
 def checkpoint_ranges(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,8 +1,13 @@
+import math
+
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from kd.distill import Distiller
+from kd.distill import Distiller, class_balanced_batch, teacher_sanity_check, teacher_sanity_report
 from kd.errors import UserError
 from kd.features import FeatureAdapter, FeatureHooks, layer_pairs
 from kd.losses import KnowledgeDistillationLoss
@@ -146,3 +151,78 @@ def test_compiled_channels_last_teachers_give_the_same_losses_and_features():
     assert reference.keys() == got.keys() and "feature" in got
     for key in reference:
         torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- teacher sanity check
+
+
+class Predicts(nn.Module):
+    """A teacher whose predictions are given: its logits put 5 on the given class of each sample."""
+
+    def __init__(self, predictions: list[int], num_classes: int):
+        super().__init__()
+        self.register_buffer("logits", F.one_hot(torch.tensor(predictions), num_classes).float() * 5)
+
+    def forward(self, rgb):
+        return self.logits
+
+
+def sanity(labels: list[int], predictions: list[int], num_classes: int) -> tuple[dict, str]:
+    batch = {"rgb": torch.zeros(len(labels), 3, 4, 4), "label": torch.tensor(labels)}
+    teacher = Predicts(predictions, num_classes)
+    return teacher_sanity_check(teacher, batch, num_classes), teacher_sanity_report("t", teacher, batch, num_classes)
+
+
+def test_a_teacher_that_always_names_the_first_class_is_flagged_on_a_sorted_validation_batch():
+    """The first batch of a class-sorted validation set (demo: 60 images per class, batch 64) and a collapsed
+    2-epoch teacher: 94% plain accuracy, yet it learnt nothing."""
+    check, report = sanity([0] * 60 + [1] * 4, [0] * 64, num_classes=5)
+    assert check["accuracy"] == pytest.approx(60 / 64)
+    assert check["balanced_accuracy"] == pytest.approx((60 / 60 + 0 / 4) / 2) and check["chance"] == 0.5
+    deviation = math.sqrt(0.5 * 0.5 * (1 / 60 + 1 / 4)) / 2  # a blind guesser's balanced accuracy, by hand
+    assert check["threshold"] == pytest.approx(max(0.5 + 2 * deviation, 0.75))
+    assert check["better_than_chance"] is False
+    assert "WARNING: teacher t is not clearly better than chance" in report and "Train the teacher longer" in report
+
+
+def test_a_teacher_barely_above_chance_on_a_large_batch_is_flagged():
+    """10 classes x 40 images, 56 right (14%): more than 2 binomial deviations above chance (13%), below 1.5x."""
+    labels = [c for c in range(10) for _ in range(40)]
+    right = [i % 40 < (6 if c < 6 else 5) for i, c in enumerate(labels)]
+    predictions = [c if r else (c + 1) % 10 for c, r in zip(labels, right)]
+    check, report = sanity(labels, predictions, num_classes=10)
+    assert sum(right) == 56 and check["accuracy"] == pytest.approx(0.14)
+    assert 0.14 > 0.1 + 2 * math.sqrt(0.1 * 0.9 / 400)  # the old rule let it pass
+    assert check["threshold"] == pytest.approx(0.15) and check["better_than_chance"] is False
+    assert "WARNING" in report
+
+
+def test_a_good_teacher_passes_without_a_warning():
+    labels = [c for c in range(5) for _ in range(13)]
+    predictions = [c if i % 10 else (c + 1) % 5 for i, c in enumerate(labels)]  # every 10th wrong
+    check, report = sanity(labels, predictions, num_classes=5)
+    assert check["accuracy"] == pytest.approx(58 / 65)
+    assert check["better_than_chance"] is True and "WARNING" not in report
+
+
+def test_a_batch_of_one_class_says_the_check_cannot_tell():
+    check, report = sanity([2] * 8, [2] * 8, num_classes=5)
+    assert check["better_than_chance"] is None and "one class only" in report and "WARNING" not in report
+
+
+class Sorted(Dataset):
+    """Samples sorted by class, as LeafDataset's: 10 of class 0, 5 of class 1, 2 of class 2."""
+
+    samples = [(f"{c}_{i}.png", c) for c, n in enumerate([10, 5, 2]) for i in range(n)]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        return {"rgb": torch.full((3, 2, 2), float(index)), "label": self.samples[index][1]}
+
+
+def test_the_sanity_batch_takes_each_class_in_turn():
+    batch = class_balanced_batch(DataLoader(Sorted(), batch_size=4), 8)
+    assert batch["label"].tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert batch["rgb"][:, 0, 0, 0].tolist() == [0, 10, 15, 1, 11, 16, 2, 12]  # first samples of each class

@@ -1,12 +1,18 @@
 import json
+import shutil
+import socket
+import time
+from pathlib import Path
 
+import huggingface_hub
 import pytest
 import safetensors.torch
 import timm
 import torch
 
+import kd.models
 from kd.errors import UserError
-from kd.models import HybridFusion, build_model, load_checkpoint, read_meta, save_checkpoint
+from kd.models import HybridFusion, build_model, create_timm, load_checkpoint, reachable, read_meta, save_checkpoint
 
 
 @pytest.mark.parametrize("fusion", ["concat", "add", "attention"])
@@ -25,6 +31,7 @@ def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path):
     spec = {"name": "hybrid", "num_classes": 3, "backbone": "test_efficientnet", "ms_channels": 2}
     model = build_model(spec).eval()
     meta = {"arch": spec, "classes": ["a", "b", "c"], "inputs": ["rgb", "ms"], "image_size": 32}
+    meta |= {"mean": [0.5] * 3, "std": [0.25] * 3, "ms_mean": [0.1, 0.2], "ms_std": [1.0, 2.0]}
     save_checkpoint(tmp_path / "best.safetensors", model, meta)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.safetensors"]
     assert json.loads((tmp_path / "best.json").read_text())["classes"] == ["a", "b", "c"]
@@ -37,11 +44,9 @@ def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path):
 def test_missing_or_damaged_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="not found.*train_teacher.py"):
         read_meta(tmp_path / "nope.ckpt")
-    save_checkpoint(
-        tmp_path / "m",
-        timm.create_model("test_resnet", num_classes=2),
-        {"arch": {"name": "test_resnet", "num_classes": 2}},
-    )
+    meta = {"arch": {"name": "test_resnet", "num_classes": 2}, "classes": ["a", "b"], "inputs": ["rgb"]}
+    meta |= {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_checkpoint(tmp_path / "m", timm.create_model("test_resnet", num_classes=2), meta)
     data = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "m.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="damaged"):
@@ -58,3 +63,93 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
         build_model({"name": "test_efficientnet", "num_classes": 10}, pretrained=str(tmp_path / "missing.pth"))
     with pytest.raises(UserError, match="not a timm model"):
         build_model({"name": "efficientnet_b99", "num_classes": 10})
+
+
+def test_an_argument_the_timm_model_does_not_take_is_named():
+    with pytest.raises(UserError, match="^timm model test_efficientnet takes no argument 'wings': remove it$"):
+        build_model({"name": "test_efficientnet", "num_classes": 5, "wings": 2})
+
+
+# ------------------------------------------------------------------------------ ImageNet weights, online or not
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """No name resolves (as on a machine without network), HF_HUB_OFFLINE unset, and empty weight caches."""
+
+    def unresolvable(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "torch"))
+    return tmp_path / "hf"
+
+
+def test_imagenet_weights_offline_and_not_cached_fail_at_once(no_network):
+    start = time.monotonic()
+    with pytest.raises(UserError) as error:
+        create_timm("resnet18", 5, pretrained="imagenet")
+    assert time.monotonic() - start < 15  # the hub client's own retries took 49 s
+    message = str(error.value)
+    assert message.startswith("could not load pretrained weights 'imagenet' for resnet18: they are not in the local")
+    assert "Offline? Put timm's weights in the Hugging Face cache (HF_HOME) while online" in message
+
+
+def test_hf_hub_offline_fails_without_trying_the_network(no_network, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("tried to connect"))
+    with pytest.raises(UserError, match="not in the local cache .*HF_HUB_OFFLINE=1"):
+        create_timm("resnet18", 5, pretrained="imagenet")
+
+
+def hub_weights(tmp_path) -> tuple[dict, Path]:
+    """ImageNet-shaped weights of test_efficientnet (seeded), saved as a plain safetensors file."""
+    torch.manual_seed(7)
+    state = timm.create_model("test_efficientnet").state_dict()  # 1000 classes, as timm's pretrained ones
+    safetensors.torch.save_file(state, str(tmp_path / "model.safetensors"))
+    return state, tmp_path / "model.safetensors"
+
+
+def test_imagenet_weights_in_the_cache_load_offline(no_network, tmp_path):
+    state, weights = hub_weights(tmp_path)
+    repo = no_network / "models--timm--test_efficientnet.r160_in1k"  # the Hugging Face cache's layout, by hand
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs/main").write_text("0123abcd")
+    (repo / "snapshots/0123abcd").mkdir(parents=True)
+    shutil.copy(weights, repo / "snapshots/0123abcd/model.safetensors")
+    start = time.monotonic()
+    model = create_timm("test_efficientnet", 5, pretrained="imagenet")
+    assert time.monotonic() - start < 15
+    assert torch.equal(model.conv_stem.weight, state["conv_stem.weight"])
+    assert model.get_classifier().out_features == 5  # a fresh head for the 5 classes
+
+
+def test_imagenet_weights_come_from_the_hub_when_it_is_reachable(no_network, tmp_path, monkeypatch):
+    state, weights = hub_weights(tmp_path)
+    asked = []
+
+    def download(repo_id, filename, **kwargs):
+        asked.append((repo_id, filename))
+        return str(weights)
+
+    monkeypatch.setattr(kd.models, "reachable", lambda url: url == huggingface_hub.constants.ENDPOINT)
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", download)
+    model = create_timm("test_efficientnet", 5, pretrained="imagenet")
+    assert asked == [("timm/test_efficientnet.r160_in1k", "model.safetensors")]
+    assert torch.equal(model.conv_stem.weight, state["conv_stem.weight"])
+
+
+def test_reachable_tells_an_open_port_from_a_closed_one(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        assert reachable(f"http://127.0.0.1:{port}/weights.pth")
+    start = time.monotonic()
+    assert not reachable(f"http://127.0.0.1:{port}/weights.pth")  # closed now: refused at once
+    assert not reachable("http://name.invalid/weights.pth")  # RFC 2606: never resolves
+    assert time.monotonic() - start < 5
