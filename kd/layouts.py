@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kd.errors import UserError
+from kd.errors import UserError, quote
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
@@ -54,10 +54,19 @@ def list_split(
         raise UserError(f"data.root {root} does not exist: expected <root>/<class>/<image> or <root>/<split>/<class>/")
 
     def pool() -> dict[str, list[str]]:  # listed only when a split has to be drawn
-        return {cls: [p.relative_to(root).as_posix() for p in files] for cls, files in class_images(root).items()}
+        images = class_images(root)
+        check_classes(list(images), str(root), "add a <class> folder of images for each class")
+        return {cls: [p.relative_to(root).as_posix() for p in files] for cls, files in images.items()}
 
     path = Path(split_file) if split_file else root / "splits.json"
     return _from_split_file(path, root, split, pool, new_split)
+
+
+def check_classes(classes: list[str], where: str, fix: str) -> None:
+    """Refuse fewer than 2 classes: a classifier of one class scores 100% and learns nothing."""
+    if len(classes) < 2:
+        found = f"only the class {quote(classes[0])}" if classes else "no classes"
+        raise UserError(f"{where} has {found}: classification needs at least 2 classes; {fix}")
 
 
 def class_images(folder: Path) -> dict[str, list[Path]]:
@@ -88,6 +97,7 @@ def _from_split_folders(root: Path, split: str) -> Listing:
     if not split_dir.is_dir():
         raise UserError(f"split folder {split_dir} does not exist: expected <root>/{split}/<class>/<image>")
     images = class_images(split_dir)
+    check_classes(list(images), str(split_dir), f"add a folder of images for each class under {split_dir}")
     entries = [(p.relative_to(root).as_posix(), cls) for cls, files in images.items() for p in files]
     return Listing(root, entries, sorted(images), str(split_dir))
 
@@ -119,6 +129,7 @@ def read_manifest(path: Path) -> list[tuple[str, str, str | None]]:
         raise UserError(f"{path} line {bad[0][0]}: {bad[0][1]} needs a path, a label and a split in {SPLITS}")
     if not rows:
         raise UserError(f"{path} lists no images")
+    check_classes(sorted({label for _, label, _ in rows}), str(path), "give its label column at least 2 classes")
     return rows
 
 
@@ -133,6 +144,7 @@ def _from_split_file(path: Path, base: Path, split: str, pool: Callable[[], dict
     try:
         saved = json.loads(path.read_text())
         entries = [tuple(e) for e in saved[split]]
+        classes = list(saved["classes"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"split file {path} is damaged or has no '{split}' list ({e}); restore it") from None
     gone = [rel for rel, _ in entries if not (base / rel).is_file()]
@@ -147,7 +159,8 @@ def _from_split_file(path: Path, base: Path, split: str, pool: Callable[[], dict
         warnings.warn(
             f"reusing split file {path} ({_describe(saved)}), not the configured {_describe(asked)}", stacklevel=2
         )
-    return Listing(base, entries, list(saved["classes"]), f"{path} ({split})")
+    check_classes(classes, f"split file {path}", f"delete it to draw a new split of {base}")
+    return Listing(base, entries, classes, f"{path} ({split})")
 
 
 def _describe(split: dict) -> str:

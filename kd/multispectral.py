@@ -8,11 +8,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageSequence
 
 from kd.errors import UserError
 
 MS_SUFFIXES = (".npy", ".tif", ".tiff")
+
+# What reading a broken or hostile image or array raises: OSError (UnidentifiedImageError is one, and so is a
+# truncated file), ValueError (numpy, Pillow), SyntaxError (some broken PNG chunks) and DecompressionBombError (a
+# header claiming a huge size), which is not an OSError. Found by fuzzing truncated and bit-flipped files.
+FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 def find_ms(stem: Path, image: Path) -> Path | None:
@@ -40,30 +45,36 @@ def band_indices(bands: list, folders: list[Path]) -> list[int] | None:
     return [b if isinstance(b, int) else names.index(b) for b in bands]
 
 
-def ms_header(path: Path) -> tuple[tuple[int, ...], bool]:
-    """(array shape, whether it is a multi-page TIFF — one band per page) without reading the pixels."""
+def load_ms(path: Path) -> tuple[np.ndarray, bool]:
+    """The whole array of an MS file, as stored, and whether it is a multi-page TIFF (one band per page).
+
+    A broken file raises one of FILE_ERRORS; callers name the file.
+    """
     if path.suffix.lower() == ".npy":
-        return np.load(path, mmap_mode="r").shape, False
-    with Image.open(path) as im:
-        pages = getattr(im, "n_frames", 1)
-        bands = len(im.getbands())
-        if pages > 1:
-            return (pages, im.height, im.width), True
-        return ((im.height, im.width, bands) if bands > 1 else (im.height, im.width)), False
+        array, pages = np.load(path), False
+    else:
+        with Image.open(path) as im:
+            frames = [np.array(page) for page in ImageSequence.Iterator(im)]
+        array, pages = (np.stack(frames), True) if len(frames) > 1 else (frames[0], False)
+    if array.dtype.kind not in "biuf":  # strings, complex numbers, records: no band values to train on
+        raise ValueError(f"it holds {array.dtype} values, not real numbers")
+    return array, pages
 
 
 def read_ms(path: Path, hw: tuple[int, int], layout: str = "auto", bands: list[int] | None = None) -> np.ndarray:
     """An MS stack as float32 C×H×W for an image of size `hw`: .npy (H×W×C, C×H×W or H×W) or a (multi-page) TIFF."""
     try:
-        if path.suffix.lower() == ".npy":
-            array, pages = np.load(path), False
-        else:
-            with Image.open(path) as im:
-                frames = [np.array(page) for page in ImageSequence.Iterator(im)]
-            array, pages = (np.stack(frames), True) if len(frames) > 1 else (frames[0], False)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+        array, pages = load_ms(path)
+    except FILE_ERRORS as e:
         hint = "" if path.suffix.lower() == ".npy" else " (Pillow reads one band per page, or 1-4 channels per page)"
         raise UserError(f"cannot read multispectral file {path}: {e}{hint}; re-save it as .npy") from None
+    return ms_stack(array, pages, hw, layout, bands, path)
+
+
+def ms_stack(
+    array: np.ndarray, pages: bool, hw: tuple[int, int], layout: str, bands: list[int] | None, path: Path
+) -> np.ndarray:
+    """`array` as read by load_ms, as the float32 C×H×W stack of the chosen bands; UserError naming `path`."""
     axis, bands = pick_bands(array.shape, hw, "chw" if pages else layout, bands, path)
     array = array[None] if axis is None else np.moveaxis(array, axis, 0)
     return np.ascontiguousarray(array if bands is None else array[bands], dtype=np.float32)

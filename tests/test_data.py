@@ -170,7 +170,7 @@ def test_ambiguous_band_axis_is_an_error_until_ms_layout_is_set(tmp_path):
     np.save(tmp_path / "a" / "x.npy", np.arange(64, dtype=np.float32).reshape(4, 4, 4))
     (tmp_path / "splits.json").write_text(
         json.dumps(
-            {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.15, "classes": ["a"], "train": [["a/x.png", "a"]]}
+            {"seed": 0, "val_fraction": 0.15, "test_fraction": 0.15, "classes": ["a", "b"], "train": [["a/x.png", "a"]]}
         )
     )
     ds = LeafDataset(tmp_path, "train", with_ms=True)
