@@ -1,6 +1,5 @@
 """Models: timm networks by name, the RGB+MS HybridFusion teacher, and safetensors + JSON checkpoints (no pickle)."""
 
-import inspect
 import json
 import math
 import os
@@ -439,7 +438,7 @@ def meta_problems(meta: Any) -> list[str]:
     return problems
 
 
-HYBRID_ARGS = {  # what each HybridFusion argument a checkpoint sets must be
+HYBRID_ARGS = {  # what each HybridFusion argument a checkpoint sets must be (every argument but the built-in two)
     "backbone": (lambda v: isinstance(v, str) and v, "a timm model name"),
     "ms_backbone": (lambda v: isinstance(v, str), 'a timm model name, or "" for the RGB backbone'),
     "ms_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
@@ -458,7 +457,7 @@ def _arch_problems(arch: Any, num_classes: int | None = None) -> list[str]:
     elif num_classes is not None and arch["num_classes"] != num_classes:
         problems.append(f"arch.num_classes is {arch['num_classes']}, but classes has {num_classes} names")
     if arch["name"] == "hybrid":  # timm models' arguments are checked by building them (load_checkpoint)
-        accepted = [p for p in inspect.signature(HybridFusion).parameters if p not in ("num_classes", "pretrained")]
+        accepted = list(HYBRID_ARGS)
         unknown = [k for k in arch if k not in ("name", "num_classes", *accepted)]
         if unknown:
             problems.append(f"arch has arguments HybridFusion does not take: {quote(unknown)} (it takes {accepted})")

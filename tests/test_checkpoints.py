@@ -131,3 +131,12 @@ def test_distill_exits_2_naming_the_teacher_file_and_the_argument(tmp_path, tiny
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert err.startswith(f"error: {stem}.json is not a kd checkpoint's metadata") and "argument 'wings'" in err
+
+
+def test_the_sidecar_check_knows_every_hybrid_argument():
+    """HYBRID_ARGS is read instead of HybridFusion's signature (tests replace __init__); it must stay complete."""
+    import inspect
+
+    from kd.models import HYBRID_ARGS, HybridFusion
+
+    assert set(inspect.signature(HybridFusion).parameters) - {"num_classes", "pretrained"} == set(HYBRID_ARGS)
