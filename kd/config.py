@@ -4,8 +4,10 @@ Every field has a default and a one-line comment. Unknown keys and wrong types a
 """
 
 import argparse
+import collections
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from kd.errors import UserError
+from kd.errors import QUOTE_LIMIT, UserError, quote
 
 
 class ConfigError(UserError):
@@ -31,6 +33,11 @@ PRECISIONS = {
     "bf16-mixed": "bf16",
 }
 SCHEDULERS = ("cosine", "step", "plateau", "constant")
+MAX_VALUES = 10_000  # values a config may hold with YAML aliases expanded: a "billion laughs" is refused, not built
+SEED_LIMIT = 2**32  # numpy seeds must lie in [0, 2**32)
+MAX_LOSS_WEIGHT = 1e6  # the KD weights in use are 0.1-10 (DKD's beta 8)
+TEMPERATURES = (0.01, 1000.0)  # KD uses 1-20; beyond these bounds the soft loss turns non-finite in float32
+MIN_STD = 1e-3  # smallest data.std: gray levels are 1/255 apart; a tinier std blows pixels up past float range
 
 
 @dataclass
@@ -45,7 +52,7 @@ class DataConfig:
     ms_bands: list = field(default_factory=list)  # MS bands to use: indices, or names from bands.json; [] = all
     ms_layout: str = "auto"  # band axis of .npy stacks: auto (told apart by the image size) | hwc | chw
     ms_missing: str = "error"  # an image without an MS file: error | zeros (zero-filled bands, with a warning)
-    on_bad_file: str = "error"  # unreadable image or MS file found by the start-up scan: error | skip (dropped)
+    on_bad_file: str = "error"  # bad image or MS file (unreadable, truncated, NaN, odd band count): error | skip
     demo: bool = True  # write the built-in synthetic demo set to `root` first if it is not there yet
     demo_seed: int = 0  # seed of the demo set (a different seed gives a different set)
     image_size: int | None = None  # side of the square input in pixels; null = the model's timm pretrained size
@@ -69,7 +76,32 @@ class DataConfig:
         for key in ("mean", "std"):
             value = getattr(self, key)
             _check(value is None or len(value) == 3, f"data.{key}", "must list 3 numbers (R, G, B) or be null", value)
+            if value is not None:
+                setattr(self, key, [_coerce(v, float, f"data.{key}[{i}]") for i, v in enumerate(value)])
+        _check(
+            self.mean is None or 0 <= min(self.mean) <= max(self.mean) <= 1,
+            "data.mean",
+            "must be in [0, 1] for every channel (pixels are read in [0, 1])",
+            self.mean,
+        )
+        _check(
+            self.std is None or min(self.std) >= MIN_STD,
+            "data.std",
+            f"must be >= {MIN_STD} for every channel",
+            self.std,
+        )
+        for i, band in enumerate(self.ms_bands):
+            _check(
+                isinstance(band, str) or _is_int(band),
+                f"data.ms_bands[{i}]",
+                "must be a band index or a band name from bands.json",
+                band,
+            )
         _check(0.0 < self.scale_min <= 1.0, "data.scale_min", "must be in (0, 1]", self.scale_min)
+        _check(0.0 <= self.hflip <= 1.0, "data.hflip", "must be a probability in [0, 1]", self.hflip)
+        _check(0.0 <= self.vflip <= 1.0, "data.vflip", "must be a probability in [0, 1]", self.vflip)
+        for key in ("split_seed", "demo_seed"):
+            _check_seed(getattr(self, key), f"data.{key}")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0", self.num_workers)
         _check(
             self.val_fraction >= 0 and self.test_fraction >= 0 and self.val_fraction + self.test_fraction < 1,
@@ -101,6 +133,7 @@ class ModelConfig:
             self.fusion,
         )
         _check(self.ms_channels >= 1, "model.ms_channels", "must be >= 1", self.ms_channels)
+        _check(0.0 <= self.drop_rate < 1.0, "model.drop_rate", "must be in [0, 1)", self.drop_rate)
 
 
 @dataclass
@@ -140,7 +173,15 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
-        _check(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
+        # every LR of the schedule stays within [0, learning_rate]: beyond 1, AdamW's first step overflows float32
+        _check(0 < self.learning_rate <= 1, "learning_rate", "must be in (0, 1]", self.learning_rate)
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        _check(
+            self.learning_rate * self.weight_decay < 1,
+            "learning_rate * weight_decay",
+            "must be below 1 (AdamW multiplies the weights by 1 - lr * wd every step)",
+            (self.learning_rate, self.weight_decay),
+        )
         _check(self.max_epochs >= 1, "max_epochs", "must be >= 1", self.max_epochs)
         _check(
             0 <= self.warmup_epochs < self.max_epochs or self.warmup_epochs == 0,
@@ -149,6 +190,9 @@ class TrainConfig:
             self.warmup_epochs,
         )
         _check(self.lr_scheduler in SCHEDULERS, "lr_scheduler", f"must be one of {SCHEDULERS}", self.lr_scheduler)
+        _check(0 < self.lr_gamma <= 1, "lr_gamma", "must be in (0, 1] (a decay)", self.lr_gamma)
+        _check(self.lr_step_size >= 1, "lr_step_size", "must be >= 1 (epochs between decays)", self.lr_step_size)
+        _check(0 <= self.min_lr <= self.learning_rate, "min_lr", "must be in [0, learning_rate]", self.min_lr)
         _check(
             self.precision in PRECISIONS,
             "precision",
@@ -159,20 +203,34 @@ class TrainConfig:
             self.accumulate_grad_batches >= 1, "accumulate_grad_batches", "must be >= 1", self.accumulate_grad_batches
         )
         _check(self.gradient_clip_val >= 0, "gradient_clip_val", "must be >= 0", self.gradient_clip_val)
+        _check(
+            self.early_stopping_patience >= 0,
+            "early_stopping_patience",
+            "must be >= 0 (0 = never stop early)",
+            self.early_stopping_patience,
+        )
+        _check(self.log_every_n_steps >= 1, "log_every_n_steps", "must be >= 1", self.log_every_n_steps)
         _check(self.save_top_k >= 1, "save_top_k", "must be >= 1", self.save_top_k)
         _check(self.monitor in ("val_acc", "val_loss"), "monitor", "must be val_acc or val_loss", self.monitor)
         _check(self.mode in ("max", "min"), "mode", "must be max or min", self.mode)
         _check(self.min_delta >= 0, "min_delta", "must be >= 0", self.min_delta)
         _check(self.lr_cycles >= 1, "lr_cycles", "must be >= 1", self.lr_cycles)
+        _check(0 < self.lr_cycle_decay <= 1, "lr_cycle_decay", "must be in (0, 1] (a decay)", self.lr_cycle_decay)
         _check(
             0 <= self.finetune_epochs < self.max_epochs,
             "finetune_epochs",
             "must be in [0, max_epochs)",
             self.finetune_epochs,
         )
-        _check(self.finetune_lr_scale > 0, "finetune_lr_scale", "must be > 0", self.finetune_lr_scale)
+        _check(0 < self.finetune_lr_scale <= 1, "finetune_lr_scale", "must be in (0, 1]", self.finetune_lr_scale)
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)", self.ema_decay)
         _check(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1", self.max_nonfinite_steps)
+        _check(
+            self.save_every_n_steps >= 0,
+            "save_every_n_steps",
+            "must be >= 0 (0 = save once per epoch)",
+            self.save_every_n_steps,
+        )
         _check(self.resume in (None, "auto"), "resume", "must be null or auto", self.resume)
         _check(
             self.qat_start_fraction is None or 0 <= self.qat_start_fraction < 1,
@@ -184,6 +242,12 @@ class TrainConfig:
             raise ConfigError(
                 "qat_start_fraction and ema_decay cannot be combined: the EMA would average float "
                 "weights into a fake-quantized graph. Turn one of them off."
+            )
+        # fp16 is not refused here: without a CUDA GPU the loop trains fp16 configs in fp32, which QAT takes
+        if self.qat_start_fraction is not None and self.mixed_precision == "bf16":
+            raise ConfigError(
+                f"qat_start_fraction cannot train under precision {quote(self.precision)}: PyTorch's fake "
+                "quantization takes float32 only (the run would crash when QAT starts). Set precision: null."
             )
         _check(
             self.log_with in ("tensorboard", "wandb", "all", "none"),
@@ -226,8 +290,20 @@ class DistillationConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         _check(self.temperature > 0, "distillation.temperature", "must be > 0", self.temperature)
+        for key in ("temperature", "final_temperature"):
+            value = getattr(self, key)
+            _check(
+                value is None or value <= 0 or TEMPERATURES[0] <= value <= TEMPERATURES[1],
+                f"distillation.{key}",
+                f"must be in [{TEMPERATURES[0]}, {TEMPERATURES[1]}] (the logits are divided by it and the soft loss "
+                "multiplied by its square)",
+                value,
+            )
         _check(0.0 <= self.alpha <= 1.0, "distillation.alpha", "must be within [0, 1]", self.alpha)
-        _check(self.feature_weight >= 0, "distillation.feature_weight", "must be >= 0", self.feature_weight)
+        for key in ("feature_weight", "dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma"):
+            value = getattr(self, key)
+            rule = f"must be in [0, {MAX_LOSS_WEIGHT:g}] (a loss weight; far larger ones overflow the float32 loss)"
+            _check(0 <= value <= MAX_LOSS_WEIGHT, f"distillation.{key}", rule, value)
         _check(
             self.soft_loss in ("kl", "dkd", "dist"), "distillation.soft_loss", "must be kl | dkd | dist", self.soft_loss
         )
@@ -237,6 +313,9 @@ class DistillationConfig(TrainConfig):
             "must be > 0 or null",
             self.final_temperature,
         )
+        _check(self.feature_teacher >= 0, "distillation.feature_teacher", "must be >= 0", self.feature_teacher)
+        for key in ("dkd_warmup_epochs", "ema_teacher_start_epoch"):
+            _check(getattr(self, key) >= 0, f"distillation.{key}", "must be >= 0", getattr(self, key))
         _check(self.ema_teacher_weight >= 0, "distillation.ema_teacher_weight", "must be >= 0", self.ema_teacher_weight)
         if self.ema_teacher_weight > 0 and self.ema_decay == 0:
             raise ConfigError(
@@ -245,11 +324,26 @@ class DistillationConfig(TrainConfig):
         _check(
             self.teacher_cache_top_k >= 1, "distillation.teacher_cache_top_k", "must be >= 1", self.teacher_cache_top_k
         )
+        for i, entry in enumerate(self.feature_layers):
+            _check(
+                isinstance(entry, str)
+                or (isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(e, str) for e in entry)),
+                f"distillation.feature_layers[{i}]",
+                "must be a layer name or a [student, teacher] pair of names",
+                entry,
+            )
+        pairs = [(e, e) if isinstance(e, str) else tuple(e) for e in self.feature_layers]
+        for side, names in (("student", [s for s, _ in pairs]), ("teacher", [t for _, t in pairs])):
+            twice = sorted(name for name, count in collections.Counter(names).items() if count > 1)
+            _check(not twice, "distillation.feature_layers", f"must name each {side} layer once", twice)
         for i, t in enumerate(self.teachers):
+            where = f"distillation.teachers[{i}]"
             if not (isinstance(t, dict) and "checkpoint" in t and set(t) <= {"checkpoint", "weight"}):
-                raise ConfigError(
-                    f"distillation.teachers[{i}] must look like {{checkpoint: path, weight: 1.0}}, got {t!r}"
-                )
+                raise ConfigError(f"{where} must look like {{checkpoint: path, weight: 1.0}}, got {quote(t)}")
+            t["checkpoint"] = _coerce(t["checkpoint"], str, f"{where}.checkpoint")
+            if "weight" in t:
+                t["weight"] = _coerce(t["weight"], float, f"{where}.weight")
+                _check(t["weight"] > 0, f"{where}.weight", "must be > 0", t["weight"])
 
 
 @dataclass
@@ -261,14 +355,67 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)  # how train_teacher.py trains it
     distillation: DistillationConfig = field(default_factory=DistillationConfig)  # what and how distill.py trains
 
+    def __post_init__(self):
+        _check_seed(self.seed, "seed")
+
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
-        raise ConfigError(f"{key} {rule}, got {value!r}")
+        raise ConfigError(f"{key} {rule}, got {quote(value)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # YAML's true/false are ints to Python
+
+
+def _check_seed(seed: int, key: str) -> None:
+    _check(0 <= seed < SEED_LIMIT, key, "must be in [0, 2**32), the seeds numpy accepts", seed)
+
+
+def _too_many_values(value: Any, limit: int = MAX_VALUES) -> bool:
+    """Whether `value` holds more than `limit` values once YAML aliases are expanded; stops counting at the limit.
+
+    A YAML alias is a reference, so a 400-byte document of nested aliases loads in a blink but is billions of
+    values to anything that walks it (a repr in an error message, a copy); a self-referencing one never ends.
+    """
+    pending, count = [value], 0
+    while pending:
+        node = pending.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(node, dict):
+            pending.extend(node.keys())
+            pending.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            pending.extend(node)
+    return False
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load, with what a YAML parser lets through that would be a traceback or a memory bomb refused.
+
+    Raises yaml.YAMLError for text that is not YAML; ConfigError (naming `where`) for everything else.
+    """
+    try:
+        value = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where} nests lists or mappings too deeply to read") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise ConfigError(f"{where} holds a value Python cannot read: {e}") from None
+    if _too_many_values(value):
+        raise ConfigError(
+            f"{where} expands to more than {MAX_VALUES} values (nested YAML anchors and aliases?); "
+            "a config needs far fewer: write the values out"
+        )
+    return value
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against a type hint; accept ints for floats and numeric strings like '3e-4' for floats."""
+    """Check `value` against a type hint; accept ints for floats and numeric strings like '3e-4' for floats.
+
+    Floats must be finite, ints fit in 64 bits, strings hold no NUL character.
+    """
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     optional = is_union and type(None) in typing.get_args(hint)
     if optional:
@@ -276,43 +423,54 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+                number = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+            except OverflowError:
+                number = math.inf  # an int beyond the float range
             except ValueError:
                 pass
+        if number is not None:
+            # once here for every float key, so no range check below has to think of nan (which fails every
+            # comparison) or inf (which passes every lower bound): both would only fail mid-training
+            _check(math.isfinite(number), key, "must be a finite number", value)
+            return number
     elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        if _is_int(value):
+            _check(-(2**63) <= value < 2**63, key, "must fit in 64 bits (torch and numpy take no larger)", value)
             return value
     elif hint is bool:
         if isinstance(value, bool):
             return value
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
+            text = str(value)
+            _check("\0" not in text, key, "must not contain a NUL character (paths and names cannot)", value)
+            return text
     elif hint is list:
         if isinstance(value, (list, tuple)):
             return list(value)
     else:
         return value
     name = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"{key} must be {'null or ' if optional else ''}{name}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(
+        f"{key} must be {'null or ' if optional else ''}{name}, got {quote(value)} ({type(value).__name__})"
+    )
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'the config'} must be a mapping of keys to values, got {raw!r}")
+        raise ConfigError(f"{prefix[:-1] or 'the config'} must be a mapping of keys to values, got {quote(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
         where = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            close = difflib.get_close_matches(str(key)[:QUOTE_LIMIT], names, n=1)
             hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
-            raise ConfigError(f"unknown config key '{where}'.{hint}")
+            raise ConfigError(f"unknown config key {quote(where)}.{hint}")
         if key == "precision" and value is False:
             value = "no"  # YAML 1.1 reads a bare `no` as false
         if dataclasses.is_dataclass(hints[key]):
@@ -330,13 +488,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'distillation.alpha=0.5' -> (['distillation', 'alpha'], 0.5); the value is read as YAML."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.key=value, e.g. train.max_epochs=3")
+        raise ConfigError(f"override {quote(text)} must look like section.key=value, e.g. train.max_epochs=3")
     key, value = text.split("=", 1)
     try:
-        return key.strip().split("."), yaml.safe_load(value) if value.strip() else ""
+        return key.strip().split("."), _load_yaml(value, f"override {quote(text)}") if value.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(
-            f"override '{text}': the value is not valid YAML ({getattr(e, 'problem', e)}); put text in quotes"
+            f"override {quote(text)}: the value is not valid YAML ({getattr(e, 'problem', e)}); put text in quotes"
         ) from None
 
 
@@ -348,11 +506,13 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (configs live in configs/, e.g. configs/b0.yaml)")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _load_yaml(path.read_text(), str(path)) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must be a mapping of sections to keys (data:, train:, ...), got {raw!r}")
+            raise ConfigError(f"{path} must be a mapping of sections to keys (data:, train:, ...), got {quote(raw)}")
     for text in overrides:
         keys, value = parse_override(text)
         node = raw
@@ -360,7 +520,7 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
             if node.get(k) is None:  # an absent or empty section
                 node[k] = {}
             if not isinstance(node[k], dict):
-                raise ConfigError(f"override '{text}': '{k}' is a value, not a section")
+                raise ConfigError(f"override {quote(text)}: {quote(k)} is a value, not a section")
             node = node[k]
         node[keys[-1]] = value
     return _build(Config, raw, "")
