@@ -39,6 +39,13 @@ def layer_pairs(layers: Sequence, student: nn.Module, teacher: nn.Module) -> lis
         pairs.append(
             (resolve_layer(student, student_name, "the student"), resolve_layer(teacher, teacher_name, "the teacher"))
         )
+    for side, names in (("student", [s for s, _ in pairs]), ("teacher", [t for _, t in pairs])):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # e.g. a hybrid teacher's 'blocks.2' and 'rgb.blocks.2' are one layer: its hook keeps one output
+            raise UserError(
+                f"feature_layers names the {side} layer(s) {twice} in more than one pair (after resolving names): "
+                "each layer may appear in one pair"
+            )
     return pairs
 
 

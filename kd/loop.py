@@ -38,6 +38,10 @@ from kd.models import checkpoint_stem, ensure_writable, forward_batch, input_key
 from kd.qat import frozen_observers, prepare_qat, range_state
 
 
+class NonFiniteLoss(UserError, FloatingPointError):
+    """Too many non-finite losses in a row: a diverging run, bad data or a bad teacher; the message says what to try."""
+
+
 def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool = False) -> Accelerator:
     """Accelerator with the config's precision, accumulation and trackers; TensorBoard logs go to <run_dir>/tb."""
     precision = cfg.mixed_precision
@@ -346,6 +350,11 @@ def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
 def check_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> float:
     """A checksum of the weights, compared across processes: unsynced DDP ranks are an error, not a surprise."""
     checksum = torch.stack([p.detach().double().abs().sum() for p in model.parameters()]).sum()
+    if not torch.isfinite(checksum):
+        raise UserError(
+            "the weights became non-finite (NaN/inf) during training: lower learning_rate, enable "
+            "gradient_clip_val, or check the data and the teacher"
+        )
     everyone = accelerator.gather(checksum.reshape(1).to(accelerator.device))
     if not torch.allclose(everyone, everyone[0].expand_as(everyone), rtol=1e-9, atol=0):
         raise RuntimeError(f"weights differ across the {accelerator.num_processes} processes: {everyone.tolist()}")
@@ -414,6 +423,11 @@ def fit(
     }
     float_model = unwrapped.model  # what checkpoints store, also during QAT (the QAT graph shares its weights)
     qat_epoch = None if cfg.qat_start_fraction is None else round(cfg.qat_start_fraction * cfg.max_epochs)
+    if qat_epoch is not None and accelerator.mixed_precision == "fp16":
+        raise UserError(
+            "qat_start_fraction cannot train under fp16 autocast: PyTorch's fake quantization takes float32 only. "
+            "Set precision=null for a QAT run."
+        )
     if qat_epoch is not None and input_keys(float_model) != ("rgb",):
         raise UserError("qat_start_fraction applies to RGB students; this model also takes MS input")
 
@@ -484,7 +498,7 @@ def fit(
                         values = {k: round(v.item(), 4) for k, v in terms.items() if k != "logits"}
                         message = f"non-finite loss at epoch {epoch} step {step}: {values}"
                         if bad_steps >= cfg.max_nonfinite_steps:
-                            raise FloatingPointError(
+                            raise NonFiniteLoss(
                                 f"{message}; {bad_steps} such steps in a row, stopping. Lower learning_rate, "
                                 "enable gradient_clip_val, or check the data and the teacher."
                             )

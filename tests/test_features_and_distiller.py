@@ -61,6 +61,14 @@ def test_hybrid_teacher_accepts_rgb_backbone_names_and_explicit_pairs():
     assert pairs == [("blocks.2", "rgb.blocks.2"), ("blocks.1", "ms.blocks.1")]
 
 
+def test_a_layer_in_two_pairs_is_refused_after_names_are_resolved():
+    # 'blocks.2' and 'rgb.blocks.2' are one layer of a hybrid teacher: its hook keeps one output, not two
+    with pytest.raises(UserError, match=r"teacher layer\(s\) \['rgb.blocks.2'\] in more than one pair"):
+        layer_pairs([["blocks.1", "blocks.2"], ["blocks.2", "rgb.blocks.2"]], tiny(), tiny_hybrid())
+    with pytest.raises(UserError, match=r"student layer\(s\) \['blocks.2'\] in more than one pair"):
+        layer_pairs([["blocks.2", "ms.blocks.1"], ["blocks.2", "rgb.blocks.2"]], tiny(), tiny_hybrid())
+
+
 def test_adapter_maps_channels_and_spatial_size():
     adapter = FeatureAdapter(16, 40)
     out = adapter(torch.randn(2, 16, 8, 8), (4, 4))

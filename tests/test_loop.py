@@ -149,6 +149,19 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     assert Flaky.calls == 15  # two skipped, recovered, then three in a row stopped it
 
 
+def test_too_many_nonfinite_steps_and_nan_weights_are_user_errors(tmp_path):
+    """The scripts print a UserError as one line: a diverging run must not end in a traceback."""
+    from kd.errors import UserError
+    from kd.loop import NonFiniteLoss, check_in_sync
+
+    assert issubclass(NonFiniteLoss, UserError) and issubclass(NonFiniteLoss, FloatingPointError)
+    model = linear()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(UserError, match="the weights became non-finite"):
+        check_in_sync(make_accelerator(TrainConfig(), tmp_path, cpu=True), model)
+
+
 def test_early_stopping_respects_min_delta(tmp_path):
     result = train(tmp_path, Classifier(linear()), max_epochs=6, early_stopping_patience=2, min_delta=0.5)
     assert result["best"] is not None
