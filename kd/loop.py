@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -295,13 +296,18 @@ def check_state(last: Path) -> dict:
                     pass
             elif path.suffix == ".json":
                 json.loads(path.read_text())
-        except Exception as e:  # UnpicklingError for a foreign object; anything else for a damaged file
-            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"refused to resume from {last}: {path.name} is not plain saved state ({reason}). Unpickling it "
-                "could run code, or the file is damaged. Resume only from run folders you made or trust; to start "
-                "over, set checkpoint_dir to a new folder."
-            ) from None
+        except pickle.UnpicklingError:  # torch's weights_only unpickler met an object it does not build
+            problem = "holds more than tensors and plain data, and unpickling it could run code"
+        except Exception as e:  # truncated, foreign or garbled
+            problem = (
+                f"cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})"
+            )
+        else:
+            continue
+        raise UserError(
+            f"refused to resume from {last}: {path.name} {problem}. Resume only from run folders you made or trust; "
+            "to start over, set checkpoint_dir to a new folder."
+        )
     progress = json.loads((last / "progress.json").read_text())
     keys = ("epoch", "batches_done", "updates", "stale_epochs", "top_k")
     if not (isinstance(progress, dict) and all(k in progress for k in keys)):

@@ -409,6 +409,11 @@ def test_bad_input_gets_one_clear_message(mistake, template, message, bad, capsy
     assert not bad["marker"].exists()
 
 
+def test_every_case_of_the_table_is_in_the_reliability_page():
+    page = (ROOT / "docs/reliability.md").read_text()
+    assert [case for case, _, _ in BAD_INPUT if f"| {case} |" not in page] == []
+
+
 def test_bad_input_exits_2_without_a_traceback_from_the_command_line(bad):
     """The deepest case of the table (after the accelerator and the loaders) as users meet it: a process."""
     template = next(case[1] for case in BAD_INPUT if case[0].startswith("MS band count"))
