@@ -7,7 +7,7 @@ python distill.py --config C distillation.teacher_cache=DIR --cache-teacher   # 
 python distill.py --config C distillation.teacher_cache=DIR                   # then distil from them
 """
 
-import copy
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -18,30 +18,26 @@ from rich.table import Table
 from torch.utils.data import default_collate
 
 from kd.cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key, check_applies
+from kd.checkpoint import CheckpointMeta, check_ms_bands, load_checkpoint, read_meta
 from kd.config import flat_hparams, parse_cli, save_config
 from kd.data import build_loader, prepare_data, resolve_input
 from kd.distill import Distiller, adapt_view, class_balanced_batch, teacher_sanity_report
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.features import layer_pairs, output_shapes, suggest_pairs
-from kd.loop import claim_run_dir, fit, make_accelerator
+from kd.loop import fit, make_accelerator
 from kd.losses import KnowledgeDistillationLoss
-from kd.models import (
-    build_model,
-    check_ms_bands,
-    count_parameters,
-    input_config,
-    input_keys,
-    load_checkpoint,
-    read_meta,
-)
+from kd.models import build_model, count_parameters, input_config, input_keys
+from kd.run_dir import claim_run_dir
 
 
-def print_layers(student: torch.nn.Module, student_size: int, teacher: torch.nn.Module, teacher_meta: dict) -> None:
+def print_layers(
+    student: torch.nn.Module, student_size: int, teacher: torch.nn.Module, teacher_meta: CheckpointMeta
+) -> None:
     """Every hookable layer of both models with its output shape, and pairs whose spatial sizes match."""
-    size = teacher_meta["image_size"]
+    size = teacher_meta.input_spec.image_size
     inputs = {
         "rgb": torch.zeros(1, 3, size, size),
-        "ms": torch.zeros(1, teacher_meta["arch"].get("ms_channels", 0), size, size),
+        "ms": torch.zeros(1, teacher_meta.arch.get("ms_channels", 0), size, size),
     }
     shapes = {
         f"student layers at {student_size} px": output_shapes(student, [torch.zeros(1, 3, student_size, student_size)]),
@@ -78,51 +74,50 @@ def main(argv: list[str] | None = None) -> dict | None:
     else:
         loaded = [load_checkpoint(e["checkpoint"]) for e in entries]
         teachers, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
-    classes = metas[0]["classes"]
+    classes = metas[0].classes
     for entry, meta in zip(entries, metas):
-        if meta["classes"] != classes:
+        if meta.classes != classes:
             raise UserError(
-                f"teacher {entry['checkpoint']} has classes {meta['classes']}, "
+                f"teacher {entry['checkpoint']} has classes {meta.classes}, "
                 f"but {entries[0]['checkpoint']} has {classes}"
             )
     if not 0 <= d.feature_teacher < len(entries):
         raise UserError(f"distillation.feature_teacher={d.feature_teacher}, but there are {len(entries)} teachers")
-    spec = {"name": d.student_backbone, "num_classes": len(classes)}
-    student = build_model(spec, pretrained=d.student_pretrained)
-    student_data = resolve_input(cfg.data, input_config(student))  # null image_size/mean/std: the student's own
+    arch = {"name": d.student_backbone, "num_classes": len(classes)}
+    student = build_model(arch, pretrained=d.student_pretrained)
+    student_spec = resolve_input(cfg.data, input_config(student))  # null image_size/mean/std: the student's own
     if args.list_layers:
-        print_layers(student, student_data.image_size, teachers[d.feature_teacher], metas[d.feature_teacher])
+        print_layers(student, student_spec.image_size, teachers[d.feature_teacher], metas[d.feature_teacher])
         return None
 
     if not args.cache_teacher:  # fails now, not after training (--list-layers and --cache-teacher write no run)
         claim_run_dir(run_dir, args.resume, d.resume == "auto", [e["checkpoint"] for e in entries])
     accelerator = make_accelerator(d, run_dir, seed=cfg.seed)
-    ms_meta = next((m for m in metas if "ms" in m["inputs"]), None)
+    ms_meta = next((m for m in metas if m.input_spec.with_ms), None)
     with_ms = ms_meta is not None and not cached  # only teachers read MS; the RGB view is the same without it
 
-    # data: the teacher's class order and MS statistics, so it sees inputs exactly as it was trained on
+    # data: the teacher's class order, MS bands and statistics, so it sees inputs exactly as it was trained on
     with accelerator.main_process_first():
         prepare_data(cfg.data)
-    ms_stats = (ms_meta["ms_mean"], ms_meta["ms_std"]) if with_ms else None
-    if with_ms and ms_meta.get("ms_bands") is not None:  # the bands the teacher was trained on
-        if cfg.data.ms_bands and cfg.data.ms_bands != ms_meta["ms_bands"]:
+    val_spec = student_spec
+    if with_ms:
+        ms = ms_meta.input_spec
+        if cfg.data.ms_bands and cfg.data.ms_bands != ms.ms_bands:
             raise UserError(
                 f"data.ms_bands is {quote(cfg.data.ms_bands)}, but the teacher was trained on bands "
-                f"{quote(ms_meta['ms_bands'] or 'all')}: the teacher must see its own bands. Set data.ms_bands to "
+                f"{quote(ms.ms_bands or 'all')}: the teacher must see its own bands. Set data.ms_bands to "
                 "the teacher's, or leave it empty ([]) to use them."
             )
-        if ms_meta["ms_bands"]:
-            accelerator.print(f"multispectral bands {ms_meta['ms_bands']}: the teacher's (from its checkpoint)")
-        cfg.data.ms_bands = ms_meta["ms_bands"]
+        if ms.ms_bands:
+            accelerator.print(f"multispectral bands {ms.ms_bands}: the teacher's (from its checkpoint)")
+        val_spec = dataclasses.replace(student_spec, ms_mean=ms.ms_mean, ms_std=ms.ms_std, ms_bands=ms.ms_bands)
     # one augmented view at the largest input size, re-sized / re-normalized per model inside the Distiller
-    student_input = {k: getattr(student_data, k) for k in ("image_size", "mean", "std")}
-    teacher_inputs = [{k: m[k] for k in ("image_size", "mean", "std")} for m in metas]
-    view = {**student_input, "image_size": max(x["image_size"] for x in [student_input, *teacher_inputs])}
-    view_data = copy.copy(student_data)
-    view_data.image_size = view["image_size"]
-    loader_args = dict(classes=classes, with_ms=with_ms, ms_stats=ms_stats, seed=cfg.seed)
-    train_loader = build_loader(view_data, "train", d.batch_size, train=True, **loader_args)
-    val_loader = build_loader(student_data, "val", d.batch_size, train=False, **loader_args)
+    student_input, teacher_inputs = student_spec.rgb(), [m.input_spec.rgb() for m in metas]
+    view_size = max(x["image_size"] for x in [student_input, *teacher_inputs])
+    view_spec = dataclasses.replace(val_spec, image_size=view_size)
+    loader_args = dict(classes=classes, seed=cfg.seed)
+    train_loader = build_loader(cfg.data, view_spec, "train", d.batch_size, train=True, **loader_args)
+    val_loader = build_loader(cfg.data, val_spec, "val", d.batch_size, train=False, **loader_args)
     check_ms_bands(ms_meta if with_ms else None, val_loader.dataset)  # the band count the MS teacher was trained on
 
     if d.teacher_sanity_check and not cached:  # a cached run checked its teachers when it built the cache
@@ -166,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         total_epochs=d.max_epochs,
         ema_teacher_weight=d.ema_teacher_weight,
         ema_teacher_start_epoch=d.ema_teacher_start_epoch,
-        view=view,
+        view=view_spec.rgb(),
         student_input=student_input,
         teacher_inputs=teacher_inputs,
     )
@@ -193,15 +188,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         f"soft loss {d.soft_loss}; feature pairs {pairs or 'none'}"
     )
 
-    meta = {
-        "arch": spec,
-        "classes": classes,
-        "inputs": ["rgb"],
-        **student_input,
-        "ms_mean": None,
-        "ms_std": None,
-        "teachers": [e["checkpoint"] for e in entries],
-    }
+    meta = CheckpointMeta(arch, classes, student_spec, teachers=[e["checkpoint"] for e in entries])
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

@@ -39,14 +39,15 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from kd.checkpoint import checkpoint_loader, checkpoint_stem
 from kd.config import Config, load_config
 from kd.corruptions import CORRUPTIONS, corrupt_normalized
-from kd.data import checkpoint_loader, prepare_data
+from kd.data import prepare_data
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.metrics import ECE_BINS, classification_metrics, mean_std, per_class_accuracy
-from kd.models import checkpoint_stem
 from kd.plots import save_plots
 from kd.report import derived_lines, tables
+from kd.run_dir import require_writable_folder
 from kd.runtime import (
     PEAK_MEMORY_METHOD,
     cuda_peak_memory_mb,
@@ -54,7 +55,6 @@ from kd.runtime import (
     load_model,
     peak_memory_mb,
     read_json_object,
-    require_writable_folder,
     throughput,
 )
 
@@ -103,14 +103,15 @@ def model_list(args) -> list[tuple[str, str, str]]:
 def predict(model, loader, corruptions: bool) -> tuple[torch.Tensor, torch.Tensor, dict, list[torch.Tensor]]:
     """Logits and labels over the loader, top-1 per corruption@severity (RGB only), and the first batch's inputs."""
     logits, labels, hits, first = [], [], {}, None
+    spec = model.meta.input_spec  # corruptions apply to images, before normalization
     for i, batch in enumerate(loader):
-        inputs = [batch[k] for k in model.meta["inputs"]]
+        inputs = [batch[k] for k in model.meta.inputs]
         first = first or inputs
         logits.append(model.run(*inputs).float().cpu())
         labels.append(batch["label"])
         for name, levels in CORRUPTIONS.items() if corruptions else ():
             for severity in range(1, len(levels) + 1):
-                rgb = corrupt_normalized(batch["rgb"], model.meta, name, severity, seed=i)
+                rgb = corrupt_normalized(batch["rgb"], spec.mean, spec.std, name, severity, seed=i)
                 correct = model.run(rgb, *inputs[1:]).float().cpu().argmax(1) == batch["label"]
                 hits.setdefault(f"{name}@{severity}", []).append(correct)
     return (
@@ -127,12 +128,12 @@ def evaluate(path: str, args, cfg, teacher: dict | None) -> tuple[dict, dict]:
     loader = checkpoint_loader(cfg.data, model.meta, args.split, args.batch_size)
     samples = [str(p) for p, _ in loader.dataset.samples]
     logits, labels, corrupted, first = predict(model, loader, args.corruptions)
-    reference = {"logits": logits, "samples": samples, "classes": model.meta["classes"]}
+    reference = {"logits": logits, "samples": samples, "classes": model.meta.classes}
     comparable = teacher and all(teacher[k] == reference[k] for k in ("samples", "classes"))
-    row = {"path": path, "kind": model.kind, "arch": model.meta.get("arch", {}).get("name", "?")}
-    row |= {"device": model.device, "inputs": model.meta["inputs"], "params": model.params, "samples": len(labels)}
+    row = {"path": path, "kind": model.kind, "arch": (model.meta.arch or {}).get("name", "?")}
+    row |= {"device": model.device, "inputs": model.meta.inputs, "params": model.params, "samples": len(labels)}
     row |= classification_metrics(logits, labels, teacher["logits"] if comparable else None)
-    row["per_class_accuracy"] = dict(zip(model.meta["classes"], per_class_accuracy(torch.tensor(row["confusion"]))))
+    row["per_class_accuracy"] = dict(zip(model.meta.classes, per_class_accuracy(torch.tensor(row["confusion"]))))
     speed = latency_ms(model, first, args.warmup, args.latency_runs)
     row |= {"latency_ms": speed["median"], "latency_median_ms": speed["median"], "latency_p90_ms": speed["p90"]}
     row["throughput"] = throughput(model, first, args.throughput_batch)

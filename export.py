@@ -31,11 +31,12 @@ from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 
 from kd import export_formats as fmt
+from kd.checkpoint import CheckpointMeta, checkpoint_loader, checkpoint_ranges, checkpoint_stem, load_checkpoint
 from kd.config import load_config
-from kd.data import checkpoint_loader, prepare_data
+from kd.data import prepare_data
 from kd.errors import UserError, exit_on_user_error, quote
-from kd.models import checkpoint_ranges, checkpoint_stem, input_keys, load_checkpoint
-from kd.runtime import require_writable_folder
+from kd.models import input_keys
+from kd.run_dir import require_writable_folder
 
 FP32 = ("onnx", "torchscript", "tflite")
 INT8 = tuple(name for name in fmt.ENDINGS if "int8" in name)
@@ -64,7 +65,9 @@ def latencies_ms(runners: dict[str, Callable], example: torch.Tensor, warmup: in
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def write(name: str, model: torch.nn.Module, meta: dict, out: Path, calibration: list, args, ranges: dict) -> Path:
+def write(
+    name: str, model: torch.nn.Module, meta: CheckpointMeta, out: Path, calibration: list, args, ranges: dict
+) -> Path:
     """Write format `name` beside `out` (the ONNX path) and return the file."""
     path, example = fmt.export_path(out, name), calibration[0][:1]
     if name == "onnx":
@@ -95,7 +98,7 @@ def planned_files(out: Path, names: list[str]) -> list[Path]:
 
 
 def is_checkpoint_file(path: Path) -> bool:
-    """A kd checkpoint's weights, or metadata that kd.models.read_meta accepts (export.py's sidecars lack inputs)."""
+    """A kd checkpoint's weights, or metadata that read_meta accepts (export.py's sidecars lack inputs)."""
     if path.suffix == ".safetensors":
         return path.exists()
     if path.suffix != ".json" or not path.is_file():
@@ -164,11 +167,11 @@ def main(argv: list[str] | None = None) -> dict:
         fmt.require_litert()  # before minutes of other exports, not after
     if input_keys(model) != ("rgb",):
         raise UserError(
-            f"{args.checkpoint} is a {meta['arch']['name']} model with inputs {meta['inputs']}; "
+            f"{args.checkpoint} is a {meta.arch['name']} model with inputs {meta.inputs}; "
             "export.py exports RGB students (distill.py or train_teacher.py with a timm model)"
         )
     model.eval()
-    size = meta["image_size"]
+    size = meta.input_spec.image_size
     if args.config:
         cfg = load_config(args.config, args.overrides)
         prepare_data(cfg.data)
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
         "thresholds": {"atol": args.atol, "min_agreement": args.min_agreement, "reject": args.reject_agreement},
         "formats": rows,
     }
-    sidecar = {k: meta[k] for k in ("classes", "image_size", "mean", "std", "arch")}
+    sidecar = meta.to_json(exported=True)
     sidecar.update(input="rgb: float32 N×3×H×W, normalized", output="logits: float32 N×classes")
     out.with_suffix(".json").write_text(json.dumps({**sidecar, "export": report}, indent=2))
     (out.parent / "export_report.json").write_text(json.dumps(report, indent=2))

@@ -4,15 +4,19 @@ python train_teacher.py --config configs/teacher.yaml [section.key=value ...] [-
 accelerate launch train_teacher.py --config configs/teacher.yaml
 """
 
+import dataclasses
 from pathlib import Path
 
 from accelerate.utils import set_seed
 
+from kd.checkpoint import CheckpointMeta
 from kd.config import flat_hparams, parse_cli, save_config
 from kd.data import build_loader, ms_statistics, open_split, prepare_data, resolve_input
 from kd.errors import UserError, exit_on_user_error
-from kd.loop import claim_run_dir, fit, make_accelerator
-from kd.models import Classifier, build_model, count_parameters, input_config
+from kd.loop import fit, make_accelerator
+from kd.models import build_model, count_parameters, input_config
+from kd.run_dir import claim_run_dir
+from kd.task import Classifier
 
 
 @exit_on_user_error
@@ -31,42 +35,36 @@ def main(argv: list[str] | None = None) -> dict:
     classes = train_set.classes
 
     # model: its architecture spec travels in the checkpoint's JSON, so evaluate/distill can rebuild it
-    spec = {"name": cfg.model.name, "num_classes": len(classes), "drop_rate": cfg.model.drop_rate}
+    arch = {"name": cfg.model.name, "num_classes": len(classes), "drop_rate": cfg.model.drop_rate}
     if with_ms:
-        spec.update(
+        arch.update(
             backbone=cfg.model.backbone,
             ms_backbone=cfg.model.ms_backbone,
             ms_channels=cfg.model.ms_channels,
             fusion=cfg.model.fusion,
         )
-    model = build_model(spec, pretrained=cfg.model.pretrained)
-    cfg.data = resolve_input(cfg.data, input_config(model))  # null image_size/mean/std: the model's own
+    model = build_model(arch, pretrained=cfg.model.pretrained)
+    input_spec = resolve_input(cfg.data, input_config(model))  # null image_size/mean/std: the model's own
 
-    ms_stats = ms_statistics(train_set) if with_ms else None  # from the training split only
-    if with_ms and len(ms_stats[0]) != cfg.model.ms_channels:
-        raise UserError(
-            f"the MS stacks have {len(ms_stats[0])} bands (after data.ms_bands), but model.ms_channels is "
-            f"{cfg.model.ms_channels}: set model.ms_channels={len(ms_stats[0])} or select bands with data.ms_bands"
-        )
-    loader_args = dict(classes=classes, with_ms=with_ms, ms_stats=ms_stats, seed=cfg.seed)
-    train_loader = build_loader(cfg.data, "train", cfg.train.batch_size, train=True, dataset=train_set, **loader_args)
-    val_loader = build_loader(cfg.data, "val", cfg.train.batch_size, train=False, **loader_args)
+    if with_ms:
+        ms_mean, ms_std = ms_statistics(train_set)  # from the training split only
+        if len(ms_mean) != cfg.model.ms_channels:
+            raise UserError(
+                f"the MS stacks have {len(ms_mean)} bands (after data.ms_bands), but model.ms_channels is "
+                f"{cfg.model.ms_channels}: set model.ms_channels={len(ms_mean)} or select bands with data.ms_bands"
+            )
+        input_spec = dataclasses.replace(input_spec, ms_mean=ms_mean, ms_std=ms_std, ms_bands=cfg.data.ms_bands)
+    loader_args = dict(classes=classes, seed=cfg.seed)
+    train_loader = build_loader(
+        cfg.data, input_spec, "train", cfg.train.batch_size, train=True, dataset=train_set, **loader_args
+    )
+    val_loader = build_loader(cfg.data, input_spec, "val", cfg.train.batch_size, train=False, **loader_args)
     accelerator.print(
         f"{cfg.model.name} ({cfg.model.backbone if with_ms else 'rgb'}): "
         f"{count_parameters(model) / 1e6:.2f}M parameters, {len(classes)} classes, "
-        f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images at {cfg.data.image_size} px"
+        f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images at {input_spec.image_size} px"
     )
-    meta = {
-        "arch": spec,
-        "classes": classes,
-        "inputs": ["rgb", "ms"] if with_ms else ["rgb"],
-        "image_size": cfg.data.image_size,
-        "mean": cfg.data.mean,
-        "std": cfg.data.std,
-        "ms_mean": ms_stats[0] if ms_stats else None,
-        "ms_std": ms_stats[1] if ms_stats else None,
-        "ms_bands": cfg.data.ms_bands if with_ms else [],
-    }
+    meta = CheckpointMeta(arch=arch, classes=classes, input_spec=input_spec)
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing kd
 
 from kd.config import DataConfig, load_config  # noqa: E402
-from kd.data import build_loader, make_demo_dataset, open_split, prepare_data  # noqa: E402
+from kd.data import InputSpec, build_loader, make_demo_dataset, open_split, prepare_data  # noqa: E402
 from kd.errors import exit_on_user_error  # noqa: E402
 
 
@@ -28,8 +28,9 @@ def measure(cfg: DataConfig, dataset, with_ms: bool, workers: int, batch_size: i
     """Time `batches` training batches after the first one (which pays for worker startup)."""
     cfg.num_workers = workers
     bands = dataset.read(0)[1].shape[0] if with_ms else 0
-    ms_stats = ([0.0] * bands, [1.0] * bands) if with_ms else None  # so MS normalization is part of the cost
-    loader = build_loader(cfg, "train", batch_size, train=True, with_ms=with_ms, ms_stats=ms_stats, dataset=dataset)
+    ms_stats = {"ms_mean": [0.0] * bands, "ms_std": [1.0] * bands} if with_ms else {}  # MS normalization costs too
+    spec = InputSpec(cfg.image_size, **ms_stats)  # the normalization's values do not change its cost
+    loader = build_loader(cfg, spec, "train", batch_size, train=True, dataset=dataset)
     start = time.perf_counter()
     it = iter(loader)
     next(it)
@@ -65,15 +66,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config, args.overrides).data
+    if args.image_size:
+        cfg.image_size = args.image_size
     temp = None
     if args.root:
         cfg.root, cfg.demo = args.root, False
     elif not args.config:
         temp = tempfile.TemporaryDirectory()
         cfg.root, cfg.demo = temp.name, False
-        make_demo_dataset(temp.name, per_class=(60, 4, 4), size=cfg.image_size)
-    if args.image_size:
-        cfg.image_size = args.image_size
+        make_demo_dataset(temp.name, per_class=(60, 4, 4), **({"size": cfg.image_size} if cfg.image_size else {}))
     prepare_data(cfg)
     torch.set_num_threads(1)  # as in a DataLoader worker; the main process would otherwise use every core
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from kd.cache import CachedTeacher, TeacherCache, build_teacher_cache  # noqa: E402
 from kd.config import DataConfig  # noqa: E402
-from kd.data import build_loader, make_demo_dataset, ms_statistics, open_split  # noqa: E402
+from kd.data import InputSpec, build_loader, make_demo_dataset, ms_statistics, open_split  # noqa: E402
 from kd.distill import Distiller  # noqa: E402
 from kd.features import layer_pairs  # noqa: E402
 from kd.losses import KnowledgeDistillationLoss  # noqa: E402
@@ -137,8 +137,8 @@ def loader_rate(size: int, bs: int, workers: int) -> float:
         make_demo_dataset(root, per_class=(max(40, 3 * bs // 5), 2, 2), size=size)
         cfg = DataConfig(root=root, demo=False, image_size=size, num_workers=workers, mean=[0.5] * 3, std=[0.25] * 3)
         train_set = open_split(cfg, "train", with_ms=True)
-        stats = ms_statistics(train_set)
-        loader = build_loader(cfg, "train", bs, train=True, with_ms=True, ms_stats=stats, dataset=train_set)
+        spec = InputSpec(size, cfg.mean, cfg.std, *ms_statistics(train_set))
+        loader = build_loader(cfg, spec, "train", bs, train=True, dataset=train_set)
         iterator = iter(loader)
         next(iterator)
         start, seen = time.perf_counter(), 0

@@ -20,8 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing kd
 
 import export  # noqa: E402
+from kd.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
+from kd.data import InputSpec  # noqa: E402
 from kd.errors import exit_on_user_error  # noqa: E402
-from kd.models import create_timm, save_checkpoint  # noqa: E402
+from kd.models import create_timm  # noqa: E402
 
 
 @exit_on_user_error
@@ -37,9 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     model = create_timm(args.arch, args.num_classes)
-    meta = {"arch": {"name": args.arch, "num_classes": args.num_classes}, "inputs": ["rgb"]}
-    meta |= {"classes": [f"class_{i}" for i in range(args.num_classes)], "image_size": args.image_size}
-    meta |= {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    arch, classes = (
+        {"name": args.arch, "num_classes": args.num_classes},
+        [f"class_{i}" for i in range(args.num_classes)],
+    )
+    meta = CheckpointMeta(arch, classes, InputSpec(args.image_size, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]))
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = save_checkpoint(Path(tmp) / "checkpoint" / "student", model, meta)  # not beside the exports
         report = export.main(

@@ -29,9 +29,9 @@ from rich.progress import track
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from kd.checkpoint import CheckpointMeta, checkpoint_stem
 from kd.config import DistillationConfig
 from kd.errors import UserError
-from kd.models import checkpoint_stem
 
 FORMAT = 1
 # what in a teacher checkpoint's metadata changes its logits on a view, beside the weights
@@ -62,7 +62,12 @@ def check_applies(d: DistillationConfig) -> None:
 
 
 def cache_key(
-    teachers: list[dict], metas: list[dict], dataset: Dataset, data_root: str, teacher_inputs: list[dict], top_k: int
+    teachers: list[dict],
+    metas: list[CheckpointMeta],
+    dataset: Dataset,
+    data_root: str,
+    teacher_inputs: list[dict],
+    top_k: int,
 ) -> dict:
     """Everything the cached logits depend on, as plain JSON data: the teachers (weights hash, ensemble weight,
     inputs, classes, MS statistics), the augmentation as the training loader applies it (seed, view size,
@@ -71,14 +76,14 @@ def cache_key(
     files = hashlib.sha256()
     for path, label in dataset.samples:
         files.update(f"{os.path.relpath(path, data_root)}\t{label}\t{os.path.getsize(path)}\n".encode())
-    classes = metas[0]["classes"]
+    classes = metas[0].classes
     key = {
         "format": FORMAT,
         "teachers": [
             {
                 "weights_sha256": file_sha256(checkpoint_stem(t["checkpoint"]).with_suffix(".safetensors")),
                 "weight": float(t.get("weight", 1.0)),
-                **{f: m.get(f) for f in TEACHER_FIELDS},
+                **{f: m.to_json()[f] for f in TEACHER_FIELDS},
             }
             for t, m in zip(teachers, metas)
         ],

@@ -33,7 +33,9 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
     return out.clamp(0, 1)
 
 
-def corrupt_normalized(rgb: torch.Tensor, meta: dict, name: str, severity: int, seed: int = 0) -> torch.Tensor:
+def corrupt_normalized(
+    rgb: torch.Tensor, mean: list[float], std: list[float], name: str, severity: int, seed: int = 0
+) -> torch.Tensor:
     """Un-normalize a model's RGB batch with its mean/std, corrupt it, normalize it again."""
-    mean, std = (torch.tensor(meta[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    mean, std = (torch.tensor(values).view(1, 3, 1, 1) for values in (mean, std))
     return (corrupt(rgb * std + mean, name, severity, seed) - mean) / std

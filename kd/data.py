@@ -12,6 +12,7 @@ import os
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -26,8 +27,29 @@ from kd.config import DataConfig
 from kd.demo import DEMO_BANDS, DEMO_CLASSES, make_demo_dataset  # noqa: F401 (re-exported)
 from kd.errors import UserError
 from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split
-from kd.models import check_ms_bands
 from kd.multispectral import FILE_ERRORS, band_indices, find_ms, load_ms, ms_stack, read_ms
+
+
+@dataclass
+class InputSpec:
+    """What a model is fed, as the loaders prepare it: the side of its square input, the RGB normalization and, for
+    a model that also reads MS band stacks, their per-band normalization and the bands picked from each stack.
+    Every checkpoint records its model's in its metadata."""
+
+    image_size: int | None  # None: each image at its stored size (loaders only; checkpoints always record one)
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))  # timm's, when no model says
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_STD))
+    ms_mean: list[float] | None = None  # None: the model reads RGB only
+    ms_std: list[float] | None = None
+    ms_bands: list = field(default_factory=list)  # band indices or names (bands.json); [] = all
+
+    @property
+    def with_ms(self) -> bool:
+        return self.ms_mean is not None
+
+    def rgb(self) -> dict:
+        """{"image_size", "mean", "std"}: the part kd.distill.adapt_view converts between."""
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
 class LeafDataset(Dataset):
@@ -389,9 +411,12 @@ def open_split(
     with_ms: bool = False,
     transform: PairedTransform | None = None,
     scan: bool = True,
+    ms_bands: list | None = None,
 ) -> LeafDataset:
-    """One split as the config describes it (any layout, MS options), its files checked by `scan_dataset`."""
-    dataset = LeafDataset(cfg.root, split, classes, with_ms, transform, **_options(cfg))
+    """One split as the config describes it (any layout, MS options), its files checked by `scan_dataset`.
+    `ms_bands` (a model's) replaces data.ms_bands."""
+    options = _options(cfg) | ({} if ms_bands is None else {"ms_bands": ms_bands})
+    dataset = LeafDataset(cfg.root, split, classes, with_ms, transform, **options)
     if scan:
         scan_dataset(dataset, cfg.on_bad_file)
     return dataset
@@ -403,32 +428,32 @@ def _options(cfg: DataConfig) -> dict:
 
 def build_loader(
     cfg: DataConfig,
+    spec: InputSpec,
     split: str,
     batch_size: int,
     train: bool,
-    with_ms: bool,
     classes: list[str] | None = None,
-    ms_stats: tuple | None = None,
     seed: int = 0,
     dataset: LeafDataset | None = None,
 ) -> DataLoader:
-    """A DataLoader over one split; training loaders shuffle (seeded), augment and drop the last partial batch.
+    """A DataLoader over one split, prepared as `spec` says (MS too when it has MS statistics); training loaders
+    shuffle (seeded), augment and drop the last partial batch.
 
     Pass `dataset` (from `open_split`) to reuse an already scanned split; the loader gets a copy with its transform.
     """
     transform = PairedTransform(
-        cfg.image_size,
+        spec.image_size,
         train=train,
-        mean=cfg.mean or IMAGENET_DEFAULT_MEAN,  # null without a model to ask: timm's default
-        std=cfg.std or IMAGENET_DEFAULT_STD,
-        ms_mean=ms_stats[0] if ms_stats else None,
-        ms_std=ms_stats[1] if ms_stats else None,
+        mean=spec.mean,
+        std=spec.std,
+        ms_mean=spec.ms_mean,
+        ms_std=spec.ms_std,
         hflip=cfg.hflip,
         vflip=cfg.vflip,
         scale_min=cfg.scale_min,
     )
     if dataset is None:
-        dataset = open_split(cfg, split, classes, with_ms, transform)
+        dataset = open_split(cfg, split, classes, spec.with_ms, transform, ms_bands=spec.ms_bands)
     else:
         dataset = copy.copy(dataset)
         dataset.transform = transform
@@ -453,27 +478,8 @@ def build_loader(
     )
 
 
-def resolve_input(cfg: DataConfig, preferred: dict) -> DataConfig:
-    """A copy of `cfg` whose null image_size/mean/std are filled from `preferred` (kd.models.input_config)."""
-    cfg = copy.copy(cfg)
-    for key in ("image_size", "mean", "std"):
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, preferred[key])
-    return cfg
-
-
-def checkpoint_loader(cfg: DataConfig, meta: dict, split: str, batch_size: int) -> DataLoader:
-    """An evaluation loader that feeds a checkpoint what it was trained on: its classes, inputs, input size and
-    normalization, MS bands and MS statistics, even if the config changed since."""
-    with_ms = "ms" in meta["inputs"]
-    ms_stats = (meta["ms_mean"], meta["ms_std"]) if with_ms else None
-    cfg = copy.copy(cfg)
-    for key in ("image_size", "mean", "std"):  # kd checkpoints record them; other metadata may not
-        setattr(cfg, key, meta.get(key, getattr(cfg, key)))
-    if with_ms and meta.get("ms_bands") is not None:
-        cfg.ms_bands = meta["ms_bands"]
-    loader = build_loader(
-        cfg, split, batch_size, train=False, with_ms=with_ms, classes=meta["classes"], ms_stats=ms_stats
-    )
-    check_ms_bands(meta, loader.dataset)
-    return loader
+def resolve_input(cfg: DataConfig, preferred: dict) -> InputSpec:
+    """The config's image size and normalization (RGB only), each null filled from `preferred`: the model's own
+    {"image_size", "mean", "std"}, from its timm pretrained config."""
+    chosen = {key: getattr(cfg, key) for key in ("image_size", "mean", "std")}
+    return InputSpec(**{key: preferred[key] if value is None else value for key, value in chosen.items()})

@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from kd.checkpoint import EXPORT_KEYS, CheckpointMeta
 from kd.errors import UserError, quote
 from kd.qat import convert_qat, quantize_int8
 
@@ -62,19 +63,20 @@ def _traced(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def _set_metadata(path: Path, meta: dict) -> None:
+def _set_metadata(path: Path, meta: CheckpointMeta) -> None:
     """Classes, input size and normalization in the ONNX file itself (the quantizers drop them)."""
     proto = onnx.load(str(path))
     del proto.metadata_props[:]
-    for key in ("classes", "image_size", "mean", "std"):
+    flat = meta.to_json(exported=True)
+    for key in EXPORT_KEYS:
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(meta[key])
+        entry.key, entry.value = key, json.dumps(flat[key])
     onnx.save(proto, str(path))
 
 
-def write_onnx(model: nn.Module, meta: dict, path: Path, opset: int = 18) -> Path:
+def write_onnx(model: nn.Module, meta: CheckpointMeta, path: Path, opset: int = 18) -> Path:
     """Dynamo-export with a dynamic batch dimension; weights embedded (no .onnx.data); metadata attached."""
-    size = meta["image_size"]
+    size = meta.input_spec.image_size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -124,7 +126,7 @@ def _prepared(onnx_path: Path, folder: str) -> str:
     return prepared
 
 
-def write_onnx_int8_dynamic(onnx_path: Path, meta: dict, path: Path) -> Path:
+def write_onnx_int8_dynamic(onnx_path: Path, meta: CheckpointMeta, path: Path) -> Path:
     """ORT dynamic quantization: INT8 weights, activation ranges computed at run time (ConvInteger/MatMulInteger)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -142,7 +144,7 @@ class _Batches:  # onnxruntime.quantization.CalibrationDataReader's protocol: ge
         return next(self._batches, None)
 
 
-def write_onnx_int8_static(onnx_path: Path, meta: dict, calibration: list[torch.Tensor], path: Path) -> Path:
+def write_onnx_int8_static(onnx_path: Path, meta: CheckpointMeta, calibration: list[torch.Tensor], path: Path) -> Path:
     """ORT static QDQ quantization, per-channel INT8 weights, UINT8 activations calibrated on `calibration`.
 
     These are the settings that measured fastest here (README, Export): per-tensor weights, reduce_range, INT8

@@ -1,11 +1,12 @@
 """The one training loop, shared by train_teacher.py and distill.py, on Hugging Face Accelerate.
 
-`task` is a module whose forward(batch) returns {"loss", <terms...>, "logits"} and whose predict(batch) returns
-logits; `task.model` is what gets checkpointed. If it has `set_progress(epoch: float)`, the loop calls it before
-every step (temperature schedules, loss warmups). The loop never needs to know whether it is distilling.
+`task` is a module whose forward(batch) returns {"loss", <terms...>, "logits"} (kd/task.py); `task.model` is what
+gets validated and checkpointed. If it has `set_progress(epoch: float)`, the loop calls it before every step
+(temperature schedules, loss warmups). The loop never needs to know whether it is distilling.
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -33,9 +34,10 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
+from kd.checkpoint import CheckpointMeta, save_checkpoint
 from kd.config import TrainConfig
 from kd.errors import UserError
-from kd.models import checkpoint_stem, ensure_writable, forward_batch, input_keys, save_checkpoint
+from kd.models import forward_batch, input_keys
 from kd.qat import frozen_observers, prepare_qat, range_state
 
 
@@ -116,31 +118,6 @@ def explain_lost_peers(accelerator: Accelerator, run_dir: Path):
         signal.signal(signal.SIGTERM, previous)
 
 
-def claim_run_dir(run_dir: Path, resume: bool, auto_resume: bool, teachers: tuple | list = ()) -> None:
-    """Make sure this run may write into `run_dir`, before anything is trained or written there.
-
-    The folder must be writable, must not be a teacher's folder (the student's best.safetensors would replace the
-    teacher's), and must not hold another run's checkpoints unless this run continues it: two runs never mix.
-    """
-    ensure_writable(run_dir)
-    for teacher in teachers:
-        if checkpoint_stem(teacher).parent.resolve() == run_dir.resolve():
-            raise UserError(
-                f"checkpoint_dir {run_dir} is the folder of teacher {teacher}: this run's checkpoints would replace "
-                "the teacher's. Set distillation.checkpoint_dir to another folder."
-            )
-    resumable = any((run_dir / d / "progress.json").is_file() for d in ("last", "last.tmp", "last.old"))
-    if resume or (auto_resume and resumable):
-        return  # fit continues the run that is there (and says so when there is none to continue)
-    held = sorted(p.name for p in run_dir.iterdir() if p.suffix == ".safetensors" or p.name.startswith("last"))
-    if held:
-        listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-        raise UserError(
-            f"{run_dir} already holds a run ({listed}). Continue it with --resume (or resume=auto), or set "
-            "checkpoint_dir to another folder (or delete this one): kd never mixes two runs in one folder."
-        )
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int):
     """timm's scheduler: linear warmup, then cosine (with optional restarts) / step / plateau / constant.
 
@@ -204,7 +181,7 @@ class TopK:
         score: float,
         epoch: int,
         model: torch.nn.Module,
-        meta: dict,
+        meta: CheckpointMeta,
         write: bool = True,
         extra: dict | None = None,
     ) -> None:
@@ -390,7 +367,7 @@ def fit(
     val_loader: DataLoader,
     cfg: TrainConfig,
     run_dir: Path,
-    meta: dict,
+    meta: CheckpointMeta,
     hparams: dict | None = None,
     resume: bool = False,
 ) -> dict:
@@ -570,7 +547,7 @@ def fit(
             )
             improved = top_k.is_better(score, top_k.best, cfg.min_delta)
             qat = qat_epoch is not None and epoch >= qat_epoch
-            checkpoint_meta = {**meta, "epoch": epoch, "metrics": metrics, "ema": ema is not None, "qat": qat}
+            checkpoint_meta = dataclasses.replace(meta, epoch=epoch, metrics=metrics, ema=ema is not None, qat=qat)
             ranges = range_state(unwrapped.model) if qat else None  # what export.py's torch-int8-qat converts with
             top_k.update(score, epoch, saved_model, checkpoint_meta, accelerator.is_main_process, ranges)
             if accelerator.is_main_process:  # the newest weights, whatever their score (e.g. after QAT)

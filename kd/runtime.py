@@ -5,7 +5,6 @@ import gc
 import json
 import math
 import multiprocessing
-import os
 import re
 import statistics
 import sys
@@ -16,16 +15,17 @@ from pathlib import Path
 
 import torch
 
+from kd.checkpoint import EXPORT_KEYS, CheckpointMeta, checkpoint_stem, load_checkpoint
 from kd.errors import UserError, quote
-from kd.models import build_model, checkpoint_stem, count_parameters, load_checkpoint
+from kd.models import build_model, count_parameters
 
 
 @dataclass
 class LoadedModel:
-    """A model of any format behind one call: run(*inputs) -> logits, inputs on CPU in `meta["inputs"]` order."""
+    """A model of any format behind one call: run(*inputs) -> logits, inputs on CPU in `meta.inputs` order."""
 
     run: Callable[..., torch.Tensor]
-    meta: dict  # classes, image_size, mean, std, inputs (+ arch, MS statistics for checkpoints)
+    meta: CheckpointMeta  # exported files: RGB, arch when their sidecar has it
     kind: str  # checkpoint (PyTorch) | onnx (onnxruntime) | torchscript | tflite (LiteRT)
     device: str  # where it runs: exported files always on the CPU
     params: int | None  # of the architecture (exported files: rebuilt from the sidecar's arch)
@@ -33,7 +33,6 @@ class LoadedModel:
     file_mb: float
 
 
-EXPORT_META_KEYS = ("classes", "image_size", "mean", "std")  # what export.py stores in an ONNX file's metadata
 KIND_NAMES = {"onnx": "an ONNX", "torchscript": "a TorchScript", "tflite": "a TFLite"}
 
 
@@ -75,25 +74,25 @@ def read_json_object(path: Path, what: str) -> dict:
     return data
 
 
-def _export_meta(path: Path, found: dict, sidecar: Path, meta_file: str | None) -> dict:
+def _export_meta(path: Path, found: dict, sidecar: Path, meta_file: str | None) -> CheckpointMeta:
     """Classes and preprocessing of an exported file: its own metadata, else the sidecar .json, else --meta."""
     meta = dict(found)
     if sidecar.is_file():
         meta = {**read_json_object(sidecar, "sidecar"), **meta}
     if meta_file:
         meta = {**read_json_object(Path(meta_file), "--meta file"), **meta}
-    missing = [k for k in EXPORT_META_KEYS if meta.get(k) is None]
+    missing = [k for k in EXPORT_KEYS if meta.get(k) is None]
     if missing:
         raise UserError(
             f"{path} lacks {missing}: put export.py's sidecar {sidecar.name} beside it, or pass --meta with a JSON "
             "file holding classes, image_size, mean and std"
         )
-    return {**meta, "inputs": ["rgb"]}
+    return CheckpointMeta.from_json({**meta, "inputs": ["rgb"]}, path, exported=True)
 
 
-def _arch_parameters(meta: dict) -> int | None:
+def _arch_parameters(meta: CheckpointMeta) -> int | None:
     try:
-        return count_parameters(build_model(meta["arch"])) if "arch" in meta else None
+        return count_parameters(build_model(meta.arch)) if meta.arch else None
     except Exception:  # an architecture this timm does not know: leave the count out
         return None
 
@@ -110,7 +109,7 @@ def _load_exported(path: Path, meta_file: str | None) -> LoadedModel:
             import onnx
 
             proto = onnx.load(str(path))
-            found = {p.key: json.loads(p.value) for p in proto.metadata_props if p.key in EXPORT_META_KEYS}
+            found = {p.key: json.loads(p.value) for p in proto.metadata_props if p.key in EXPORT_KEYS}
             weights = sum(len(t.raw_data) for t in proto.graph.initializer)
             params = sum(math.prod(t.dims) for t in proto.graph.initializer)
         run_numpy = fmt.runner(path)
@@ -132,24 +131,6 @@ def _load_exported(path: Path, meta_file: str | None) -> LoadedModel:
         weights / 2**20,
         size / 2**20,
     )
-
-
-def require_writable_folder(folder: str | Path, flag: str) -> None:
-    """Create `folder` and write a probe file in it, so output that could not be saved fails before minutes of
-    work, not after."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{flag}: {quote(str(folder))} is a file, not a folder; give {flag} another path")
-    probe = folder / f".write-probe-{os.getpid()}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(
-            f"{flag}: cannot write to the folder {quote(str(folder))} ({e.strerror or e}); give {flag} a folder you "
-            "can write to"
-        ) from None
 
 
 def _sync(device: str) -> None:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from kd.config import DataConfig
-from kd.data import LeafDataset, build_loader, image_tensor, ms_statistics, open_split, scan_dataset
+from kd.data import InputSpec, LeafDataset, build_loader, image_tensor, ms_statistics, open_split, scan_dataset
 from kd.errors import UserError
 
 HW = (6, 8)
@@ -183,7 +183,8 @@ def test_ms_files_with_another_band_count_are_found_named_and_skipped(tmp_path):
     assert scan_dataset(LeafDataset(root, "train", with_ms=True, ms_bands=[0, 2])) == []  # counted after the pick
     cfg = data_config(root, on_bad_file="skip")
     with pytest.warns(UserWarning, match="skipped 1"):
-        loader = build_loader(cfg, "train", batch_size=7, train=False, with_ms=True)
+        raw_ms = InputSpec(8, ms_mean=[0.0], ms_std=[1.0])  # MS as stored: one mean and std serve every band
+        loader = build_loader(cfg, raw_ms, "train", batch_size=7, train=False)
     assert odd.with_suffix(".png") not in [p for p, _ in loader.dataset.samples]
     assert next(iter(loader))["ms"].shape == (7, 3, 8, 8)  # one batch of all 7: the band counts stack
 
@@ -235,7 +236,7 @@ def test_truncated_png_and_jpeg_are_found_by_the_scan_and_skipped(tmp_path):
         scan_dataset(LeafDataset(root, "train"))
     assert f"{png}: unreadable image (" in str(error.value) and f"{jpeg}: unreadable image (" in str(error.value)
     with pytest.warns(UserWarning, match="skipped 2"):
-        loader = build_loader(data_config(root, on_bad_file="skip"), "train", batch_size=4, train=True, with_ms=False)
+        loader = build_loader(data_config(root, on_bad_file="skip"), InputSpec(8), "train", batch_size=4, train=True)
     assert sum(len(batch["label"]) for batch in loader) == 8  # all that is left, without a crash
 
 

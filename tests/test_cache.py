@@ -14,11 +14,12 @@ from conftest import reset_accelerate
 
 import distill
 from kd.cache import CachedTeacher, TeacherCache, bytes_per_row, reconstruct_logits, top_k_rows
+from kd.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from kd.config import load_config
-from kd.data import build_loader, ms_statistics, open_split
+from kd.data import InputSpec, build_loader, ms_statistics, open_split
 from kd.distill import Distiller
 from kd.losses import KnowledgeDistillationLoss, soft_kl
-from kd.models import HybridFusion, build_model, load_checkpoint, save_checkpoint
+from kd.models import HybridFusion, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -34,8 +35,7 @@ def save_teacher(path: Path, data: Path, seed: int) -> Path:
     teacher = build_model(arch)
     ms_mean, ms_std = ms_statistics(open_split(load_config(None, [f"data.root={data}"]).data, "train", with_ms=True))
     classes = open_split(load_config(None, [f"data.root={data}"]).data, "train").classes
-    meta = {"arch": arch, "classes": classes, "inputs": ["rgb", "ms"], "image_size": 32, "mean": MEAN, "std": STD}
-    save_checkpoint(path, teacher.eval(), {**meta, "ms_mean": ms_mean, "ms_std": ms_std, "ms_bands": []})
+    save_checkpoint(path, teacher.eval(), CheckpointMeta(arch, classes, InputSpec(32, MEAN, STD, ms_mean, ms_std)))
     return path.with_suffix(".safetensors")
 
 
@@ -70,7 +70,7 @@ def setup(tiny_demo, tmp_path_factory):
     return work, teacher, args
 
 
-def training_views(data: Path, teacher_meta: dict, with_ms: bool = True):
+def training_views(data: Path, teacher_meta: CheckpointMeta, with_ms: bool = True):
     """The training loader as distill.py builds it for these args (32 px, the teacher's normalization), seed 0."""
     overrides = [
         f"data.root={data}",
@@ -80,8 +80,8 @@ def training_views(data: Path, teacher_meta: dict, with_ms: bool = True):
         f"data.std={STD}",
     ]
     cfg = load_config(None, overrides).data
-    stats = (teacher_meta["ms_mean"], teacher_meta["ms_std"]) if with_ms else None
-    return build_loader(cfg, "train", 8, train=True, with_ms=with_ms, classes=teacher_meta["classes"], ms_stats=stats)
+    spec = teacher_meta.input_spec if with_ms else InputSpec(32, MEAN, STD)
+    return build_loader(cfg, spec, "train", 8, train=True, classes=teacher_meta.classes)
 
 
 # ------------------------------------------------------------------------------------------- top-k reconstruction

@@ -12,10 +12,10 @@ from PIL import Image
 
 from kd.config import DataConfig
 from kd.data import (
+    InputSpec,
     LeafDataset,
     PairedTransform,
     build_loader,
-    checkpoint_loader,
     ms_statistics,
     open_split,
     prepare_data,
@@ -27,6 +27,7 @@ from kd.layouts import SPLITS
 
 HW = (6, 8)  # not square, so the band axis of an MS array is never ambiguous
 BANDS = 3
+RAW_MS = InputSpec(8, ms_mean=[0.0], ms_std=[1.0])  # MS as stored: one mean and std serve every band
 
 
 def ms_values(label: int, index: int) -> np.ndarray:
@@ -283,7 +284,7 @@ def test_paired_transform_keeps_rgb_and_ms_pixel_aligned():
 def test_loader_options_come_from_the_config_and_a_dataset_can_be_reused(tmp_path):
     root = make_folder(tmp_path / "data", n=10)
     cfg = data_config(root)
-    loader = build_loader(cfg, "train", 4, train=True, with_ms=True)
+    loader = build_loader(cfg, RAW_MS, "train", 4, train=True)
     batch = next(iter(loader))
     assert batch["rgb"].shape == (4, 3, 8, 8) and batch["ms"].shape == (4, BANDS, 8, 8)
     assert loader.prefetch_factor is None and not loader.persistent_workers
@@ -291,17 +292,9 @@ def test_loader_options_come_from_the_config_and_a_dataset_can_be_reused(tmp_pat
     cfg = data_config(root, prefetch_factor=3, persistent_workers=False, pin_memory=False)
     cfg.num_workers = 1
     train = open_split(cfg, "train", with_ms=True)
-    loader = build_loader(cfg, "train", 4, train=True, with_ms=True, dataset=train)
+    loader = build_loader(cfg, RAW_MS, "train", 4, train=True, dataset=train)
     assert (loader.num_workers, loader.prefetch_factor, loader.persistent_workers) == (1, 3, False)
     assert loader.dataset is not train and train.transform.image_size is None  # the caller's dataset is untouched
-
-
-def test_checkpoint_loader_uses_the_checkpoint_bands(tmp_path):
-    root = make_folder(tmp_path / "data", n=5)
-    meta = {"inputs": ["rgb", "ms"], "classes": ["c", "b", "a"], "ms_mean": [0.0], "ms_std": [1.0], "ms_bands": [1]}
-    loader = checkpoint_loader(data_config(root), meta, "val", batch_size=2)
-    batch = next(iter(loader))
-    assert batch["ms"].shape[1] == 1 and loader.dataset.classes == ["c", "b", "a"]
 
 
 # ------------------------------------------------------------------------------------------------- demo set

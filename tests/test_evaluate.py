@@ -15,12 +15,13 @@ import torch
 
 import evaluate
 import export
+from kd.checkpoint import CheckpointMeta, save_checkpoint
 from kd.corruptions import (
     CORRUPTIONS,
     corrupt,
     corrupt_normalized,
 )
-from kd.data import LeafDataset, ms_statistics
+from kd.data import InputSpec, LeafDataset, ms_statistics
 from kd.errors import UserError
 from kd.metrics import (
     agreement,
@@ -33,7 +34,7 @@ from kd.metrics import (
     per_class_accuracy,
     topk_accuracy,
 )
-from kd.models import build_model, save_checkpoint
+from kd.models import build_model
 from kd.runtime import (
     LoadedModel,
     latency_ms,
@@ -118,7 +119,7 @@ def test_latency_and_throughput_are_sane_positive_numbers():
         with torch.inference_mode():
             return net(x)
 
-    model = LoadedModel(run, {"inputs": ["rgb"]}, "checkpoint", "cpu", 325, 0.001, 0.001)
+    model = LoadedModel(run, CheckpointMeta(None, ["a", "b"], InputSpec(8)), "checkpoint", "cpu", 325, 0.001, 0.001)
     speed = latency_ms(model, [torch.randn(4, 3, 8, 8)], warmup=2, runs=10)
     assert 0 < speed["median"] <= speed["p90"] < 1000
     assert throughput(model, [torch.randn(4, 3, 8, 8)], batch=16, runs=2) > 0
@@ -135,7 +136,7 @@ def test_corruptions_stay_images_and_are_seeded():
     worse = [(corrupt(images, "gaussian_noise", s) - images).abs().mean() for s in (1, 2, 3)]
     assert worse[0] < worse[1] < worse[2]
     normalized = (images - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    brighter = corrupt_normalized(normalized, {"mean": MEAN, "std": STD}, "brightness", 1)
+    brighter = corrupt_normalized(normalized, MEAN, STD, "brightness", 1)
     expected = ((images + 0.1).clamp(0, 1) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     assert torch.allclose(brighter, expected, atol=1e-5)  # un-normalized, corrupted, normalized again
 
@@ -159,9 +160,8 @@ def _student(path, seed: int, classes: list[str]):
     model = timm.create_model("test_efficientnet", num_classes=len(classes))
     with torch.no_grad():
         model.get_classifier().weight.mul_(20)  # clear logit gaps: no argmax ties between ONNX and PyTorch
-    meta = {"arch": {"name": "test_efficientnet", "num_classes": len(classes)}, "classes": classes}
-    meta |= {"inputs": ["rgb"], "image_size": 32, "mean": MEAN, "std": STD}
-    return save_checkpoint(path, model, meta)
+    arch = {"name": "test_efficientnet", "num_classes": len(classes)}
+    return save_checkpoint(path, model, CheckpointMeta(arch, classes, InputSpec(32, MEAN, STD)))
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +173,7 @@ def files(tiny_demo, tmp_path_factory):
     arch = {"name": "hybrid", "num_classes": 5, "backbone": "test_efficientnet", "ms_backbone": "test_resnet"}
     arch |= {"ms_channels": 5, "fusion": "concat"}
     torch.manual_seed(0)
-    meta = {"arch": arch, "classes": classes, "inputs": ["rgb", "ms"], "image_size": 32, "mean": MEAN, "std": STD}
-    meta |= {"ms_mean": ms_mean, "ms_std": ms_std, "ms_bands": []}
+    meta = CheckpointMeta(arch, classes, InputSpec(32, MEAN, STD, ms_mean, ms_std))
     save_checkpoint(work / "teacher/best", build_model(arch), meta)
     first = _student(work / "s0/best", 1, classes)
     _student(work / "s0/latest", 2, classes)
@@ -277,7 +276,7 @@ def test_int8_without_its_sidecar_needs_meta(files, tmp_path):
         json.dumps({"classes": list("abcde"), "image_size": 32, "mean": MEAN, "std": STD})
     )
     model = load_model(lone, str(tmp_path / "meta.json"))
-    assert model.meta["classes"] == list("abcde") and model.params is None
+    assert model.meta.classes == list("abcde") and model.params is None
     assert model.run(torch.zeros(2, 3, 32, 32)).shape == (2, 5)
 
 

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 import evaluate
 import export
 from kd import export_formats
-from kd.models import save_checkpoint
+from kd.checkpoint import CheckpointMeta, save_checkpoint
+from kd.data import InputSpec
 from kd.qat import quantize_int8
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +36,7 @@ def student(tmp_path_factory) -> Path:
     model = timm.create_model("test_efficientnet", num_classes=len(CLASSES))
     with torch.no_grad():
         model.get_classifier().weight.mul_(20)  # clear logit gaps: no argmax ties between formats
-    meta = {"arch": {"name": "test_efficientnet", "num_classes": len(CLASSES)}, "classes": CLASSES}
-    meta |= {"inputs": ["rgb"], "image_size": 32, "mean": MEAN, "std": STD}
+    meta = CheckpointMeta({"name": "test_efficientnet", "num_classes": len(CLASSES)}, CLASSES, InputSpec(32, MEAN, STD))
     return save_checkpoint(tmp_path_factory.mktemp("student") / "best", model, meta)
 
 
@@ -182,7 +182,7 @@ def test_missing_litert_says_what_to_install(student, tmp_path, monkeypatch, cap
 
 
 def _ort_static(model: torch.nn.Module, calibration: list[torch.Tensor], tmp_path: Path):
-    meta = {"classes": ["x"], "image_size": 16, "mean": MEAN, "std": STD}
+    meta = CheckpointMeta(None, ["x"], InputSpec(16, MEAN, STD))
     onnx_path = export_formats.write_onnx(model, meta, tmp_path / "m.onnx")
     path = export_formats.write_onnx_int8_static(onnx_path, meta, calibration, tmp_path / "m_int8.onnx")
     run = export_formats.onnx_runner(path)
@@ -255,7 +255,7 @@ def test_an_export_never_overwrites_its_own_checkpoint(student, tmp_path, capsys
     assert err.startswith(f"error: --out '{tmp_path / 'run' / out_name}' would overwrite {tmp_path / 'run/best.json'}")
     assert "the --checkpoint" in err and "writing" not in out
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # nothing written, nothing changed
-    assert evaluate.load_model(checkpoint).meta["inputs"] == ["rgb"]  # still a checkpoint evaluate.py reads
+    assert evaluate.load_model(checkpoint).meta.inputs == ["rgb"]  # still a checkpoint evaluate.py reads
 
 
 def test_an_export_never_overwrites_another_checkpoint_in_the_out_folder(student, tmp_path, capsys):

@@ -11,12 +11,14 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from kd.checkpoint import CheckpointMeta
 from kd.config import TrainConfig
+from kd.data import InputSpec
 from kd.distill import Distiller, teacher_sanity_check
 from kd.errors import UserError
 from kd.loop import build_scheduler, fit, make_accelerator
 from kd.losses import KnowledgeDistillationLoss
-from kd.models import Classifier
+from kd.task import Classifier
 
 
 class Blobs(Dataset):
@@ -59,7 +61,7 @@ def train(tmp_path, task, resume=False, **overrides):
     cfg = TrainConfig(**{"max_epochs": 3, "learning_rate": 0.05, "log_every_n_steps": 1, **overrides})
     accelerator = make_accelerator(cfg, tmp_path, seed=0, cpu=True)
     train_loader, val_loader = loaders()
-    meta = {"arch": {"name": "linear", "num_classes": 2}}
+    meta = CheckpointMeta({"name": "linear", "num_classes": 2}, ["a", "b"], InputSpec(2))
     return fit(accelerator, task, train_loader, val_loader, cfg, tmp_path, meta, resume=resume)
 
 
@@ -295,7 +297,7 @@ def test_grad_checkpointing_is_switched_on_or_refused(tmp_path):
         DataLoader(images, batch_size=4),
         cfg,
         tmp_path,
-        {"arch": {}},
+        CheckpointMeta({"name": "test_efficientnet", "num_classes": 2}, ["a", "b"], InputSpec(32)),
     )
     assert calls == [True]
     with pytest.raises(UserError, match="set_grad_checkpointing"):

@@ -1,4 +1,3 @@
-import json
 import shutil
 import socket
 import time
@@ -12,7 +11,7 @@ import torch
 
 import kd.models
 from kd.errors import UserError
-from kd.models import HybridFusion, build_model, create_timm, load_checkpoint, reachable, read_meta, save_checkpoint
+from kd.models import HybridFusion, build_model, create_timm, reachable
 
 
 @pytest.mark.parametrize("fusion", ["concat", "add", "attention"])
@@ -25,32 +24,6 @@ def test_hybrid_fusion_modes_give_logits_and_use_both_modalities(fusion):
     out = model(rgb, ms)
     assert out.shape == (2, 4)
     assert not torch.allclose(out, model(rgb, ms * 3 + 1))  # the MS branch matters
-
-
-def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path):
-    spec = {"name": "hybrid", "num_classes": 3, "backbone": "test_efficientnet", "ms_channels": 2}
-    model = build_model(spec).eval()
-    meta = {"arch": spec, "classes": ["a", "b", "c"], "inputs": ["rgb", "ms"], "image_size": 32}
-    meta |= {"mean": [0.5] * 3, "std": [0.25] * 3, "ms_mean": [0.1, 0.2], "ms_std": [1.0, 2.0]}
-    save_checkpoint(tmp_path / "best.safetensors", model, meta)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.safetensors"]
-    assert json.loads((tmp_path / "best.json").read_text())["classes"] == ["a", "b", "c"]
-    loaded, loaded_meta = load_checkpoint(tmp_path / "best.ckpt")  # a guide-style .ckpt path names the same stem
-    rgb, ms = torch.randn(1, 3, 32, 32), torch.randn(1, 2, 32, 32)
-    assert torch.equal(loaded.eval()(rgb, ms), model(rgb, ms))
-    assert loaded_meta == meta
-
-
-def test_missing_or_damaged_checkpoints_are_clear_errors(tmp_path):
-    with pytest.raises(UserError, match="not found.*train_teacher.py"):
-        read_meta(tmp_path / "nope.ckpt")
-    meta = {"arch": {"name": "test_resnet", "num_classes": 2}, "classes": ["a", "b"], "inputs": ["rgb"]}
-    meta |= {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
-    save_checkpoint(tmp_path / "m", timm.create_model("test_resnet", num_classes=2), meta)
-    data = (tmp_path / "m.safetensors").read_bytes()
-    (tmp_path / "m.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="damaged"):
-        load_checkpoint(tmp_path / "m")
 
 
 def test_pretrained_weights_load_from_a_local_file(tmp_path):

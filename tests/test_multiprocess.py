@@ -147,9 +147,8 @@ def test_a_killed_rank_ends_the_run_with_how_to_resume(tiny_demo, tmp_path):
 def test_qat_under_two_processes_validates_the_graph_its_checkpoint_rebuilds(tiny_demo, tmp_path):
     """QAT swaps in its fake-quantized graph after DDP wrapped the model; ranks must stay in sync, and the accuracy
     reported for the QAT epoch must be that of the graph rebuilt from the checkpoint's weights and ranges."""
+    from kd.checkpoint import checkpoint_loader, checkpoint_ranges, load_checkpoint
     from kd.config import load_config
-    from kd.data import checkpoint_loader
-    from kd.models import checkpoint_ranges, load_checkpoint
     from kd.qat import RANGE_PREFIX, frozen_observers, prepare_qat
 
     data = [f"data.root={tiny_demo}", "data.demo=false", "data.image_size=32", "data.num_workers=0"]
@@ -164,7 +163,7 @@ def test_qat_under_two_processes_validates_the_graph_its_checkpoint_rebuilds(tin
     latest = tmp_path / "run/latest.safetensors"
     model, meta = load_checkpoint(latest)
     ranges = checkpoint_ranges(latest)
-    assert meta["qat"] and ranges
+    assert meta.qat and ranges
     loader = checkpoint_loader(load_config(config, data).data, meta, "val", 8)
     batches = list(loader)
     graph = prepare_qat(model, batches[0]["rgb"][:2])
@@ -172,4 +171,4 @@ def test_qat_under_two_processes_validates_the_graph_its_checkpoint_rebuilds(tin
     graph.eval()
     with torch.no_grad(), frozen_observers(graph):
         correct = sum((graph(b["rgb"]).argmax(1) == b["label"]).sum().item() for b in batches)
-    assert correct / len(loader.dataset) == pytest.approx(meta["metrics"]["val_acc"], abs=1e-9)
+    assert correct / len(loader.dataset) == pytest.approx(meta.metrics["val_acc"], abs=1e-9)

@@ -22,11 +22,13 @@ from hypothesis.extra.numpy import arrays
 import distill
 import kd.loop
 import train_teacher
+from kd.checkpoint import CheckpointMeta, save_checkpoint
 from kd.config import PRECISIONS, SCHEDULERS, Config, ConfigError, load_config, to_dict
+from kd.data import InputSpec
 from kd.errors import UserError
 from kd.loop import build_scheduler
 from kd.losses import KnowledgeDistillationLoss, soft_kl
-from kd.models import build_model, save_checkpoint
+from kd.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,8 +317,8 @@ def run_inputs(tiny_demo, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("runs")
     classes = sorted(p.name for p in (tiny_demo / "train").iterdir())
     spec = {"name": "test_efficientnet", "num_classes": len(classes)}
-    meta = {"arch": spec, "classes": classes, "inputs": ["rgb"], "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
-    save_checkpoint(root / "teacher", build_model(spec), {**meta, "ms_mean": None, "ms_std": None, "ms_bands": []})
+    meta = CheckpointMeta(spec, classes, InputSpec(32, [0.5] * 3, [0.25] * 3))
+    save_checkpoint(root / "teacher", build_model(spec), meta)
     return {"data": tiny_demo, "teacher": root / "teacher", "runs": root}
 
 

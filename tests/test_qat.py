@@ -6,12 +6,14 @@ import torch
 from torch import nn
 
 import export
+from kd.checkpoint import CheckpointMeta, checkpoint_ranges, load_checkpoint, save_checkpoint
+from kd.data import InputSpec
 from kd.errors import UserError
-from kd.models import checkpoint_ranges, load_checkpoint, save_checkpoint
 from kd.qat import RANGE_PREFIX, convert_qat, frozen_observers, prepare_qat, range_state
 
-META = {"arch": {"name": "test_efficientnet", "num_classes": 3}, "classes": ["a", "b", "c"], "inputs": ["rgb"]}
-META |= {"image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+META = CheckpointMeta(
+    {"name": "test_efficientnet", "num_classes": 3}, ["a", "b", "c"], InputSpec(32, [0.5] * 3, [0.25] * 3)
+)
 
 
 def qat_trained(seed: int = 0) -> tuple[nn.Module, nn.Module]:

@@ -1,5 +1,6 @@
 """Killed runs resume to the same weights, bad input gets one clear message, nothing is lost, nothing is unpickled."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -20,11 +21,13 @@ from conftest import reset_accelerate
 
 import distill
 import train_teacher
+from kd.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from kd.config import ConfigError, load_config
-from kd.data import build_loader
+from kd.data import InputSpec, build_loader
 from kd.errors import UserError
 from kd.loop import make_accelerator
-from kd.models import build_model, ensure_writable, load_checkpoint, save_checkpoint
+from kd.models import build_model
+from kd.run_dir import ensure_writable
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
@@ -183,7 +186,8 @@ def test_a_mid_epoch_state_reproduces_the_augmentation_of_the_next_batch(tiny_de
     data = [f"data.root={tiny_demo}", "data.demo=false", "data.image_size=32", "data.num_workers=0"]
     cfg = load_config(ROOT / "configs/baseline_b0.yaml", [*data, "data.mean=[0.5, 0.5, 0.5]", "data.std=[1, 1, 1]"])
     accelerator = make_accelerator(cfg.train, tmp_path, seed=0)
-    loader = accelerator.prepare(build_loader(cfg.data, "train", 8, train=True, with_ms=False, seed=0))
+    spec = InputSpec(cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    loader = accelerator.prepare(build_loader(cfg.data, spec, "train", 8, train=True, seed=0))
     loader.set_epoch(0)
     batches = iter(loader)
     next(batches), next(batches)  # steps 0 and 1 of kd.loop.fit, which with save_every_n_steps=2...
@@ -218,7 +222,8 @@ def test_a_read_only_run_dir_is_refused(tmp_path):
 
 def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = timm.create_model("test_resnet", num_classes=2)
-    save_checkpoint(tmp_path / "best", model, {"arch": {"name": "test_resnet", "num_classes": 2}, "epoch": 0})
+    meta = CheckpointMeta({"name": "test_resnet", "num_classes": 2}, ["a", "b"], InputSpec(32), epoch=0)
+    save_checkpoint(tmp_path / "best", model, meta)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
     def write_half_then_fail(tensors, path):  # the disk fills up halfway through the file
@@ -230,7 +235,7 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monkey
     with torch.no_grad():
         model.fc.weight.add_(1.0)
     with pytest.raises(UserError, match=r"No space left on device.*previous best.safetensors, if any, is kept"):
-        save_checkpoint(tmp_path / "best", model, {"arch": {"name": "test_resnet", "num_classes": 2}, "epoch": 1})
+        save_checkpoint(tmp_path / "best", model, dataclasses.replace(meta, epoch=1))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old pair unchanged, no .tmp left
 
 
@@ -247,9 +252,9 @@ class Payload:
         return open, (str(self.marker), "w")
 
 
-def write_teacher(path: Path, spec: dict, classes: list[str], **meta) -> str:
-    base = {"arch": spec, "classes": classes, "inputs": ["rgb"], "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
-    save_checkpoint(path, build_model(spec), {**base, "ms_mean": None, "ms_std": None, "ms_bands": [], **meta})
+def write_teacher(path: Path, spec: dict, classes: list[str], **ms) -> str:
+    """A teacher checkpoint; `ms`: its MS statistics, for a hybrid one."""
+    save_checkpoint(path, build_model(spec), CheckpointMeta(spec, classes, InputSpec(32, [0.5] * 3, [0.25] * 3, **ms)))
     return str(path)
 
 
@@ -272,7 +277,7 @@ def bad(tiny_demo, tmp_path_factory) -> dict:
         "teacher": write_teacher(root / "teacher", plain, classes),
         "teacher_dir": root,
         "ms5_teacher": write_teacher(
-            root / "ms5", {**hybrid, "ms_channels": 5}, classes, inputs=["rgb", "ms"], ms_mean=[0.3] * 5, ms_std=[1] * 5
+            root / "ms5", {**hybrid, "ms_channels": 5}, classes, ms_mean=[0.3] * 5, ms_std=[1] * 5
         ),
         "other_classes": write_teacher(root / "other_classes", plain, ["a", "b", "c", "d", "e"]),
     }
@@ -549,7 +554,7 @@ def test_a_finished_run_resumed_with_more_epochs_trains_on(finished_run, tmp_pat
 
 
 def test_an_epoch_of_only_skipped_steps_saves_nothing_and_fails(bad, tmp_path, capsys, monkeypatch):
-    from kd.models import Classifier
+    from kd.task import Classifier
 
     real_forward = Classifier.forward
 
