@@ -44,19 +44,12 @@ from kd.config import Config, load_config
 from kd.corruptions import CORRUPTIONS, corrupt_normalized
 from kd.data import prepare_data
 from kd.errors import UserError, exit_on_user_error, quote
+from kd.inference import LoadedModel, load_model, read_json_object
+from kd.measure import PEAK_MEMORY_METHOD, cuda_peak_memory_mb, latency_ms, peak_memory_mb, throughput
 from kd.metrics import ECE_BINS, classification_metrics, mean_std, per_class_accuracy
 from kd.plots import save_plots
 from kd.report import derived_lines, tables
 from kd.run_dir import require_writable_folder
-from kd.runtime import (
-    PEAK_MEMORY_METHOD,
-    cuda_peak_memory_mb,
-    latency_ms,
-    load_model,
-    peak_memory_mb,
-    read_json_object,
-    throughput,
-)
 
 SECTIONS = {f.name for f in dataclasses.fields(Config)}  # data, model, train, distillation, name, seed
 
@@ -122,9 +115,8 @@ def predict(model, loader, corruptions: bool) -> tuple[torch.Tensor, torch.Tenso
     )
 
 
-def evaluate(path: str, args, cfg, teacher: dict | None) -> tuple[dict, dict]:
+def evaluate(model: LoadedModel, path: str, args, cfg, teacher: dict | None) -> tuple[dict, dict]:
     """One model's row, and what a later model needs to be compared with it (logits, samples, classes)."""
-    model = load_model(path, args.meta, args.device)
     loader = checkpoint_loader(cfg.data, model.meta, args.split, args.batch_size)
     samples = [str(p) for p, _ in loader.dataset.samples]
     logits, labels, corrupted, first = predict(model, loader, args.corruptions)
@@ -134,7 +126,8 @@ def evaluate(path: str, args, cfg, teacher: dict | None) -> tuple[dict, dict]:
     row |= {"device": model.device, "inputs": model.meta.inputs, "params": model.params, "samples": len(labels)}
     row |= classification_metrics(logits, labels, teacher["logits"] if comparable else None)
     row["per_class_accuracy"] = dict(zip(model.meta.classes, per_class_accuracy(torch.tensor(row["confusion"]))))
-    speed = latency_ms(model, first, args.warmup, args.latency_runs)
+    one = [x[:1].to(model.device) for x in first]
+    speed = latency_ms({path: lambda: model.run(*one)}, args.warmup, args.latency_runs, model.device)[path]
     row |= {"latency_ms": speed["median"], "latency_median_ms": speed["median"], "latency_p90_ms": speed["p90"]}
     row["throughput"] = throughput(model, first, args.throughput_batch)
     if args.memory == "weights":
@@ -190,20 +183,21 @@ def main(argv: list[str] | None = None) -> dict:
             "configs/b0.yaml), or --demo for the built-in demo set (written to data/demo, about 99 MB)"
         )
     cfg = load_config(args.config, args.overrides)
-    # Every mistake that can be found without evaluating is found before the first (possibly long) evaluation.
+    # Every mistake that can be found without evaluating is found before the first (possibly long) evaluation:
+    # every model is loaded here, on the CPU; each moves to --device when its turn comes.
     require_writable_folder(args.out, "--out")
     if args.meta:
         read_json_object(Path(args.meta), "--meta file")
-    for _, _, path in entries:
-        load_model(path, args.meta)
+    models = {name: load_model(path, args.meta) for name, _, path in entries}
     prepare_data(cfg.data)
 
     # The teacher first: its logits are what the others' agreement and KL are measured against.
     first = next((e for e in entries if args.teacher in e[:2]), None)
     rows, teacher = {}, None
     for entry in sorted(entries, key=lambda e: e != first):
-        print(f"evaluating {entry[0]}: {entry[2]}")
-        rows[entry[0]], reference = evaluate(entry[2], args, cfg, teacher)
+        name, _, path = entry
+        print(f"evaluating {name}: {path}")
+        rows[name], reference = evaluate(models.pop(name).to(args.device), path, args, cfg, teacher)
         teacher = teacher or (reference if entry == first else None)
     rows = {name: rows[name] for name, _, _ in entries}
     groups = {}

@@ -14,14 +14,13 @@ export_report.json. An fp32 file past --atol, or an INT8 file below --reject-agr
 the command fails; an INT8 file between --reject-agreement and --min-agreement is kept but marked not recommended.
 Classes, input size and normalization travel in the ONNX metadata and the sidecar <stem>.json. An --out whose files
 would overwrite a kd checkpoint (--out runs/x/best.onnx beside runs/x/best.safetensors: best.json) is refused.
+Each format's file ending, writer and runner are its row of FORMATS in kd/export_formats.py.
 """
 
 import argparse
 import json
 import os
-import statistics
-import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,66 +34,26 @@ from kd.checkpoint import CheckpointMeta, checkpoint_loader, checkpoint_ranges, 
 from kd.config import load_config
 from kd.data import prepare_data
 from kd.errors import UserError, exit_on_user_error, quote
+from kd.measure import latency_ms
 from kd.models import input_keys
 from kd.run_dir import require_writable_folder
 
-FP32 = ("onnx", "torchscript", "tflite")
-INT8 = tuple(name for name in fmt.ENDINGS if "int8" in name)
-BASELINE = {"onnx": "onnx", "torch": "pytorch", "tflite": "tflite"}  # INT8 rows are timed against these fp32 rows
+FP32 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32 is None)
+INT8 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32)
 
 
-def compare(reference: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict:
-    """Max |logit difference|, top-1 agreement and (with labels) accuracy of `got` against `reference` logits."""
-    return {
-        "max_abs_diff": float(np.abs(got - reference).max()),
-        "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
-        "samples": len(got),
-        "accuracy": None if labels is None else float((got.argmax(1) == labels).mean()),
-    }
-
-
-def latencies_ms(runners: dict[str, Callable], example: torch.Tensor, warmup: int, runs: int) -> dict[str, float]:
-    """Median batch-1 latency of each runner; rounds visit every runner once, so load changes hit all alike."""
-    times = {name: [] for name in runners}
-    for round_ in range(warmup + runs):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run(example)
-            if round_ >= warmup:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def write(
-    name: str, model: torch.nn.Module, meta: CheckpointMeta, out: Path, calibration: list, args, ranges: dict
-) -> Path:
-    """Write format `name` beside `out` (the ONNX path) and return the file."""
-    path, example = fmt.export_path(out, name), calibration[0][:1]
-    if name == "onnx":
-        return fmt.write_onnx(model, meta, path, args.opset)
-    if name == "torchscript":
-        return fmt.write_torchscript(model, example, path)
-    if name == "tflite":
-        return fmt.write_tflite(model, example, path)
-    if name == "onnx-int8-static":
-        return fmt.write_onnx_int8_static(out, meta, calibration, path)
-    if name == "onnx-int8-dynamic":
-        return fmt.write_onnx_int8_dynamic(out, meta, path)
-    if name == "torch-int8-static":
-        return fmt.write_torch_int8_static(model, calibration, path)
-    if name == "torch-int8-dynamic":
-        return fmt.write_torch_int8_dynamic(model, example, path)
-    if name == "torch-int8-qat":
-        return fmt.write_torch_int8_qat(model, ranges, example, path)
-    return fmt.write_tflite_int8(model, calibration, path)
-
-
-def planned_files(out: Path, names: list[str]) -> list[Path]:
-    """Every file an export to `out` writes: each format's, the sidecar <stem>.json and export_report.json."""
-    return [fmt.export_path(out, name) for name in names] + [
-        out.with_suffix(".json"),
-        out.parent / "export_report.json",
-    ]
+def formats_to_write(args, ranges: dict) -> list[str]:
+    """The formats the flags ask for, ONNX first: the ONNX Runtime quantizers start from it."""
+    names = ["onnx", *args.formats] + (["tflite"] if args.tflite else [])
+    if args.int8:
+        names += [n for n in INT8 if (n != "tflite-int8" or args.tflite) and (n != "torch-int8-qat" or ranges)]
+    if "torch-int8-qat" in names and not ranges:
+        raise UserError(
+            f"torch-int8-qat: {args.checkpoint} holds no QAT ranges (its epoch was not quantization-aware). Export "
+            "a QAT run's latest.safetensors (its best epoch may precede QAT), distill with "
+            "distillation.qat_start_fraction=0.8, or use torch-int8-static (post-training calibration)"
+        )
+    return list(dict.fromkeys(names))
 
 
 def is_checkpoint_file(path: Path) -> bool:
@@ -110,6 +69,47 @@ def is_checkpoint_file(path: Path) -> bool:
     return isinstance(meta, dict) and {"arch", "classes", "inputs"} <= meta.keys()
 
 
+def refuse_overwriting_a_checkpoint(args, names: list[str]) -> None:
+    """No file the export writes (each format's, the sidecar <stem>.json, export_report.json) may be a checkpoint's."""
+    out = Path(args.out)
+    planned = [fmt.export_path(out, name) for name in names]
+    planned += [out.with_suffix(".json"), out.parent / "export_report.json"]
+    clash = next((path for path in planned if is_checkpoint_file(path)), None)
+    if clash:
+        whose = "the --checkpoint" if checkpoint_stem(clash) == checkpoint_stem(args.checkpoint) else "a kd checkpoint"
+        raise UserError(
+            f"--out {quote(args.out)} would overwrite {clash}, a file of {whose}: export elsewhere, e.g. "
+            f"--out {out.parent / 'export' / out.with_suffix('.onnx').name}"
+        )
+
+
+def check_images(args, meta: CheckpointMeta) -> tuple[list[dict], list[torch.Tensor]]:
+    """Batches the files are checked on (--split of --config's data, else random inputs) and calibration images."""
+    if not args.config:
+        size, generator = meta.input_spec.image_size, torch.Generator().manual_seed(0)
+        batches = [{"rgb": torch.randn(8, 3, size, size, generator=generator)} for _ in range(2)]
+        return batches, [torch.randn(8, 3, size, size, generator=generator) for _ in range(4)]
+    cfg = load_config(args.config, args.overrides)
+    prepare_data(cfg.data)
+    batches = [b for b, _ in zip(checkpoint_loader(cfg.data, meta, args.split, 32), range(args.max_batches))]
+    # A random sample of the training images: the loader lists them class by class, and ranges calibrated on
+    # the first classes alone clip the others' activations.
+    train = checkpoint_loader(cfg.data, meta, "train", 32)
+    picked = torch.randperm(len(train.dataset), generator=torch.Generator().manual_seed(0))
+    sample = Subset(train.dataset, picked[: args.calibration_images].tolist())
+    return batches, [b["rgb"] for b in DataLoader(sample, batch_size=32, collate_fn=train.collate_fn)]
+
+
+def compare(reference: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict:
+    """Max |logit difference|, top-1 agreement and (with labels) accuracy of `got` against `reference` logits."""
+    return {
+        "max_abs_diff": float(np.abs(got - reference).max()),
+        "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
+        "samples": len(got),
+        "accuracy": None if labels is None else float((got.argmax(1) == labels).mean()),
+    }
+
+
 def verdict(name: str, row: dict, args) -> str:
     """ok | not recommended | rejected. fp32 must match to --atol; INT8 is judged on top-1 agreement."""
     if name in FP32:
@@ -117,6 +117,24 @@ def verdict(name: str, row: dict, args) -> str:
     if row["top1_agreement"] < args.reject_agreement:
         return "rejected"
     return "ok" if row["top1_agreement"] >= args.min_agreement else "not recommended"
+
+
+def print_table(rows: dict, title: str) -> None:
+    columns = ("format", "file", "MB", "latency (ms)", "x fp32", "accuracy", "agreement", "max |diff|", "status")
+    table = Table(*columns, title=title)
+    for name, r in rows.items():
+        table.add_row(
+            name,
+            Path(r["file"]).name,
+            f"{r['size_mb']:.2f}",
+            f"{r['latency_ms']:.2f}",
+            "-" if r["speedup_vs_fp32"] is None else f"{r['speedup_vs_fp32']:.2f}",
+            "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
+            f"{r['top1_agreement']:.3f}",
+            f"{r['max_abs_diff']:.1e}",
+            r["status"],
+        )
+    Console(width=max(140, Console().width)).print(table)
 
 
 @exit_on_user_error
@@ -142,26 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
     if out.is_dir():
         raise UserError(f"--out {quote(args.out)} is a folder; --out names the ONNX file, e.g. {out / 'student.onnx'}")
     model, meta = load_checkpoint(args.checkpoint)  # first: a missing or damaged checkpoint is named as such
-    names = ["onnx", *args.formats]
-    names += ["tflite"] if args.tflite else []
     ranges = checkpoint_ranges(args.checkpoint)
-    if args.int8:
-        names += [n for n in INT8 if (n != "tflite-int8" or args.tflite) and (n != "torch-int8-qat" or ranges)]
-    names = list(dict.fromkeys(names))  # ONNX first: the ORT quantizers start from it
-    if "torch-int8-qat" in names and not ranges:
-        raise UserError(
-            f"torch-int8-qat: {args.checkpoint} holds no QAT ranges (its epoch was not quantization-aware). Export "
-            "a QAT run's latest.safetensors (its best epoch may precede QAT), distill with "
-            "distillation.qat_start_fraction=0.8, or use torch-int8-static (post-training calibration)"
-        )
-
-    clash = next((path for path in planned_files(out, names) if is_checkpoint_file(path)), None)
-    if clash:
-        whose = "the --checkpoint" if checkpoint_stem(clash) == checkpoint_stem(args.checkpoint) else "a kd checkpoint"
-        raise UserError(
-            f"--out {quote(args.out)} would overwrite {clash}, a file of {whose}: export elsewhere, e.g. "
-            f"--out {out.parent / 'export' / out.with_suffix('.onnx').name}"
-        )
+    names = formats_to_write(args, ranges)
+    refuse_overwriting_a_checkpoint(args, names)
     require_writable_folder(out.parent, "--out")
     if any(name.startswith("tflite") for name in names):
         fmt.require_litert()  # before minutes of other exports, not after
@@ -171,39 +172,27 @@ def main(argv: list[str] | None = None) -> dict:
             "export.py exports RGB students (distill.py or train_teacher.py with a timm model)"
         )
     model.eval()
-    size = meta.input_spec.image_size
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
-        prepare_data(cfg.data)
-        batches = [b for b, _ in zip(checkpoint_loader(cfg.data, meta, args.split, 32), range(args.max_batches))]
-        # A random sample of the training images: the loader lists them class by class, and ranges calibrated on
-        # the first classes alone clip the others' activations.
-        train = checkpoint_loader(cfg.data, meta, "train", 32)
-        picked = torch.randperm(len(train.dataset), generator=torch.Generator().manual_seed(0))
-        sample = Subset(train.dataset, picked[: args.calibration_images].tolist())
-        calibration = [b["rgb"] for b in DataLoader(sample, batch_size=32, collate_fn=train.collate_fn)]
-    else:
-        generator = torch.Generator().manual_seed(0)
-        batches = [{"rgb": torch.randn(8, 3, size, size, generator=generator)} for _ in range(2)]
-        calibration = [torch.randn(8, 3, size, size, generator=generator) for _ in range(4)]
+    batches, calibration = check_images(args, meta)
     images = torch.cat([b["rgb"] for b in batches])
     labels = torch.cat([b["label"] for b in batches]).numpy() if "label" in batches[0] else None
 
     files = {"pytorch": Path(args.checkpoint).with_suffix(".safetensors")}
     runners = {"pytorch": fmt.torch_runner(model)}
+    inputs = fmt.ExportInputs(model, meta, calibration, out, ranges, args.opset)
     for name in names:
         print(f"writing {name} ...", flush=True)
-        files[name] = write(name, model, meta, out, calibration, args, ranges)
-        runners[name] = fmt.runner(files[name])
+        files[name] = fmt.FORMATS[name].write(inputs, fmt.export_path(out, name))
+        runners[name] = fmt.FORMATS[name].runner(files[name])
     reference = runners["pytorch"](images)
     rows = {name: {"file": str(files[name]), "size_mb": os.path.getsize(files[name]) / 2**20} for name in files}
     for name, run in runners.items():
         rows[name] |= compare(reference, np.concatenate([run(b["rgb"]) for b in batches]), labels)
-    for name, ms in latencies_ms(runners, images[:1], warmup=10, runs=args.latency_runs).items():
-        rows[name]["latency_ms"] = ms
+    calls = {name: partial(run, images[:1]) for name, run in runners.items()}
+    for name, speed in latency_ms(calls, warmup=10, runs=args.latency_runs).items():
+        rows[name]["latency_ms"] = speed["median"]
     failures = []
     for name, row in rows.items():
-        fp32 = BASELINE[name.split("-")[0]] if name in INT8 else None
+        fp32 = fmt.FORMATS[name].fp32 if name in INT8 else None
         row["speedup_vs_fp32"] = rows[fp32]["latency_ms"] / row["latency_ms"] if fp32 in rows else None
         row["status"] = "ok" if name == "pytorch" else verdict(name, row, args)
         if row["status"] == "rejected":
@@ -228,25 +217,11 @@ def main(argv: list[str] | None = None) -> dict:
     sidecar.update(input="rgb: float32 N×3×H×W, normalized", output="logits: float32 N×classes")
     out.with_suffix(".json").write_text(json.dumps({**sidecar, "export": report}, indent=2))
     (out.parent / "export_report.json").write_text(json.dumps(report, indent=2))
-    title = (
+    print_table(
+        rows,
         f"export check on {report['split']} ({len(images)} images), batch-1 latency on CPU, {report['threads']} "
-        f"threads; x fp32 = the same runtime's fp32 latency / this one"
+        "threads; x fp32 = the same runtime's fp32 latency / this one",
     )
-    columns = ("format", "file", "MB", "latency (ms)", "x fp32", "accuracy", "agreement", "max |diff|", "status")
-    table = Table(*columns, title=title)
-    for name, r in rows.items():
-        table.add_row(
-            name,
-            Path(r["file"]).name,
-            f"{r['size_mb']:.2f}",
-            f"{r['latency_ms']:.2f}",
-            "-" if r["speedup_vs_fp32"] is None else f"{r['speedup_vs_fp32']:.2f}",
-            "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.1f}%",
-            f"{r['top1_agreement']:.3f}",
-            f"{r['max_abs_diff']:.1e}",
-            r["status"],
-        )
-    Console(width=max(140, Console().width)).print(table)
     if failures:
         raise UserError("exported model(s) do not match PyTorch:\n  " + "\n  ".join(failures))
     weak = [n for n, r in rows.items() if r["status"] == "not recommended"]

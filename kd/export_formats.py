@@ -1,4 +1,5 @@
-"""Deployment formats of an RGB student: one writer per file type, and a runner that executes the written file.
+"""Deployment formats of an RGB student: one writer per file type, and a runner that executes the written file;
+FORMATS, at the end, is the table of them (each format's file ending, writer and runner).
 
 Every runner takes a normalized float batch (N×3×H×W torch tensor) and returns float32 logits (numpy), whatever
 the file holds inside, so export.py checks each format against PyTorch the same way. TFLite needs the optional
@@ -11,6 +12,7 @@ import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -25,32 +27,46 @@ from kd.errors import UserError, quote
 from kd.qat import convert_qat, quantize_int8
 
 Runner = Callable[[torch.Tensor], np.ndarray]
-# Each format's file: <stem><ending>, beside <stem>.onnx and the sidecar <stem>.json that export.py writes.
-ENDINGS = {
-    "onnx": ".onnx",
-    "torchscript": ".pt",
-    "tflite": ".tflite",
-    "onnx-int8-static": "_int8_static.onnx",
-    "onnx-int8-dynamic": "_int8_dynamic.onnx",
-    "torch-int8-static": "_int8_static.pt",
-    "torch-int8-dynamic": "_int8_dynamic.pt",
-    "torch-int8-qat": "_int8_qat.pt",
-    "tflite-int8": "_int8.tflite",
-}
 TFLITE_MISSING = (
     "TFLite export needs litert-torch, which is not installed: run `make export-deps` "
     "(or `pip install -r requirements-export.txt`, about 1 GB: litert-torch pulls in jax, transformers and torchao)"
 )
 
 
+@dataclass
+class ExportInputs:
+    """What every writer starts from; each takes the parts it needs (see FORMATS)."""
+
+    model: nn.Module  # the checkpoint's RGB model
+    meta: CheckpointMeta
+    calibration: list[torch.Tensor]  # normalized RGB batches: the INT8 ranges, and the example input
+    onnx_path: Path  # the fp32 ONNX file, written first: the ONNX Runtime quantizers start from it
+    ranges: dict  # the INT8 ranges a QAT run learned; {} without QAT
+    opset: int = 18
+
+    @property
+    def example(self) -> torch.Tensor:
+        return self.calibration[0][:1]
+
+
+@dataclass(frozen=True)
+class Format:
+    """A deployment format: its file <stem><ending>, how it is written and how that file is run."""
+
+    ending: str
+    write: Callable[[ExportInputs, Path], Path]
+    runner: Callable[[Path], Runner]
+    fp32: str | None = None  # INT8 formats: the fp32 row of export.py's report their speed-up is measured against
+
+
 def export_path(out: Path, name: str) -> Path:
     """Where format `name` goes when the ONNX file is `out`: exports/student.onnx -> exports/student_int8_qat.pt."""
-    return out.with_name(out.with_suffix("").name + ENDINGS[name])
+    return out.with_name(out.with_suffix("").name + FORMATS[name].ending)
 
 
 def sidecar_path(path: Path) -> Path:
     """The sidecar JSON of any file export.py wrote (exports/student_int8_static.pt -> exports/student.json)."""
-    for ending in sorted(ENDINGS.values(), key=len, reverse=True):
+    for ending in sorted((f.ending for f in FORMATS.values()), key=len, reverse=True):
         if path.name.endswith(ending):
             return path.with_name(path.name[: -len(ending)] + ".json")
     return path.with_suffix(".json")
@@ -74,47 +90,47 @@ def _set_metadata(path: Path, meta: CheckpointMeta) -> None:
     onnx.save(proto, str(path))
 
 
-def write_onnx(model: nn.Module, meta: CheckpointMeta, path: Path, opset: int = 18) -> Path:
+def write_onnx(src: ExportInputs, path: Path) -> Path:
     """Dynamo-export with a dynamic batch dimension; weights embedded (no .onnx.data); metadata attached."""
-    size = meta.input_spec.image_size
+    size = src.meta.input_spec.image_size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model.eval(),
+            src.model.eval(),
             (torch.randn(2, 3, size, size),),
             str(path),
             dynamo=True,
             external_data=False,
-            opset_version=opset,
+            opset_version=src.opset,
             input_names=["rgb"],
             output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
             verbose=False,
         )
-    _set_metadata(path, meta)
+    _set_metadata(path, src.meta)
     return path
 
 
-def write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+def write_torchscript(src: ExportInputs, path: Path) -> Path:
     """fp32 TorchScript by tracing: torch.jit.load(path) runs it without kd or timm."""
-    return _traced(model.eval(), example, path)
+    return _traced(src.model.eval(), src.example, path)
 
 
-def write_torch_int8_static(model: nn.Module, calibration: list[torch.Tensor], path: Path) -> Path:
+def write_torch_int8_static(src: ExportInputs, path: Path) -> Path:
     """INT8 TorchScript via FX static quantization (kd/qat.py: per-channel weights, calibrated activations)."""
-    return _traced(quantize_int8(model, calibration), calibration[0][:1], path)
+    return _traced(quantize_int8(src.model, src.calibration), src.example, path)
 
 
-def write_torch_int8_qat(model: nn.Module, ranges: dict, example: torch.Tensor, path: Path) -> Path:
+def write_torch_int8_qat(src: ExportInputs, path: Path) -> Path:
     """INT8 TorchScript from a QAT checkpoint: its weights with the ranges QAT learned (kd/qat.py convert_qat)."""
-    return _traced(convert_qat(model, ranges, example), example, path)
+    return _traced(convert_qat(src.model, src.ranges, src.example), src.example, path)
 
 
-def write_torch_int8_dynamic(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+def write_torch_int8_dynamic(src: ExportInputs, path: Path) -> Path:
     """PyTorch dynamic quantization: INT8 weights for nn.Linear only (no Conv kernel exists), so for a CNN
     just the classifier; convolutions stay fp32."""
-    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
-    return _traced(quantized, example, path)
+    model = copy.deepcopy(src.model).eval()
+    return _traced(torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), src.example, path)
 
 
 def _prepared(onnx_path: Path, folder: str) -> str:
@@ -126,13 +142,13 @@ def _prepared(onnx_path: Path, folder: str) -> str:
     return prepared
 
 
-def write_onnx_int8_dynamic(onnx_path: Path, meta: CheckpointMeta, path: Path) -> Path:
+def write_onnx_int8_dynamic(src: ExportInputs, path: Path) -> Path:
     """ORT dynamic quantization: INT8 weights, activation ranges computed at run time (ConvInteger/MatMulInteger)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
-        quantize_dynamic(_prepared(onnx_path, tmp), str(path), weight_type=QuantType.QInt8)
-    _set_metadata(path, meta)
+        quantize_dynamic(_prepared(src.onnx_path, tmp), str(path), weight_type=QuantType.QInt8)
+    _set_metadata(path, src.meta)
     return path
 
 
@@ -144,8 +160,8 @@ class _Batches:  # onnxruntime.quantization.CalibrationDataReader's protocol: ge
         return next(self._batches, None)
 
 
-def write_onnx_int8_static(onnx_path: Path, meta: CheckpointMeta, calibration: list[torch.Tensor], path: Path) -> Path:
-    """ORT static QDQ quantization, per-channel INT8 weights, UINT8 activations calibrated on `calibration`.
+def write_onnx_int8_static(src: ExportInputs, path: Path) -> Path:
+    """ORT static QDQ quantization, per-channel INT8 weights, UINT8 activations calibrated on `src.calibration`.
 
     These are the settings that measured fastest here (README, Export): per-tensor weights, reduce_range, INT8
     activations, QOperator format or quantizing only Conv were each slower on an EfficientNet. Ranges are a moving
@@ -156,16 +172,16 @@ def write_onnx_int8_static(onnx_path: Path, meta: CheckpointMeta, calibration: l
 
     with tempfile.TemporaryDirectory() as tmp:
         quantize_static(
-            _prepared(onnx_path, tmp),
+            _prepared(src.onnx_path, tmp),
             str(path),
-            _Batches(list(torch.cat(calibration).split(1))),
+            _Batches(list(torch.cat(src.calibration).split(1))),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             extra_options={"CalibMovingAverage": True, "CalibMovingAverageConstant": 0.1},
         )
-    _set_metadata(path, meta)
+    _set_metadata(path, src.meta)
     return path
 
 
@@ -178,16 +194,16 @@ def require_litert() -> ModuleType:
     return litert_torch
 
 
-def write_tflite(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+def write_tflite(src: ExportInputs, path: Path) -> Path:
     """fp32 TFLite through litert-torch (torch.export, then the LiteRT converter); batch size fixed at 1."""
     litert_torch = require_litert()
-    litert_torch.convert(model.eval(), (example[:1],)).export(str(path))
+    litert_torch.convert(src.model.eval(), (src.example,)).export(str(path))
     return path
 
 
-def write_tflite_int8(model: nn.Module, calibration: list[torch.Tensor], path: Path) -> Path:
+def write_tflite_int8(src: ExportInputs, path: Path) -> Path:
     """INT8 TFLite: PT2E static quantization with litert-torch's quantizer (per-channel symmetric weights, INT8
-    activations calibrated on `calibration`), then converted; inputs and outputs are INT8 too (see tflite_runner)."""
+    activations calibrated on `src.calibration`), then converted; inputs and outputs are INT8 too (tflite_runner)."""
     litert_torch = require_litert()
     from litert_torch.quantize import pt2e_quantizer
     from litert_torch.quantize.quant_config import QuantConfig
@@ -199,22 +215,27 @@ def write_tflite_int8(model: nn.Module, calibration: list[torch.Tensor], path: P
     batch = torch.export.Dim("batch", min=1)  # calibrate whole batches; the file itself gets batch 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        graph = torch.export.export(copy.deepcopy(model).eval(), (calibration[0],), dynamic_shapes=({0: batch},))
+        graph = torch.export.export(
+            copy.deepcopy(src.model).eval(), (src.calibration[0],), dynamic_shapes=({0: batch},)
+        )
         prepared = prepare_pt2e(graph.module(), quantizer)
         with torch.no_grad():
-            for images in calibration:
+            for images in src.calibration:
                 prepared(images)
         quantized = move_exported_model_to_eval(convert_pt2e(prepared, fold_quantize=False))
-        converted = litert_torch.convert(quantized, (calibration[0][:1],), quant_config=QuantConfig(quantizer))
+        converted = litert_torch.convert(quantized, (src.example,), quant_config=QuantConfig(quantizer))
         converted.export(str(path))
     return path
 
 
+def kind(path: Path) -> str:
+    """onnx, tflite or torchscript: the fp32 format whose runner runs `path` (an INT8 file too), by its suffix."""
+    return {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix, "torchscript")
+
+
 def runner(path: Path) -> Runner:
-    """A runner for any file export.py writes, by its suffix."""
-    if path.suffix == ".onnx":
-        return onnx_runner(path)
-    return tflite_runner(path) if path.suffix == ".tflite" else torchscript_runner(path)
+    """A runner for any file export.py writes."""
+    return FORMATS[kind(path)].runner(path)
 
 
 def torch_runner(module: nn.Module) -> Runner:
@@ -276,3 +297,17 @@ def tflite_runner(path: Path) -> Runner:
         return logits
 
     return lambda x: np.concatenate([one(image[None]) for image in x.numpy()])
+
+
+# Each file is <stem><ending>, beside <stem>.onnx and the sidecar <stem>.json that export.py writes.
+FORMATS = {
+    "onnx": Format(".onnx", write_onnx, onnx_runner),
+    "torchscript": Format(".pt", write_torchscript, torchscript_runner),
+    "tflite": Format(".tflite", write_tflite, tflite_runner),
+    "onnx-int8-static": Format("_int8_static.onnx", write_onnx_int8_static, onnx_runner, fp32="onnx"),
+    "onnx-int8-dynamic": Format("_int8_dynamic.onnx", write_onnx_int8_dynamic, onnx_runner, fp32="onnx"),
+    "torch-int8-static": Format("_int8_static.pt", write_torch_int8_static, torchscript_runner, fp32="pytorch"),
+    "torch-int8-dynamic": Format("_int8_dynamic.pt", write_torch_int8_dynamic, torchscript_runner, fp32="pytorch"),
+    "torch-int8-qat": Format("_int8_qat.pt", write_torch_int8_qat, torchscript_runner, fp32="pytorch"),
+    "tflite-int8": Format("_int8.tflite", write_tflite_int8, tflite_runner, fp32="tflite"),
+}

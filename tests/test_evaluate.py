@@ -1,4 +1,4 @@
-"""evaluate.py and kd/{metrics,runtime,corruptions}.py: each metric against a hand computation, then the script."""
+"""evaluate.py and kd/{metrics,inference,measure,corruptions}.py: each metric by hand, then the script."""
 
 import contextlib
 import json
@@ -23,6 +23,8 @@ from kd.corruptions import (
 )
 from kd.data import InputSpec, LeafDataset, ms_statistics
 from kd.errors import UserError
+from kd.inference import LoadedModel, load_model
+from kd.measure import latency_ms, throughput
 from kd.metrics import (
     agreement,
     calibration_bins,
@@ -35,12 +37,6 @@ from kd.metrics import (
     topk_accuracy,
 )
 from kd.models import build_model
-from kd.runtime import (
-    LoadedModel,
-    latency_ms,
-    load_model,
-    throughput,
-)
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -120,7 +116,8 @@ def test_latency_and_throughput_are_sane_positive_numbers():
             return net(x)
 
     model = LoadedModel(run, CheckpointMeta(None, ["a", "b"], InputSpec(8)), "checkpoint", "cpu", 325, 0.001, 0.001)
-    speed = latency_ms(model, [torch.randn(4, 3, 8, 8)], warmup=2, runs=10)
+    x = torch.randn(1, 3, 8, 8)
+    speed = latency_ms({"model": lambda: model.run(x)}, warmup=2, runs=10)["model"]
     assert 0 < speed["median"] <= speed["p90"] < 1000
     assert throughput(model, [torch.randn(4, 3, 8, 8)], batch=16, runs=2) > 0
 

@@ -1,6 +1,7 @@
 """export.py: each format round-trips with parity on a tiny student, wrong files are refused, evaluate.py reads them."""
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -90,21 +91,21 @@ def test_files_run_without_kd_code(exported, student):
     assert not out.with_suffix(".onnx.data").exists()
 
 
-def perturbed(writer):
-    """`writer`, but on a model whose classifier is scrambled: the file it writes disagrees with the checkpoint."""
+def perturbed(form: export_formats.Format) -> export_formats.Format:
+    """`form`, but written from a model whose classifier is scrambled: its file disagrees with the checkpoint."""
 
-    def write(model, *args, **kwargs):
-        broken = copy.deepcopy(model)
+    def write(inputs: export_formats.ExportInputs, path: Path) -> Path:
+        broken = copy.deepcopy(inputs.model)
         with torch.no_grad():
             broken.get_classifier().weight.copy_(broken.get_classifier().weight.flip(0))
-        return writer(broken, *args, **kwargs)
+        return form.write(dataclasses.replace(inputs, model=broken), path)
 
-    return write
+    return dataclasses.replace(form, write=write)
 
 
 def test_wrong_files_are_refused_and_renamed(student, tmp_path, monkeypatch, capsys):
-    for writer in ("write_torchscript", "write_torch_int8_dynamic"):  # one fp32 file, one INT8 file
-        monkeypatch.setattr(export.fmt, writer, perturbed(getattr(export_formats, writer)))
+    for name in ("torchscript", "torch-int8-dynamic"):  # one fp32 file, one INT8 file
+        monkeypatch.setitem(export_formats.FORMATS, name, perturbed(export_formats.FORMATS[name]))
     args = ["--checkpoint", str(student), "--out", str(tmp_path / "s.onnx"), *QUICK]
     with pytest.raises(SystemExit) as exit_:
         export.main([*args, "--formats", "torchscript", "torch-int8-dynamic"])
@@ -183,8 +184,9 @@ def test_missing_litert_says_what_to_install(student, tmp_path, monkeypatch, cap
 
 def _ort_static(model: torch.nn.Module, calibration: list[torch.Tensor], tmp_path: Path):
     meta = CheckpointMeta(None, ["x"], InputSpec(16, MEAN, STD))
-    onnx_path = export_formats.write_onnx(model, meta, tmp_path / "m.onnx")
-    path = export_formats.write_onnx_int8_static(onnx_path, meta, calibration, tmp_path / "m_int8.onnx")
+    inputs = export_formats.ExportInputs(model, meta, calibration, tmp_path / "m.onnx", ranges={})
+    export_formats.write_onnx(inputs, inputs.onnx_path)
+    path = export_formats.write_onnx_int8_static(inputs, tmp_path / "m_int8.onnx")
     run = export_formats.onnx_runner(path)
     return lambda x: torch.from_numpy(run(x))
 
