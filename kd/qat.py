@@ -3,21 +3,25 @@
 QAT fuses conv + BN and inserts fake quantization, so the last epochs train against INT8 rounding. The prepared
 graph shares its parameters and BN statistics with the float model, so the float model (what checkpoints store)
 keeps every update; checkpoints of the QAT phase also carry the ranges it learned (`range_state`, under "qat."),
-and `convert_qat` turns weights and ranges into the INT8 model QAT trained for. `quantize_int8` turns any float
-student into an INT8 model by calibrating ranges instead (post-training quantization).
+and `convert_qat` turns weights and ranges into the INT8 model QAT trained for; `QatPhase` is all the training loop
+knows of it. `quantize_int8` turns any float student into an INT8 model by calibrating ranges instead (post-training
+quantization).
 """
 
 import contextlib
 import copy
 import itertools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd.config import TrainConfig
 from kd.errors import UserError
+from kd.models import input_keys
+from kd.task import TrainingTask
 
 BACKEND = "x86"  # fbgemm kernels for x86 servers and laptops; "qnnpack" for ARM phones
 
@@ -168,3 +172,61 @@ def frozen_observers(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, flag in zip(fake_quants, enabled):
             module.observer_enabled.copy_(flag)
+
+
+class QatPhase:
+    """Quantization-aware training from epoch round(qat_start_fraction × max_epochs) on (never when the fraction is
+    null): the loop enters it, validates and saves through it, and holds no QAT conditionals of its own."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        task: TrainingTask,
+        examples: Iterable[dict],
+        precision: str,
+        say: Callable[[str], None] = print,
+    ):
+        self.start = None if cfg.qat_start_fraction is None else round(cfg.qat_start_fraction * cfg.max_epochs)
+        self.task, self.float_model, self.examples, self.say = task, task.model, examples, say
+        self.active = False
+        if self.start is not None and precision == "fp16":
+            raise UserError(
+                "qat_start_fraction cannot train under fp16 autocast: PyTorch's fake quantization takes float32 only. "
+                "Set precision=null for a QAT run."
+            )
+        if self.start is not None and input_keys(self.float_model) != ("rgb",):
+            raise UserError("qat_start_fraction applies to RGB students; this model also takes MS input")
+
+    def start_epoch(self, epoch: int) -> None:
+        """Enter the phase when `epoch` is in it: its steps train the fake-quantized graph."""
+        if self.start is not None and epoch >= self.start:
+            self._enter()
+
+    def resume(self, progress: dict) -> None:
+        """Enter before a saved state loads when a step of the phase preceded it: the state is the QAT graph's."""
+        if self.start is not None and (progress["epoch"], progress["batches_done"]) > (self.start, 0):
+            self._enter()
+
+    def _enter(self) -> None:
+        if self.active:
+            return
+        example = next(iter(self.examples))["rgb"][:2]
+        self.task.set_model(prepare_qat(self.float_model, example))
+        self.active = True
+        self.say("quantization-aware training from here on (fake-quantized INT8 weights and activations)")
+
+    def validating(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A QAT graph is measured with the ranges it trained with (`frozen_observers`); a float model as it is."""
+        return frozen_observers(model)
+
+    def ranges(self) -> dict[str, torch.Tensor] | None:
+        """What checkpoints carry beside the float weights inside the phase: the ranges export.py's torch-int8-qat
+        converts with (`range_state`)."""
+        return range_state(self.task.model) if self.active else None
+
+    @property
+    def safe_serialization(self) -> bool:
+        """Whether the resumable state can be safetensors. A QAT graph reuses observers under several names, and
+        safetensors keeps one name per shared tensor by a rule that differs between Accelerate's save and
+        safetensors' load."""
+        return not self.active

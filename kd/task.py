@@ -1,10 +1,38 @@
-"""What kd.loop.fit trains: a module whose forward(batch) returns {"loss", <terms...>, "logits"}, with the network
-to checkpoint as `.model`. Classifier is the plain supervised one; kd.distill.Distiller is the distilling one."""
+"""What kd.loop.fit trains: the TrainingTask protocol, every name the loop calls on it, and Classifier, the plain
+supervised task. The Distiller (kd/distiller.py) is the distilling one."""
 
+from typing import Protocol, runtime_checkable
+
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kd.models import forward_batch
+
+
+@runtime_checkable
+class TrainingTask(Protocol):
+    """The names the loop calls on what it trains, and no others (as timm's TrainingTask); a hook a task has no
+    use for is a no-op. A task is an nn.Module: the optimizer trains its parameters and DDP wraps it."""
+
+    @property
+    def model(self) -> nn.Module:
+        """The network that validation measures and checkpoints store."""
+
+    def __call__(self, batch: dict) -> dict[str, torch.Tensor]:
+        """{"loss": what the optimizer minimizes, "logits": the model's, and any named loss terms (all logged)}."""
+
+    def train(self, mode: bool = True) -> nn.Module:
+        """Training or evaluation mode, as nn.Module.train."""
+
+    def set_progress(self, epoch: float) -> None:
+        """Called before every step with the epoch reached (fractional): temperature schedules, loss warm-ups."""
+
+    def set_ema(self, module: nn.Module) -> None:
+        """The EMA copy of the model, when the run keeps one (self-distillation)."""
+
+    def set_model(self, module: nn.Module) -> None:
+        """Train `module` from now on: a graph that shares the model's parameters (quantization-aware training)."""
 
 
 class Classifier(nn.Module):
@@ -18,6 +46,12 @@ class Classifier(nn.Module):
         logits = forward_batch(self.model, batch)
         hard = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
         return {"loss": hard, "hard": hard, "logits": logits}
+
+    def set_progress(self, epoch: float) -> None:
+        """Cross-entropy has no schedule of its own."""
+
+    def set_ema(self, module: nn.Module) -> None:
+        """The EMA is the loop's to validate and save; plain training does not learn from it."""
 
     def set_model(self, model: nn.Module) -> None:
         """Swap in a graph that shares the parameters (quantization-aware training)."""

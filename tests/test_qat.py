@@ -1,4 +1,5 @@
-"""kd/qat.py: INT8 from the ranges QAT learned (checkpointed, converted, exported) and robust PTQ calibration."""
+"""kd/qat.py: the QAT phase the loop trains through, INT8 from the ranges QAT learned (checkpointed, converted,
+exported), and robust PTQ calibration."""
 
 import pytest
 import timm
@@ -7,9 +8,11 @@ from torch import nn
 
 import export
 from kd.checkpoint import CheckpointMeta, checkpoint_ranges, load_checkpoint, save_checkpoint
+from kd.config import TrainConfig
 from kd.data import InputSpec
 from kd.errors import UserError
-from kd.qat import RANGE_PREFIX, convert_qat, frozen_observers, prepare_qat, range_state
+from kd.qat import RANGE_PREFIX, QatPhase, convert_qat, frozen_observers, prepare_qat, quantize_int8, range_state
+from kd.task import Classifier
 
 META = CheckpointMeta(
     {"name": "test_efficientnet", "num_classes": 3}, ["a", "b", "c"], InputSpec(32, [0.5] * 3, [0.25] * 3)
@@ -114,3 +117,89 @@ def test_qat_graph_drops_out_in_training_only_and_its_int8_model_never():
     int8 = convert_qat(model, range_state(graph), x[:1])
     with torch.no_grad():
         assert torch.equal(int8(x), int8(x))
+
+
+def test_int8_conversion_stays_close_to_float():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    ).eval()
+    calibration = [torch.randn(8, 3, 16, 16) for _ in range(4)]
+    int8 = quantize_int8(model, calibration)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(x)
+        assert (int8(x) - reference).abs().max() < 0.05 * reference.abs().max() + 0.02
+    assert any("quantized" in type(m).__module__ for m in int8.modules())  # real INT8 kernels, not fake quant
+
+
+def test_qat_graph_of_a_timm_student_folds_bn_and_is_batch_independent_in_eval():
+    from torch.ao.nn.intrinsic.qat import ConvBn2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3)  # timm's BatchNormAct2d, as in real students
+    graph = prepare_qat(model, torch.randn(2, 3, 32, 32))
+    assert any(isinstance(m, ConvBn2d) for m in graph.modules())  # conv + BN folded for QAT
+    assert {id(p) for p in graph.parameters()} == {id(p) for p in model.parameters()}
+    for _ in range(3):
+        graph(torch.randn(8, 3, 32, 32))  # training steps set the BN statistics and the ranges
+    graph.eval()
+    before = {k: v.clone() for k, v in graph.state_dict().items()}
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad(), frozen_observers(graph):
+        together, alone = graph(x)[:1], graph(x[:1])
+    assert torch.allclose(together, alone, atol=1e-5)  # running statistics and fixed ranges, not the batch's
+    assert all(torch.equal(v, graph.state_dict()[k]) for k, v in before.items())  # eval changed nothing
+    assert all(m.observer_enabled.item() == 1 for m in graph.modules() if hasattr(m, "observer_enabled"))
+
+
+def test_int8_conversion_of_a_timm_student_folds_every_batchnorm():
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3).eval()
+    int8 = quantize_int8(model, [torch.randn(8, 3, 32, 32) for _ in range(4)])
+    assert "batch_norm" not in int8.code and not any(isinstance(m, nn.BatchNorm2d) for m in int8.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the float model is left as it was
+
+
+def test_qat_phase_enters_at_its_epoch_or_on_resuming_from_a_state_saved_inside_it():
+    """qat_start_fraction 0.5 of 4 epochs: epoch 2 trains the QAT graph; a state saved at its very start (after
+    epoch 1) is still the float model's, and loads before the phase is entered."""
+    task = Classifier(timm.create_model("test_efficientnet", num_classes=3))
+    float_model, said = task.model, []
+    examples = [{"rgb": torch.randn(4, 3, 32, 32)}]
+    qat = QatPhase(TrainConfig(max_epochs=4, qat_start_fraction=0.5), task, examples, "no", said.append)
+    qat.start_epoch(1)
+    qat.resume({"epoch": 2, "batches_done": 0})
+    assert task.model is float_model and not qat.active and qat.ranges() is None and qat.safe_serialization
+    qat.resume({"epoch": 2, "batches_done": 1})
+    graph = task.model
+    assert graph is not float_model and qat.active and not qat.safe_serialization and len(said) == 1
+    assert {id(p) for p in graph.parameters()} == {id(p) for p in float_model.parameters()}
+    assert qat.ranges().keys() == range_state(graph).keys()
+    qat.start_epoch(3)
+    assert task.model is graph and len(said) == 1  # entered once
+
+    started = Classifier(timm.create_model("test_efficientnet", num_classes=3))
+    QatPhase(TrainConfig(max_epochs=4, qat_start_fraction=0.5), started, examples, "no").start_epoch(2)
+    assert "GraphModule" in type(started.model).__name__
+
+
+def test_qat_phase_refuses_fp16_and_ms_students_and_is_inert_when_off():
+    on, off = TrainConfig(max_epochs=4, qat_start_fraction=0.5), TrainConfig(max_epochs=4)
+    task = Classifier(timm.create_model("test_efficientnet", num_classes=3))
+    with pytest.raises(UserError, match="cannot train under fp16 autocast"):
+        QatPhase(on, task, [], "fp16")
+    hybrid = Classifier(nn.Identity())
+    hybrid.model.input_keys = ("rgb", "ms")
+    with pytest.raises(UserError, match="applies to RGB students"):
+        QatPhase(on, hybrid, [], "no")
+    qat = QatPhase(off, task, [], "fp16")
+    float_model = task.model
+    qat.resume({"epoch": 3, "batches_done": 1})
+    qat.start_epoch(3)
+    assert task.model is float_model and qat.ranges() is None and qat.safe_serialization

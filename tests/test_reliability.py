@@ -35,7 +35,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
 # --------------------------------------------------------------------------------------------- kill -9 and resume
 
 # Runs a script like `python script args`, but SIGKILLs itself right after a rename onto <run>/$KILL_AFTER_RENAME_TO
-# that finds last.old beside it: the exact instants inside kd.loop.save_state that polling from outside cannot hit.
+# that finds last.old beside it: the exact instants inside kd.state.save_state that polling from outside cannot hit.
 KILL_AFTER_RENAME = """
 import os, pathlib, runpy, signal, sys
 rename = pathlib.Path.rename

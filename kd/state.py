@@ -1,0 +1,236 @@
+"""A run's resumable state in <run_dir>/last: saved atomically, found after a kill, checked before anything is
+unpickled, loaded into the prepared objects; and the one line a process prints when another process of the run dies.
+"""
+
+import contextlib
+import json
+import os
+import pickle
+import shutil
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import accelerate.utils
+import safetensors
+import safetensors.torch
+import torch
+from accelerate import Accelerator
+from timm.utils import ModelEmaV3
+
+from kd.config import TrainConfig
+from kd.errors import UserError
+
+SCHEDULER_FILE, EMA_FILE = "scheduler.json", "ema.safetensors"  # our own state in last/: JSON and tensors only
+
+
+def save_state(
+    accelerator: Accelerator,
+    run_dir: Path,
+    progress: dict,
+    scheduler=None,
+    ema: ModelEmaV3 | None = None,
+    safe_serialization: bool = True,
+) -> None:
+    """Resumable state (model, optimizer, scaler, RNG; scheduler, EMA) in <run_dir>/last, replaced atomically.
+
+    The new state is written to last.tmp, completed by progress.json, then swapped in (last -> last.old,
+    last.tmp -> last). A kill at any point leaves one complete state that `recover_state` finds.
+    The scheduler is saved as JSON and the EMA as safetensors, not through Accelerate's custom-state pickles, which
+    it loads with code execution allowed (see `load_state`). A QAT graph needs safe_serialization=False
+    (kd.qat.QatPhase.safe_serialization says why).
+    """
+    tmp, last, old = run_dir / "last.tmp", run_dir / "last", run_dir / "last.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=safe_serialization)
+    if accelerator.is_main_process:
+        if scheduler is not None:
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
+        if ema is not None:
+            ema_state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+            safetensors.torch.save_file(ema_state, str(tmp / EMA_FILE))
+        (tmp / "progress.json.tmp").write_text(json.dumps(progress))
+        os.replace(tmp / "progress.json.tmp", tmp / "progress.json")  # its presence marks a complete state
+        shutil.rmtree(old, ignore_errors=True)  # left by a kill after an earlier swap
+        if last.exists():
+            last.rename(old)
+        tmp.rename(last)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def recover_state(run_dir: Path) -> Path | None:
+    """<run_dir>/last, after finishing a swap that a kill interrupted; None when there is no complete state."""
+    last = run_dir / "last"
+    if not (last / "progress.json").is_file():
+        for candidate in (run_dir / "last.tmp", run_dir / "last.old"):  # newest complete state first
+            if (candidate / "progress.json").is_file():
+                shutil.rmtree(last, ignore_errors=True)
+                candidate.rename(last)
+                break
+    return last if (last / "progress.json").is_file() else None
+
+
+def new_progress(cfg: TrainConfig) -> dict:
+    """The progress.json of a run that has not trained yet: where it is, its top-k list, its epochs without gain."""
+    return {"epoch": 0, "batches_done": 0, "updates": 0, "stale_epochs": 0, "top_k": [], "max_epochs": cfg.max_epochs}
+
+
+def find_state(accelerator: Accelerator, run_dir: Path, cfg: TrainConfig, resume: bool) -> dict | None:
+    """The checked progress.json of the state to continue from (--resume, or resume: auto when there is one), or
+    None to start a new run. --resume without a complete state is refused, never silently a new run."""
+    if accelerator.is_main_process and (resume or cfg.resume == "auto"):
+        recover_state(run_dir)
+    accelerator.wait_for_everyone()
+    last = run_dir / "last"
+    if not (resume or (cfg.resume == "auto" and (last / "progress.json").is_file())):
+        return None
+    if not (last / "progress.json").is_file():
+        raise UserError(f"--resume: no complete saved state in {last}; start without --resume")
+    return check_state(last)
+
+
+def check_state(last: Path) -> dict:
+    """Check every file of a saved state before anything reads it, and return its progress.json.
+
+    A run folder is often copied from a colleague or a shared drive, and a pickle can run code when it is loaded.
+    Each pickled file (optimizer, scaler, RNG states, ...) must load with torch's weights_only unpickler, which builds
+    tensors and plain containers only and refuses anything else without running it; .safetensors and .json files
+    must parse. A file that fails is named, and nothing is resumed.
+    """
+    for path in sorted(p for p in last.iterdir() if p.is_file()):
+        try:
+            if path.suffix in (".bin", ".pkl", ".pt"):
+                accelerate.utils.load(path, map_location="cpu", weights_only=True)
+            elif path.suffix == ".safetensors":
+                with safetensors.safe_open(str(path), "pt"):
+                    pass
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except pickle.UnpicklingError:  # torch's weights_only unpickler met an object it does not build
+            problem = "holds more than tensors and plain data, and unpickling it could run code"
+        except Exception as e:  # truncated, foreign or garbled
+            problem = (
+                f"cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})"
+            )
+        else:
+            continue
+        raise UserError(
+            f"refused to resume from {last}: {path.name} {problem}. Resume only from run folders you made or trust; "
+            "to start over, set checkpoint_dir to a new folder."
+        )
+    progress = json.loads((last / "progress.json").read_text())
+    keys = ("epoch", "batches_done", "updates", "stale_epochs", "top_k")
+    if not (isinstance(progress, dict) and all(k in progress for k in keys)):
+        raise UserError(f"refused to resume from {last}: progress.json lacks some of {keys}; the state is damaged")
+    return progress
+
+
+def resumed_schedule(progress: dict, cfg: TrainConfig) -> bool:
+    """Whether a resumed run must rebuild its LR schedule: max_epochs changed since the state was saved.
+
+    A finished run resumed with a larger max_epochs continues training on the schedule of the new length (its LR
+    jumps from the old schedule's end to the new one's value at that step); a smaller one than already trained is
+    refused.
+    """
+    saved = progress.get("max_epochs", cfg.max_epochs)  # states saved before max_epochs was recorded
+    if cfg.max_epochs < progress["epoch"]:
+        raise UserError(
+            f"--resume: the saved run has already trained {progress['epoch']} epochs, more than max_epochs="
+            f"{cfg.max_epochs}; set max_epochs >= {progress['epoch']} (or its former {saved})"
+        )
+    return saved != cfg.max_epochs
+
+
+def load_state(
+    accelerator: Accelerator, run_dir: Path, progress: dict, cfg: TrainConfig, scheduler, ema: ModelEmaV3 | None
+) -> None:
+    """Load <run_dir>/last into the prepared objects; a changed max_epochs rebuilds the schedule (`resumed_schedule`).
+    `progress` (from `find_state`) takes the new max_epochs."""
+    reschedule = resumed_schedule(progress, cfg)
+    last = run_dir / "last"
+    try:
+        accelerator.load_state(str(last))
+    except (RuntimeError, KeyError, ValueError, OSError, safetensors.SafetensorError) as e:
+        detail = str(e).strip().splitlines()[0][:300]
+        raise UserError(
+            f"cannot resume from {last}: the saved state does not fit the model and optimizer this run builds "
+            f"({detail}). It was saved by another model or configuration: resume with the config it was made with "
+            f"({run_dir / 'config.yaml'}), or start a new run with another checkpoint_dir."
+        ) from None
+    # states saved before kd wrote its own files: Accelerate's custom pickles, registered scheduler first, then EMA
+    legacy = {"scheduler": last / "custom_checkpoint_0.pkl", "ema": last / "custom_checkpoint_1.pkl"}
+    if not reschedule:
+        if (last / SCHEDULER_FILE).is_file():
+            scheduler.load_state_dict(json.loads((last / SCHEDULER_FILE).read_text()))
+        elif legacy["scheduler"].is_file():  # checked by check_state: plain data
+            scheduler.load_state_dict(accelerate.utils.load(legacy["scheduler"], weights_only=True))
+    if ema is not None:
+        if (last / EMA_FILE).is_file():
+            ema.load_state_dict(safetensors.torch.load_file(str(last / EMA_FILE), device=str(accelerator.device)))
+        elif legacy["ema"].is_file():
+            ema.load_state_dict(
+                accelerate.utils.load(legacy["ema"], map_location=accelerator.device, weights_only=True)
+            )
+        else:
+            raise UserError(f"cannot resume from {last}: it holds no EMA weights, but this run has ema_decay > 0")
+    if reschedule:  # the new schedule at the step reached, as if max_epochs had been this from the start
+        scheduler.step_update(progress["updates"])
+        accelerator.print(
+            f"max_epochs {progress['max_epochs']} -> {cfg.max_epochs}: the LR schedule is rebuilt for "
+            f"{cfg.max_epochs} epochs and continues from optimizer step {progress['updates']}"
+        )
+    progress["max_epochs"] = cfg.max_epochs
+    accelerator.print(f"resumed from {last} at epoch {progress['epoch']}, batch {progress['batches_done']}")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a distributed error means another process of the run is gone (gloo's and NCCL's wordings)."""
+    text = str(error)
+    return (
+        isinstance(error, torch.distributed.DistError) or "Connection closed by peer" in text or "remote worker" in text
+    )
+
+
+@contextlib.contextmanager
+def explain_lost_peers(accelerator: Accelerator, run_dir: Path) -> Iterator[None]:
+    """With several processes, say what to do when another one dies, instead of a stack dump from this one.
+
+    A killed rank shows up in the others either as a failed collective (gloo: "Connection closed by peer") or as
+    the launcher's SIGTERM; either way this process prints one line: where the last saved state is and that
+    `--resume` continues from it. Which rank died, and how, is in the launcher's own report ("Root Cause").
+    """
+    if accelerator.num_processes == 1:
+        yield
+        return
+
+    def message() -> str:
+        progress = run_dir / "last" / "progress.json"
+        saved = json.loads(progress.read_text()) if progress.is_file() else None
+        where = (
+            f"the last saved state, {run_dir / 'last'} (epoch {saved['epoch']}, batch {saved['batches_done']}), "
+            "with the same command and --resume"
+            if saved
+            else "the start: no state was saved yet, so run the same command again (without --resume)"
+        )
+        return (
+            f"process {accelerator.process_index} of {accelerator.num_processes} stopped: another process of this "
+            f"run ended first (the launcher's report names it under 'Root Cause'). Continue from {where}."
+        )
+
+    def on_sigterm(signum, frame) -> None:
+        print(f"error: {message()}", file=sys.stderr, flush=True)
+        os._exit(2)  # at once: the launcher kills what is still running after a grace period
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    except RuntimeError as e:  # DistError is one
+        if lost_peer(e):
+            raise UserError(message()) from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
