@@ -41,8 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from kd.cache import CachedTeacher, TeacherCache, build_teacher_cache  # noqa: E402
 from kd.config import DataConfig  # noqa: E402
 from kd.data import InputSpec, build_loader, make_demo_dataset, ms_statistics, open_split  # noqa: E402
-from kd.distill import Distiller  # noqa: E402
-from kd.features import layer_pairs  # noqa: E402
+from kd.distiller import Distiller  # noqa: E402
+from kd.ensemble import Teachers  # noqa: E402
+from kd.features import FeaturePairs  # noqa: E402
 from kd.losses import KnowledgeDistillationLoss  # noqa: E402
 from kd.models import HybridFusion, build_model, forward_batch  # noqa: E402
 
@@ -105,9 +106,10 @@ def teacher_forward_for(teacher: torch.nn.Module, batch: dict, device: str, prec
     return forward
 
 
-def distill_step_for(student, teachers, batch: dict, pairs=()):
-    loss = KnowledgeDistillationLoss(4.0, 0.3, 0.5 if pairs else 0.0)
-    distiller = Distiller(student, teachers, loss, layer_pairs=pairs, example_batch=batch).to(batch["rgb"].device)
+def distill_step_for(student, teachers, batch: dict, layers=()):
+    loss = KnowledgeDistillationLoss(4.0, 0.3, 0.5 if layers else 0.0)
+    pairs = FeaturePairs(layers, student, teachers[0], batch, batch) if layers else None
+    distiller = Distiller(student, Teachers(teachers), loss, pairs).to(batch["rgb"].device)
     optimizer = torch.optim.AdamW(distiller.parameters(), lr=1e-4)
 
     def step():
@@ -198,9 +200,7 @@ def main() -> dict:
         "student_step": student_step_for(student, batch, device),
         "teacher_forward": teacher_forward_for(teacher, batch, device, args.teacher_precision),
         "distill_step": distill_step_for(student, [wrapped_teacher], batch),
-        "distill_step_features": distill_step_for(
-            student, [wrapped_teacher], batch, layer_pairs(named, student, wrapped_teacher)
-        ),
+        "distill_step_features": distill_step_for(student, [wrapped_teacher], batch, named),
     }
     with tempfile.TemporaryDirectory() as cache_dir:
         # (d): the teacher's logits on this batch cached on disk as distill.py --cache-teacher writes them, then read

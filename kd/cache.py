@@ -17,7 +17,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +59,11 @@ def check_applies(d: DistillationConfig) -> None:
             "distillation.teacher_cache cannot include the EMA teacher (it changes every step): set "
             "distillation.ema_teacher_weight=0, or distillation.teacher_cache='' to run the teachers online"
         )
+
+
+def rebuild_command(argv: Sequence[str]) -> str:
+    """The command that builds the cache a distill.py run with arguments `argv` reads (told when it is refused)."""
+    return " ".join(["python distill.py", *(a for a in argv if a != "--resume"), "--cache-teacher"])
 
 
 def cache_key(

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from kd.errors import QUOTE_LIMIT, UserError, quote
+from kd.losses import SOFT_LOSSES, soft_loss_arguments
 
 
 class ConfigError(UserError):
@@ -275,7 +276,8 @@ class DistillationConfig(TrainConfig):
     feature_layers: list = field(default_factory=list)  # names shared by both models, or [student, teacher] pairs
     feature_teacher: int = 0  # index (in `teachers`) of the teacher whose features are matched
     final_temperature: float | None = None  # linear decay from `temperature` to this over training; null = constant
-    soft_loss: str = "kl"  # kl (Hinton) | dkd (Decoupled KD, CVPR 2022) | dist (DIST, NeurIPS 2022)
+    soft_loss: str = "kl"  # kl (Hinton) | dkd (Decoupled KD, CVPR 2022) | dist (DIST, NeurIPS 2022): kd.losses
+    soft_loss_args: dict = field(default_factory=dict)  # the soft loss's keyword arguments; win over dkd_*, dist_*
     dkd_alpha: float = 1.0  # dkd: weight of the target-class term (TCKD)
     dkd_beta: float = 8.0  # dkd: weight of the non-target-class term (NCKD)
     dkd_warmup_epochs: float = 20.0  # dkd: epochs over which the DKD term ramps up linearly from 0
@@ -305,8 +307,27 @@ class DistillationConfig(TrainConfig):
             rule = f"must be in [0, {MAX_LOSS_WEIGHT:g}] (a loss weight; far larger ones overflow the float32 loss)"
             _check(0 <= value <= MAX_LOSS_WEIGHT, f"distillation.{key}", rule, value)
         _check(
-            self.soft_loss in ("kl", "dkd", "dist"), "distillation.soft_loss", "must be kl | dkd | dist", self.soft_loss
+            self.soft_loss in SOFT_LOSSES,
+            "distillation.soft_loss",
+            f"must be {' | '.join(SOFT_LOSSES)}",
+            self.soft_loss,
         )
+        _check(
+            isinstance(self.soft_loss_args, dict),
+            "distillation.soft_loss_args",
+            "must be a mapping of argument names to values, e.g. {beta: 2.0}",
+            self.soft_loss_args,
+        )
+        arguments = soft_loss_arguments(self.soft_loss)
+        for name, value in self.soft_loss_args.items():
+            if name not in arguments:
+                raise ConfigError(
+                    f"distillation.soft_loss_args: soft loss {self.soft_loss} has no argument {quote(name)}; "
+                    f"its arguments: {', '.join(arguments) or 'none'}"
+                )
+            self.soft_loss_args[name] = _coerce(
+                value, arguments[name].annotation, f"distillation.soft_loss_args.{name}"
+            )
         _check(
             self.final_temperature is None or self.final_temperature > 0,
             "distillation.final_temperature",

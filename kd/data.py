@@ -48,7 +48,7 @@ class InputSpec:
         return self.ms_mean is not None
 
     def rgb(self) -> dict:
-        """{"image_size", "mean", "std"}: the part kd.distill.adapt_view converts between."""
+        """{"image_size", "mean", "std"}: the part kd.ensemble.adapt_view converts between."""
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 

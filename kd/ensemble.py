@@ -1,8 +1,25 @@
-"""Multi-teacher distillation: a weighted average of the teachers' logits."""
+"""The teachers a run distils from, as one: frozen checkpoints (one, or a weighted ensemble), or their logits read back
+from a teacher cache (kd/cache.py). `load_teachers` is where a run gets them, and the one place that picks the cache.
+"""
 
-from collections.abc import Sequence
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from kd.cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key, check_applies
+from kd.checkpoint import CheckpointMeta, check_ms_bands, load_checkpoint, read_meta
+from kd.config import Config
+from kd.data import InputSpec
+from kd.errors import UserError, quote
+from kd.features import FeaturePairs
+from kd.models import count_parameters, forward_batch
 
 
 def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -18,3 +35,267 @@ def weighted_logits(logits: Sequence[torch.Tensor], weights: Sequence[float] | N
     """sum_i w_i * logits_i with the weights normalized to sum to one."""
     weights = normalize_weights(weights, len(logits))
     return sum(w * x.float() for w, x in zip(weights, logits))
+
+
+def adapt_view(batch: dict, source: dict | None, target: dict | None) -> dict:
+    """The batch as a model with input `target` expects it, from images normalized as `source` says.
+
+    `source` and `target` are {"image_size", "mean", "std"}; the images are resized when their size is not the
+    target's. Resizing is linear and normalization affine per channel, so resizing the normalized view and
+    re-normalizing equals preparing it for the target directly.
+    """
+    if source is None or target is None:
+        return batch
+    out, size = dict(batch), [target["image_size"]] * 2
+    rgb = batch["rgb"]
+    if list(rgb.shape[-2:]) != size:
+        rgb = F.interpolate(rgb, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if (source["mean"], source["std"]) != (target["mean"], target["std"]):
+
+        def column(values):
+            return rgb.new_tensor(values).view(1, -1, 1, 1)
+
+        rgb = (rgb * column(source["std"]) + column(source["mean"]) - column(target["mean"])) / column(target["std"])
+    if rgb is batch["rgb"]:  # nothing to do costs nothing
+        return batch
+    out["rgb"] = rgb
+    if "ms" in batch and list(batch["ms"].shape[-2:]) != size:
+        out["ms"] = F.interpolate(batch["ms"], size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out
+
+
+def loader_input(loader: DataLoader) -> dict:
+    """{"image_size", "mean", "std"} of the images a loader yields, as its transform prepares them."""
+    transform = loader.dataset.transform
+    return {"image_size": transform.image_size, "mean": list(transform.mean), "std": list(transform.std)}
+
+
+class Teachers:
+    """Frozen teachers as one: `logits` averages theirs with the normalized weights, each teacher fed the batch
+    resized and re-normalized to its own input (its checkpoint's; without `metas`, the batch as it comes).
+
+    Not an nn.Module on purpose: held by the Distiller, the teachers would be broadcast by DDP every step, seen by
+    the optimizer and saved in checkpoints. They stay in eval mode and run under no_grad. With `ema_weight` > 0 the
+    student's EMA (set_ema) joins them once `ema_start_epoch` has passed (self-distillation).
+    Read from a teacher cache, there are no modules: `check` opens the cache, once the training views it must hold
+    are known. `config`, the run's, is what `check` and `build_cache` read (load_teachers sets it).
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        weights: Sequence[float] | None = None,
+        metas: Sequence[CheckpointMeta] = (),
+        checkpoints: Sequence[str] = (),
+        ema_weight: float = 0.0,
+        ema_start_epoch: float = 1.0,
+        config: Config | None = None,
+    ):
+        self.modules = tuple(m.eval().requires_grad_(False) for m in modules)
+        self.metas, self.checkpoints, self.config = list(metas), list(checkpoints), config
+        count = len(self.metas or self.modules)
+        self.weights = list(weights) if weights is not None else [1.0] * count
+        normalize_weights(self.weights, count)  # validates
+        self.inputs = [m.input_spec.rgb() for m in self.metas] or [None] * count
+        self.ema: nn.Module | None = None
+        self.ema_weight, self.ema_start_epoch, self.epoch = ema_weight, ema_start_epoch, 0.0
+        self.cache: CachedTeacher | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.metas[0].classes
+
+    @property
+    def ms_meta(self) -> CheckpointMeta | None:
+        """The metadata of the teacher that reads MS bands, if one runs (from a cache, none reads them)."""
+        return next((m for m in self.metas if m.input_spec.with_ms), None) if self.modules else None
+
+    def input_specs(self, student: InputSpec, ms_bands: list, say: Callable[[str], None]) -> tuple[InputSpec, ...]:
+        """(training view, validation input) for a student fed `student`: one augmented view at the largest input
+        size of all models, which each gets resized / re-normalized; both with the MS bands and statistics of the
+        teacher that reads them, so that it sees inputs exactly as it was trained on (`ms_bands`: data.ms_bands)."""
+        val = student
+        if self.ms_meta:
+            ms = self.ms_meta.input_spec
+            if ms_bands and ms_bands != ms.ms_bands:
+                raise UserError(
+                    f"data.ms_bands is {quote(ms_bands)}, but the teacher was trained on bands "
+                    f"{quote(ms.ms_bands or 'all')}: the teacher must see its own bands. Set data.ms_bands to "
+                    "the teacher's, or leave it empty ([]) to use them."
+                )
+            if ms.ms_bands:
+                say(f"multispectral bands {ms.ms_bands}: the teacher's (from its checkpoint)")
+            val = dataclasses.replace(student, ms_mean=ms.ms_mean, ms_std=ms.ms_std, ms_bands=ms.ms_bands)
+        view_size = max(x["image_size"] for x in [student.rgb(), *self.inputs])
+        return dataclasses.replace(val, image_size=view_size), val
+
+    def check(self, train_loader: DataLoader, val_loader: DataLoader, rebuild: str, say: Callable[[str], None]):
+        """At start, against this run's data: the MS teacher's band count; each teacher clearly better than chance
+        on a class-balanced validation batch (`say`s a line each); or, from a cache, that it holds exactly these
+        training views (it is opened here; else a UserError that says why and gives the `rebuild` command)."""
+        d = self.config.distillation
+        check_ms_bands(self.ms_meta, val_loader.dataset)
+        if not self.modules:  # read from a cache
+            self.cache = CachedTeacher(
+                TeacherCache.open(d.teacher_cache, self.cache_key(train_loader), d.max_epochs, rebuild)
+            )
+        elif d.teacher_sanity_check:  # a cached run checked its teachers when it built the cache
+            batch = class_balanced_batch(val_loader, d.batch_size)  # sorted val sets start with one class
+            for name, teacher, target in zip(self.checkpoints, self.modules, self.inputs):
+                teacher_batch = adapt_view(batch, loader_input(val_loader), target)
+                say(teacher_sanity_report(name, teacher, teacher_batch, len(self.classes)))
+
+    def cache_key(self, train_loader: DataLoader) -> dict:
+        """kd.cache.cache_key of these teachers and the loader's training views."""
+        entries = [{"checkpoint": c, "weight": w} for c, w in zip(self.checkpoints, self.weights)]
+        d, data = self.config.distillation, self.config.data
+        return cache_key(entries, self.metas, train_loader.dataset, data.root, self.inputs, d.teacher_cache_top_k)
+
+    def build_cache(self, accelerator: Accelerator, train_loader: DataLoader) -> None:
+        """Run the teachers once over every epoch's training views and store their top-k logits in
+        distillation.teacher_cache (distill.py --cache-teacher), on the run's device and in its precision."""
+        d, data = self.config.distillation, self.config.data
+        self.to(accelerator.device, d.channels_last, d.compile)
+        logits = functools.partial(self.logits, source=loader_input(train_loader))
+        key, views = self.cache_key(train_loader), train_loader.dataset
+        build_teacher_cache(
+            accelerator, d.teacher_cache, key, logits, views, d.max_epochs, d.batch_size, data.num_workers
+        )
+
+    def set_ema(self, ema: nn.Module) -> None:
+        """Self-distillation: the student's EMA, which joins the teachers when ema_weight > 0."""
+        if self.ema_weight > 0:
+            self.ema = ema
+
+    def set_progress(self, epoch: float) -> None:
+        self.epoch = epoch
+
+    def to(self, device: torch.device, channels_last: bool = False, compile: bool = False) -> None:
+        """Move the teachers; optionally channels_last and compiled (in place: nn.Module.compile keeps the module)."""
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.modules = tuple(t.to(device, memory_format=memory_format) for t in self.modules)
+        for teacher in self.modules:
+            if compile:
+                teacher.compile()
+
+    @torch.no_grad()
+    def logits(self, batch: dict, source: dict | None = None) -> torch.Tensor:
+        """Their weighted logits on `batch`, whose images are normalized as `source` says (the student's input,
+        which the EMA teacher takes); from a cache, the ensemble's logits stored for the batch's views."""
+        if self.cache is not None:
+            return forward_batch(self.cache, batch).float()
+        modules, weights, inputs = list(self.modules), list(self.weights), list(self.inputs)
+        if self.ema is not None and self.epoch >= self.ema_start_epoch:
+            modules, weights, inputs = [*modules, self.ema], [*weights, self.ema_weight], [*inputs, source]
+        logits = [forward_batch(m, adapt_view(batch, source, target)) for m, target in zip(modules, inputs)]
+        return logits[0].float() if len(logits) == 1 else weighted_logits(logits, weights)
+
+    def describe(self) -> str:
+        names = ", ".join(self.checkpoints)
+        if self.cache is not None:
+            cache = self.cache.cache
+            return f"teacher logits from cache {cache.path} (top-{cache.meta['key']['top_k']} of {names})"
+        return f"{len(self.modules)} teacher(s): {names} ({sum(count_parameters(t) for t in self.modules) / 1e6:.2f}M)"
+
+    def feature_pairs(self, layers: list, student: nn.Module, example: dict, source: dict, index: int) -> FeaturePairs:
+        """Feature matching of `layers` between the student and teacher `index`, sized on `example`, a batch of
+        training views normalized as `source` says (the student's input)."""
+        teacher, target = self.modules[index], self.inputs[index]
+        return FeaturePairs(
+            layers, student, teacher, adapt_view(example, source, source), adapt_view(example, source, target)
+        )
+
+
+def load_teachers(cfg: Config, online: bool = False) -> Teachers:
+    """The teachers of distillation.teachers (or teacher_checkpoint), frozen, rebuilt from their safetensors + JSON
+    checkpoints. With distillation.teacher_cache set, only their metadata is read: their logits come from the cache,
+    which Teachers.check opens; `online` loads them all the same (to list their layers, or to build the cache).
+    They must share one class list."""
+    d = cfg.distillation
+    if d.teacher_cache:
+        check_applies(d)
+    entries = d.teachers or [{"checkpoint": d.teacher_checkpoint, "weight": 1.0}]
+    checkpoints = [e["checkpoint"] for e in entries]
+    if d.teacher_cache and not online:  # the teachers are never loaded, let alone run
+        modules, metas = [], [read_meta(c) for c in checkpoints]
+    else:
+        loaded = [load_checkpoint(c) for c in checkpoints]
+        modules, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
+    for checkpoint, meta in zip(checkpoints, metas):
+        if meta.classes != metas[0].classes:
+            raise UserError(
+                f"teacher {checkpoint} has classes {meta.classes}, but {checkpoints[0]} has {metas[0].classes}"
+            )
+    if not 0 <= d.feature_teacher < len(entries):
+        raise UserError(f"distillation.feature_teacher={d.feature_teacher}, but there are {len(entries)} teachers")
+    weights = [e.get("weight", 1.0) for e in entries]
+    return Teachers(modules, weights, metas, checkpoints, d.ema_teacher_weight, d.ema_teacher_start_epoch, cfg)
+
+
+@torch.no_grad()
+def teacher_sanity_check(teacher: nn.Module, batch: dict, num_classes: int) -> dict:
+    """Logit statistics and accuracy of a teacher on one batch, and whether that is clearly better than chance.
+
+    The verdict uses balanced accuracy (the mean recall of the classes in the batch), whose chance level is
+    1 / (classes present) whatever the mix: a validation set sorted by class gives a first batch of mostly one class,
+    on which a teacher that always names that class has a high plain accuracy and learnt nothing.
+    "Clearly better" means at least the larger of
+    - chance + 2 standard deviations of a blind guesser's balanced accuracy on these class counts: on a small batch a
+      teacher guessing at random passes about 2% of the time;
+    - 1.5 x chance: on a large batch the 2 deviations shrink towards chance, yet a teacher barely above chance still
+      teaches mostly noise.
+    A batch of one class cannot tell (chance is 1): `better_than_chance` is then None.
+    """
+    logits = forward_batch(teacher.eval(), batch).float()
+    labels = batch["label"].cpu()
+    hits = (logits.argmax(1).cpu() == labels).float()
+    counts = torch.bincount(labels, minlength=num_classes).float()
+    present = counts > 0
+    recall = torch.zeros(num_classes).index_add_(0, labels, hits)[present] / counts[present]
+    k = int(present.sum())
+    chance = 1.0 / k
+    deviation = (chance * (1 - chance) * (1 / counts[present]).sum().item()) ** 0.5 / k
+    threshold = max(chance + 2 * deviation, 1.5 * chance)
+    balanced = recall.mean().item()
+    return {
+        "logit_mean": logits.mean().item(),
+        "logit_std": logits.std().item(),
+        "accuracy": hits.mean().item(),
+        "balanced_accuracy": balanced,
+        "classes_present": k,
+        "samples": labels.numel(),
+        "chance": chance,
+        "threshold": threshold,
+        "better_than_chance": balanced >= threshold if k > 1 else None,
+    }
+
+
+def teacher_sanity_report(name: str, teacher: nn.Module, batch: dict, num_classes: int) -> str:
+    """One line on the teacher's logits and accuracy on `batch`, with a loud warning when it is near chance."""
+    check = teacher_sanity_check(teacher, batch, num_classes)
+    line = (
+        f"teacher {name}: logits mean {check['logit_mean']:.3f} std {check['logit_std']:.3f}, "
+        f"accuracy {check['accuracy']:.3f} on {check['samples']} val images, balanced accuracy "
+        f"{check['balanced_accuracy']:.3f} over their {check['classes_present']} classes (chance {check['chance']:.3f})"
+    )
+    if check["better_than_chance"] is None:
+        line += " - one class only: the check cannot tell a teacher from a constant guess"
+    elif not check["better_than_chance"]:
+        line += (
+            f"\nWARNING: teacher {name} is not clearly better than chance on a validation batch (balanced accuracy "
+            f"{check['balanced_accuracy']:.3f}, needs {check['threshold']:.3f}): distilling it teaches noise. Train "
+            "the teacher longer, or check that the checkpoint is the one you meant and was trained on these classes "
+            "in this order with this normalization."
+        )
+    return line
+
+
+def class_balanced_batch(loader: DataLoader, size: int) -> dict:
+    """Up to `size` samples of the loader's dataset, taken in turn from each class, as one batch (for the sanity
+    check: the loader's own first batch is mostly one class, as validation sets are sorted by class)."""
+    by_class: dict[int, list[int]] = {}
+    for index, (_, label) in enumerate(loader.dataset.samples):
+        by_class.setdefault(label, []).append(index)
+    in_turn = (i for row in itertools.zip_longest(*by_class.values()) for i in row if i is not None)
+    picks = list(itertools.islice(in_turn, size))
+    return next(iter(DataLoader(Subset(loader.dataset, picks), batch_size=len(picks), collate_fn=loader.collate_fn)))

@@ -1,12 +1,17 @@
-"""Feature matching: forward hooks on named layers, and adapters that bring student features to the teacher's shape."""
+"""Feature matching: forward hooks on named layers, adapters that bring student features to the teacher's shape, and
+the layer listing of `distill.py --list-layers`."""
 
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
 from torch import nn
 
+from kd.checkpoint import CheckpointMeta
 from kd.errors import UserError
+from kd.models import input_keys
 
 
 def layer_names(model: nn.Module, max_depth: int = 3) -> list[str]:
@@ -85,6 +90,40 @@ class FeatureAdapter(nn.Module):
         return x
 
 
+class FeaturePairs:
+    """Feature matching between a student and a teacher: hooks keep the latest output of each paired layer, and one
+    adapter per pair, sized by a forward pass of each model on an example batch, maps the student's to the teacher's.
+
+    `layers` are distillation.feature_layers entries. The adapters train with the student, so whoever trains it
+    registers them (the Distiller does); this object holds the hooks.
+    """
+
+    def __init__(
+        self, layers: Sequence, student: nn.Module, teacher: nn.Module, student_batch: dict, teacher_batch: dict
+    ):
+        self.pairs = layer_pairs(layers, student, teacher)
+        student_names, teacher_names = [s for s, _ in self.pairs], [t for _, t in self.pairs]
+        s_shapes = feature_shapes(student, student_names, [student_batch[k] for k in input_keys(student)])
+        t_shapes = feature_shapes(teacher, teacher_names, [teacher_batch[k] for k in input_keys(teacher)])
+        self.adapters = nn.ModuleList(FeatureAdapter(s_shapes[s][1], t_shapes[t][1]) for s, t in self.pairs)
+        self.student_hooks = FeatureHooks(student, student_names)
+        self.teacher_hooks = FeatureHooks(teacher, teacher_names)
+
+    def pop(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(adapted student features, teacher features) of each pair, from both models' latest forward passes."""
+        features = []
+        for adapter, (student_name, teacher_name) in zip(self.adapters, self.pairs):
+            teacher_features = self.teacher_hooks.pop(teacher_name)
+            student_features = adapter(self.student_hooks.pop(student_name), teacher_features.shape[-2:])
+            features.append((student_features, teacher_features))
+        return features
+
+    def remove(self) -> None:
+        """Stop matching: the hooks go, the adapters keep their weights."""
+        self.student_hooks.remove()
+        self.teacher_hooks.remove()
+
+
 @torch.no_grad()
 def output_shapes(
     model: nn.Module, inputs: Sequence[torch.Tensor], names: Sequence[str] | None = None, max_depth: int = 3
@@ -129,3 +168,25 @@ def suggest_pairs(student_shapes: dict[str, tuple], teacher_shapes: dict[str, tu
     prefix = "rgb." if any(n.startswith("rgb.") for n in teacher_shapes) else ""
     student_stages, teacher_stages = _stage_outputs(student_shapes), _stage_outputs(teacher_shapes, prefix)
     return [(s, teacher_stages[size]) for size, s in student_stages.items() if size in teacher_stages]
+
+
+def print_layers(student: nn.Module, student_size: int, teacher: nn.Module, teacher_meta: CheckpointMeta) -> None:
+    """Every hookable layer of both models with its output shape, and pairs whose spatial sizes match."""
+    size = teacher_meta.input_spec.image_size
+    inputs = {
+        "rgb": torch.zeros(1, 3, size, size),
+        "ms": torch.zeros(1, teacher_meta.arch.get("ms_channels", 0), size, size),
+    }
+    shapes = {
+        f"student layers at {student_size} px": output_shapes(student, [torch.zeros(1, 3, student_size, student_size)]),
+        f"teacher layers at {size} px": output_shapes(teacher, [inputs[k] for k in input_keys(teacher)]),
+    }
+    console = Console(width=max(100, Console().width))
+    for title, layer_shapes in shapes.items():
+        table = Table("layer", "output shape", title=title)
+        for name, shape in layer_shapes.items():
+            table.add_row(name, "×".join(map(str, shape[1:])))
+        console.print(table)
+    pairs = suggest_pairs(*shapes.values())
+    console.print("suggested feature_layers (same spatial size; adapters fix the channel counts):")
+    print("  [" + ", ".join(f"[{s}, {t}]" for s, t in pairs) + "]")  # plain print: rich would wrap or eat [..]

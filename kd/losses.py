@@ -1,14 +1,18 @@
 """KnowledgeDistillationLoss: alpha * CE(labels) + (1 - alpha) * soft + w * feature MSE.
 
-The soft term is selectable: classic KL (Hinton et al.), DKD (Zhao et al., CVPR 2022) or DIST (Huang et al.,
-NeurIPS 2022). All are computed in float32, whatever the autocast dtype of the logits.
+The soft term is one function of SOFT_LOSSES: classic KL (Hinton et al.), DKD (Zhao et al., CVPR 2022) or DIST
+(Huang et al., NeurIPS 2022). All are computed in float32, whatever the autocast dtype of the logits.
 """
+
+import inspect
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SOFT_LOSSES = ("kl", "dkd", "dist")
+if TYPE_CHECKING:  # kd.config imports this module to check soft_loss and soft_loss_args
+    from kd.config import DistillationConfig
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -91,14 +95,30 @@ def feature_mse(feature_pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch
     return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in feature_pairs]).mean()
 
 
-class KnowledgeDistillationLoss(nn.Module):
-    """Hard, soft and feature terms of KD; forward returns each term and their weighted sum ("loss").
+# A soft loss takes the logits and the temperature by these names (the labels too, when it names them) and returns a
+# scalar; its other arguments are distillation.soft_loss_args. A new one is a function and an entry here.
+SOFT_LOSSES = {"kl": soft_kl, "dkd": dkd_loss, "dist": dist_loss}
+INPUTS = ("student_logits", "teacher_logits", "labels", "temperature")
+# the keys that set soft loss arguments before distillation.soft_loss_args: still read, soft_loss_args wins
+CONFIG_KEYS = {"dkd": {"alpha": "dkd_alpha", "beta": "dkd_beta"}, "dist": {"beta": "dist_beta", "gamma": "dist_gamma"}}
 
-    soft_loss picks the soft term: "kl" (soft_kl), "dkd" (dkd_loss times min(epoch / dkd_warmup_epochs, 1), the
-    paper's warmup; 0 disables it) or "dist" (dist_loss). Defaults are the papers' CIFAR-100 values: DKD
-    alpha=1, beta=8, 20 warmup epochs; DIST beta=gamma=1. Both papers add their term to a CE of weight 1, while
-    here it is mixed as (1 - alpha) * soft, so alpha rescales it. `temperature` and `epoch` are plain attributes
-    that schedules set during training.
+
+def soft_loss_arguments(name: str) -> dict[str, inspect.Parameter]:
+    """The arguments of soft loss `name` beside its INPUTS, with their defaults: what soft_loss_args may set."""
+    if name not in SOFT_LOSSES:
+        raise ValueError(f"unknown soft_loss {name!r}; choose one of {', '.join(SOFT_LOSSES)}")
+    parameters = inspect.signature(SOFT_LOSSES[name]).parameters
+    return {key: parameter for key, parameter in parameters.items() if key not in INPUTS}
+
+
+class KnowledgeDistillationLoss(nn.Module):
+    """Hard, soft and feature terms of KD; forward returns each term, their weighted sum ("loss") and the temperature.
+
+    The soft term is SOFT_LOSSES[soft_loss] called with `soft_loss_args` (DKD: alpha=1, beta=8; DIST: beta=gamma=1
+    by default, the papers' CIFAR-100 values). Both papers add their term to a CE of weight 1, while here it is mixed
+    as (1 - alpha) * soft, so alpha rescales it. Over training (`set_progress`), the soft term ramps in linearly over
+    `soft_warmup_epochs` (DKD's warmup; 0: none) and the temperature decays linearly to `final_temperature` over
+    `total_epochs` (None: constant).
     """
 
     def __init__(
@@ -107,33 +127,65 @@ class KnowledgeDistillationLoss(nn.Module):
         alpha: float = 0.3,
         feature_weight: float = 0.5,
         soft_loss: str = "kl",
-        dkd_alpha: float = 1.0,
-        dkd_beta: float = 8.0,
-        dkd_warmup_epochs: float = 20.0,
-        dist_beta: float = 1.0,
-        dist_gamma: float = 1.0,
+        soft_loss_args: dict | None = None,
+        soft_warmup_epochs: float = 0.0,
+        final_temperature: float | None = None,
+        total_epochs: float = 1.0,
     ):
         super().__init__()
-        if soft_loss not in SOFT_LOSSES:
-            raise ValueError(f"unknown soft_loss {soft_loss!r}; choose one of {', '.join(SOFT_LOSSES)}")
+        arguments, soft_loss_args = soft_loss_arguments(soft_loss), dict(soft_loss_args or {})
+        unknown = [name for name in soft_loss_args if name not in arguments]
+        if unknown:
+            raise ValueError(
+                f"soft loss {soft_loss!r} has no argument(s) {unknown}; its arguments: {', '.join(arguments) or 'none'}"
+            )
+        self.soft_loss, self.soft_loss_args = soft_loss, soft_loss_args
+        function = SOFT_LOSSES[soft_loss]
+        self.soft_function, self.soft_inputs = (
+            function,
+            [k for k in INPUTS if k in inspect.signature(function).parameters],
+        )
         self.temperature, self.alpha, self.feature_weight = temperature, alpha, feature_weight
-        self.soft_loss = soft_loss
-        self.dkd_alpha, self.dkd_beta, self.dkd_warmup_epochs = dkd_alpha, dkd_beta, dkd_warmup_epochs
-        self.dist_beta, self.dist_gamma = dist_beta, dist_gamma
-        self.epoch = 0.0  # fractional epoch, set by the training loop; drives the DKD warmup
+        self.initial_temperature, self.final_temperature = temperature, final_temperature
+        self.soft_warmup_epochs, self.total_epochs = soft_warmup_epochs, total_epochs
+        self.epoch = 0.0  # fractional epoch, from set_progress
 
-    def dkd_warmup(self) -> float:
-        """The DKD loss weight at the current epoch: ramps linearly from 0 to 1 over dkd_warmup_epochs."""
-        return min(self.epoch / self.dkd_warmup_epochs, 1.0) if self.dkd_warmup_epochs > 0 else 1.0
+    @classmethod
+    def from_config(cls, d: "DistillationConfig") -> "KnowledgeDistillationLoss":
+        """The loss the distillation section describes: soft_loss_args over the dkd_* / dist_* keys, DKD's warmup."""
+        older = {argument: getattr(d, key) for argument, key in CONFIG_KEYS.get(d.soft_loss, {}).items()}
+        return cls(
+            d.temperature,
+            d.alpha,
+            d.feature_weight,
+            d.soft_loss,
+            {**older, **d.soft_loss_args},
+            soft_warmup_epochs=d.dkd_warmup_epochs if d.soft_loss == "dkd" else 0.0,
+            final_temperature=d.final_temperature,
+            total_epochs=d.max_epochs,
+        )
+
+    def set_progress(self, epoch: float) -> None:
+        """Called before every training step with the fractional epoch: the warmup and the temperature schedule."""
+        self.epoch = epoch
+        if self.final_temperature is not None:
+            fraction = min(epoch / self.total_epochs, 1.0)
+            t0, t1 = self.initial_temperature, self.final_temperature
+            self.temperature = t0 + (t1 - t0) * fraction
+
+    def warmup(self) -> float:
+        """The soft term's weight at the current epoch: ramps linearly from 0 to 1 over soft_warmup_epochs."""
+        return min(self.epoch / self.soft_warmup_epochs, 1.0) if self.soft_warmup_epochs > 0 else 1.0
 
     def soft(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The selected soft term (DKD includes its warmup factor), before the (1 - alpha) weight."""
-        t = self.temperature
-        if self.soft_loss == "dkd":
-            return self.dkd_warmup() * dkd_loss(student, teacher, labels, t, self.dkd_alpha, self.dkd_beta)
-        if self.soft_loss == "dist":
-            return dist_loss(student, teacher, t, self.dist_beta, self.dist_gamma)
-        return soft_kl(student, teacher, t)
+        """The soft term, warmup included, before the (1 - alpha) weight."""
+        given = {
+            "student_logits": student,
+            "teacher_logits": teacher,
+            "labels": labels,
+            "temperature": self.temperature,
+        }
+        return self.warmup() * self.soft_function(**{k: given[k] for k in self.soft_inputs}, **self.soft_loss_args)
 
     def forward(
         self,
@@ -146,4 +198,5 @@ class KnowledgeDistillationLoss(nn.Module):
         soft = self.soft(student_logits, teacher_logits, labels)
         feature = feature_mse(list(feature_pairs)) if feature_pairs else hard.new_zeros(())
         loss = self.alpha * hard + (1 - self.alpha) * soft + self.feature_weight * feature
-        return {"loss": loss, "hard": hard, "soft": soft, "feature": feature}
+        temperature = torch.tensor(float(self.temperature))  # logged: it follows the schedule
+        return {"loss": loss, "hard": hard, "soft": soft, "feature": feature, "temperature": temperature}

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from conftest import reset_accelerate
 
 import distill
+import kd.ensemble
 from kd.cache import CachedTeacher, TeacherCache, bytes_per_row, reconstruct_logits, top_k_rows
 from kd.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from kd.config import load_config
 from kd.data import InputSpec, build_loader, ms_statistics, open_split
-from kd.distill import Distiller
+from kd.distiller import Distiller
+from kd.ensemble import Teachers
 from kd.losses import KnowledgeDistillationLoss, soft_kl
 from kd.models import HybridFusion, build_model
 
@@ -154,7 +156,7 @@ def test_the_cached_soft_loss_equals_the_online_one(setup, tiny_demo):
     student = build_model({"name": "test_efficientnet", "num_classes": 5}).eval()
     terms = {}
     for name, teachers in (("online", [teacher]), ("cached", [CachedTeacher(TeacherCache(work / "cache"))])):
-        distiller = Distiller(student, teachers, KnowledgeDistillationLoss(4.0, 0.3, 0.0)).eval()
+        distiller = Distiller(student, Teachers(teachers), KnowledgeDistillationLoss(4.0, 0.3, 0.0)).eval()
         terms[name] = distiller(batch)
     assert terms["cached"]["soft"].item() == pytest.approx(terms["online"]["soft"].item(), rel=1e-3, abs=1e-5)
     assert terms["cached"]["loss"].item() == pytest.approx(terms["online"]["loss"].item(), rel=1e-3, abs=1e-5)
@@ -234,7 +236,7 @@ def test_distilling_from_the_cache_never_loads_the_teacher_and_resumes_bitwise(s
     def no_teacher(*_, **__):
         raise AssertionError("the teacher was loaded or run although its logits are cached")
 
-    monkeypatch.setattr(distill, "load_checkpoint", no_teacher)
+    monkeypatch.setattr(kd.ensemble, "load_checkpoint", no_teacher)
     monkeypatch.setattr(HybridFusion, "__init__", no_teacher)
     monkeypatch.setattr(HybridFusion, "forward", no_teacher)
     whole = distill.main([*args, f"distillation.checkpoint_dir={tmp_path / 'whole'}"])

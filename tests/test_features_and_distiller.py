@@ -7,10 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kd.distill import Distiller, class_balanced_batch, teacher_sanity_check, teacher_sanity_report
+from kd.config import ConfigError, load_config
+from kd.distiller import Distiller
+from kd.ensemble import Teachers, adapt_view, class_balanced_batch, teacher_sanity_check, teacher_sanity_report
 from kd.errors import UserError
-from kd.features import FeatureAdapter, FeatureHooks, layer_pairs
-from kd.losses import KnowledgeDistillationLoss
+from kd.features import FeatureAdapter, FeatureHooks, FeaturePairs, layer_pairs
+from kd.losses import SOFT_LOSSES, KnowledgeDistillationLoss
 from kd.models import HybridFusion
 
 
@@ -78,10 +80,10 @@ def test_adapter_maps_channels_and_spatial_size():
 
 def make_distiller(feature_layers=("blocks.1",)):
     student, teacher = tiny(), tiny_hybrid()
-    pairs = layer_pairs(list(feature_layers), student, teacher)
+    pairs = FeaturePairs(list(feature_layers), student, teacher, batch(), batch())
     # a teacher whose blocks.1 has another width than the student's would need the adapter: make it explicit
     loss = KnowledgeDistillationLoss(temperature=2.0, alpha=0.5, feature_weight=1.0)
-    return Distiller(student, [teacher], loss, layer_pairs=pairs, example_batch=batch()), teacher
+    return Distiller(student, Teachers([teacher]), loss, pairs), teacher
 
 
 def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient():
@@ -113,7 +115,7 @@ def test_soft_term_uses_the_weighted_teacher_ensemble():
     torch.manual_seed(1)
     t2 = timm.create_model("test_efficientnet", num_classes=5)
     loss = KnowledgeDistillationLoss(temperature=1.0, alpha=0.0, feature_weight=0.0)
-    distiller = Distiller(student, [t1, t2], loss, teacher_weights=[3, 1])
+    distiller = Distiller(student, Teachers([t1, t2], [3, 1]), loss)
     b = batch()
     with torch.no_grad():
         expected_teacher = 0.75 * t1.eval()(b["rgb"]) + 0.25 * t2.eval()(b["rgb"])
@@ -127,8 +129,6 @@ def test_soft_term_uses_the_weighted_teacher_ensemble():
 
 def test_one_view_is_resized_and_renormalized_for_each_model():
     import torchvision.transforms.v2.functional as TF
-
-    from kd.distill import adapt_view
 
     raw = torch.rand(2, 3, 32, 32)
     a = {"image_size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
@@ -150,7 +150,7 @@ def test_compiled_channels_last_teachers_give_the_same_losses_and_features():
     x = batch()
     with torch.no_grad():
         reference = {k: v for k, v in distiller(x).items() if k != "logits"}
-    distiller.teachers_to(torch.device("cpu"), channels_last=True, compile=True)
+    distiller.teachers.to(torch.device("cpu"), channels_last=True, compile=True)
     conv = teacher.rgb.conv_stem.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
     assert teacher._compiled_call_impl is not None  # compiled in place: same module, same state dict keys
@@ -159,6 +159,57 @@ def test_compiled_channels_last_teachers_give_the_same_losses_and_features():
     assert reference.keys() == got.keys() and "feature" in got
     for key in reference:
         torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-5)
+
+
+def linear(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+
+
+def test_the_ema_teacher_joins_at_its_start_epoch_and_stays_out_of_the_state_dict():
+    student, teacher, ema = linear(0), linear(1), linear(2)
+    loss = KnowledgeDistillationLoss(temperature=4.0, alpha=0.0, feature_weight=0.0, final_temperature=1.0)
+    distiller = Distiller(student, Teachers([teacher], ema_weight=1.0, ema_start_epoch=2.0), loss)
+    distiller.set_ema(ema)
+    rgb = torch.randn(4, 3, 2, 2)
+    distiller.set_progress(1.0)
+    assert loss.temperature == pytest.approx(1.0)  # set_progress reaches the loss's schedule
+    with torch.no_grad():
+        assert torch.allclose(distiller.teachers.logits({"rgb": rgb}), teacher(rgb))
+        distiller.set_progress(2.0)
+        assert torch.allclose(distiller.teachers.logits({"rgb": rgb}), 0.5 * teacher(rgb) + 0.5 * ema(rgb))
+    assert not any(k.startswith("ema") for k in distiller.state_dict())
+    without = Teachers([teacher])  # ema_weight 0: the EMA is not a teacher
+    without.set_ema(ema)
+    without.set_progress(5.0)
+    with torch.no_grad():
+        assert torch.allclose(without.logits({"rgb": rgb}), teacher(rgb))
+
+
+def test_a_soft_loss_added_to_the_dict_trains_a_step(monkeypatch):
+    """docs/distillation.md, "Add a loss": one function, one entry in SOFT_LOSSES, its arguments from the config."""
+
+    def squared_error(student_logits, teacher_logits, temperature, scale: float = 1.0):
+        return scale * ((student_logits.float() - teacher_logits.float()) / temperature).pow(2).mean()
+
+    monkeypatch.setitem(SOFT_LOSSES, "squared_error", squared_error)
+    d = load_config(
+        None, ["distillation.soft_loss=squared_error", "distillation.soft_loss_args={scale: 3}"]
+    ).distillation
+    with pytest.raises(ConfigError, match=r"soft loss squared_error has no argument 'scael'; its arguments: scale"):
+        load_config(None, ["distillation.soft_loss=squared_error", "distillation.soft_loss_args={scael: 3}"])
+    student, teacher = linear(0), linear(1)
+    distiller = Distiller(student, Teachers([teacher]), KnowledgeDistillationLoss.from_config(d))
+    rgb, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        expected = 3.0 * ((student(rgb) - teacher(rgb)) / 4.0).pow(2).mean()  # distillation.temperature: 4
+    before = [p.clone() for p in student.parameters()]
+    optimizer = torch.optim.SGD(distiller.parameters(), lr=0.1)
+    terms = distiller({"rgb": rgb, "label": labels})
+    assert terms["soft"].item() == pytest.approx(expected.item(), rel=1e-6)
+    terms["loss"].backward()
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
 
 
 # ------------------------------------------------------------------------------------------- teacher sanity check

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, Dataset
 from kd.checkpoint import CheckpointMeta
 from kd.config import TrainConfig
 from kd.data import InputSpec
-from kd.distill import Distiller, teacher_sanity_check
+from kd.distiller import Distiller
+from kd.ensemble import Teachers, teacher_sanity_check
 from kd.errors import UserError
 from kd.loop import build_scheduler, fit, make_accelerator
 from kd.losses import KnowledgeDistillationLoss
@@ -197,35 +198,9 @@ def test_resume_mid_epoch_gives_the_same_weights_as_an_uninterrupted_run(tmp_pat
     assert "Removed shared tensor" not in caplog.text  # QAT's aliased observers are saved quietly
 
 
-def test_temperature_schedule_and_ema_teacher():
-    student, teacher, ema = linear(0), linear(1), linear(2)
-    loss = KnowledgeDistillationLoss(temperature=4.0, alpha=0.0, feature_weight=0.0)
-    distiller = Distiller(
-        student,
-        [teacher],
-        loss,
-        final_temperature=1.0,
-        total_epochs=10,
-        ema_teacher_weight=1.0,
-        ema_teacher_start_epoch=2.0,
-    )
-    distiller.set_ema(ema)
-    distiller.set_progress(5.0)
-    assert loss.temperature == pytest.approx(2.5)
-    distiller.set_progress(12.0)
-    assert loss.temperature == pytest.approx(1.0)
-    batch = {"rgb": Blobs(4).x, "label": Blobs(4).labels}
-    distiller.set_progress(1.0)
-    with torch.no_grad():
-        assert torch.allclose(distiller.teacher_logits(batch), teacher(batch["rgb"]))
-        distiller.set_progress(2.0)
-        assert torch.allclose(distiller.teacher_logits(batch), 0.5 * teacher(batch["rgb"]) + 0.5 * ema(batch["rgb"]))
-    assert not any(k.startswith("ema") for k in distiller.state_dict())
-
-
 def test_classifier_and_distiller_have_every_name_of_the_training_task_protocol():
     loss = KnowledgeDistillationLoss(temperature=4.0, alpha=0.5, feature_weight=0.0)
-    distiller = Distiller(linear(0), [linear(1)], loss)
+    distiller = Distiller(linear(0), Teachers([linear(1)]), loss)
     assert isinstance(Classifier(linear()), TrainingTask) and isinstance(distiller, TrainingTask)
 
 

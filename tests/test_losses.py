@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kd.config import load_config
 from kd.ensemble import normalize_weights, weighted_logits
 from kd.losses import KnowledgeDistillationLoss, dist_loss, dkd_loss, soft_kl
 
@@ -142,14 +143,14 @@ def test_dkd_is_finite_with_extreme_logits():
 def test_dkd_warmup_scales_the_soft_term(epoch, factor):
     student, teacher, labels = random_batch(5)
     full = dkd_by_hand(student, teacher, labels, 4.0, 1.0, 8.0)
-    loss = KnowledgeDistillationLoss(4.0, alpha=0.0, feature_weight=0.0, soft_loss="dkd", dkd_warmup_epochs=20)
-    loss.epoch = epoch
+    loss = KnowledgeDistillationLoss(4.0, alpha=0.0, feature_weight=0.0, soft_loss="dkd", soft_warmup_epochs=20)
+    loss.set_progress(epoch)
     assert loss(student, teacher, labels)["soft"].item() == pytest.approx(factor * full, rel=1e-4, abs=1e-7)
 
 
 def test_dkd_without_warmup_is_full_from_the_start():
     student, teacher, labels = random_batch(6)
-    loss = KnowledgeDistillationLoss(4.0, alpha=0.0, feature_weight=0.0, soft_loss="dkd", dkd_warmup_epochs=0)
+    loss = KnowledgeDistillationLoss(4.0, alpha=0.0, feature_weight=0.0, soft_loss="dkd", soft_warmup_epochs=0)
     expected = dkd_by_hand(student, teacher, labels, 4.0, 1.0, 8.0)
     assert loss(student, teacher, labels)["soft"].item() == pytest.approx(expected, rel=1e-4)
 
@@ -181,9 +182,8 @@ def test_soft_loss_switch_routes_to_each_term(soft_loss):
         "dkd": dkd_by_hand(student, teacher, labels, 3.0, 0.5, 4.0),
         "dist": dist_by_hand(student, teacher, 3.0, 2.0, 0.5),
     }[soft_loss]
-    loss = KnowledgeDistillationLoss(
-        3.0, 0.3, 0.0, soft_loss, dkd_alpha=0.5, dkd_beta=4.0, dkd_warmup_epochs=0, dist_beta=2.0, dist_gamma=0.5
-    )
+    arguments = {"kl": {}, "dkd": {"alpha": 0.5, "beta": 4.0}, "dist": {"beta": 2.0, "gamma": 0.5}}[soft_loss]
+    loss = KnowledgeDistillationLoss(3.0, 0.3, 0.0, soft_loss, arguments)
     terms = loss(student, teacher, labels)
     assert terms["soft"].item() == pytest.approx(expected, rel=1e-4)
     ce = F.cross_entropy(student, labels).item()
@@ -194,7 +194,7 @@ def test_soft_loss_switch_routes_to_each_term(soft_loss):
 def test_soft_terms_are_float32_for_half_precision_logits(soft_loss):
     student, teacher, labels = random_batch(10)
     student, teacher = student.bfloat16(), teacher.bfloat16()
-    loss = KnowledgeDistillationLoss(soft_loss=soft_loss, dkd_warmup_epochs=0)
+    loss = KnowledgeDistillationLoss(soft_loss=soft_loss)
     half = loss(student, teacher, labels)["soft"]
     assert half.dtype == torch.float32
     assert half.item() == pytest.approx(loss(student.float(), teacher.float(), labels)["soft"].item(), rel=1e-5)
@@ -203,3 +203,40 @@ def test_soft_terms_are_float32_for_half_precision_logits(soft_loss):
 def test_unknown_soft_loss_names_the_choices():
     with pytest.raises(ValueError, match="kl, dkd, dist"):
         KnowledgeDistillationLoss(soft_loss="crd")
+
+
+def test_unknown_soft_loss_arguments_name_the_real_ones():
+    with pytest.raises(
+        ValueError, match=r"soft loss 'dkd' has no argument\(s\) \['gamma'\]; its arguments: alpha, beta"
+    ):
+        KnowledgeDistillationLoss(soft_loss="dkd", soft_loss_args={"gamma": 1.0})
+
+
+def test_the_temperature_decays_linearly_to_the_final_one_and_is_logged():
+    loss = KnowledgeDistillationLoss(
+        temperature=4.0, alpha=0.0, feature_weight=0.0, final_temperature=1.0, total_epochs=10
+    )
+    loss.set_progress(5.0)
+    assert loss.temperature == pytest.approx(2.5)
+    student, teacher, labels = random_batch(11)
+    assert loss(student, teacher, labels)["temperature"].item() == pytest.approx(2.5)
+    assert loss(student, teacher, labels)["soft"].item() == pytest.approx(kl_by_hand(student, teacher, 2.5), rel=1e-4)
+    loss.set_progress(12.0)
+    assert loss.temperature == pytest.approx(1.0)
+    constant = KnowledgeDistillationLoss(temperature=4.0)
+    constant.set_progress(5.0)
+    assert constant.temperature == 4.0
+
+
+def test_the_config_keys_reach_the_loss_and_soft_loss_args_win():
+    def loss_of(*overrides):
+        return KnowledgeDistillationLoss.from_config(load_config(None, list(overrides)).distillation)
+
+    dkd = loss_of("distillation.soft_loss=dkd", "distillation.dkd_beta=4", "distillation.dkd_warmup_epochs=5")
+    assert dkd.soft_loss_args == {"alpha": 1.0, "beta": 4.0} and dkd.soft_warmup_epochs == 5.0
+    dkd = loss_of("distillation.soft_loss=dkd", "distillation.dkd_beta=4", "distillation.soft_loss_args={beta: 2}")
+    assert dkd.soft_loss_args == {"alpha": 1.0, "beta": 2.0}
+    dist = loss_of("distillation.soft_loss=dist", "distillation.dist_gamma=0.5", "distillation.max_epochs=7")
+    assert dist.soft_loss_args == {"beta": 1.0, "gamma": 0.5} and dist.soft_warmup_epochs == 0.0
+    assert loss_of("distillation.final_temperature=1", "distillation.max_epochs=7").total_epochs == 7
+    assert loss_of().soft_loss_args == {} and loss_of().soft_warmup_epochs == 0.0  # the DKD warmup is DKD's
