@@ -206,15 +206,18 @@ def test_anything_else_is_a_config_or_a_config_error(values, overrides, tmp_path
 
 # ------------------------------------------------------------------------------------- configs that load also train
 
+PINNED_DATA = [  # the tiny data set, in whatever layout options were drawn
+    "data.root={data}",
+    "data.manifest=",
+    "data.split_file=",
+    "data.ms_root=",
+    "data.demo=false",
+    "data.image_size=32",
+    "data.num_workers=0",
+]
 PINNED = {  # paths, and what would make one step slow (or not the first): set after the drawn values, so they win
     "train_teacher.py": [
-        "data.root={data}",
-        "data.manifest=",
-        "data.split_file=",
-        "data.ms_root=",
-        "data.demo=false",
-        "data.image_size=32",
-        "data.num_workers=0",
+        *PINNED_DATA,
         "model.name=test_efficientnet",
         "model.pretrained=null",
         "train.batch_size=8",
@@ -223,13 +226,7 @@ PINNED = {  # paths, and what would make one step slow (or not the first): set a
         "train.checkpoint_dir={run}",
     ],
     "distill.py": [
-        "data.root={data}",
-        "data.manifest=",
-        "data.split_file=",
-        "data.ms_root=",
-        "data.demo=false",
-        "data.image_size=32",
-        "data.num_workers=0",
+        *PINNED_DATA,
         "distillation.teacher_checkpoint={teacher}",
         "distillation.teachers=[]",
         "distillation.teacher_cache=",
