@@ -8,7 +8,6 @@ Startup (worker spawn + first batch) is reported apart from the steady rate, whi
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -19,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing kd
 
+from benchmarks.report import write_report  # noqa: E402
 from kd.config import DataConfig, load_config  # noqa: E402
 from kd.data import InputSpec, build_loader, make_demo_dataset, open_split, prepare_data  # noqa: E402
 from kd.errors import exit_on_user_error  # noqa: E402
@@ -100,9 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         "cpus": os.cpu_count(),
         "results": results,
     }
+    write_report(args.out, report)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.out}")
     if temp is not None:
         temp.cleanup()

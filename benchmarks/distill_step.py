@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import json
 import resource
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing kd
 
+from benchmarks.report import write_report  # noqa: E402
 from kd.cache import CachedTeacher, TeacherCache, build_teacher_cache  # noqa: E402
 from kd.config import DataConfig  # noqa: E402
 from kd.data import InputSpec, build_loader, make_demo_dataset, ms_statistics, open_split  # noqa: E402
@@ -267,9 +267,7 @@ def main() -> dict:
         "peak_memory": peak,
     }
     print(table(result))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    write_report(args.out, result)
     return result
 
 

@@ -10,7 +10,6 @@ export.py --config). Formats take turns over the timed rounds, so a burst of loa
 """
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing kd
 
 import export  # noqa: E402
+from benchmarks.report import write_report  # noqa: E402
 from kd.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
 from kd.data import InputSpec  # noqa: E402
 from kd.errors import exit_on_user_error  # noqa: E402
@@ -51,9 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
             + ([] if args.no_tflite else ["--tflite"])
             + ["--min-agreement", "0", "--reject-agreement", "0", "--latency-runs", str(args.latency_runs)]
         )
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
     return report
 
 

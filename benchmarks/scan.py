@@ -7,7 +7,6 @@ The header-only pass is what kd used to do; it let truncated files through to st
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing kd
 
+from benchmarks.report import write_report  # noqa: E402
 from kd.data import LeafDataset, scan_dataset  # noqa: E402
 
 
@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         if isinstance(figures, dict):
             cells = ", ".join(f"{k} {v:,.0f} img/s" for k, v in figures.items() if k != "images")
             print(f"{name} ({figures['images']} images): {cells}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    write_report(args.out, report)
     return report
 
 
