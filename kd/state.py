@@ -101,6 +101,7 @@ def check_state(last: Path) -> dict:
     tensors and plain containers only and refuses anything else without running it; .safetensors and .json files
     must parse. A file that fails is named, and nothing is resumed.
     """
+    parsed: dict[str, object] = {}  # the JSON files, read once
     for path in sorted(p for p in last.iterdir() if p.is_file()):
         try:
             if path.suffix in (".bin", ".pkl", ".pt"):
@@ -109,7 +110,7 @@ def check_state(last: Path) -> dict:
                 with safetensors.safe_open(str(path), "pt"):
                     pass
             elif path.suffix == ".json":
-                json.loads(path.read_text())
+                parsed[path.name] = json.loads(path.read_text())
         except pickle.UnpicklingError:  # torch's weights_only unpickler met an object it does not build
             problem = "holds more than tensors and plain data, and unpickling it could run code"
         except Exception as e:  # truncated, foreign or garbled
@@ -122,7 +123,7 @@ def check_state(last: Path) -> dict:
             f"refused to resume from {last}: {path.name} {problem}. Resume only from run folders you made or trust; "
             "to start over, set checkpoint_dir to a new folder."
         )
-    progress = json.loads((last / "progress.json").read_text())
+    progress = parsed.get("progress.json")
     keys = ("epoch", "batches_done", "updates", "stale_epochs", "top_k")
     if not (isinstance(progress, dict) and all(k in progress for k in keys)):
         raise UserError(f"refused to resume from {last}: progress.json lacks some of {keys}; the state is damaged")
