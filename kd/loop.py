@@ -6,15 +6,17 @@ distilling. Resumable state lives in kd/state.py, quantization-aware training in
 
 import dataclasses
 import math
+import os
 import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
 
+import accelerate.tracking
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, parse_flag_from_env
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -22,7 +24,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from kd.checkpoint import CheckpointMeta, save_checkpoint
-from kd.config import TrainConfig
+from kd.config import ConfigError, DistillationConfig, TrainConfig, optimizer_arguments, tracker_names
 from kd.errors import UserError
 from kd.models import forward_batch
 from kd.qat import QatPhase
@@ -34,21 +36,73 @@ class NonFiniteLoss(UserError, FloatingPointError):
     """Too many non-finite losses in a row: a diverging run, bad data or a bad teacher; the message says what to try."""
 
 
+ACCELERATE_PRECISION = "ACCELERATE_MIXED_PRECISION"  # what `accelerate launch` passes on from its flag or config
+PIP_PACKAGES = {"comet_ml": "comet-ml"}  # trackers whose pip package is spelled otherwise
+RUN_NAME_ARGUMENT = {  # the init argument each tracker takes a run's name as (they all get project_name as such)
+    "wandb": "name",
+    "mlflow": "run_name",
+    "clearml": "task_name",
+    "swanlab": "experiment_name",
+    "trackio": "name",
+}
+
+
+def section(cfg: TrainConfig) -> str:
+    """The config section `cfg` was read from, for messages."""
+    return "distillation" if isinstance(cfg, DistillationConfig) else "train"
+
+
+def choose_precision(cfg: TrainConfig, cpu: bool = False) -> tuple[str | None, str | None]:
+    """The mixed_precision to hand Accelerator, and a line to print when the config and Accelerate disagree.
+
+    A precision set in the config (file or override) wins: it was chosen for this run, and a shared `accelerate
+    config` should not silently change it. null hands the choice to Accelerate: `accelerate launch
+    --mixed_precision` or `accelerate config` (passed on as ACCELERATE_MIXED_PRECISION), else fp32.
+    """
+    ours = cfg.mixed_precision
+    theirs = os.environ.get(ACCELERATE_PRECISION, "").strip().lower() or None
+    note = None
+    if ours is not None and theirs is not None and ours != theirs:
+        key = f"{section(cfg)}.precision"
+        note = (
+            f"precision: {key}={cfg.precision} ({ours}) wins over Accelerate's mixed_precision {theirs} "
+            f"(accelerate launch / accelerate config); set {key}=null to use Accelerate's"
+        )
+    chosen = ours or theirs
+    if chosen == "fp16" and (cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()):
+        source = "precision fp16 (16-mixed)" if ours else "Accelerate's mixed_precision fp16"
+        warnings.warn(
+            f"{source} needs a CUDA GPU; training in fp32 on this CPU. "
+            "Set precision=bf16-mixed for CPU autocast, or precision=no to silence this.",
+            stacklevel=3,
+        )
+        return "no", note
+    return ours, note
+
+
+def check_trackers(cfg: TrainConfig) -> list[str] | None:
+    """`log_with` as Accelerator takes it. A named tracker that is not installed is an error now: Accelerate would
+    leave it out with a debug message, and the run would log nothing. "all" is every installed one."""
+    names = tracker_names(cfg.log_with)
+    installed = sorted(str(t) for t in accelerate.tracking.get_available_trackers())
+    missing = [name for name in names if name != "all" and name not in installed]
+    if missing:
+        raise ConfigError(
+            f"{section(cfg)}.log_with names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            "not installed: "
+            f"pip install {' '.join(PIP_PACKAGES.get(name, name) for name in missing)}, or leave it out of log_with "
+            f"(installed trackers: {', '.join(installed) or 'none'})"
+        )
+    return names or None
+
+
 def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool = False) -> Accelerator:
     """Accelerator with the config's precision, accumulation and trackers; TensorBoard logs go to <run_dir>/tb."""
-    precision = cfg.mixed_precision
-    if precision == "fp16" and (cpu or not torch.cuda.is_available()):
-        warnings.warn(
-            "precision fp16 (16-mixed) needs a CUDA GPU; training in fp32 on this CPU. "
-            "Set precision=bf16-mixed for CPU autocast, or null to silence this.",
-            stacklevel=2,
-        )
-        precision = "no"
-    log_with = {"none": None, "all": ["tensorboard", "wandb"]}.get(cfg.log_with, cfg.log_with)
-    return Accelerator(
+    precision, note = choose_precision(cfg, cpu)
+    accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.accumulate_grad_batches,
-        log_with=log_with,
+        log_with=check_trackers(cfg),
         cpu=cpu,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tb")),
         # a per-epoch seeded shuffle makes "skip the first N batches" land on the same samples after a resume
@@ -56,6 +110,27 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool =
         # a crashed rank ends the others after this long instead of leaving them hanging forever
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=30))],
     )
+    if note:
+        accelerator.print(note)
+    return accelerator
+
+
+def start_trackers(accelerator: Accelerator, cfg: TrainConfig, run_dir: Path, hparams: dict | None = None) -> None:
+    """Start the trackers under `project_name`, the run named `run_name` (or after its folder) where they take one."""
+    run_name = cfg.run_name or Path(run_dir).resolve().name
+    init_kwargs = {tracker: {argument: run_name} for tracker, argument in RUN_NAME_ARGUMENT.items()}
+    accelerator.init_trackers(cfg.project_name, config=hparams or {}, init_kwargs=init_kwargs)
+
+
+def build_optimizer(task: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer `cfg.optimizer` with `optimizer_args` (checked when the config loaded), in two parameter
+    groups: no weight decay on norms and biases."""
+    try:
+        return create_optimizer_v2(
+            task, cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **optimizer_arguments(cfg)
+        )
+    except (AssertionError, ImportError) as e:  # bitsandbytes and apex optimizers: their package and a CUDA GPU
+        raise UserError(f"{section(cfg)}.optimizer {cfg.optimizer} cannot run here: {e}") from None
 
 
 class LRSchedule:
@@ -277,7 +352,7 @@ def fit(
     """Train `task`: AMP, accumulation, clipping, schedules, EMA, QAT, validation, top-k, resume, early stopping."""
     float_model = task.model  # what checkpoints store, also during QAT (the QAT graph shares its weights)
     prepare_model(task, cfg)
-    optimizer = create_optimizer_v2(task, "adamw", lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(task, cfg)
     # wrapped: the task as Accelerate runs it (DDP with several processes); hooks are called on `task` itself
     wrapped, optimizer, train_loader, val_loader = accelerator.prepare(task, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate_grad_batches)
@@ -285,7 +360,7 @@ def fit(
     ema = ModelEmaV3(float_model, decay=cfg.ema_decay, device=accelerator.device) if cfg.ema_decay > 0 else None
     if ema is not None:
         task.set_ema(ema.module)
-    accelerator.init_trackers("kd", config=hparams or {})
+    start_trackers(accelerator, cfg, run_dir, hparams)
     accelerator.print(
         f"training on {accelerator.num_processes} process(es), device {accelerator.device}, "
         f"precision {accelerator.mixed_precision}, {updates_per_epoch} optimizer steps per epoch"

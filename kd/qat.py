@@ -189,10 +189,10 @@ class QatPhase:
         self.start = None if cfg.qat_start_fraction is None else round(cfg.qat_start_fraction * cfg.max_epochs)
         self.task, self.float_model, self.examples, self.say = task, task.model, examples, say
         self.active = False
-        if self.start is not None and precision == "fp16":
+        if self.start is not None and precision in ("fp16", "bf16"):  # bf16 too: from Accelerate's own setting
             raise UserError(
-                "qat_start_fraction cannot train under fp16 autocast: PyTorch's fake quantization takes float32 only. "
-                "Set precision=null for a QAT run."
+                f"qat_start_fraction cannot train under {precision} autocast: PyTorch's fake quantization takes "
+                "float32 only. Set precision=no for a QAT run (null takes Accelerate's setting)."
             )
         if self.start is not None and input_keys(self.float_model) != ("rgb",):
             raise UserError("qat_start_fraction applies to RGB students; this model also takes MS input")

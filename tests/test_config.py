@@ -61,7 +61,7 @@ def test_b0_config_holds_the_guide_block():
 
 
 @pytest.mark.parametrize(
-    "precision, expected", [("16-mixed", "fp16"), ("bf16-mixed", "bf16"), (None, "no"), ("bf16", "bf16"), ("no", "no")]
+    "precision, expected", [("16-mixed", "fp16"), ("bf16-mixed", "bf16"), (None, None), ("bf16", "bf16"), ("no", "no")]
 )
 def test_precision_spellings_map_to_accelerate(tmp_path, precision, expected):
     cfg = load_config(None, [f"distillation.precision={'null' if precision is None else precision}"])
@@ -162,7 +162,19 @@ def test_overrides_are_read_as_yaml_and_applied():
         ("train.lr_cycle_decay=1.5", "train.lr_cycle_decay must be in (0, 1] (a decay)"),
         ("train.finetune_lr_scale=2", "train.finetune_lr_scale must be in (0, 1], got 2.0"),
         ("train.learning_rate=1e30", "train.learning_rate must be in (0, 1], got 1e+30"),  # Adam's step overflows
-        ("train.weight_decay=1e30", "train.learning_rate * weight_decay must be below 1 (AdamW multiplies"),
+        ("train.weight_decay=1e30", "train.learning_rate * weight_decay must be below 1 (decoupled weight decay"),
+        ("train.project_name=a/b", "train.project_name must be a plain name, without / or \\ (TensorBoard makes it"),
+        ("train.project_name=''", "train.project_name must be a plain name"),
+        ("distillation.project_name=..", "distillation.project_name must be a plain name"),
+        ("train.log_with=[tensorboard, 3]", "train.log_with must be a tracker name or a list of them, e.g."),
+        ("train.log_with=[none, wandb]", "train.log_with cannot list none beside trackers"),
+        ("train.optimizer_args=[0.9]", "train.optimizer_args must be a mapping of argument names to values"),
+        ("train.optimizer_args={lr: 0.1}", "train.optimizer_args.lr: set learning_rate instead"),
+        ("train.optimizer_args={momentum: fast}", "train.optimizer_args: adamw (AdamW) takes no argument 'momentum'"),
+        ("train.optimizer_args={eps: fast}", "train.optimizer_args.eps must be float, got 'fast' (str)"),
+        ("train.optimizer_args={eps: -1}", "train.optimizer_args: adamw refuses {'eps': -1.0}: Invalid epsilon value"),
+        ("train.optimizer_args={betas: 0.9}", "train.optimizer_args.betas must list 2 numbers, like its default"),
+        ("train.optimizer=adahessian", "train.optimizer: adahessian needs a second-order backward"),
         ("train.early_stopping_patience=-1", "train.early_stopping_patience must be >= 0"),
         ("train.save_every_n_steps=-2", "train.save_every_n_steps must be >= 0"),
         ("distillation.dkd_beta=-8", "distillation.dkd_beta must be in [0, 1e+06] (a loss weight; far larger ones"),

@@ -1,0 +1,148 @@
+"""The training scripts' command line: `--config FILE [section.key=value ...]`, which sections each script reads,
+and `--print-config` (the resolved config with every key's meaning, read from the comments in kd/config.py).
+"""
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import io
+import math
+import sys
+import tokenize
+import typing
+from typing import Any
+
+import yaml
+
+from kd.config import Config, ConfigError, load_config, to_dict
+
+READS = {  # the config sections each script reads, besides the top-level keys
+    "train_teacher.py": ("data", "model", "train"),
+    "distill.py": ("data", "distillation"),
+}
+TOP_LEVEL = ("name", "seed")
+TRAINING_SECTIONS = ("train", "distillation")  # each script trains with one of them; both hold every training key
+
+
+def sections() -> dict[str, type]:
+    """Config's sections and their dataclasses: {"data": DataConfig, ...}."""
+    return {name: hint for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint)}
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """Each dataclass field's one-line comment in the source (`name: type = default  # comment`), inherited fields'
+    included. The comments are the documentation of the keys, so they are read rather than kept twice."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's own comment wins
+        if not dataclasses.is_dataclass(klass):
+            continue
+        source = inspect.getsource(klass)
+        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
+        by_line = {t.start[0]: t.string.removeprefix("#").strip() for t in tokens if t.type == tokenize.COMMENT}
+        for node in ast.parse(source).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.end_lineno in by_line:
+                comments[node.target.id] = by_line[node.end_lineno]
+    return comments
+
+
+def check_overrides(script: str, overrides: list[str]) -> None:
+    """Refuse an override of a section `script` does not read: it would be accepted and change nothing.
+
+    A config *file*'s other sections are fine: one file serves several scripts (configs/b0.yaml is read by
+    distill.py for `distillation:` and by evaluate.py and export.py for `data:`).
+    """
+    reads = READS[script]
+    own = next(s for s in reads if s in TRAINING_SECTIONS)
+    for text in overrides:
+        key, _, value = text.partition("=")
+        section, _, name = key.strip().partition(".")
+        if section not in sections() or section in reads:
+            continue  # read, or unknown: load_config names the closest key
+        message = f"{script} reads {', '.join(f'{s}.*' for s in reads)}, not {section}.*"
+        if name.split(".")[0] in {f.name for f in dataclasses.fields(sections()[own])}:
+            message += f": use {own}.{name}={value}"
+        else:
+            message += f" ({section}.* is {' and '.join(s for s, r in READS.items() if section in r)}'s)"
+        raise ConfigError(message)
+
+
+def _line(key: str, value: Any, comment: str | None) -> str:
+    # one line per key, so that its comment can follow: lists and mappings in flow style ([a, b], {k: v})
+    text = yaml.safe_dump({key: value}, default_flow_style=True, width=math.inf, sort_keys=False).strip()[1:-1]
+    return f"{text}  # {comment}" if comment else text
+
+
+def config_yaml(config: Config, script: str) -> str:
+    """The sections `script` reads as YAML, each key with its comment from kd/config.py: a valid config file."""
+    values, top, classes = to_dict(config), field_comments(Config), sections()
+    lines = [f"# {script}'s resolved config (defaults, then the --config file, then overrides); the keys it reads"]
+    for key in (*TOP_LEVEL, *READS[script]):
+        if key not in classes:
+            lines.append(_line(key, values[key], top.get(key)))
+            continue
+        lines.append(f"{key}:  # {top[key]}" if key in top else f"{key}:")
+        comments = field_comments(classes[key])
+        lines += [f"  {_line(name, value, comments.get(name))}" for name, value in values[key].items()]
+    return "\n".join(lines) + "\n"
+
+
+def sections_help(script: str) -> str:
+    """The --help epilog: the sections `script` reads, and where to see every key."""
+    top, reads = field_comments(Config), READS[script]
+    rows = [("name, seed", "the run's name (runs/<name>) and seed")]
+    rows += [(f"{s}.*", top.get(s, "")) for s in reads]
+    others = [f"{s}:" for s in sections() if s not in reads]
+    return "\n".join(
+        [
+            "config sections it reads (set a key with section.key=value, or in the --config file):",
+            *(f"  {name:<16}{meaning}" for name, meaning in rows),
+            f"A config file's other sections ({', '.join(others)}) are other scripts' and are not read; "
+            "overriding them is an error.",
+            f"Every key with its value and meaning: python {script} [--config FILE] --print-config",
+        ]
+    )
+
+
+def parse_cli(
+    argv: list[str] | None, script: str, description: str, list_layers: bool = False, cache_teacher: bool = False
+) -> tuple[Config, argparse.Namespace]:
+    """`--config C [--resume] [--print-config] [section.key=value ...]` -> (validated Config, parsed arguments).
+
+    `--print-config` prints the resolved config and exits with status 0, as --help does.
+    """
+    own = next(s for s in READS[script] if s in TRAINING_SECTIONS)
+    parser = argparse.ArgumentParser(
+        prog=script,
+        description=description,
+        epilog=sections_help(script),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file (see configs/)")
+    parser.add_argument("--resume", action="store_true", help="continue from <run_dir>/last")
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file and overrides) with each key's meaning as YAML, and exit",
+    )
+    if list_layers:
+        parser.add_argument(
+            "--list-layers", action="store_true", help="print hookable layers with shapes, suggest pairs, exit"
+        )
+    if cache_teacher:
+        parser.add_argument(
+            "--cache-teacher",
+            action="store_true",
+            help="run the teacher(s) once over every epoch's training views, store top-k logits in "
+            "distillation.teacher_cache, exit",
+        )
+    parser.add_argument("overrides", nargs="*", help=f"section.key=value, e.g. {own}.max_epochs=3")
+    args = parser.parse_intermixed_args(argv)
+    check_overrides(script, args.overrides)
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        sys.stdout.write(config_yaml(config, script))
+        sys.exit(0)
+    return config, args
