@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import track
 
 from kd.checkpoint import checkpoint_loader, checkpoint_stem
 from kd.config import Config, load_config
@@ -93,11 +94,18 @@ def model_list(args) -> list[tuple[str, str, str]]:
 
 
 @torch.inference_mode()
-def predict(model, loader, corruptions: bool) -> tuple[torch.Tensor, torch.Tensor, dict, list[torch.Tensor]]:
-    """Logits and labels over the loader, top-1 per corruption@severity (RGB only), and the first batch's inputs."""
+def predict(
+    model, loader, corruptions: bool, what: str = "predicting"
+) -> tuple[torch.Tensor, torch.Tensor, dict, list[torch.Tensor]]:
+    """Logits and labels over the loader, top-1 per corruption@severity (RGB only), and the first batch's inputs.
+
+    A progress bar counts the batches (with corruptions each is 13 forward passes): rich draws it on a terminal
+    and writes its last state once to a log or a pipe."""
     logits, labels, hits, first = [], [], {}, None
     spec = model.meta.input_spec  # corruptions apply to images, before normalization
-    for i, batch in enumerate(loader):
+    passes = 1 + (sum(len(levels) for levels in CORRUPTIONS.values()) if corruptions else 0)
+    description = f"{what}: {passes} forward passes per batch" if passes > 1 else what
+    for i, batch in enumerate(track(loader, description, total=len(loader))):
         inputs = [batch[k] for k in model.meta.inputs]
         first = first or inputs
         logits.append(model.run(*inputs).float().cpu())
@@ -119,7 +127,7 @@ def evaluate(model: LoadedModel, path: str, args, cfg, teacher: dict | None) -> 
     """One model's row, and what a later model needs to be compared with it (logits, samples, classes)."""
     loader = checkpoint_loader(cfg.data, model.meta, args.split, args.batch_size)
     samples = [str(p) for p, _ in loader.dataset.samples]
-    logits, labels, corrupted, first = predict(model, loader, args.corruptions)
+    logits, labels, corrupted, first = predict(model, loader, args.corruptions, f"{args.split} split")
     reference = {"logits": logits, "samples": samples, "classes": model.meta.classes}
     comparable = teacher and all(teacher[k] == reference[k] for k in ("samples", "classes"))
     row = {"path": path, "kind": model.kind, "arch": (model.meta.arch or {}).get("name", "?")}

@@ -12,19 +12,23 @@ _int8_dynamic.pt), for a QAT checkpoint PyTorch INT8 with the ranges QAT learned
 size and batch-1 latency (all formats timed in turn, so machine load hits them alike), printed and written to
 export_report.json. An fp32 file past --atol, or an INT8 file below --reject-agreement, is renamed *.rejected and
 the command fails; an INT8 file between --reject-agreement and --min-agreement is kept but marked not recommended.
-Classes, input size and normalization travel in the ONNX metadata and the sidecar <stem>.json. An --out whose files
-would overwrite a kd checkpoint (--out runs/x/best.onnx beside runs/x/best.safetensors: best.json) is refused.
+Classes, input size and normalization travel in the ONNX metadata and the sidecar <stem>.json. `--formats timm`
+writes the folder <stem>_timm/ (config.json + model.safetensors, timm's save_for_hf layout) that
+timm.create_model("local-dir:<stem>_timm", pretrained=True) loads with its classes, input size and normalization;
+--push-to-hub REPO_ID writes it too and, once it matches PyTorch, uploads it with timm's push_to_hf_hub (timm
+students only, not the hybrid RGB+MS teacher). An --out whose files would overwrite a kd checkpoint (--out
+runs/x/best.onnx beside runs/x/best.safetensors: best.json) is refused.
 Each format's file ending, writer and runner are its row of FORMATS in kd/export_formats.py.
 """
 
 import argparse
 import json
-import os
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub.utils import validate_repo_id
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Subset
@@ -44,7 +48,7 @@ INT8 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32)
 
 def formats_to_write(args, ranges: dict) -> list[str]:
     """The formats the flags ask for, ONNX first: the ONNX Runtime quantizers start from it."""
-    names = ["onnx", *args.formats] + (["tflite"] if args.tflite else [])
+    names = ["onnx", *args.formats] + (["tflite"] if args.tflite else []) + (["timm"] if args.push_to_hub else [])
     if args.int8:
         names += [n for n in INT8 if (n != "tflite-int8" or args.tflite) and (n != "torch-int8-qat" or ranges)]
     if "torch-int8-qat" in names and not ranges:
@@ -81,6 +85,20 @@ def refuse_overwriting_a_checkpoint(args, names: list[str]) -> None:
             f"--out {quote(args.out)} would overwrite {clash}, a file of {whose}: export elsewhere, e.g. "
             f"--out {out.parent / 'export' / out.with_suffix('.onnx').name}"
         )
+
+
+def size_mb(path: Path) -> float:
+    """A file's size, or a folder's (the timm format) over the files in it."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A malformed --push-to-hub is refused before minutes of exports, not after."""
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as e:
+        raise UserError(f"--push-to-hub {quote(repo_id)} is not a Hub repository id ({e}): write user/name") from None
 
 
 def check_images(args, meta: CheckpointMeta) -> tuple[list[dict], list[torch.Tensor]]:
@@ -154,11 +172,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--max-batches", type=int, default=10, help="batches of 32 images used for the check")
     parser.add_argument("--latency-runs", type=int, default=50, help="timed batch-1 calls per format")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="write the timm folder and, once it matches PyTorch, upload it to the Hugging Face Hub as REPO_ID "
+        "(user/name; needs a token: `hf auth login` or HF_TOKEN)",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     args = parser.parse_intermixed_args(argv)
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {quote(args.out)} is a folder; --out names the ONNX file, e.g. {out / 'student.onnx'}")
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)
     model, meta = load_checkpoint(args.checkpoint)  # first: a missing or damaged checkpoint is named as such
     ranges = checkpoint_ranges(args.checkpoint)
     names = formats_to_write(args, ranges)
@@ -167,10 +193,13 @@ def main(argv: list[str] | None = None) -> dict:
     if any(name.startswith("tflite") for name in names):
         fmt.require_litert()  # before minutes of other exports, not after
     if input_keys(model) != ("rgb",):
+        timm_too = " (and timm cannot rebuild kd's RGB+MS fusion model: no timm format)" if "timm" in names else ""
         raise UserError(
             f"{args.checkpoint} is a {meta.arch['name']} model with inputs {meta.inputs}; "
-            "export.py exports RGB students (distill.py or train_teacher.py with a timm model)"
+            f"export.py exports RGB students (distill.py or train_teacher.py with a timm model){timm_too}"
         )
+    if "timm" in names:
+        fmt.require_timm_model(model, meta)
     model.eval()
     batches, calibration = check_images(args, meta)
     images = torch.cat([b["rgb"] for b in batches])
@@ -184,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         files[name] = fmt.FORMATS[name].write(inputs, fmt.export_path(out, name))
         runners[name] = fmt.FORMATS[name].runner(files[name])
     reference = runners["pytorch"](images)
-    rows = {name: {"file": str(files[name]), "size_mb": os.path.getsize(files[name]) / 2**20} for name in files}
+    rows = {name: {"file": str(files[name]), "size_mb": size_mb(files[name])} for name in files}
     for name, run in runners.items():
         rows[name] |= compare(reference, np.concatenate([run(b["rgb"]) for b in batches]), labels)
     calls = {name: partial(run, images[:1]) for name, run in runners.items()}
@@ -228,6 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
     if weak:
         print(f"not recommended: {', '.join(weak)} (top-1 agreement below --min-agreement {args.min_agreement})")
     print(f"wrote {len(names)} files beside {out} and {out.parent / 'export_report.json'}; all match PyTorch")
+    if args.push_to_hub:
+        print(f"pushing {files['timm']} to the Hugging Face Hub as {args.push_to_hub} ...", flush=True)
+        report["hub"] = fmt.push_timm(model, meta, args.push_to_hub)
+        print(f"pushed: {report['hub']}")
     return report
 
 

@@ -3,7 +3,8 @@ FORMATS, at the end, is the table of them (each format's file ending, writer and
 
 Every runner takes a normalized float batch (N×3×H×W torch tensor) and returns float32 logits (numpy), whatever
 the file holds inside, so export.py checks each format against PyTorch the same way. TFLite needs the optional
-litert-torch (requirements-export.txt); everything else is in requirements.txt.
+litert-torch (requirements-export.txt); everything else is in requirements.txt. One format is a folder, not a file:
+`timm`, which timm.create_model("local-dir:<folder>", pretrained=True) loads, classes and preprocessing included.
 """
 
 import copy
@@ -19,6 +20,7 @@ from types import ModuleType
 import numpy as np
 import onnx
 import onnxruntime as ort
+import timm
 import torch
 from torch import nn
 
@@ -228,8 +230,55 @@ def write_tflite_int8(src: ExportInputs, path: Path) -> Path:
     return path
 
 
+def timm_settings(meta: CheckpointMeta) -> dict:
+    """The keyword arguments of timm's save_for_hf and push_to_hf_hub that carry what the checkpoint records beside
+    the weights: class names (label_names), input size and normalization (pretrained_cfg). kd's loaders resize the
+    whole image to the square input, bilinear, without cropping: so crop_pct 1.0 and bilinear interpolation."""
+    spec = meta.input_spec
+    size = spec.image_size
+    data = {"input_size": (3, size, size), "mean": tuple(spec.mean), "std": tuple(spec.std)}
+    data |= {"interpolation": "bilinear", "crop_pct": 1.0}
+    return {"model_config": {"label_names": list(meta.classes)}, "data_config": data}
+
+
+def require_timm_model(model: nn.Module, meta: CheckpointMeta) -> None:
+    """timm rebuilds a model from its name and arguments: only a model timm built can be saved its way."""
+    if not isinstance(getattr(model, "pretrained_cfg", None), dict):
+        name = (meta.arch or {}).get("name", type(model).__name__)
+        raise UserError(
+            f"the timm format (and --push-to-hub) holds timm models, and {quote(name)} is not one: export a student "
+            "trained with a timm model name, or use --formats onnx torchscript"
+        )
+
+
+def write_timm(src: ExportInputs, path: Path) -> Path:
+    """A folder as timm's save_for_hf writes it, and as the Hugging Face Hub holds timm models: config.json
+    (architecture, its arguments, num_classes, label_names, pretrained_cfg with the input size and normalization)
+    and model.safetensors. timm.create_model(f"local-dir:{path}", pretrained=True) builds the student from it."""
+    require_timm_model(src.model, src.meta)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; the timm format writes a folder there: move the file or change --out")
+    timm.models.save_for_hf(src.model.eval(), str(path), safe_serialization=True, **timm_settings(src.meta))
+    return path
+
+
+def push_timm(model: nn.Module, meta: CheckpointMeta, repo_id: str) -> str:
+    """Upload the model as write_timm saves it (with a generated model card) to the Hugging Face Hub; its URL."""
+    require_timm_model(model, meta)
+    try:
+        commit = timm.models.push_to_hf_hub(model.eval(), repo_id, safe_serialization=True, **timm_settings(meta))
+    except Exception as e:  # the hub client raises its HTTP library's errors, not OSError: report any failed push
+        raise UserError(
+            f"could not push to the Hugging Face Hub repository {quote(repo_id)} ({type(e).__name__}: {e}); the local "
+            "files are written. Check the network and the token (`hf auth login`, or HF_TOKEN)"
+        ) from None
+    return str(getattr(commit, "commit_url", commit))
+
+
 def kind(path: Path) -> str:
-    """onnx, tflite or torchscript: the fp32 format whose runner runs `path` (an INT8 file too), by its suffix."""
+    """onnx, tflite, torchscript or timm (a folder): the fp32 format whose runner runs `path` (an INT8 file too)."""
+    if path.is_dir():
+        return "timm"
     return {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix, "torchscript")
 
 
@@ -262,6 +311,11 @@ def torchscript_runner(path: Path) -> Runner:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch_runner(torch.jit.load(str(path), map_location="cpu").eval())
+
+
+def timm_runner(path: Path) -> Runner:
+    """The folder loaded by timm alone, as a user would: timm.create_model("local-dir:<folder>", pretrained=True)."""
+    return torch_runner(timm.create_model(f"local-dir:{path}", pretrained=True).eval())
 
 
 def onnx_runner(path: Path) -> Runner:
@@ -299,11 +353,13 @@ def tflite_runner(path: Path) -> Runner:
     return lambda x: np.concatenate([one(image[None]) for image in x.numpy()])
 
 
-# Each file is <stem><ending>, beside <stem>.onnx and the sidecar <stem>.json that export.py writes.
+# Each file (the timm format: folder) is <stem><ending>, beside <stem>.onnx and the sidecar <stem>.json that export.py
+# writes.
 FORMATS = {
     "onnx": Format(".onnx", write_onnx, onnx_runner),
     "torchscript": Format(".pt", write_torchscript, torchscript_runner),
     "tflite": Format(".tflite", write_tflite, tflite_runner),
+    "timm": Format("_timm", write_timm, timm_runner),  # a folder: config.json + model.safetensors
     "onnx-int8-static": Format("_int8_static.onnx", write_onnx_int8_static, onnx_runner, fp32="onnx"),
     "onnx-int8-dynamic": Format("_int8_dynamic.onnx", write_onnx_int8_dynamic, onnx_runner, fp32="onnx"),
     "torch-int8-static": Format("_int8_static.pt", write_torch_int8_static, torchscript_runner, fp32="pytorch"),

@@ -1,13 +1,18 @@
 """Multispectral (MS) band stacks: finding, reading and checking them, whatever their layout on disk.
 
-A stack is a .npy array (H×W×C, C×H×W, or H×W for one band) or a TIFF (several pages: one band per page; one page:
-H×W×C or H×W). Only numpy and Pillow are used: no extra dependency for TIFF.
+A stack is a .npy array (H×W×C, C×H×W, or H×W for one band) or a TIFF, read with tifffile: one band per page, or
+one page whose samples are the bands (interleaved H×W×C as drone and multispectral cameras export them, or planar
+C×H×W), any sample type, compressed or not. Values are kept as stored (an integer type is not rescaled): the
+per-band statistics normalize them.
 """
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image, ImageSequence
 
 from kd.errors import UserError
@@ -15,9 +20,15 @@ from kd.errors import UserError
 MS_SUFFIXES = (".npy", ".tif", ".tiff")
 
 # What reading a broken or hostile image or array raises: OSError (UnidentifiedImageError is one, and so is a
-# truncated file), ValueError (numpy, Pillow), SyntaxError (some broken PNG chunks) and DecompressionBombError (a
-# header claiming a huge size), which is not an OSError. Found by fuzzing truncated and bit-flipped files.
+# truncated file), ValueError (numpy, Pillow, tifffile), SyntaxError (some broken PNG chunks) and
+# DecompressionBombError (a header claiming a huge size), which is not an OSError. Found by fuzzing truncated and
+# bit-flipped files.
 FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+# What tifffile raises on a damaged TIFF besides ValueError (its TiffFileError is one), found by fuzzing
+# bit-flipped and truncated stacks (interleaved, planar, tiled, zlib). read_tiff turns them into a ValueError, one of
+# FILE_ERRORS.
+TIFF_DAMAGE = (zlib.error, struct.error, ArithmeticError, IndexError, KeyError, TypeError)
 
 
 def find_ms(stem: Path, image: Path) -> Path | None:
@@ -46,36 +57,85 @@ def band_indices(bands: list, folders: list[Path]) -> list[int] | None:
 
 
 def load_ms(path: Path) -> tuple[np.ndarray, bool]:
-    """The whole array of an MS file, as stored, and whether it is a multi-page TIFF (one band per page).
+    """The whole array of an MS file, as stored, and whether its band axis is known to be the first: a TIFF says
+    where its bands are (pages, or samples, moved to the front), a .npy does not (ms_stack tells by the shape).
 
     A broken file raises one of FILE_ERRORS; callers name the file.
     """
     if path.suffix.lower() == ".npy":
-        array, pages = np.load(path), False
+        array, bands_first = np.load(path), False
     else:
-        with Image.open(path) as im:
-            frames = [np.array(page) for page in ImageSequence.Iterator(im)]
-        array, pages = (np.stack(frames), True) if len(frames) > 1 else (frames[0], False)
+        array, bands_first = read_tiff(path)
     if array.dtype.kind not in "biuf":  # strings, complex numbers, records: no band values to train on
         raise ValueError(f"it holds {array.dtype} values, not real numbers")
-    return array, pages
+    return array, bands_first
+
+
+def read_tiff(path: Path) -> tuple[np.ndarray, bool]:
+    """A TIFF's image as load_ms returns it. Thumbnails and reduced-resolution pages are left out.
+
+    A compression tifffile decodes only with the optional imagecodecs package (LZW, PackBits, JPEG) falls back to
+    Pillow, which reads such files one band per page, as kd always did; the error says what to install otherwise.
+    """
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if len(tif.series) > 1:  # tifffile starts a new series where the pages' size or type changes
+                raise ValueError(
+                    f"it holds {len(tif.series)} images of different sizes or types, not one stack; re-save it with "
+                    "every band the same size and type"
+                )
+            series = tif.series[0]
+            _refuse_bombs(series.shape)
+            array = series.asarray(maxworkers=1)  # the start-up scan already reads files in parallel
+    except (ValueError, *TIFF_DAMAGE) as e:
+        if "imagecodecs" in str(e):  # "<COMPRESSION.LZW: 5> requires the 'imagecodecs' package"
+            return _read_with_pillow(path, codec_missing=str(e))
+        if isinstance(e, ValueError):  # tifffile's own message (TiffFileError), or ours
+            raise
+        raise ValueError(f"damaged TIFF: {e or type(e).__name__}") from None
+    if "S" in series.axes:  # samples per pixel: the bands of one page, interleaved (…YXS) or planar (SYX)
+        return np.moveaxis(array, series.axes.index("S"), 0), True
+    # Pages of one band each, unless tifffile wrote the file from an array and recorded its shape ("shaped"):
+    # then the array is read back as it was, like a .npy.
+    return array, array.ndim == 3 and series.kind != "shaped"
+
+
+def _read_with_pillow(path: Path, codec_missing: str) -> tuple[np.ndarray, bool]:
+    try:
+        with Image.open(path) as im:
+            frames = [np.array(page) for page in ImageSequence.Iterator(im)]
+    except FILE_ERRORS as e:
+        raise ValueError(f"{codec_missing} (`pip install imagecodecs`); Pillow cannot read it either ({e})") from None
+    return (np.stack(frames), True) if len(frames) > 1 else (frames[0], False)
+
+
+def _refuse_bombs(shape: tuple) -> None:
+    """A header claiming more values than the largest RGB image Pillow decodes is refused before any memory is
+    allocated: it is damaged or hostile, as a PNG claiming that size would be (Image.MAX_IMAGE_PIXELS sets both)."""
+    if Image.MAX_IMAGE_PIXELS is None:
+        return
+    limit = 3 * 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses images over twice MAX_IMAGE_PIXELS
+    if int(np.prod(shape, dtype=np.float64)) > limit:
+        raise Image.DecompressionBombError(
+            f"its header claims a {'×'.join(map(str, shape))} stack, over {limit} values (3 × 2 × "
+            "PIL.Image.MAX_IMAGE_PIXELS): the file is damaged, or raise Image.MAX_IMAGE_PIXELS"
+        )
 
 
 def read_ms(path: Path, hw: tuple[int, int], layout: str = "auto", bands: list[int] | None = None) -> np.ndarray:
-    """An MS stack as float32 C×H×W for an image of size `hw`: .npy (H×W×C, C×H×W or H×W) or a (multi-page) TIFF."""
+    """An MS stack as float32 C×H×W for an image of size `hw`: .npy (H×W×C, C×H×W or H×W) or a TIFF."""
     try:
-        array, pages = load_ms(path)
+        array, bands_first = load_ms(path)
     except FILE_ERRORS as e:
-        hint = "" if path.suffix.lower() == ".npy" else " (Pillow reads one band per page, or 1-4 channels per page)"
-        raise UserError(f"cannot read multispectral file {path}: {e}{hint}; re-save it as .npy") from None
-    return ms_stack(array, pages, hw, layout, bands, path)
+        raise UserError(f"cannot read multispectral file {path}: {e}; fix it or re-save it as .npy") from None
+    return ms_stack(array, bands_first, hw, layout, bands, path)
 
 
 def ms_stack(
-    array: np.ndarray, pages: bool, hw: tuple[int, int], layout: str, bands: list[int] | None, path: Path
+    array: np.ndarray, bands_first: bool, hw: tuple[int, int], layout: str, bands: list[int] | None, path: Path
 ) -> np.ndarray:
     """`array` as read by load_ms, as the float32 C×H×W stack of the chosen bands; UserError naming `path`."""
-    axis, bands = pick_bands(array.shape, hw, "chw" if pages else layout, bands, path)
+    axis, bands = pick_bands(array.shape, hw, "chw" if bands_first else layout, bands, path)
     array = array[None] if axis is None else np.moveaxis(array, axis, 0)
     return np.ascontiguousarray(array if bands is None else array[bands], dtype=np.float32)
 
