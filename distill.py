@@ -3,6 +3,7 @@
 accelerate launch distill.py --config configs/b0.yaml [section.key=value ...] [--resume]
 python distill.py --config configs/b0.yaml distillation.max_epochs=5
 python distill.py --config configs/b0.yaml --list-layers    # layer names, shapes and suggested pairs
+python distill.py --config configs/b0.yaml --print-config   # every key, its value and meaning
 python distill.py --config C distillation.teacher_cache=DIR --cache-teacher   # teacher top-k logits, once
 python distill.py --config C distillation.teacher_cache=DIR                   # then distil from them
 """
@@ -15,7 +16,8 @@ from torch.utils.data import default_collate
 
 from kd.cache import rebuild_command
 from kd.checkpoint import CheckpointMeta
-from kd.config import flat_hparams, parse_cli, save_config
+from kd.cli import parse_cli
+from kd.config import flat_hparams, save_config
 from kd.data import build_loader, prepare_data, resolve_input
 from kd.distiller import Distiller
 from kd.ensemble import load_teachers
@@ -23,13 +25,17 @@ from kd.errors import UserError, exit_on_user_error
 from kd.features import print_layers
 from kd.loop import fit, make_accelerator
 from kd.losses import KnowledgeDistillationLoss
+from kd.mixing import Mixing
 from kd.models import build_model, count_parameters, input_config
 from kd.run_dir import claim_run_dir
+from kd.unlabeled import ShareSampler
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict | None:
-    cfg, args = parse_cli(argv, "Distil frozen teacher(s) into an RGB student.", list_layers=True, cache_teacher=True)
+    cfg, args = parse_cli(
+        argv, "distill.py", "Distil frozen teacher(s) into an RGB student.", list_layers=True, cache_teacher=True
+    )
     set_seed(cfg.seed)  # first: every model and draw below depends on it, so two runs of one seed are bitwise equal
     d = cfg.distillation
     run_dir = Path(d.checkpoint_dir or f"runs/{cfg.name}")
@@ -54,7 +60,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     with accelerator.main_process_first():
         prepare_data(cfg.data)
     loader_args = dict(classes=teachers.classes, seed=cfg.seed)
-    train_loader = build_loader(cfg.data, view_spec, "train", d.batch_size, train=True, **loader_args)
+    mixing = Mixing.from_config(d, cfg.seed)  # Mixup / CutMix: teachers and student see the one mixed view
+    train_loader = build_loader(
+        cfg.data, view_spec, "train", d.batch_size, train=True, unlabeled=True, mixing=mixing, **loader_args
+    )
+    if isinstance(train_loader.sampler, ShareSampler):  # unlabelled images: the teachers label them
+        accelerator.print(train_loader.sampler.describe())
     val_loader = build_loader(cfg.data, val_spec, "val", d.batch_size, train=False, **loader_args)
     teachers.check(train_loader, val_loader, rebuild_command(argv or sys.argv[1:]), accelerator.print)
     if args.cache_teacher:

@@ -1,6 +1,7 @@
 """Train a teacher (the RGB+MS HybridFusion, or any timm model) or an RGB baseline student with plain cross-entropy.
 
 python train_teacher.py --config configs/teacher.yaml [section.key=value ...] [--resume]
+python train_teacher.py --config configs/teacher.yaml --print-config   # every key, its value and meaning
 accelerate launch train_teacher.py --config configs/teacher.yaml
 """
 
@@ -10,18 +11,21 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from kd.checkpoint import CheckpointMeta
-from kd.config import flat_hparams, parse_cli, save_config
+from kd.cli import parse_cli
+from kd.config import flat_hparams, save_config
 from kd.data import build_loader, ms_statistics, open_split, prepare_data, resolve_input
 from kd.errors import UserError, exit_on_user_error
 from kd.loop import fit, make_accelerator
+from kd.mixing import Mixing
 from kd.models import build_model, count_parameters, input_config
 from kd.run_dir import claim_run_dir
 from kd.task import Classifier
+from kd.unlabeled import ignored_note
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    cfg, args = parse_cli(argv, "Train a teacher or a baseline student with cross-entropy.")
+    cfg, args = parse_cli(argv, "train_teacher.py", "Train a teacher or a baseline student with cross-entropy.")
     set_seed(cfg.seed)  # first: every model and draw below depends on it, so two runs of one seed are bitwise equal
     run_dir = Path(cfg.train.checkpoint_dir or f"runs/{cfg.name}")
     claim_run_dir(run_dir, args.resume, cfg.train.resume == "auto")  # fails now, not after training
@@ -55,9 +59,12 @@ def main(argv: list[str] | None = None) -> dict:
             )
         input_spec = dataclasses.replace(input_spec, ms_mean=ms_mean, ms_std=ms_std, ms_bands=cfg.data.ms_bands)
     loader_args = dict(classes=classes, seed=cfg.seed)
+    mixing = Mixing.from_config(cfg.train, cfg.seed)  # Mixup / CutMix, as for the students
     train_loader = build_loader(
-        cfg.data, input_spec, "train", cfg.train.batch_size, train=True, dataset=train_set, **loader_args
+        cfg.data, input_spec, "train", cfg.train.batch_size, train=True, dataset=train_set, mixing=mixing, **loader_args
     )
+    if note := ignored_note(cfg.data):
+        accelerator.print(note)
     val_loader = build_loader(cfg.data, input_spec, "val", cfg.train.batch_size, train=False, **loader_args)
     accelerator.print(
         f"{cfg.model.name} ({cfg.model.backbone if with_ms else 'rgb'}): "
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_config(cfg, run_dir / "config.yaml")
     result = fit(
         accelerator,
-        Classifier(model),
+        Classifier(model, label_smoothing=cfg.train.label_smoothing),
         train_loader,
         val_loader,
         cfg.train,

@@ -59,6 +59,12 @@ def check_applies(d: DistillationConfig) -> None:
             "distillation.teacher_cache cannot include the EMA teacher (it changes every step): set "
             "distillation.ema_teacher_weight=0, or distillation.teacher_cache='' to run the teachers online"
         )
+    if getattr(d, "mixup_alpha", 0) > 0 or getattr(d, "cutmix_alpha", 0) > 0:
+        raise UserError(
+            "distillation.teacher_cache holds the teacher's logits on each unmixed view, and Mixup / CutMix mix "
+            "a new pair of views at every step: set distillation.mixup_alpha=0 and distillation.cutmix_alpha=0 to "
+            "distil from the cache, or distillation.teacher_cache='' to run the teachers online on the mixed views"
+        )
 
 
 def rebuild_command(argv: Sequence[str]) -> str:
@@ -76,12 +82,15 @@ def cache_key(
 ) -> dict:
     """Everything the cached logits depend on, as plain JSON data: the teachers (weights hash, ensemble weight,
     inputs, classes, MS statistics), the augmentation as the training loader applies it (seed, view size,
-    normalization, flips, crop scale, torch versions), the training samples (paths, labels, file sizes) and k."""
+    normalization, flips, crop scale, RandAugment, torch versions), the training samples (paths, labels, file sizes;
+    unlabelled images too, label -1) and k. Keys of options that are off are left out, so caches built before the
+    options existed stay valid."""
     transform = dataset.transform
     files = hashlib.sha256()
     for path, label in dataset.samples:
         files.update(f"{os.path.relpath(path, data_root)}\t{label}\t{os.path.getsize(path)}\n".encode())
     classes = metas[0].classes
+    unlabeled = sum(label < 0 for _, label in dataset.samples)
     key = {
         "format": FORMAT,
         "teachers": [
@@ -101,10 +110,12 @@ def cache_key(
             "hflip": transform.hflip,
             "vflip": transform.vflip,
             "scale": list(transform.scale),
+            **({"randaugment": transform.randaugment} if getattr(transform, "randaugment", "") else {}),
             # the random draws and the resizing kernels that make a view are theirs
             "libraries": {"torch": torch.__version__, "torchvision": torchvision.__version__},
         },
-        "samples": {"count": len(dataset.samples), "sha256": files.hexdigest()},
+        "samples": {"count": len(dataset.samples), "sha256": files.hexdigest()}
+        | ({"unlabeled": unlabeled} if unlabeled else {}),
         "top_k": min(top_k, len(classes)),
         "num_classes": len(classes),
     }

@@ -3,10 +3,12 @@
 Every field has a default and a one-line comment. Unknown keys and wrong types are errors that say what to do.
 """
 
-import argparse
 import collections
 import dataclasses
 import difflib
+import functools
+import importlib.util
+import inspect
 import math
 import types
 import typing
@@ -14,8 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 
+from kd.augment import parse_randaugment
 from kd.errors import QUOTE_LIMIT, UserError, quote
 from kd.losses import SOFT_LOSSES, soft_loss_arguments
 
@@ -24,8 +30,8 @@ class ConfigError(UserError):
     """The config file or a command-line override is invalid."""
 
 
-PRECISIONS = {
-    None: "no",
+PRECISIONS = {  # the config's spellings -> Accelerate's; null leaves the choice to Accelerate (kd/loop.py)
+    None: None,
     "no": "no",
     "32": "no",
     "fp16": "fp16",
@@ -66,6 +72,9 @@ class DataConfig:
     hflip: float = 0.5  # probability of a horizontal flip (applied to RGB and MS together)
     vflip: float = 0.5  # probability of a vertical flip (leaves have no "up")
     scale_min: float = 0.6  # smallest area fraction kept by the random resized crop
+    randaugment: str = ""  # timm RandAugment string for training, e.g. "rand-m9-n2" (kd.augment); "" = off
+    unlabeled_root: str = ""  # folder of unlabelled images (recursive; MS beside or under ms_root); distill.py only
+    unlabeled_fraction: float | None = None  # share of each training batch that is unlabelled; null = the sets' own
 
     def __post_init__(self):
         _check(
@@ -114,6 +123,16 @@ class DataConfig:
         _check(self.ms_missing in ("error", "zeros"), "data.ms_missing", "must be error | zeros", self.ms_missing)
         _check(self.on_bad_file in ("error", "skip"), "data.on_bad_file", "must be error | skip", self.on_bad_file)
         _check(self.prefetch_factor >= 1, "data.prefetch_factor", "must be >= 1", self.prefetch_factor)
+        _check(
+            self.unlabeled_fraction is None or 0 < self.unlabeled_fraction < 1,
+            "data.unlabeled_fraction",
+            "must be in (0, 1) (each batch holds both kinds) or null (the share the two sets have)",
+            self.unlabeled_fraction,
+        )
+        try:
+            parse_randaugment(self.randaugment)
+        except ValueError as e:
+            raise ConfigError(f"data.randaugment {quote(self.randaugment)} {e}") from None
 
 
 @dataclass
@@ -140,19 +159,21 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 64  # per-process batch size
-    learning_rate: float = 1e-3  # peak learning rate (AdamW), reached after warmup
-    weight_decay: float = 1e-4  # AdamW weight decay (not applied to norms and biases)
+    optimizer: str = "adamw"  # a timm optimizer (timm.optim.list_optimizers()): adamw, sgd, momentum, lamb, lion, …
+    optimizer_args: dict = field(default_factory=dict)  # more optimizer arguments, e.g. {betas: [0.9, 0.99]}
+    learning_rate: float = 1e-3  # peak learning rate, reached after warmup
+    weight_decay: float = 1e-4  # the optimizer's weight decay (not applied to norms and biases)
     max_epochs: int = 10  # epochs to train
     warmup_epochs: int = 0  # linear warmup, in epochs, updated every optimizer step
     lr_scheduler: str = "cosine"  # cosine | step | plateau | constant
     lr_gamma: float = 0.1  # step/plateau: factor applied at each decay
     lr_step_size: int = 30  # step: epochs between decays
     min_lr: float = 0.0  # floor of the cosine schedule
-    precision: str | None = None  # "16-mixed"/"fp16", "bf16-mixed"/"bf16", or null/"no" for fp32
+    precision: str | None = None  # 16-mixed/fp16, bf16-mixed/bf16, no (fp32); null = Accelerate's setting, else fp32
     accumulate_grad_batches: int = 1  # batches per optimizer step
     gradient_clip_val: float = 1.0  # max gradient norm; 0 turns clipping off
     early_stopping_patience: int = 0  # epochs without improvement of `monitor` before stopping; 0 = never
-    log_every_n_steps: int = 50  # optimizer steps between TensorBoard scalars
+    log_every_n_steps: int = 50  # optimizer steps between logged scalars (TensorBoard and the other trackers)
     checkpoint_dir: str = ""  # run directory; "" = runs/<name>
     save_top_k: int = 1  # how many best checkpoints (by `monitor`) to keep
     monitor: str = "val_acc"  # val_acc | val_loss
@@ -169,18 +190,25 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # non-finite losses are skipped; this many in a row stop the run
     save_every_n_steps: int = 0  # also save the resumable state every N optimizer steps (mid-epoch); 0 = per epoch
     resume: str | None = None  # "auto": continue from <run_dir>/last when it exists (like --resume), else start
-    log_with: str = "tensorboard"  # tensorboard | wandb | all | none
+    log_with: str | list = "tensorboard"  # Accelerate tracker(s): tensorboard, wandb, mlflow, …, a list, all, none
+    project_name: str = "kd"  # trackers' project (TensorBoard: the folder <run_dir>/tb/<project_name>)
+    run_name: str = ""  # the run's name in wandb, mlflow, clearml, swanlab, trackio; "" = the run folder's name
     qat_start_fraction: float | None = None  # quantization-aware training from this fraction of max_epochs; null = off
+    mixup_alpha: float = 0.0  # Mixup of each training batch, lambda ~ Beta(alpha, alpha) (timm's mixup); 0 = off
+    cutmix_alpha: float = 0.0  # CutMix of each training batch, box share ~ Beta(alpha, alpha) (timm's cutmix); 0 = off
+    mixup_prob: float = 1.0  # probability that a batch is mixed at all (when mixup_alpha or cutmix_alpha > 0)
+    mixup_switch_prob: float = 0.5  # with both alphas > 0: probability of CutMix rather than Mixup for a batch
+    label_smoothing: float = 0.0  # label smoothing of the hard cross-entropy (timm's smoothing); 0 = off
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
-        # every LR of the schedule stays within [0, learning_rate]: beyond 1, AdamW's first step overflows float32
+        # every LR of the schedule stays within [0, learning_rate]: beyond 1, Adam's first step overflows float32
         _check(0 < self.learning_rate <= 1, "learning_rate", "must be in (0, 1]", self.learning_rate)
         _check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         _check(
             self.learning_rate * self.weight_decay < 1,
             "learning_rate * weight_decay",
-            "must be below 1 (AdamW multiplies the weights by 1 - lr * wd every step)",
+            "must be below 1 (decoupled weight decay multiplies the weights by 1 - lr * wd every step)",
             (self.learning_rate, self.weight_decay),
         )
         _check(self.max_epochs >= 1, "max_epochs", "must be >= 1", self.max_epochs)
@@ -233,6 +261,7 @@ class TrainConfig:
             self.save_every_n_steps,
         )
         _check(self.resume in (None, "auto"), "resume", "must be null or auto", self.resume)
+        _check_mixing(self)
         _check(
             self.qat_start_fraction is None or 0 <= self.qat_start_fraction < 1,
             "qat_start_fraction",
@@ -248,18 +277,21 @@ class TrainConfig:
         if self.qat_start_fraction is not None and self.mixed_precision == "bf16":
             raise ConfigError(
                 f"qat_start_fraction cannot train under precision {quote(self.precision)}: PyTorch's fake "
-                "quantization takes float32 only (the run would crash when QAT starts). Set precision: null."
+                "quantization takes float32 only (the run would crash when QAT starts). Set precision: no."
             )
+        _check_optimizer(self)
+        _check_log_with(self.log_with)
         _check(
-            self.log_with in ("tensorboard", "wandb", "all", "none"),
-            "log_with",
-            "must be tensorboard | wandb | all | none",
-            self.log_with,
+            self.project_name not in ("", ".", "..") and not set("/\\") & set(self.project_name),
+            "project_name",
+            "must be a plain name, without / or \\ (TensorBoard makes it a folder under <run_dir>/tb)",
+            self.project_name,
         )
+        _check(len(self.project_name) <= 64, "project_name", "must be at most 64 characters", self.project_name)
 
     @property
-    def mixed_precision(self) -> str:
-        """The precision in Accelerate's spelling: fp16 | bf16 | no."""
+    def mixed_precision(self) -> str | None:
+        """The precision in Accelerate's spelling: fp16 | bf16 | no, or None to let Accelerate decide."""
         return PRECISIONS[self.precision]
 
 
@@ -371,7 +403,7 @@ class DistillationConfig(TrainConfig):
 class Config:
     name: str = "run"  # run name: the run directory defaults to runs/<name>
     seed: int = 0  # seed for weights, augmentation and data order
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # the images: where they are, how they are read
     model: ModelConfig = field(default_factory=ModelConfig)  # what train_teacher.py trains
     train: TrainConfig = field(default_factory=TrainConfig)  # how train_teacher.py trains it
     distillation: DistillationConfig = field(default_factory=DistillationConfig)  # what and how distill.py trains
@@ -391,6 +423,136 @@ def _is_int(value: Any) -> bool:
 
 def _check_seed(seed: int, key: str) -> None:
     _check(0 <= seed < SEED_LIMIT, key, "must be in [0, 2**32), the seeds numpy accepts", seed)
+
+
+def _check_mixing(cfg: "TrainConfig") -> None:
+    """Mixup / CutMix (kd/mixing.py) and label smoothing."""
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        _check(getattr(cfg, key) >= 0, key, "must be >= 0 (0 = off; 0.2-1 are usual)", getattr(cfg, key))
+    for key in ("mixup_prob", "mixup_switch_prob"):
+        _check(0 <= getattr(cfg, key) <= 1, key, "must be a probability in [0, 1]", getattr(cfg, key))
+    _check(0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1) (0.1 is usual)", cfg.label_smoothing)
+
+
+def _did_you_mean(value: str, choices: list[str], n: int = 1) -> str:
+    close = [repr(c) for c in difflib.get_close_matches(value[:QUOTE_LIMIT], choices, n=n)]
+    if not close:
+        return ""
+    return f" Did you mean {' or '.join([', '.join(close[:-1]), close[-1]] if len(close) > 1 else close)}?"
+
+
+def tracker_names(log_with: str | list) -> list[str]:
+    """`log_with` as a list of Accelerate tracker names: [] for "none", ["all"] for every installed tracker."""
+    names = [log_with] if isinstance(log_with, str) else list(log_with)
+    return [name for name in names if name != "none"]
+
+
+def _check_log_with(log_with: Any) -> None:
+    """Names only: whether each tracker's package is installed is checked when a run starts (kd/loop.py), so a
+    config naming wandb still loads where evaluate.py reads it."""
+    _check(
+        isinstance(log_with, str) or (isinstance(log_with, list) and all(isinstance(n, str) for n in log_with)),
+        "log_with",
+        "must be a tracker name or a list of them, e.g. [tensorboard, wandb]",
+        log_with,
+    )
+    names = [log_with] if isinstance(log_with, str) else log_with
+    known = [*LOGGER_TYPE_TO_CLASS]  # Accelerate's trackers (and any registered with register_tracker_class)
+    for name in names:
+        if name not in (*known, "all", "none"):
+            raise ConfigError(
+                f"log_with: Accelerate has no tracker {quote(name)}.{_did_you_mean(name, [*known, 'all', 'none'])} "
+                f"Its trackers: {', '.join(known)}; or all (every installed one), none"
+            )
+    _check("none" not in names or len(names) == 1, "log_with", "cannot list none beside trackers", log_with)
+
+
+@functools.cache
+def optimizer_names() -> tuple[str, ...]:
+    return tuple(list_optimizers())
+
+
+def optimizer_arguments(cfg: "TrainConfig") -> dict:
+    """`optimizer_args` as the optimizer takes them: YAML has no tuples, so lists (betas) become tuples."""
+    return {key: tuple(v) if isinstance(v, list) else v for key, v in cfg.optimizer_args.items()}
+
+
+def _optimizer_argument(value: Any, parameter: inspect.Parameter, key: str) -> Any:
+    """`value` as the optimizer's parameter takes it, judged by its default: few optimizers annotate their types,
+    and some default a float argument to an int 0."""
+    default, hint = parameter.default, parameter.annotation
+    if value is None and (default is None or type(None) in typing.get_args(hint)):
+        return None
+    if isinstance(default, bool):
+        return _coerce(value, bool, key)
+    if isinstance(default, (int, float)):
+        return _coerce(value, int if hint is int else float, key)
+    if isinstance(default, tuple):  # betas
+        _check(
+            isinstance(value, (list, tuple)) and len(value) == len(default),
+            key,
+            f"must list {len(default)} numbers, like its default {list(default)}",
+            value,
+        )
+        return [_coerce(v, float, f"{key}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _check_optimizer(cfg: "TrainConfig") -> None:
+    """The optimizer exists in timm, trains with the loop's first-order backward, and takes `optimizer_args`; the
+    arguments are tried on a throwaway parameter, so a value the optimizer refuses fails here, not after loading."""
+    name, args = cfg.optimizer, cfg.optimizer_args
+    if name not in optimizer_names():
+        raise ConfigError(
+            f"optimizer: timm has no optimizer {quote(name)}.{_did_you_mean(name, list(optimizer_names()), n=5)} "
+            "All of them: python -c 'import timm.optim; print(timm.optim.list_optimizers())'"
+        )
+    info = get_optimizer_info(name)
+    if info.second_order:
+        raise ConfigError(
+            f"optimizer: {name} needs a second-order backward (create_graph=True), which the training loop does "
+            "not run; choose a first-order optimizer such as adamw, sgd or lamb"
+        )
+    _check(
+        isinstance(args, dict),
+        "optimizer_args",
+        "must be a mapping of argument names to values, e.g. {betas: [0.9, 0.99]}",
+        args,
+    )
+    for key, instead in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
+        if key in args:
+            raise ConfigError(
+                f"optimizer_args.{key}: set {instead} instead (the LR schedule and no-decay groups use it)"
+            )
+    if isinstance(info.opt_class, str):  # bitsandbytes and apex optimizers: imported (and CUDA needed) at the start
+        package = info.opt_class.split(".")[0]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"optimizer: {name} comes from the {package} package, which is not installed: install it (it needs "
+                "a CUDA GPU) or choose another optimizer"
+            )
+        return
+    parameters = inspect.signature(info.opt_class).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    arguments = [p for p in parameters if p not in ("self", "params", "lr", "weight_decay")]
+    for key, value in args.items():
+        if key not in arguments and not takes_any:
+            raise ConfigError(
+                f"optimizer_args: {name} ({info.opt_class.__name__}) takes no argument {quote(key)}."
+                f"{_did_you_mean(str(key), arguments)} Its arguments: {', '.join(arguments)}"
+            )
+        if key in parameters:
+            args[key] = _optimizer_argument(value, parameters[key], f"optimizer_args.{key}")
+    try:
+        create_optimizer_v2(
+            [torch.zeros(2, 2, requires_grad=True)],
+            name,
+            lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            **optimizer_arguments(cfg),
+        )
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise ConfigError(f"optimizer_args: {name} refuses {quote(args)}: {e}") from None
 
 
 def _too_many_values(value: Any, limit: int = MAX_VALUES) -> bool:
@@ -545,29 +707,6 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
             node = node[k]
         node[keys[-1]] = value
     return _build(Config, raw, "")
-
-
-def parse_cli(
-    argv: list[str] | None, description: str, list_layers: bool = False, cache_teacher: bool = False
-) -> tuple[Config, argparse.Namespace]:
-    """`--config C [--resume] [section.key=value ...]` -> (validated Config, parsed arguments)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config file (see configs/)")
-    parser.add_argument("--resume", action="store_true", help="continue from <run_dir>/last")
-    if list_layers:
-        parser.add_argument(
-            "--list-layers", action="store_true", help="print hookable layers with shapes, suggest pairs, exit"
-        )
-    if cache_teacher:
-        parser.add_argument(
-            "--cache-teacher",
-            action="store_true",
-            help="run the teacher(s) once over every epoch's training views, store top-k logits in "
-            "distillation.teacher_cache, exit",
-        )
-    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_epochs=3")
-    args = parser.parse_intermixed_args(argv)
-    return load_config(args.config, args.overrides), args
 
 
 def flat_hparams(config: Config) -> dict:

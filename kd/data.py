@@ -23,10 +23,12 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from kd.augment import RandAugment, parse_randaugment
 from kd.config import DataConfig
 from kd.demo import DEMO_BANDS, DEMO_CLASSES, make_demo_dataset  # noqa: F401 (re-exported)
 from kd.errors import UserError
 from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split
+from kd.mixing import Mixing, MixingCollate
 from kd.multispectral import FILE_ERRORS, band_indices, find_ms, load_ms, ms_stack, read_ms
 
 
@@ -278,7 +280,11 @@ class EpochSampler(Sampler):
 
 
 class PairedTransform:
-    """Crop/flip RGB and MS with the same parameters (teacher and student see one view), then normalize each."""
+    """Crop/flip RGB and MS with the same parameters (teacher and student see one view), then normalize each.
+
+    `randaugment` (a timm string such as "rand-m9-n2"; "" = off) adds kd.augment.RandAugment after the flips, in
+    training: its geometric ops move the MS bands with the RGB, its colour ops change the RGB only.
+    """
 
     def __init__(
         self,
@@ -291,8 +297,12 @@ class PairedTransform:
         hflip: float = 0.5,
         vflip: float = 0.0,
         scale_min: float = 1.0,
+        randaugment: str = "",
     ):
         self.image_size, self.train = image_size, train
+        self.randaugment = randaugment
+        spec = parse_randaugment(randaugment) if train else None
+        self.rand_augment = RandAugment(spec) if spec else None
         self.mean, self.std = list(mean), list(std)
         self.ms_mean, self.ms_std = ms_mean, ms_std
         self.hflip, self.vflip, self.scale = hflip, vflip, (scale_min, 1.0)
@@ -309,6 +319,9 @@ class PairedTransform:
                 x = x.flip(-1)
             if torch.rand((), generator=generator) < self.vflip:
                 x = x.flip(-2)
+            if self.rand_augment is not None:  # uncovered pixels get the mean: they normalize to 0
+                fill = self.mean + (list(self.ms_mean) if self.ms_mean is not None else [0.0] * (len(x) - 3))
+                x = self.rand_augment(x, fill, generator)
         elif list(x.shape[1:]) != size:
             x = TF.resize(x, size, antialias=True)
         out = {"rgb": TF.normalize(x[:3], self.mean, self.std)}
@@ -435,12 +448,20 @@ def build_loader(
     classes: list[str] | None = None,
     seed: int = 0,
     dataset: LeafDataset | None = None,
+    *,
+    unlabeled: bool = False,
+    mixing: Mixing | None = None,
 ) -> DataLoader:
     """A DataLoader over one split, prepared as `spec` says (MS too when it has MS statistics); training loaders
     shuffle (seeded), augment and drop the last partial batch.
 
     Pass `dataset` (from `open_split`) to reuse an already scanned split; the loader gets a copy with its transform.
+    A training loader with `unlabeled` adds the config's unlabelled images (kd/unlabeled.py: label -1, a set share
+    of every batch), one with `mixing` mixes each batch (kd/mixing.py: Mixup / CutMix).
     """
+    from kd.unlabeled import ShareSampler, add_unlabeled, has_unlabeled  # it builds on this module
+
+    unlabeled = unlabeled and train and has_unlabeled(cfg)
     transform = PairedTransform(
         spec.image_size,
         train=train,
@@ -451,12 +472,16 @@ def build_loader(
         hflip=cfg.hflip,
         vflip=cfg.vflip,
         scale_min=cfg.scale_min,
+        randaugment=getattr(cfg, "randaugment", ""),
     )
-    if dataset is None:
-        dataset = open_split(cfg, split, classes, spec.with_ms, transform, ms_bands=spec.ms_bands)
+    if dataset is None:  # with unlabelled images, the scan reads them and the labelled ones in one go
+        scan = not unlabeled
+        dataset = open_split(cfg, split, classes, spec.with_ms, transform, scan=scan, ms_bands=spec.ms_bands)
     else:
         dataset = copy.copy(dataset)
         dataset.transform = transform
+    if unlabeled:
+        dataset = add_unlabeled(dataset, cfg)
     workers = cfg.num_workers
     extra = {}
     if workers > 0:  # these two are errors with num_workers=0
@@ -465,10 +490,15 @@ def build_loader(
             prefetch_factor=cfg.prefetch_factor,
         )
     dataset.augment_seed = seed
+    sampler = EpochSampler(len(dataset), seed) if train else None
+    if unlabeled:
+        labels = [label for _, label in dataset.samples]
+        sampler = ShareSampler.for_dataset(labels, batch_size, getattr(cfg, "unlabeled_fraction", None), seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), seed) if train else None,
+        sampler=sampler,
+        collate_fn=MixingCollate(mixing) if mixing is not None and train else None,
         # the loader's own generator: drawing worker seeds must not move the global RNG that dropout uses
         generator=torch.Generator().manual_seed(seed),
         drop_last=train and len(dataset) > batch_size,

@@ -13,8 +13,10 @@ class Distiller(nn.Module):
 
     Training batches are one augmented view, normalized as `student_input` ({"image_size", "mean", "std"}) says, at
     the largest input size of all models: the student gets it resized to its own size, each teacher resized and
-    re-normalized to its own input (None: the batch as it comes). The loss owns the temperature and warm-up
-    schedules, the teachers the EMA teacher's start: `set_progress` reaches both.
+    re-normalized to its own input (None: the batch as it comes); a Mixup / CutMix batch is mixed before either sees
+    it, so both see the one mixed view. Unlabelled samples (label -1) add to the soft and feature terms only. The
+    loss owns the temperature and warm-up schedules, the teachers the EMA teacher's start: `set_progress` reaches
+    both.
     """
 
     def __init__(
@@ -63,6 +65,8 @@ class Distiller(nn.Module):
         teacher_logits = self.teachers.logits(batch, self.student_input)
         student_logits = self.student(adapt_view(batch, self.student_input, self.student_input)["rgb"])
         feature_pairs = self.feature_pairs.pop() if self.feature_pairs else []
-        terms = self.loss(student_logits, teacher_logits, batch["label"], feature_pairs)
+        # a mixed batch (kd/mixing.py) carries its partners' labels and lambda, for the hard term
+        mixed = {key: batch[key] for key in ("mix_label", "mix_lambda") if key in batch}
+        terms = self.loss(student_logits, teacher_logits, batch["label"], feature_pairs, **mixed)
         terms["logits"] = student_logits
         return terms

@@ -114,8 +114,10 @@ def _from_manifest(path: Path, split: str, split_file, new_split) -> Listing:
     return Listing(path.parent, entries, _sorted_labels({label for _, label, _ in rows}), f"{path} ({split})")
 
 
-def read_manifest(path: Path) -> list[tuple[str, str, str | None]]:
-    """Rows (path, label, split or None) of a CSV with the header `path,label[,split]`."""
+def read_manifest(path: Path, unlabeled: bool = False) -> list[tuple[str, str, str | None]]:
+    """Rows (path, label, split or None) of a CSV with the header `path,label[,split]`. A row with an empty label
+    (and an empty or train split) is an unlabelled training image: left out, or with `unlabeled` the only rows
+    returned (kd/unlabeled.py)."""
     if not path.is_file():
         raise UserError(f"data.manifest {path} does not exist")
     with open(path, newline="") as f:
@@ -124,9 +126,20 @@ def read_manifest(path: Path) -> list[tuple[str, str, str | None]]:
             raise UserError(f"{path} must start with the header row path,label[,split]; got {reader.fieldnames}")
         has_split = "split" in reader.fieldnames
         rows = [(r["path"].strip(), r["label"].strip(), r["split"].strip() if has_split else None) for r in reader]
-    bad = [(i + 2, r) for i, r in enumerate(rows) if not r[0] or not r[1] or (has_split and r[2] not in SPLITS)]
+    without_label = [bool(r[0]) and not r[1] and r[2] in (None, "", "train") for r in rows]
+    bad = [
+        (i + 2, r)
+        for i, r in enumerate(rows)
+        if not without_label[i] and (not r[0] or not r[1] or (has_split and r[2] not in SPLITS))
+    ]
     if bad:
-        raise UserError(f"{path} line {bad[0][0]}: {bad[0][1]} needs a path, a label and a split in {SPLITS}")
+        raise UserError(
+            f"{path} line {bad[0][0]}: {bad[0][1]} needs a path, a label and a split in {SPLITS} (a row without a "
+            "label is an unlabelled training image: leave its split empty or train)"
+        )
+    if unlabeled:
+        return [r for r, u in zip(rows, without_label) if u]
+    rows = [r for r, u in zip(rows, without_label) if not u]
     if not rows:
         raise UserError(f"{path} lists no images")
     check_classes(sorted({label for _, label, _ in rows}), str(path), "give its label column at least 2 classes")

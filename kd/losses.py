@@ -2,6 +2,8 @@
 
 The soft term is one function of SOFT_LOSSES: classic KL (Hinton et al.), DKD (Zhao et al., CVPR 2022) or DIST
 (Huang et al., NeurIPS 2022). All are computed in float32, whatever the autocast dtype of the logits.
+The hard term (`hard_loss`) sees the labelled samples of a batch only (an unlabelled one has label -1), with label
+smoothing and the mixed labels of Mixup / CutMix (kd/mixing.py); the soft and feature terms see every sample.
 """
 
 import inspect
@@ -90,6 +92,28 @@ def dist_loss(
     return (beta * inter + gamma * intra) * t * t
 
 
+def hard_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    mix_label: torch.Tensor | None = None,
+    mix_lambda: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy over the labelled samples only (label >= 0; -1 marks an unlabelled one), averaged over them;
+    0 for a batch without any. With a mixed batch (kd/mixing.py): lambda * CE(labels) + (1 - lambda) * CE(mix_label)
+    per sample, which is CE against the mixed one-hot targets. `label_smoothing` as in F.cross_entropy."""
+    labeled = labels >= 0
+    if not labeled.any():  # zero, yet still a function of the logits (every process must backpropagate)
+        return logits.float().sum() * 0.0
+    logits = logits.float()[labeled]
+    loss = F.cross_entropy(logits, labels[labeled], label_smoothing=label_smoothing, reduction="none")
+    if mix_label is not None:
+        lam = mix_lambda[labeled].float()
+        partner = F.cross_entropy(logits, mix_label[labeled], label_smoothing=label_smoothing, reduction="none")
+        loss = lam * loss + (1 - lam) * partner
+    return loss.mean()
+
+
 def feature_mse(feature_pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Mean over layers of the MSE between (adapted) student features and teacher features."""
     return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in feature_pairs]).mean()
@@ -131,6 +155,7 @@ class KnowledgeDistillationLoss(nn.Module):
         soft_warmup_epochs: float = 0.0,
         final_temperature: float | None = None,
         total_epochs: float = 1.0,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
         arguments, soft_loss_args = soft_loss_arguments(soft_loss), dict(soft_loss_args or {})
@@ -148,6 +173,7 @@ class KnowledgeDistillationLoss(nn.Module):
         self.temperature, self.alpha, self.feature_weight = temperature, alpha, feature_weight
         self.initial_temperature, self.final_temperature = temperature, final_temperature
         self.soft_warmup_epochs, self.total_epochs = soft_warmup_epochs, total_epochs
+        self.label_smoothing = label_smoothing
         self.epoch = 0.0  # fractional epoch, from set_progress
 
     @classmethod
@@ -163,6 +189,7 @@ class KnowledgeDistillationLoss(nn.Module):
             soft_warmup_epochs=d.dkd_warmup_epochs if d.soft_loss == "dkd" else 0.0,
             final_temperature=d.final_temperature,
             total_epochs=d.max_epochs,
+            label_smoothing=getattr(d, "label_smoothing", 0.0),
         )
 
     def set_progress(self, epoch: float) -> None:
@@ -178,7 +205,10 @@ class KnowledgeDistillationLoss(nn.Module):
         return min(self.epoch / self.soft_warmup_epochs, 1.0) if self.soft_warmup_epochs > 0 else 1.0
 
     def soft(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The soft term, warmup included, before the (1 - alpha) weight."""
+        """The soft term, warmup included, before the (1 - alpha) weight. A soft loss that names the labels (DKD)
+        gets the teacher's top class for an unlabelled sample (label -1)."""
+        if "labels" in self.soft_inputs:
+            labels = torch.where(labels >= 0, labels, teacher.argmax(1))
         given = {
             "student_logits": student,
             "teacher_logits": teacher,
@@ -193,8 +223,12 @@ class KnowledgeDistillationLoss(nn.Module):
         teacher_logits: torch.Tensor,
         labels: torch.Tensor,
         feature_pairs: list[tuple[torch.Tensor, torch.Tensor]] = (),
+        mix_label: torch.Tensor | None = None,
+        mix_lambda: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        hard = F.cross_entropy(student_logits.float(), labels)
+        """The terms on a batch: the hard one on its labelled samples (kd.losses.hard_loss: masked, mixed, smoothed),
+        the soft and feature ones on all of them, labelled or not."""
+        hard = hard_loss(student_logits, labels, self.label_smoothing, mix_label, mix_lambda)
         soft = self.soft(student_logits, teacher_logits, labels)
         feature = feature_mse(list(feature_pairs)) if feature_pairs else hard.new_zeros(())
         loss = self.alpha * hard + (1 - self.alpha) * soft + self.feature_weight * feature

@@ -4,9 +4,9 @@ supervised task. The Distiller (kd/distiller.py) is the distilling one."""
 from typing import Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kd.losses import hard_loss
 from kd.models import forward_batch
 
 
@@ -36,7 +36,8 @@ class TrainingTask(Protocol):
 
 
 class Classifier(nn.Module):
-    """Plain supervised training (teachers, baseline students): cross-entropy on the labels."""
+    """Plain supervised training (teachers, baseline students): cross-entropy on the labels (smoothed, and mixed on a
+    Mixup / CutMix batch: kd.losses.hard_loss)."""
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
         super().__init__()
@@ -44,7 +45,7 @@ class Classifier(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         logits = forward_batch(self.model, batch)
-        hard = F.cross_entropy(logits.float(), batch["label"], label_smoothing=self.label_smoothing)
+        hard = hard_loss(logits, batch["label"], self.label_smoothing, batch.get("mix_label"), batch.get("mix_lambda"))
         return {"loss": hard, "hard": hard, "logits": logits}
 
     def set_progress(self, epoch: float) -> None:

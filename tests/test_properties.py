@@ -47,6 +47,7 @@ CHOSEN = {  # keys with a closed set of values, or bounds that the type alone do
     "data.ms_layout": st.sampled_from(["auto", "hwc", "chw"]),
     "data.ms_missing": st.sampled_from(["error", "zeros"]),
     "data.on_bad_file": st.sampled_from(["error", "skip"]),
+    "data.randaugment": st.sampled_from(["", "rand-m9-n2", "rand-m5-n1-mstd0.5", "rand-m10-n3-p1"]),
     "model.fusion": st.sampled_from(["concat", "add", "attention"]),
     "train.max_epochs": st.integers(2, 1000),
     "train.min_lr": st.floats(0.0, 1e-4),  # at most learning_rate: its default is 1e-3
@@ -58,7 +59,10 @@ CHOSEN = {  # keys with a closed set of values, or bounds that the type alone do
     "train.monitor": st.sampled_from(["val_acc", "val_loss"]),
     "train.mode": st.sampled_from(["max", "min"]),
     "train.resume": st.sampled_from([None, "auto"]),
-    "train.log_with": st.sampled_from(["tensorboard", "wandb", "all", "none"]),
+    "train.log_with": st.sampled_from(["tensorboard", "wandb", "all", "none", ["tensorboard"], []]),
+    "train.project_name": st.text("abcXYZ019-_", min_size=1, max_size=8),  # a folder under <run>/tb
+    "train.optimizer": st.sampled_from(["adamw", "sgd", "momentum", "lamb", "lion", "adam"]),
+    "train.optimizer_args": st.just({}),  # the arguments an optimizer takes depend on which: none is common
     "distillation.soft_loss": st.sampled_from(["kl", "dkd", "dist"]),
     "distillation.soft_loss_args": st.just({}),  # the arguments a soft loss takes depend on which: none is common
     "distillation.teachers": st.lists(st.fixed_dictionaries({"checkpoint": TEXT, "weight": FRACTION}), max_size=2),

@@ -1,0 +1,138 @@
+"""RandAugment (Cubuk et al., 2020) on a training view whose MS bands ride along with the RGB.
+
+timm's ops and magnitudes (its `rand_augment_transform` with the increasing-magnitude ops of `-inc1`), re-written
+for two reasons: every draw comes from the sample's own generator (kd.data.LeafDataset seeds one per (seed, epoch,
+sample)), so runs stay bitwise repeatable and a resume or a teacher cache sees the same view; and the geometric ops
+move the MS bands with the RGB, while the colour ops touch the RGB only (a band's reflectance has no "colour").
+"""
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.v2.functional as TF
+
+BILINEAR = TF.InterpolationMode.BILINEAR
+GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+COLOUR = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+)
+OPS = COLOUR[:3] + GEOMETRIC[:1] + COLOUR[3:] + GEOMETRIC[1:]  # timm's _RAND_INCREASING_TRANSFORMS, in its order
+EXAMPLE = "rand-m9-n2 (or rand-m9-n2-mstd0.5)"
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """A parsed timm RandAugment string: `num_ops` ops a sample, each applied with `prob` at `magnitude` (0-10,
+    timm's scale) plus Gaussian noise of std `magnitude_std`."""
+
+    magnitude: float = 9.0
+    num_ops: int = 2
+    prob: float = 0.5
+    magnitude_std: float = 0.0
+
+
+def parse_randaugment(text: str) -> RandAugmentSpec | None:
+    """timm's string, e.g. "rand-m9-n2-mstd0.5" -> RandAugmentSpec; "" -> None (off). ValueError says what is wrong."""
+    if not text:
+        return None
+    head, *sections = text.split("-")
+    if head != "rand":
+        raise ValueError(f"must start with 'rand', as timm's strings do: {EXAMPLE}")
+    names = {"m": "magnitude", "n": "num_ops", "p": "prob", "mstd": "magnitude_std"}
+    values: dict = {}
+    for section in sections:
+        match = re.fullmatch(r"(mstd|inc|m|n|p)(\d+(?:\.\d*)?)", section)
+        if not match:
+            raise ValueError(f"has a section {section!r} kd does not read; it reads m, n, p, mstd and inc1: {EXAMPLE}")
+        key, number = match[1], float(match[2])
+        if key == "inc":  # kd's ops are always timm's increasing ones
+            if number != 1:
+                raise ValueError("inc0 is not offered: kd uses timm's increasing-magnitude ops (inc1); drop -inc0")
+            continue
+        values[names[key]] = int(number) if key == "n" else number
+    spec = RandAugmentSpec(**values)
+    if not (0 <= spec.magnitude <= 10 and 1 <= spec.num_ops <= len(OPS) and 0 <= spec.prob <= 1):
+        raise ValueError(f"needs m in [0, 10], n in [1, {len(OPS)}], p in [0, 1]: {EXAMPLE}")
+    return spec
+
+
+def _negate(value: float, generator: torch.Generator) -> float:
+    return -value if torch.rand((), generator=generator) < 0.5 else value
+
+
+def _colour(op: str, rgb: torch.Tensor, level: float, generator: torch.Generator) -> torch.Tensor:
+    """One colour op on float RGB in [0, 1]; `level` is magnitude / 10."""
+    if op == "AutoContrast":
+        return TF.autocontrast(rgb)
+    if op == "Equalize":
+        return TF.equalize(rgb)
+    if op == "Invert":
+        return TF.invert(rgb)
+    if op == "PosterizeIncreasing":  # keep 4 down to 0 of the top bits; 0 bits is black, as in timm
+        bits = 4 - int(level * 4)
+        return TF.posterize(rgb, bits) if bits > 0 else torch.zeros_like(rgb)
+    if op == "SolarizeIncreasing":
+        return TF.solarize(rgb, 1.0 - level)
+    if op == "SolarizeAdd":  # timm: add up to 110/255 below the mid-level threshold
+        return torch.where(rgb < 0.5, (rgb + min(128, int(level * 110)) / 255).clamp(0, 1), rgb)
+    factor = max(0.1, 1.0 + _negate(level * 0.9, generator))
+    adjust = {
+        "ColorIncreasing": TF.adjust_saturation,
+        "ContrastIncreasing": TF.adjust_contrast,
+        "BrightnessIncreasing": TF.adjust_brightness,
+        "SharpnessIncreasing": TF.adjust_sharpness,
+    }[op]
+    return adjust(rgb, factor)
+
+
+def _geometric(op: str, x: torch.Tensor, level: float, fill: list[float], generator: torch.Generator):
+    """One geometric op on the whole C×H×W stack (RGB and MS together, so they stay pixel-aligned)."""
+    angle, translate, shear = 0.0, [0, 0], [0.0, 0.0]
+    if op == "Rotate":
+        angle = _negate(level * 30.0, generator)
+    elif op in ("ShearX", "ShearY"):  # timm's shear is a factor of the affine matrix; torchvision takes degrees
+        degrees = math.degrees(math.atan(_negate(level * 0.3, generator)))
+        shear = [degrees, 0.0] if op == "ShearX" else [0.0, degrees]
+    else:
+        axis = 0 if op == "TranslateXRel" else 1
+        translate[axis] = round(_negate(level * 0.45, generator) * x.shape[2 - axis])
+    return TF.affine(x, angle=angle, translate=translate, scale=1.0, shear=shear, interpolation=BILINEAR, fill=fill)
+
+
+class RandAugment:
+    """`spec.num_ops` ops drawn with replacement from `ops` (timm's 15 by default), each applied with `spec.prob`.
+
+    Called on a C×H×W float stack in [0, 1] whose first 3 channels are RGB and the rest MS bands. `fill` is the
+    per-channel value of pixels a geometric op uncovers: the normalization mean, so they normalize to 0.
+    """
+
+    def __init__(self, spec: RandAugmentSpec, ops: tuple[str, ...] = OPS):
+        unknown = [op for op in ops if op not in OPS]
+        if unknown:
+            raise ValueError(f"unknown RandAugment op(s) {unknown}; known: {', '.join(OPS)}")
+        self.spec, self.ops = spec, tuple(ops)
+
+    def __call__(self, x: torch.Tensor, fill: list[float], generator: torch.Generator) -> torch.Tensor:
+        for pick in torch.randint(len(self.ops), (self.spec.num_ops,), generator=generator).tolist():
+            if torch.rand((), generator=generator) >= self.spec.prob:
+                continue
+            magnitude = self.spec.magnitude
+            if self.spec.magnitude_std > 0:
+                magnitude += self.spec.magnitude_std * torch.randn((), generator=generator).item()
+            level, op = min(max(magnitude, 0.0), 10.0) / 10, self.ops[pick]
+            if op in GEOMETRIC:
+                x = _geometric(op, x, level, fill, generator)
+            else:
+                x = torch.cat([_colour(op, x[:3], level, generator), x[3:]])
+        return x

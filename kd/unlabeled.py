@@ -1,0 +1,174 @@
+"""Unlabelled training images for distillation: the teacher labels them (soft and feature losses), the hard loss
+never sees them.
+
+They come from `data.unlabeled_root` (a folder, searched recursively) and/or the rows of `data.manifest` whose
+label is empty. Each gets label -1 and joins the training split after its labelled images, so its loader key, its
+seeded view and its teacher cache rows work as for any sample. `ShareSampler` fills every batch with a set number
+of each: an epoch ends when either set runs out, and every image is seen at most once an epoch.
+"""
+
+import copy
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import Sampler
+
+from kd.config import DataConfig
+from kd.errors import UserError
+from kd.layouts import IMAGE_SUFFIXES, list_split, read_manifest
+from kd.multispectral import find_ms
+
+if TYPE_CHECKING:  # kd.data imports this module to build its loaders
+    from kd.data import LeafDataset
+
+UNLABELED = -1  # the label of an unlabelled sample
+
+
+def unlabeled_sources(cfg: DataConfig) -> list[tuple[Path, str]]:
+    """(base folder, path relative to it) of every unlabelled image, sorted: `data.unlabeled_root`'s images
+    (recursively; a .tif beside a plain image of the same stem is its MS stack, not an image) and the manifest's
+    rows without a label (relative to the CSV, as labelled rows)."""
+    found = []
+    root = getattr(cfg, "unlabeled_root", "")
+    if root:
+        root = Path(root)
+        if not root.is_dir():
+            raise UserError(f"data.unlabeled_root {root} is not a folder: point it at a folder of unlabelled images")
+        files = sorted(
+            p
+            for p in root.rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES
+            and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+        )
+        stems = {p.with_suffix("") for p in files if not _is_tiff(p)}
+        images = [p for p in files if not (_is_tiff(p) and p.with_suffix("") in stems)]
+        found += [(root, p.relative_to(root).as_posix()) for p in images]
+        if not found:
+            raise UserError(f"data.unlabeled_root {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if cfg.manifest:
+        manifest = Path(cfg.manifest)
+        found += [(manifest.parent, rel) for rel, _, _ in read_manifest(manifest, unlabeled=True)]
+    return found
+
+
+def _is_tiff(path: Path) -> bool:
+    return path.suffix.lower() in (".tif", ".tiff")
+
+
+def has_unlabeled(cfg: DataConfig) -> bool:
+    """Whether the config names unlabelled images (a folder, or manifest rows without a label)."""
+    if getattr(cfg, "unlabeled_root", ""):
+        return True
+    return bool(cfg.manifest) and Path(cfg.manifest).is_file() and bool(read_manifest(Path(cfg.manifest), True))
+
+
+def ignored_note(cfg: DataConfig) -> str | None:
+    """train_teacher.py's one line when the config names unlabelled images, which plain training cannot use."""
+    if not has_unlabeled(cfg):
+        return None
+    where = f"data.unlabeled_root {cfg.unlabeled_root}" if getattr(cfg, "unlabeled_root", "") else "data.manifest"
+    return f"{where} names unlabelled images: train_teacher.py trains on labelled ones only (distill.py uses them)"
+
+
+def add_unlabeled(dataset: "LeafDataset", cfg: DataConfig) -> "LeafDataset":
+    """A copy of the training split `dataset` (a kd.data.LeafDataset) with the unlabelled images after its own,
+    label -1, their MS files found as for labelled ones (beside the image, or at the same relative path under
+    data.ms_root), and every file scanned (kd.data.scan_dataset)."""
+    from kd.data import scan_dataset
+
+    sources = unlabeled_sources(cfg)
+    _refuse_labelled(sources, cfg)
+    merged = copy.copy(dataset)
+    merged.samples = list(dataset.samples) + [(base / rel, UNLABELED) for base, rel in sources]
+    merged.ms_files = dict(dataset.ms_files)
+    if dataset.with_ms:
+        missing = []
+        for base, rel in sources:
+            stem = Path(cfg.ms_root) / rel if cfg.ms_root else base / rel
+            merged.ms_files[base / rel] = find_ms(stem, base / rel)
+            if merged.ms_files[base / rel] is None:
+                missing.append(stem)
+        if missing:
+            first = f"{len(missing)} of {len(sources)} unlabelled images have no multispectral file, e.g. "
+            first += f"{missing[0].with_suffix('.npy')} (or .tif / .tiff)"
+            if cfg.ms_missing == "error":
+                raise UserError(f"{first}. Add the files, or set data.ms_missing=zeros to zero-fill their bands.")
+            warnings.warn(f"{first}; their bands are zero-filled (data.ms_missing=zeros)", stacklevel=2)
+    scan_dataset(merged, cfg.on_bad_file)
+    return merged
+
+
+def _refuse_labelled(sources: list[tuple[Path, str]], cfg: DataConfig) -> None:
+    """An unlabelled image that is also a labelled one would train twice, or leak a val/test image into training."""
+    labelled = set()
+    for split in ("train", "val", "test"):
+        try:
+            new_split = (cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+            listing = list_split(cfg.root, split, cfg.manifest, cfg.split_file, new_split)
+        except UserError:  # a split the data does not have (no test folder)
+            continue
+        labelled |= {(listing.base / rel).resolve() for rel, _ in listing.entries}
+    both = [base / rel for base, rel in sources if (base / rel).resolve() in labelled]
+    if both:
+        raise UserError(
+            f"{len(both)} unlabelled images are also labelled images of the dataset, e.g. {both[0]}: point "
+            "data.unlabeled_root at a folder of unlabelled images only (outside data.root's class folders); a val "
+            "or test image among them would leak into training"
+        )
+
+
+class ShareSampler(Sampler):
+    """Loader keys (epoch * size + index, as kd.data.EpochSampler) for batches of `labeled_per_batch` labelled
+    samples (indices below `labeled`) then `unlabeled_per_batch` unlabelled ones, each set shuffled per epoch by a
+    generator seeded with seed + epoch: a resumed run and every process see the same batches. Accelerate shards
+    whole batches, so each process's batch keeps the share."""
+
+    def __init__(self, labeled: int, unlabeled: int, labeled_per_batch: int, unlabeled_per_batch: int, seed: int = 0):
+        self.labeled, self.unlabeled, self.size = labeled, unlabeled, labeled + unlabeled
+        self.per_batch = (labeled_per_batch, unlabeled_per_batch)
+        self.batches = min(labeled // labeled_per_batch, unlabeled // unlabeled_per_batch)
+        self.seed, self.epoch = seed, 0
+
+    @classmethod
+    def for_dataset(cls, labels: list[int], batch_size: int, fraction: float | None, seed: int) -> "ShareSampler":
+        """The share of each batch: `fraction` of it unlabelled (rounded), or None: the sets' own proportion."""
+        labeled = sum(label != UNLABELED for label in labels)
+        unlabeled = len(labels) - labeled
+        share = unlabeled / len(labels) if fraction is None else fraction
+        per_batch = min(max(round(batch_size * share), 1), batch_size - 1)
+        if batch_size < 2 or (fraction is not None and per_batch != round(batch_size * fraction)):
+            raise UserError(
+                f"a batch of {batch_size} cannot hold a share of {share:.2f} unlabelled images and at least one "
+                "of each kind: raise distillation.batch_size, or set data.unlabeled_fraction nearer 0.5"
+            )
+        if labeled < batch_size - per_batch or unlabeled < per_batch:
+            raise UserError(
+                f"{labeled} labelled and {unlabeled} unlabelled training images cannot fill one batch of "
+                f"{batch_size - per_batch} + {per_batch}: lower distillation.batch_size or add images"
+            )
+        return cls(labeled, unlabeled, batch_size - per_batch, per_batch, seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.batches * sum(self.per_batch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        (n_labeled, n_unlabeled), count = self.per_batch, self.batches
+        labeled = torch.randperm(self.labeled, generator=generator)[: count * n_labeled].view(count, n_labeled)
+        unlabeled = self.labeled + torch.randperm(self.unlabeled, generator=generator)[: count * n_unlabeled]
+        order = torch.cat([labeled, unlabeled.view(count, n_unlabeled)], 1).flatten()
+        return iter((self.epoch * self.size + order).tolist())
+
+    def describe(self) -> str:
+        n_labeled, n_unlabeled = self.per_batch
+        return (
+            f"{self.labeled} labelled + {self.unlabeled} unlabelled training images: each batch holds {n_labeled} "
+            f"labelled and {n_unlabeled} unlabelled; an epoch is {self.batches} batches "
+            f"({self.batches * n_labeled} labelled, {self.batches * n_unlabeled} unlabelled images)"
+        )
