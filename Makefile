@@ -113,3 +113,32 @@ cache-compare: $(VENV)/.installed
 		teacher=checkpoints/teacher/best.safetensors \
 		$(foreach s,$(CACHE_SEEDS),online@$(s)=$(CACHE_RUNS)/online_$(s)/best.safetensors \
 		cached@$(s)=$(CACHE_RUNS)/cached_$(s)/best.safetensors)
+
+# The guide's four rows on real field photos (iBeans at 128 px, ../shared/data/ibeans128; REAL_DATA=… for another
+# copy), offline: the ImageNet-pretrained Lite2 teacher once, then per seed the Lite0 baseline (labels only), the Lite0
+# from scratch, and the Lite0 distilled from the teacher's cached logits, all with one recipe (configs/real/).
+# evaluate.py reports mean ± std over REAL_SEEDS, best and last epoch, on the test split. Finished runs are skipped.
+.PHONY: real
+REAL_SEEDS ?= 0 1 2
+REAL_DATA ?= ../shared/data/ibeans128
+REAL_RUNS ?= checkpoints/real
+REAL_MODELS = teacher=$(REAL_RUNS)/teacher/best.safetensors $(foreach s,$(REAL_SEEDS), \
+	distilled@$(s)=$(REAL_RUNS)/distilled_$(s)/best.safetensors baseline@$(s)=$(REAL_RUNS)/baseline_$(s)/best.safetensors \
+	scratch@$(s)=$(REAL_RUNS)/scratch_$(s)/best.safetensors)
+real: $(VENV)/.installed
+	$(PY) train_teacher.py --config configs/real/teacher.yaml data.root=$(REAL_DATA) train.resume=auto \
+		train.checkpoint_dir=$(REAL_RUNS)/teacher
+	for s in $(REAL_SEEDS); do \
+		for row in baseline scratch; do \
+			$(PY) train_teacher.py --config configs/real/$$row.yaml data.root=$(REAL_DATA) seed=$$s train.resume=auto \
+				train.checkpoint_dir=$(REAL_RUNS)/$${row}_$$s || exit 1; \
+		done; \
+		for step in --cache-teacher ""; do \
+			$(PY) distill.py --config configs/real/distill.yaml data.root=$(REAL_DATA) seed=$$s $$step \
+				distillation.teacher_checkpoint=$(REAL_RUNS)/teacher/best.safetensors distillation.resume=auto \
+				distillation.teacher_cache=$(REAL_RUNS)/teacher_cache_$$s distillation.checkpoint_dir=$(REAL_RUNS)/distilled_$$s \
+				|| exit 1; \
+		done; \
+	done
+	$(PY) evaluate.py --config configs/real/distill.yaml data.root=$(REAL_DATA) --out results/real --last \
+		--models $(REAL_MODELS)

@@ -52,15 +52,23 @@ def derived_lines(rows: dict[str, dict], teacher: str, speed: str, peak: bool) -
             + (f", {t['memory_mb'] / s['memory_mb']:.1f}x smaller peak inference memory" if peak else ""),
             f"{100 * (t['top1'] - s['top1']):.1f} points accuracy drop from the teacher",
         ]
-    if "baseline" in rows and "distilled" in rows:
-        d, b = rows["distilled"], rows["baseline"]
-        gain, stds = 100 * (d["top1"] - b["top1"]), [100 * (r["std"].get("top1") or 0) for r in (d, b)]
-        line = f"{gain:+.1f} points over the baseline student (same architecture, no teacher)"
-        if d["n"] > 1 or b["n"] > 1:
-            line += f"; mean of {d['n']} vs {b['n']} runs, run-to-run std {stds[0]:.1f} / {stds[1]:.1f} points"
-            line += " (within run-to-run noise)" if abs(gain) <= math.hypot(*stds) else ""
-        lines.append(line)
+    for better, worse, template in (
+        ("distilled", "baseline", "{gain} points over the baseline student (same architecture, no teacher)"),
+        ("baseline", "scratch", "baseline {gain} points over the student from scratch (what ImageNet weights bring)"),
+    ):
+        if better in rows and worse in rows:
+            lines.append(gain_line(rows[better], rows[worse], template))
     return lines
+
+
+def gain_line(a: dict, b: dict, template: str) -> str:
+    """`a`'s top-1 gain over `b`'s; with several runs, their std and whether the gain is within run-to-run noise."""
+    gain, stds = 100 * (a["top1"] - b["top1"]), [100 * (r["std"].get("top1") or 0) for r in (a, b)]
+    line = template.format(gain=f"{gain:+.1f}")
+    if a["n"] > 1 or b["n"] > 1:
+        line += f"; mean of {a['n']} vs {b['n']} runs, run-to-run std {stds[0]:.1f} / {stds[1]:.1f} points"
+        line += " (within run-to-run noise)" if abs(gain) <= math.hypot(*stds) else ""
+    return line
 
 
 def tables(summary: dict[str, dict], corruptions: bool, title: str, note: str) -> tuple[list[Table], list[str]]:
