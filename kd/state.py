@@ -230,8 +230,11 @@ def explain_lost_peers(accelerator: Accelerator, run_dir: Path) -> Iterator[None
     try:
         yield
     except RuntimeError as e:  # DistError is one
-        if lost_peer(e):
-            raise UserError(message()) from None
-        raise
+        if not lost_peer(e):
+            raise
+        # Said here, with the handler still in place: once the exception leaves this block, the launcher's SIGTERM
+        # (sent when it sees the dead rank) would kill this process before a top-level handler could print.
+        print(f"error: {message()}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
