@@ -45,7 +45,7 @@ clean-demo:
 
 # QAT vs post-training quantization on the demo (after `make demo`), over QAT_SEEDS: the same distillation plain and
 # with its last 20% of epochs quantization-aware. The plain student is quantized after training (ORT static QDQ and
-# PyTorch FX static, calibrated); the QAT student with the ranges it learned (torch-int8-qat), and calibrated too.
+# PyTorch PT2E static, calibrated); the QAT student with the ranges it learned (torch-int8-qat), and calibrated too.
 # Every INT8 file is kept (--reject-agreement 0) so that evaluate.py can report it: mean ± std on the test split.
 QAT_SEEDS ?= 0 1 2
 QAT_RUNS ?= checkpoints/qat_compare
@@ -65,11 +65,11 @@ qat-compare: $(VENV)/.installed
 	$(PY) evaluate.py --config configs/b0.yaml --out $(QAT_RUNS)/results --latency-runs 20 --models \
 		$(foreach s,$(QAT_SEEDS),plain@$(s)=$(QAT_RUNS)/plain_$(s)/latest.safetensors \
 		plain_int8_ort@$(s)=$(QAT_EXPORTS)/plain_$(s)/student_int8_static.onnx \
-		plain_int8_fx@$(s)=$(QAT_EXPORTS)/plain_$(s)/student_int8_static.pt \
+		plain_int8_pt2e@$(s)=$(QAT_EXPORTS)/plain_$(s)/student_int8_static.pt2 \
 		qat@$(s)=$(QAT_RUNS)/qat_$(s)/latest.safetensors \
 		qat_int8_ort@$(s)=$(QAT_EXPORTS)/qat_$(s)/student_int8_static.onnx \
-		qat_int8_fx@$(s)=$(QAT_EXPORTS)/qat_$(s)/student_int8_static.pt \
-		qat_int8_learned@$(s)=$(QAT_EXPORTS)/qat_$(s)/student_int8_qat.pt)
+		qat_int8_pt2e@$(s)=$(QAT_EXPORTS)/qat_$(s)/student_int8_static.pt2 \
+		qat_int8_learned@$(s)=$(QAT_EXPORTS)/qat_$(s)/student_int8_qat.pt2)
 
 # The demo's comparison table over seeds (after `make demo`, which is seed 0): every model retrained per seed, the
 # student distilled from that seed's teacher; mean ± std of the best and of the last epoch. Finished runs are

@@ -41,7 +41,8 @@ from rich.console import Console
 from rich.progress import track
 
 from kd.checkpoint import checkpoint_loader, checkpoint_stem
-from kd.config import Config, load_config
+from kd.cli import add_config_arguments, resolve_config
+from kd.config import Config
 from kd.corruptions import CORRUPTIONS, corrupt_normalized
 from kd.data import prepare_data
 from kd.errors import UserError, exit_on_user_error, quote
@@ -155,7 +156,7 @@ def evaluate(model: LoadedModel, path: str, args, cfg, teacher: dict | None) -> 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--config", help="config whose data section names the dataset (this or --demo is required)")
     data.add_argument(
@@ -176,10 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory", choices=("peak", "weights"), default="peak", help="what Memory (MB) reports")
     parser.add_argument("--corruptions", action="store_true", help="also top-1 under noise, blur, brightness, JPEG")
     parser.add_argument("--out", default="results", help="folder for results.json, results.md, plots/, tb/")
-    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides (anywhere on the line)")
+    add_config_arguments(parser, "evaluate.py")
+    parser.add_argument("overrides", nargs="*", help="data.key=value config overrides (anywhere on the line)")
     args = parser.parse_intermixed_args(argv)
     args.overrides += [item for item in args.models if is_override(item)]
     args.models = [item for item in args.models if not is_override(item)]
+    cfg = resolve_config("evaluate.py", args.config, args.overrides, args.print_config)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}, but torch sees no CUDA GPU; use --device cpu")
     if args.threads:
@@ -190,7 +193,6 @@ def main(argv: list[str] | None = None) -> dict:
             "no data to evaluate on: pass --config with the config whose data section names the dataset (e.g. --config "
             "configs/b0.yaml), or --demo for the built-in demo set (written to data/demo, about 99 MB)"
         )
-    cfg = load_config(args.config, args.overrides)
     # Every mistake that can be found without evaluating is found before the first (possibly long) evaluation:
     # every model is loaded here, on the CPU; each moves to --device when its turn comes.
     require_writable_folder(args.out, "--out")

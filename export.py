@@ -5,9 +5,9 @@
 
 Always writes <stem>.onnx (self-contained, dynamic batch) and <stem>.pt (fp32 TorchScript); --tflite adds
 <stem>.tflite (litert-torch, `make export-deps`); --int8 adds every INT8 path: ONNX Runtime static QDQ and dynamic
-(<stem>_int8_static.onnx, _int8_dynamic.onnx), PyTorch FX static and dynamic (<stem>_int8_static.pt,
-_int8_dynamic.pt), for a QAT checkpoint PyTorch INT8 with the ranges QAT learned (<stem>_int8_qat.pt) and, with
---tflite, TFLite INT8 (<stem>_int8.tflite). Each file is run on validation images
+(<stem>_int8_static.onnx, _int8_dynamic.onnx), PyTorch PT2E static (<stem>_int8_static.pt2, a torch.export program)
+and dynamic (_int8_dynamic.pt), for a QAT checkpoint PyTorch INT8 with the ranges QAT learned (<stem>_int8_qat.pt2)
+and, with --tflite, TFLite INT8 (<stem>_int8.tflite). Each file is run on validation images
 (random inputs without --config) against the PyTorch model: max |logit difference|, top-1 agreement, accuracy,
 size and batch-1 latency (all formats timed in turn, so machine load hits them alike), printed and written to
 export_report.json. An fp32 file past --atol, or an INT8 file below --reject-agreement, is renamed *.rejected and
@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Subset
 
 from kd import export_formats as fmt
 from kd.checkpoint import CheckpointMeta, checkpoint_loader, checkpoint_ranges, checkpoint_stem, load_checkpoint
+from kd.cli import add_config_arguments, resolve_config
 from kd.config import load_config
 from kd.data import prepare_data
 from kd.errors import UserError, exit_on_user_error, quote
@@ -157,8 +158,8 @@ def print_table(rows: dict, title: str) -> None:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="student checkpoint (.safetensors + .json)")
+    parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", help="student checkpoint (.safetensors + .json); required")
     parser.add_argument("--out", default="exports/student.onnx", help="ONNX path; other files go beside it")
     parser.add_argument("--config", help="config whose data section gives validation images for the check")
     parser.add_argument("--split", default="val", help="split used for the parity and accuracy check")
@@ -178,8 +179,17 @@ def main(argv: list[str] | None = None) -> dict:
         help="write the timm folder and, once it matches PyTorch, upload it to the Hugging Face Hub as REPO_ID "
         "(user/name; needs a token: `hf auth login` or HF_TOKEN)",
     )
-    parser.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    add_config_arguments(parser, "export.py")
+    parser.add_argument("overrides", nargs="*", help="data.key=value overrides of --config")
     args = parser.parse_intermixed_args(argv)
+    resolve_config("export.py", args.config, args.overrides, args.print_config)  # checked (and printed) now
+    if not args.checkpoint:
+        parser.error("the following arguments are required: --checkpoint")
+    if args.overrides and not args.config:
+        raise UserError(
+            f"{' '.join(args.overrides)}: overrides change --config's data section, and without --config the check "
+            "runs on random inputs; pass --config (e.g. --config configs/b0.yaml) or drop the overrides"
+        )
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {quote(args.out)} is a folder; --out names the ONNX file, e.g. {out / 'student.onnx'}")

@@ -8,6 +8,7 @@ This is also where a checkpoint meets the data: `checkpoint_loader` feeds a mode
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,12 +105,16 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)  # what a failed write left; nothing after the replace
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: CheckpointMeta, extra: dict | None = None) -> Path:
-    """Write <stem>.safetensors (weights) and <stem>.json (`meta`). `extra` tensors (a QAT run's learned ranges,
-    under "qat.") are stored beside the weights."""
+def save_checkpoint(
+    path: str | Path, model: nn.Module | Mapping[str, torch.Tensor], meta: CheckpointMeta, extra: dict | None = None
+) -> Path:
+    """Write <stem>.safetensors (weights) and <stem>.json (`meta`). `model`: the module, or its whole state dict
+    (the training loop passes `accelerator.get_state_dict`'s, gathered from the shards under FSDP). `extra` tensors
+    (a QAT run's learned ranges, under "qat.") are stored beside the weights."""
     stem = checkpoint_stem(path)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in {**model.state_dict(), **(extra or {})}.items()}
+    state = model if isinstance(model, Mapping) else model.state_dict()
+    weights = {k: v.detach().cpu().contiguous() for k, v in {**state, **(extra or {})}.items()}
     _atomic_write(stem.with_suffix(".safetensors"), lambda p: safetensors.torch.save_file(weights, str(p)))
     _atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta.to_json(), indent=2)))
     return stem.with_suffix(".safetensors")

@@ -1,5 +1,8 @@
-"""The training scripts' command line: `--config FILE [section.key=value ...]`, which sections each script reads,
-and `--print-config` (the resolved config with every key's meaning, read from the comments in kd/config.py).
+"""The scripts' command line: `--config FILE [section.key=value ...]`, which sections each script reads, and
+`--print-config` (the resolved config with every key's meaning, read from the comments in kd/config.py).
+
+The training scripts take their whole command line from `parse_cli`; evaluate.py and export.py, which have many
+options of their own, add `--print-config` with `add_config_arguments` and resolve their config with `resolve_config`.
 """
 
 import argparse
@@ -18,12 +21,24 @@ import yaml
 
 from kd.config import Config, ConfigError, load_config, to_dict
 
-READS = {  # the config sections each script reads, besides the top-level keys
+READS = {  # the config sections each script reads, besides the top-level keys of the training scripts
     "train_teacher.py": ("data", "model", "train"),
     "distill.py": ("data", "distillation"),
+    "evaluate.py": ("data",),
+    "export.py": ("data",),
 }
 TOP_LEVEL = ("name", "seed")
-TRAINING_SECTIONS = ("train", "distillation")  # each script trains with one of them; both hold every training key
+TRAINING_SECTIONS = ("train", "distillation")  # each training script trains with one of them; both hold every key
+
+
+def training_section(script: str) -> str | None:
+    """The section `script` trains with (train or distillation); None for evaluate.py and export.py."""
+    return next((s for s in READS[script] if s in TRAINING_SECTIONS), None)
+
+
+def top_level(script: str) -> tuple[str, ...]:
+    """The top-level keys `script` reads: the run's name and seed, for the training scripts only."""
+    return TOP_LEVEL if training_section(script) else ()
 
 
 def sections() -> dict[str, type]:
@@ -54,15 +69,14 @@ def check_overrides(script: str, overrides: list[str]) -> None:
     A config *file*'s other sections are fine: one file serves several scripts (configs/b0.yaml is read by
     distill.py for `distillation:` and by evaluate.py and export.py for `data:`).
     """
-    reads = READS[script]
-    own = next(s for s in reads if s in TRAINING_SECTIONS)
+    reads, own = READS[script], training_section(script)
     for text in overrides:
         key, _, value = text.partition("=")
         section, _, name = key.strip().partition(".")
         if section not in sections() or section in reads:
             continue  # read, or unknown: load_config names the closest key
         message = f"{script} reads {', '.join(f'{s}.*' for s in reads)}, not {section}.*"
-        if name.split(".")[0] in {f.name for f in dataclasses.fields(sections()[own])}:
+        if own and name.split(".")[0] in {f.name for f in dataclasses.fields(sections()[own])}:
             message += f": use {own}.{name}={value}"
         else:
             message += f" ({section}.* is {' and '.join(s for s, r in READS.items() if section in r)}'s)"
@@ -79,7 +93,7 @@ def config_yaml(config: Config, script: str) -> str:
     """The sections `script` reads as YAML, each key with its comment from kd/config.py: a valid config file."""
     values, top, classes = to_dict(config), field_comments(Config), sections()
     lines = [f"# {script}'s resolved config (defaults, then the --config file, then overrides); the keys it reads"]
-    for key in (*TOP_LEVEL, *READS[script]):
+    for key in (*top_level(script), *READS[script]):
         if key not in classes:
             lines.append(_line(key, values[key], top.get(key)))
             continue
@@ -92,7 +106,7 @@ def config_yaml(config: Config, script: str) -> str:
 def sections_help(script: str) -> str:
     """The --help epilog: the sections `script` reads, and where to see every key."""
     top, reads = field_comments(Config), READS[script]
-    rows = [("name, seed", "the run's name (runs/<name>) and seed")]
+    rows = [("name, seed", "the run's name (runs/<name>) and seed")] if top_level(script) else []
     rows += [(f"{s}.*", top.get(s, "")) for s in reads]
     others = [f"{s}:" for s in sections() if s not in reads]
     return "\n".join(
@@ -106,6 +120,29 @@ def sections_help(script: str) -> str:
     )
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, script: str) -> None:
+    """`--print-config`, and the sections `script` reads in the --help epilog, for a script with its own parser
+    (evaluate.py, export.py); `resolve_config` then does what parse_cli does for the training scripts."""
+    parser.epilog = sections_help(script)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file and overrides) with each key's meaning as YAML, and exit",
+    )
+
+
+def resolve_config(script: str, path: str | None, overrides: list[str], print_config: bool = False) -> Config:
+    """The validated config of `path` with `overrides`; an override of a section `script` does not read is an
+    error. `print_config`: print it (the sections `script` reads) and exit with status 0, as --help does."""
+    check_overrides(script, overrides)
+    config = load_config(path, overrides)
+    if print_config:
+        sys.stdout.write(config_yaml(config, script))
+        sys.exit(0)
+    return config
+
+
 def parse_cli(
     argv: list[str] | None, script: str, description: str, list_layers: bool = False, cache_teacher: bool = False
 ) -> tuple[Config, argparse.Namespace]:
@@ -113,20 +150,11 @@ def parse_cli(
 
     `--print-config` prints the resolved config and exits with status 0, as --help does.
     """
-    own = next(s for s in READS[script] if s in TRAINING_SECTIONS)
-    parser = argparse.ArgumentParser(
-        prog=script,
-        description=description,
-        epilog=sections_help(script),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    own = training_section(script)
+    parser = argparse.ArgumentParser(prog=script, description=description)
     parser.add_argument("--config", help="YAML config file (see configs/)")
     parser.add_argument("--resume", action="store_true", help="continue from <run_dir>/last")
-    parser.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the resolved config (file and overrides) with each key's meaning as YAML, and exit",
-    )
+    add_config_arguments(parser, script)
     if list_layers:
         parser.add_argument(
             "--list-layers", action="store_true", help="print hookable layers with shapes, suggest pairs, exit"
@@ -140,9 +168,4 @@ def parse_cli(
         )
     parser.add_argument("overrides", nargs="*", help=f"section.key=value, e.g. {own}.max_epochs=3")
     args = parser.parse_intermixed_args(argv)
-    check_overrides(script, args.overrides)
-    config = load_config(args.config, args.overrides)
-    if args.print_config:
-        sys.stdout.write(config_yaml(config, script))
-        sys.exit(0)
-    return config, args
+    return resolve_config(script, args.config, args.overrides, args.print_config), args

@@ -26,7 +26,7 @@ from torch import nn
 
 from kd.checkpoint import EXPORT_KEYS, CheckpointMeta
 from kd.errors import UserError, quote
-from kd.qat import convert_qat, quantize_int8
+from kd.qat import convert_qat, quantize_int8, save_int8
 
 Runner = Callable[[torch.Tensor], np.ndarray]
 TFLITE_MISSING = (
@@ -62,12 +62,12 @@ class Format:
 
 
 def export_path(out: Path, name: str) -> Path:
-    """Where format `name` goes when the ONNX file is `out`: exports/student.onnx -> exports/student_int8_qat.pt."""
+    """Where format `name` goes when the ONNX file is `out`: exports/student.onnx -> exports/student_int8_qat.pt2."""
     return out.with_name(out.with_suffix("").name + FORMATS[name].ending)
 
 
 def sidecar_path(path: Path) -> Path:
-    """The sidecar JSON of any file export.py wrote (exports/student_int8_static.pt -> exports/student.json)."""
+    """The sidecar JSON of any file export.py wrote (exports/student_int8_static.pt2 -> exports/student.json)."""
     for ending in sorted((f.ending for f in FORMATS.values()), key=len, reverse=True):
         if path.name.endswith(ending):
             return path.with_name(path.name[: -len(ending)] + ".json")
@@ -119,18 +119,21 @@ def write_torchscript(src: ExportInputs, path: Path) -> Path:
 
 
 def write_torch_int8_static(src: ExportInputs, path: Path) -> Path:
-    """INT8 TorchScript via FX static quantization (kd/qat.py: per-channel weights, calibrated activations)."""
-    return _traced(quantize_int8(src.model, src.calibration), src.example, path)
+    """INT8 torch.export program (.pt2) via PT2E static quantization (kd/qat.py: x86 recipe, per-channel weights,
+    activations calibrated image by image)."""
+    return save_int8(quantize_int8(src.model, src.calibration), src.example, path)
 
 
 def write_torch_int8_qat(src: ExportInputs, path: Path) -> Path:
-    """INT8 TorchScript from a QAT checkpoint: its weights with the ranges QAT learned (kd/qat.py convert_qat)."""
-    return _traced(convert_qat(src.model, src.ranges, src.example), src.example, path)
+    """INT8 torch.export program (.pt2) from a QAT checkpoint: its weights with the ranges QAT learned (kd/qat.py
+    convert_qat)."""
+    return save_int8(convert_qat(src.model, src.ranges, src.example), src.example, path)
 
 
 def write_torch_int8_dynamic(src: ExportInputs, path: Path) -> Path:
     """PyTorch dynamic quantization: INT8 weights for nn.Linear only (no Conv kernel exists), so for a CNN
-    just the classifier; convolutions stay fp32."""
+    just the classifier; convolutions stay fp32. Still torch.ao's eager quantize_dynamic: its fbgemm kernel is the
+    point of the format (1.3x eager's speed), and PT2E's dynamic recipe gives a reference graph without it."""
     model = copy.deepcopy(src.model).eval()
     return _traced(torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), src.example, path)
 
@@ -276,15 +279,15 @@ def push_timm(model: nn.Module, meta: CheckpointMeta, repo_id: str) -> str:
 
 
 def kind(path: Path) -> str:
-    """onnx, tflite, torchscript or timm (a folder): the fp32 format whose runner runs `path` (an INT8 file too)."""
+    """onnx, tflite, torchscript, torch.export (.pt2, the PyTorch INT8 files) or timm (a folder): what runs `path`."""
     if path.is_dir():
         return "timm"
-    return {".onnx": "onnx", ".tflite": "tflite"}.get(path.suffix, "torchscript")
+    return {".onnx": "onnx", ".tflite": "tflite", ".pt2": "torch.export"}.get(path.suffix, "torchscript")
 
 
 def runner(path: Path) -> Runner:
-    """A runner for any file export.py writes."""
-    return FORMATS[kind(path)].runner(path)
+    """A runner for any file export.py writes (and the INT8 TorchScript files kd wrote before PT2E)."""
+    return torch_export_runner(path) if kind(path) == "torch.export" else FORMATS[kind(path)].runner(path)
 
 
 def torch_runner(module: nn.Module) -> Runner:
@@ -311,6 +314,16 @@ def torchscript_runner(path: Path) -> Runner:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch_runner(torch.jit.load(str(path), map_location="cpu").eval())
+
+
+def torch_export_runner(path: Path) -> Runner:
+    """A torch.export program (.pt2), loaded with torch.export.load (a serialized graph, no Python code). torchao
+    is imported first: it registers the quantize/dequantize ops of PT2E INT8 graphs."""
+    import torchao.quantization.pt2e  # noqa: F401
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch_runner(torch.export.load(str(path)).module())
 
 
 def timm_runner(path: Path) -> Runner:
@@ -362,8 +375,8 @@ FORMATS = {
     "timm": Format("_timm", write_timm, timm_runner),  # a folder: config.json + model.safetensors
     "onnx-int8-static": Format("_int8_static.onnx", write_onnx_int8_static, onnx_runner, fp32="onnx"),
     "onnx-int8-dynamic": Format("_int8_dynamic.onnx", write_onnx_int8_dynamic, onnx_runner, fp32="onnx"),
-    "torch-int8-static": Format("_int8_static.pt", write_torch_int8_static, torchscript_runner, fp32="pytorch"),
+    "torch-int8-static": Format("_int8_static.pt2", write_torch_int8_static, torch_export_runner, fp32="pytorch"),
     "torch-int8-dynamic": Format("_int8_dynamic.pt", write_torch_int8_dynamic, torchscript_runner, fp32="pytorch"),
-    "torch-int8-qat": Format("_int8_qat.pt", write_torch_int8_qat, torchscript_runner, fp32="pytorch"),
+    "torch-int8-qat": Format("_int8_qat.pt2", write_torch_int8_qat, torch_export_runner, fp32="pytorch"),
     "tflite-int8": Format("_int8.tflite", write_tflite_int8, tflite_runner, fp32="tflite"),
 }

@@ -1,5 +1,5 @@
-"""Every model evaluate.py reads behind one call: kd checkpoints, and the ONNX, TorchScript and TFLite files that
-export.py writes, with their metadata and sizes."""
+"""Every model evaluate.py reads behind one call: kd checkpoints, and the ONNX, TorchScript, torch.export (.pt2, the
+PyTorch INT8 files) and TFLite files that export.py writes, with their metadata and sizes."""
 
 import json
 import math
@@ -21,7 +21,7 @@ class LoadedModel:
 
     run: Callable[..., torch.Tensor]
     meta: CheckpointMeta  # exported files: RGB, arch when their sidecar has it
-    kind: str  # checkpoint (PyTorch) | onnx (onnxruntime) | torchscript | tflite (LiteRT)
+    kind: str  # checkpoint (PyTorch) | onnx (onnxruntime) | torchscript | torch.export (.pt2) | tflite (LiteRT)
     device: str  # where it runs: exported files always on the CPU
     params: int | None  # of the architecture (exported files: rebuilt from the sidecar's arch)
     weights_mb: float  # checkpoint: parameters + buffers; ONNX: initializers; TorchScript: the file
@@ -36,17 +36,17 @@ class LoadedModel:
         return _pytorch_model(self.module.to(device), self.meta, device, self.file_mb)
 
 
-KIND_NAMES = {"onnx": "an ONNX", "torchscript": "a TorchScript", "tflite": "a TFLite"}
+KIND_NAMES = {"onnx": "an ONNX", "torchscript": "a TorchScript", "torch.export": "a torch.export", "tflite": "a TFLite"}
 
 
 def load_model(path: str | Path, meta_file: str | None = None, device: str = "cpu") -> LoadedModel:
-    """A kd checkpoint (.safetensors + .json), or a file export.py writes: ONNX (fp32 or INT8), TorchScript (.pt,
-    fp32 or INT8) or TFLite (LiteRT interpreter)."""
+    """A kd checkpoint (.safetensors + .json), or a file export.py writes: ONNX (fp32 or INT8), TorchScript (.pt:
+    fp32, and the INT8 files of kd before PT2E), torch.export (.pt2: PyTorch INT8) or TFLite (LiteRT interpreter)."""
     path = Path(path)
     exported = (
         path.suffix == ".pt" and path.is_file() and not checkpoint_stem(path).with_suffix(".safetensors").is_file()
     )
-    if exported or path.suffix in (".onnx", ".tflite"):
+    if exported or path.suffix in (".onnx", ".tflite", ".pt2"):
         return _load_exported(path, meta_file)
     model, meta = load_checkpoint(path)
     file_mb = checkpoint_stem(path).with_suffix(".safetensors").stat().st_size / 2**20

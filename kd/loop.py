@@ -4,11 +4,14 @@
 distilling. Resumable state lives in kd/state.py, quantization-aware training in kd/qat.py (one QatPhase object).
 """
 
+import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +19,13 @@ import accelerate.tracking
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration, parse_flag_from_env
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    parse_flag_from_env,
+)
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -112,7 +121,44 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool =
     )
     if note:
         accelerator.print(note)
+    check_sharding(accelerator, cfg)
     return accelerator
+
+
+def check_sharding(accelerator: Accelerator, cfg: TrainConfig) -> None:
+    """Refuse, before anything trains, the FSDP setups kd does not run: FSDP that Accelerate would quietly run as
+    something else, FSDP1, and the features that need the whole model on every process (EMA, QAT). Also turns off
+    Accelerate's cpu_ram_efficient_loading (see below)."""
+    kind = accelerator.distributed_type
+    if parse_flag_from_env("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP:
+        raise UserError(
+            f"FSDP was asked for (accelerate launch --use_fsdp, or an `accelerate config` with FSDP), but Accelerate "
+            f"runs this as {kind.value} on {accelerator.num_processes} process(es): it shards on GPUs only, and runs "
+            "--use_fsdp on a CPU as unsharded DDP. Launch on GPUs, or drop --use_fsdp (two CPU processes: "
+            "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...)"
+        )
+    if kind != DistributedType.FSDP:
+        return
+    if not accelerator.is_fsdp2:
+        raise UserError(
+            "kd runs FSDP2 (torch's fully_shard) only: set fsdp_version: 2 in the accelerate config, or launch with "
+            "`accelerate launch --use_fsdp --fsdp_version 2`"
+        )
+    key = section(cfg)
+    if cfg.ema_decay > 0:
+        raise UserError(
+            f"{key}.ema_decay > 0 cannot run under FSDP: timm's EMA is a full copy of the model on every process, "
+            f"outside the sharding. Set {key}.ema_decay=0, or train with DDP (launch without --use_fsdp)"
+        )
+    if cfg.qat_start_fraction is not None:
+        raise UserError(
+            f"{key}.qat_start_fraction cannot run under FSDP: the QAT graph is traced from the whole float model, "
+            f"which FSDP has sharded. Set {key}.qat_start_fraction=null, or train with DDP (launch without --use_fsdp)"
+        )
+    # On by default with `accelerate launch --use_fsdp`: rank 0's weights are loaded into the others' empty model,
+    # which Accelerate 1.15 does for parameters only and fails on BatchNorm statistics (buffers). kd builds the model
+    # on every process, and `fit` broadcasts rank 0's weights before sharding them instead.
+    accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
 
 
 def start_trackers(accelerator: Accelerator, cfg: TrainConfig, run_dir: Path, hparams: dict | None = None) -> None:
@@ -246,14 +292,38 @@ class NonFiniteGuard:
         self.taken = 0
 
 
+@contextlib.contextmanager
+def whole_weights(wrapped: torch.nn.Module | None) -> Iterator[None]:
+    """Within the block, the modules of `wrapped` hold their whole parameters. FSDP2 (fully_shard) gathers a
+    sharded module's parameters only around a call of that module, and validation calls the task's model, a
+    submodule; without FSDP the weights are whole anyway and this does nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in wrapped.modules() if isinstance(m, FSDPModule)] if wrapped is not None else []
+    for module in sharded:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in sharded:
+            module.reshard()
+
+
 @torch.no_grad()
-def validate(accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader, qat: QatPhase) -> dict[str, float]:
+def validate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader: DataLoader,
+    qat: QatPhase,
+    wrapped: torch.nn.Module | None = None,
+) -> dict[str, float]:
     """Exact top-1 accuracy and CE loss over the whole split, across all processes (no duplicated samples), of the
-    model every checkpoint of the epoch stores: rank 0's BatchNorm statistics, a QAT graph's trained ranges."""
+    model every checkpoint of the epoch stores: rank 0's BatchNorm statistics, a QAT graph's trained ranges.
+    `wrapped`: what Accelerate prepared, when it may hold `model` sharded (FSDP)."""
     sync_buffers(accelerator, model)
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
-    with qat.validating(model):
+    with qat.validating(model), whole_weights(wrapped):
         for batch in loader:
             with accelerator.autocast():
                 logits = forward_batch(model, batch)
@@ -282,12 +352,13 @@ class TopK:
         self,
         score: float,
         epoch: int,
-        model: torch.nn.Module,
+        model: torch.nn.Module | dict[str, torch.Tensor],
         meta: CheckpointMeta,
         write: bool = True,
         extra: dict | None = None,
     ) -> None:
-        """Save if `score` makes the top k (every process keeps the list; only the one with `write` saves)."""
+        """Save `model` (a module or its whole state dict) if `score` makes the top k (every process keeps the list;
+        only the one with `write` saves)."""
         if len(self.entries) >= self.k and not self.is_better(score, self.entries[-1][0]):
             return
         stem = f"epoch{epoch:03d}"
@@ -313,18 +384,75 @@ def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
             torch.distributed.broadcast(buffer.data, src=0)
 
 
+def shard_of(parameter: torch.Tensor) -> int:
+    """Which piece of `parameter` this process holds: 0 for a whole tensor (DDP: every process holds the same);
+    for an FSDP2 DTensor, a number for its coordinates on the mesh dimensions it is sharded over, so that two
+    processes with the same number hold replicas of one shard (HSDP) and different numbers different shards."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(parameter, DTensor):
+        return 0
+    mesh, piece = parameter.device_mesh, 0
+    for dim, placement in enumerate(parameter.placements):
+        if placement.is_shard():
+            piece = piece * mesh.size(dim) + mesh.get_coordinate()[dim]
+    return piece
+
+
 def check_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> float:
-    """A checksum of the weights, compared across processes: unsynced DDP ranks are an error, not a surprise."""
-    checksum = torch.stack([p.detach().double().abs().sum() for p in model.parameters()]).sum()
+    """A checksum of the weights, compared across processes: unsynced DDP ranks are an error, not a surprise.
+    Shard-aware under FSDP (see `weight_check`). Returns the checksum."""
+    return weight_check(accelerator, model)[0]
+
+
+def weight_check(accelerator: Accelerator, model: torch.nn.Module) -> tuple[float, str]:
+    """(checksum of the whole model, a line saying what was compared); an error when weights are non-finite or
+    processes that should hold the same values do not.
+
+    Under DDP every process holds every parameter, and all must agree. Under FSDP each process holds a shard of
+    each parameter: only processes holding the same shard (replicas, as HSDP keeps them) are compared; with plain
+    full sharding no two processes hold the same shard, so there is nothing to compare, and the line says so. The
+    checksum is the whole model's either way (each shard counted once).
+    """
+    from torch.distributed.tensor import DTensor
+
+    parameters = list(model.parameters())
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in parameters]
+    sums = torch.stack([t.detach().double().abs().sum() for t in local]) if local else torch.zeros(0).double()
+    pieces = torch.tensor([shard_of(p) for p in parameters], dtype=torch.float64, device=sums.device)
+    mine = torch.stack([sums, pieces]).unsqueeze(0).to(accelerator.device)
+    everyone = accelerator.gather(mine).cpu() if accelerator.num_processes > 1 else mine.cpu()
+    sums, pieces = everyone[:, 0], everyone[:, 1].long()  # [process, parameter]
+    checksum, differ, compared, alone = torch.zeros((), dtype=torch.float64), [], 0, 0
+    for j in range(len(parameters)):
+        for piece in pieces[:, j].unique():
+            replicas = sums[pieces[:, j] == piece, j]
+            checksum += replicas[0]
+            if len(replicas) == 1:
+                alone += 1
+            elif torch.allclose(replicas, replicas[0].expand_as(replicas), rtol=1e-9, atol=0):
+                compared += 1
+            else:
+                differ.append(j)
     if not torch.isfinite(checksum):
         raise UserError(
             "the weights became non-finite (NaN/inf) during training: lower learning_rate, enable "
             "gradient_clip_val, or check the data and the teacher"
         )
-    everyone = accelerator.gather(checksum.reshape(1).to(accelerator.device))
-    if not torch.allclose(everyone, everyone[0].expand_as(everyone), rtol=1e-9, atol=0):
-        raise RuntimeError(f"weights differ across the {accelerator.num_processes} processes: {everyone.tolist()}")
-    return float(checksum)
+    n = accelerator.num_processes
+    if differ:
+        names = [name for name, _ in model.named_parameters()]
+        raise RuntimeError(
+            f"weights differ across the {n} processes, in {len(differ)} parameter(s) that they should hold alike, "
+            f"e.g. {names[differ[0]]}: {sums[:, differ[0]].tolist()}"
+        )
+    if not any(isinstance(p, DTensor) for p in parameters):
+        return float(checksum), f"weights in sync across {n} process(es) (checksum {float(checksum):.6e})"
+    line = (
+        f"weights sharded (FSDP) across {n} process(es): {compared} shard(s) held by several processes are in "
+        f"sync, {alone} held by one process only (nothing to compare); whole-model checksum {float(checksum):.6e}"
+    )
+    return float(checksum), line
 
 
 def progress_bar(accelerator: Accelerator) -> Progress:
@@ -353,6 +481,9 @@ def fit(
     float_model = task.model  # what checkpoints store, also during QAT (the QAT graph shares its weights)
     prepare_model(task, cfg)
     optimizer = build_optimizer(task, cfg)
+    if accelerator.distributed_type == DistributedType.FSDP:  # as DDP does: all start from rank 0's weights
+        for tensor in itertools.chain(task.parameters(), task.buffers()):
+            torch.distributed.broadcast(tensor.data, src=0)
     # wrapped: the task as Accelerate runs it (DDP with several processes); hooks are called on `task` itself
     wrapped, optimizer, train_loader, val_loader = accelerator.prepare(task, optimizer, train_loader, val_loader)
     updates_per_epoch = math.ceil(len(train_loader) / cfg.accumulate_grad_batches)
@@ -361,9 +492,14 @@ def fit(
     if ema is not None:
         task.set_ema(ema.module)
     start_trackers(accelerator, cfg, run_dir, hparams)
+    sharded = " (FSDP: the model sharded across them)" if accelerator.distributed_type == DistributedType.FSDP else ""
     accelerator.print(
-        f"training on {accelerator.num_processes} process(es), device {accelerator.device}, "
+        f"training on {accelerator.num_processes} process(es){sharded}, device {accelerator.device}, "
         f"precision {accelerator.mixed_precision}, {updates_per_epoch} optimizer steps per epoch"
+    )
+    accelerator.print(  # the speed options, each switchable in the config (README's Performance section)
+        f"speed options: precision {accelerator.mixed_precision}, channels_last {'on' if cfg.channels_last else 'off'}"
+        f", compile {'on' if cfg.compile else 'off'}, teacher cache {getattr(cfg, 'teacher_cache', '') or 'off'}"
     )
     qat = QatPhase(cfg, task, val_loader, accelerator.mixed_precision, accelerator.print)
 
@@ -423,7 +559,7 @@ def fit(
             train_seconds = time.perf_counter() - start
             guard.end_epoch(epoch, len(train_loader) - skip)
 
-            metrics = validate(accelerator, ema.module if ema is not None else task.model, val_loader, qat)
+            metrics = validate(accelerator, ema.module if ema is not None else task.model, val_loader, qat, wrapped)
             score = metrics[cfg.monitor]
             scheduler.step(epoch + 1, score)
             images_per_s = seen / max(train_seconds, 1e-9)
@@ -437,9 +573,11 @@ def fit(
             checkpoint_meta = dataclasses.replace(
                 meta, epoch=epoch, metrics=metrics, ema=ema is not None, qat=qat.active
             )
-            top_k.update(score, epoch, saved_model, checkpoint_meta, accelerator.is_main_process, ranges)
+            # the whole weights, gathered from every process under FSDP (all must call it); rank 0 writes them
+            weights = accelerator.get_state_dict(saved_model)
+            top_k.update(score, epoch, weights, checkpoint_meta, accelerator.is_main_process, ranges)
             if accelerator.is_main_process:  # the newest weights, whatever their score (e.g. after QAT)
-                save_checkpoint(run_dir / "latest", saved_model, checkpoint_meta, ranges)
+                save_checkpoint(run_dir / "latest", weights, checkpoint_meta, ranges)
             progress["stale_epochs"] = 0 if improved else progress["stale_epochs"] + 1
             progress.update(epoch=epoch + 1, batches_done=0, top_k=top_k.entries, metrics=metrics)
             save_state(accelerator, run_dir, progress, scheduler, ema, qat.safe_serialization)
@@ -453,7 +591,6 @@ def fit(
                     f"early stopping: {cfg.monitor} did not improve for {progress['stale_epochs']} epochs"
                 )
                 break
-    checksum = check_in_sync(accelerator, float_model)
-    accelerator.print(f"weights in sync across {accelerator.num_processes} process(es) (checksum {checksum:.6e})")
+    accelerator.print(weight_check(accelerator, float_model)[1])
     accelerator.end_training()
     return {"best": top_k.best, "monitor": cfg.monitor, **metrics}

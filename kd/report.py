@@ -9,7 +9,13 @@ from kd.corruptions import CORRUPTIONS
 
 COLUMNS = ("Model", "Parameters", "Top-1 Acc.", "Latency (ms)", "Memory (MB)")
 EXTRA = ("Top-5", "Macro-F1", "ECE", "Agreement", "KL", "p90 (ms)", "Images/s", "Weights (MB)", "File (MB)")
-KIND = {"checkpoint": "", "onnx": " ONNX", "torchscript": " TorchScript", "tflite": " TFLite"}
+KIND = {
+    "checkpoint": "",
+    "onnx": " ONNX",
+    "torchscript": " TorchScript",
+    "torch.export": " torch.export",
+    "tflite": " TFLite",
+}
 
 
 def fmt(row: dict, key: str, scale: float = 1.0, digits: int = 1, unit: str = "", spread: bool = True) -> str:

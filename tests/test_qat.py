@@ -1,9 +1,12 @@
-"""kd/qat.py: the QAT phase the loop trains through, INT8 from the ranges QAT learned (checkpointed, converted,
-exported), and robust PTQ calibration."""
+"""kd/qat.py: the QAT phase the loop trains through (torchao PT2E), INT8 from the ranges QAT learned (checkpointed,
+converted, exported as a torch.export program), and robust PTQ calibration."""
+
+import functools
 
 import pytest
 import timm
 import torch
+import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
 from torch import nn
 
 import export
@@ -11,51 +14,72 @@ from kd.checkpoint import CheckpointMeta, checkpoint_ranges, load_checkpoint, sa
 from kd.config import TrainConfig
 from kd.data import InputSpec
 from kd.errors import UserError
-from kd.qat import RANGE_PREFIX, QatPhase, convert_qat, frozen_observers, prepare_qat, quantize_int8, range_state
+from kd.export_formats import torch_export_runner
+from kd.qat import (
+    RANGE_PREFIX,
+    QatPhase,
+    convert_qat,
+    fake_quants,
+    frozen_observers,
+    prepare_qat,
+    quantize_int8,
+    range_state,
+)
 from kd.task import Classifier
 
 META = CheckpointMeta(
     {"name": "test_efficientnet", "num_classes": 3}, ["a", "b", "c"], InputSpec(32, [0.5] * 3, [0.25] * 3)
 )
+QUANTIZE = torch.ops.quantized_decomposed.quantize_per_tensor.default
 
 
+@functools.cache
 def qat_trained(seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    """A timm student and its QAT graph with BN statistics and activation ranges learned as in training; the ranges
-    are relearned in eval mode, since four training steps leave BN statistics far from the batch statistics."""
-    from torch.ao.quantization import FakeQuantizeBase
-
+    """A timm student (with head dropout) and its QAT graph with BN statistics and activation ranges learned as in
+    training; the ranges are relearned in eval mode, since four training steps leave BN statistics far from the
+    batch statistics. Built once (export and prepare take seconds); tests only read it (`convert_qat` copies)."""
     torch.manual_seed(seed)
-    model = timm.create_model("test_efficientnet", num_classes=3)
+    model = timm.create_model("test_efficientnet", num_classes=3, drop_rate=0.5)
     with torch.no_grad():
         model.get_classifier().weight.mul_(20)  # clear logit gaps
     graph = prepare_qat(model, torch.randn(2, 3, 32, 32))
     for _ in range(4):
         graph(torch.randn(16, 3, 32, 32))
     graph.eval()
-    for module in graph.modules():
-        if isinstance(module, FakeQuantizeBase) and hasattr(module.activation_post_process, "reset_min_max_vals"):
-            module.activation_post_process.reset_min_max_vals()
+    for module in fake_quants(graph):
+        module.activation_post_process.reset_min_max_vals()
     with torch.no_grad():
         for _ in range(4):
             graph(torch.randn(16, 3, 32, 32))
     return model.eval(), graph
 
 
+def activation_quants(ranges: dict[str, torch.Tensor]) -> set[str]:
+    """The fake-quant names (keys of `ranges` less ".scale") of activations: one scale, where weights have one per
+    output channel."""
+    return {k.removesuffix(".scale") for k, v in ranges.items() if k.endswith(".scale") and v.numel() == 1}
+
+
 def test_convert_qat_gives_the_int8_model_the_fake_quantized_graph_emulates():
     model, graph = qat_trained()
     x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), frozen_observers(graph):
-        emulated = graph(x)  # torch's own fake-quant emulation, independent of the conversion
+        emulated = graph(x)  # torchao's own fake-quant emulation, independent of the conversion
+        assert torch.equal(graph(x), emulated)  # eval: dropout off, ranges fixed
     int8 = convert_qat(model, range_state(graph), x[:1])
     with torch.no_grad():
         got, scale = int8(x), model(x).abs().mean()
+        assert torch.equal(int8(x), got)  # no dropout in the INT8 model either
     error = (got - emulated).abs().mean() / scale
-    assert error < 0.15  # INT8 kernels round a few output levels away from the emulation
+    assert error < 0.08  # a weight or activation a rounding step away propagates a little
     assert (got.argmax(1) == emulated.argmax(1)).float().mean() >= 0.9
+    assert not any(n.target == torch.ops.aten.batch_norm.default for n in int8.graph.nodes)  # BN folded
     # the learned ranges are what converts: other ranges give another model
-    activation_range = ("min_val", "max_val", "scale")  # of the activation fake-quants, not the weights'
     squeezed = {
-        k: v / 8 if k.endswith(activation_range) and "weight_fake_quant" not in k else v
+        k: v / 8
+        if k.rsplit(".", 1)[0].removesuffix(".activation_post_process") in activation_quants(range_state(graph))
+        and k.endswith(("min_val", "max_val", "scale"))
+        else v
         for k, v in range_state(graph).items()
     }
     with torch.no_grad():
@@ -76,22 +100,36 @@ def test_qat_checkpoint_carries_the_ranges_and_still_loads_as_a_float_model(tmp_
     ranges = checkpoint_ranges(path)
     assert ranges and all(k.startswith(RANGE_PREFIX) for k in ranges)
     scales = {k: v for k, v in graph.state_dict().items() if k.endswith(".scale")}
-    assert {f"{RANGE_PREFIX}{k}" for k in scales} <= set(ranges)
+    assert len(scales) == len(fake_quants(graph)) and {f"{RANGE_PREFIX}{k}" for k in scales} <= set(ranges)
     assert all(torch.equal(ranges[f"{RANGE_PREFIX}{k}"], v) for k, v in scales.items())
     loaded, _ = load_checkpoint(path)  # strict load of the float weights; the ranges are set aside
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert checkpoint_ranges(save_checkpoint(tmp_path / "plain", model, META)) == {}
 
 
-def test_export_writes_int8_from_the_learned_ranges(tmp_path):
+def test_pt2e_export_parity_of_the_learned_ranges(tmp_path):
+    """torch-int8-qat: a torch.export program whose activation scales are the ones QAT learned, that runs as the
+    fake-quantized graph emulates, and that export.py checks against the float model like every format."""
     model, graph = qat_trained()
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), frozen_observers(graph):
+        emulated = graph(x)
     checkpoint = save_checkpoint(tmp_path / "latest", model, META, range_state(graph))
-    report = export.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.onnx"), "--int8"])
+    args = ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "s.onnx"), "--latency-runs", "2"]
+    report = export.main([*args, "--formats", "torch-int8-qat"])
     row = report["formats"]["torch-int8-qat"]
-    assert row["file"].endswith("s_int8_qat.pt") and row["status"] != "rejected"
-    x = torch.randn(4, 3, 32, 32)
-    expected = convert_qat(model, checkpoint_ranges(checkpoint), x[:1])(x)
-    torch.testing.assert_close(torch.jit.load(row["file"])(x), expected)
+    assert row["file"].endswith("s_int8_qat.pt2") and row["status"] != "rejected"
+    assert row["samples"] == 16 and row["top1_agreement"] >= 0.8  # the parity verdict against the float model
+    program = torch.export.load(row["file"])
+    learned = checkpoint_ranges(checkpoint)
+    quantized = [n for n in program.graph.nodes if n.target == QUANTIZE]  # each activation's quantize op
+    assert sorted({float(n.args[1]) for n in quantized}) == pytest.approx(
+        sorted({float(learned[f"{name}.scale"]) for name in activation_quants(learned)}), rel=1e-6
+    )
+    int8 = torch_export_runner(row["file"])(x)  # the file, as evaluate.py runs it
+    scale = model(x).abs().mean().item()
+    assert abs(int8 - emulated.numpy()).mean() / scale < 0.08
+    assert (int8.argmax(1) == emulated.argmax(1).numpy()).mean() >= 0.9
 
 
 def test_export_of_torch_int8_qat_without_ranges_says_what_to_export(tmp_path, capsys):
@@ -103,20 +141,20 @@ def test_export_of_torch_int8_qat_without_ranges_says_what_to_export(tmp_path, c
     assert "holds no QAT ranges" in message and "latest.safetensors" in message and "torch-int8-static" in message
 
 
-def test_qat_graph_drops_out_in_training_only_and_its_int8_model_never():
-    """timm's head calls F.dropout(training=self.training); FX would bake in the train mode of trace time."""
+def test_qat_graph_drops_out_in_training_only():
+    """timm's head calls F.dropout(training=self.training); export bakes in the train mode of export time, and
+    graph.train() / .eval() switch it (the INT8 model never drops: the conversion test)."""
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=3, drop_rate=0.5)
     graph = prepare_qat(model, torch.randn(2, 3, 32, 32))
     x = torch.randn(8, 3, 32, 32)
     graph(x)  # one training step's ranges
     assert not torch.equal(graph(x), graph(x))  # training: dropout on
-    graph.eval()
+    assert graph.eval() is graph and not graph.training
     with torch.no_grad(), frozen_observers(graph):
         assert torch.equal(graph(x), graph(x))  # eval: dropout off
-    int8 = convert_qat(model, range_state(graph), x[:1])
-    with torch.no_grad():
-        assert torch.equal(int8(x), int8(x))
+    assert graph.train() is graph and graph.training
+    assert not torch.equal(graph(x), graph(x))
 
 
 def test_int8_conversion_stays_close_to_float():
@@ -135,34 +173,44 @@ def test_int8_conversion_stays_close_to_float():
     with torch.no_grad():
         reference = model(x)
         assert (int8(x) - reference).abs().max() < 0.05 * reference.abs().max() + 0.02
-    assert any("quantized" in type(m).__module__ for m in int8.modules())  # real INT8 kernels, not fake quant
+    # INT8 weights stored as int8, activations quantized: not a float model
+    buffers = dict(int8.named_buffers())
+    weights = [buffers[n.target] for n in int8.graph.nodes if n.op == "get_attr" and n.target in buffers]
+    assert sum(w.dtype == torch.int8 for w in weights) == 2  # the conv's and the linear's
+    assert any(n.target == QUANTIZE for n in int8.graph.nodes)
 
 
 def test_qat_graph_of_a_timm_student_folds_bn_and_is_batch_independent_in_eval():
-    from torch.ao.nn.intrinsic.qat import ConvBn2d
-
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=3)  # timm's BatchNormAct2d, as in real students
     graph = prepare_qat(model, torch.randn(2, 3, 32, 32))
-    assert any(isinstance(m, ConvBn2d) for m in graph.modules())  # conv + BN folded for QAT
+    # conv + BN folded for QAT: the weight is scaled by gamma / running std before its fake quantization
+    assert sum(n.target == torch.ops.aten.sqrt.default for n in graph.graph.nodes) == sum(
+        isinstance(m, nn.BatchNorm2d) for m in model.modules()
+    )
     assert {id(p) for p in graph.parameters()} == {id(p) for p in model.parameters()}
+    assert {id(b) for b in model.buffers()} <= {id(b) for b in graph.buffers()}
     for _ in range(3):
         graph(torch.randn(8, 3, 32, 32))  # training steps set the BN statistics and the ranges
+    convs = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    assert sum(m.scale.numel() > 1 for m in fake_quants(graph)) == convs  # each conv's weights, per channel
     graph.eval()
-    before = {k: v.clone() for k, v in graph.state_dict().items()}
     x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad(), frozen_observers(graph):
+        graph(x)
+    before = {k: v.clone() for k, v in graph.state_dict().items()}
     with torch.no_grad(), frozen_observers(graph):
         together, alone = graph(x)[:1], graph(x[:1])
     assert torch.allclose(together, alone, atol=1e-5)  # running statistics and fixed ranges, not the batch's
     assert all(torch.equal(v, graph.state_dict()[k]) for k, v in before.items())  # eval changed nothing
-    assert all(m.observer_enabled.item() == 1 for m in graph.modules() if hasattr(m, "observer_enabled"))
+    assert all(m.observer_enabled.item() == 1 for m in fake_quants(graph))
 
 
 def test_int8_conversion_of_a_timm_student_folds_every_batchnorm():
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=3).eval()
     int8 = quantize_int8(model, [torch.randn(8, 3, 32, 32) for _ in range(4)])
-    assert "batch_norm" not in int8.code and not any(isinstance(m, nn.BatchNorm2d) for m in int8.modules())
+    assert not any("batch_norm" in str(n.target) for n in int8.graph.nodes)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the float model is left as it was
 
 
