@@ -50,7 +50,7 @@ from kd.inference import LoadedModel, load_model, read_json_object
 from kd.measure import PEAK_MEMORY_METHOD, cuda_peak_memory_mb, latency_ms, peak_memory_mb, throughput
 from kd.metrics import ECE_BINS, classification_metrics, mean_std, per_class_accuracy
 from kd.plots import save_plots
-from kd.report import derived_lines, tables
+from kd.report import derived_lines, recall_table, tables
 from kd.run_dir import require_writable_folder
 
 SECTIONS = {f.name for f in dataclasses.fields(Config)}  # data, model, train, distillation, name, seed
@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"KL({args.teacher} || model) at T=1. Images/s: throughput at batch {args.throughput_batch}."
     )
     console, md = tables(summary, args.corruptions, title, note)
+    if recall := recall_table(rows, groups):
+        console.append(recall[0])
+        md += [""] + recall[1]
     for table in console:
         Console(width=max(120, Console().width)).print(table)
     print(note)

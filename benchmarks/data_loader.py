@@ -3,8 +3,15 @@
 python benchmarks/data_loader.py                                  # a small demo set in a temp folder (< 1 minute)
 python benchmarks/data_loader.py --root data/plantvillage --workers 0 4 8 --out results/loader.json
 python benchmarks/data_loader.py --config configs/teacher_v2s.yaml data.ms_root=/data/ms --workers 8 16
+python benchmarks/data_loader.py --vs-torchvision --out results/loader_vs_torchvision.json   # about 2 minutes
 
 Startup (worker spawn + first batch) is reported apart from the steady rate, which is what training sees.
+
+--vs-torchvision races kd's training loader (RGB only) against torchvision's ImageFolder + PIL transforms (what
+torchdistill's configs build: RandomResizedCrop, flips, ToTensor, Normalize) on the same files: 500x500 JPEG field
+photos at 224 px and the demo's 64 px PNGs. Per worker: samples/s of one process decoding and transforming alone
+(1 thread, no DataLoader), which is what each DataLoader worker does; kd's float path before uint8 (`kd_float`)
+is measured too. Then each loader with --workers workers. Variants take turns over --rounds rounds, best round counts.
 """
 
 import argparse
@@ -51,6 +58,122 @@ def measure(cfg: DataConfig, dataset, with_ms: bool, workers: int, batch_size: i
     }
 
 
+def write_photos(root: Path, count: int, size: int, suffix: str) -> Path:
+    """`count` demo leaves rendered at `size` px (kd.demo), as <root>/train/<class>/*<suffix>: JPEGs like field
+    photos (quality 90), or PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    from kd.demo import DEMO_CLASSES, _render
+
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        cls = DEMO_CLASSES[i % len(DEMO_CLASSES)]
+        (root / "train" / cls).mkdir(parents=True, exist_ok=True)
+        rgb, _ = _render(rng, cls, size)
+        Image.fromarray(rgb).save(root / "train" / cls / f"{i:05d}{suffix}", quality=90)
+    return root
+
+
+def transforms_per_worker(root: Path, size: int, rounds: int) -> dict:
+    """samples/s of one worker's work (decode + training transform, 1 thread) for kd, kd's float path and
+    torchvision; variants take turns, best round counts."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    from kd.data import LeafDataset, PairedTransform, load_image
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    transform = PairedTransform(size, train=True, mean=mean, std=std, hflip=0.5, vflip=0.5, scale_min=0.6)
+    kd_set = LeafDataset(root, "train", transform=transform)
+    crop = T.RandomResizedCrop(size, scale=(0.6, 1.0))
+    flips = [T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
+    tv_set = ImageFolder(str(root / "train"), T.Compose([crop, *flips, T.ToTensor(), T.Normalize(mean, std)]))
+
+    def kd_float(i: int):  # the float path: the image made float at full size, then cropped and resized
+        generator = torch.Generator().manual_seed(i)
+        return transform(load_image(kd_set.samples[i][0]), generator=generator)
+
+    variants = {
+        "kd": lambda i: kd_set[i],
+        "kd_float": kd_float,
+        "torchvision": lambda i: tv_set[i],
+    }
+    n = min(len(kd_set), len(tv_set))
+    best = dict.fromkeys(variants, 0.0)
+    for _ in range(rounds):
+        for name, get in variants.items():
+            start = time.perf_counter()
+            for i in range(n):
+                get(i)
+            best[name] = max(best[name], n / (time.perf_counter() - start))
+    return {name: round(rate, 1) for name, rate in best.items()}
+
+
+def loaders_with_workers(root: Path, size: int, workers: int, batch_size: int, rounds: int) -> dict:
+    """samples/s of kd's training loader and of torchvision's ImageFolder loader, `workers` processes each,
+    persistent workers, over whole epochs after the first batch (start-up); the two take turns."""
+    import torchvision.transforms as T
+    from torchvision.datasets import ImageFolder
+
+    cfg = DataConfig(root=str(root), demo=False, image_size=size, num_workers=workers, hflip=0.5, vflip=0.5)
+    spec = InputSpec(size)
+    kd_loader = build_loader(cfg, spec, "train", batch_size, train=True, dataset=open_split(cfg, "train", scan=False))
+    crop = T.RandomResizedCrop(size, scale=(cfg.scale_min, 1.0))
+    flips = [T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
+    tv_set = ImageFolder(str(root / "train"), T.Compose([crop, *flips, T.ToTensor(), T.Normalize(spec.mean, spec.std)]))
+    extra = {"persistent_workers": True} if workers else {}
+    tv_loader = torch.utils.data.DataLoader(
+        tv_set, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers, **extra
+    )
+    best = {"kd": 0.0, "torchvision": 0.0}
+    iterators = {}
+    for name, loader in (("kd", kd_loader), ("torchvision", tv_loader)):
+        iterators[name] = iter(loader)
+        next(iterators[name])  # start-up: workers spawned, first batch
+        for _ in iterators[name]:
+            pass
+    for _ in range(rounds):
+        for name, loader in (("kd", kd_loader), ("torchvision", tv_loader)):
+            start, seen = time.perf_counter(), 0
+            for batch in loader:
+                seen += len(batch["label"] if isinstance(batch, dict) else batch[1])
+            best[name] = max(best[name], seen / (time.perf_counter() - start))
+    return {name: round(rate, 1) for name, rate in best.items()}
+
+
+def vs_torchvision(args) -> dict:
+    """kd's loader against torchvision's (torchdistill's) on 500 px JPEGs at 224 px and on 64 px PNGs."""
+    cases = {
+        "jpeg_500px_to_224px": (500, ".jpg", 224, args.images),
+        "png_64px_to_64px": (64, ".png", 64, args.images * 4),
+    }
+    report = {"cpus": os.cpu_count(), "workers": args.workers, "batch_size": args.batch_size, "cases": {}}
+    with tempfile.TemporaryDirectory() as temp:
+        for name, (stored, suffix, size, count) in cases.items():
+            root = write_photos(Path(temp) / name, count, stored, suffix)
+            torch.set_num_threads(1)  # as in a DataLoader worker
+            per_worker = transforms_per_worker(root, size, args.rounds)
+            case = {"images": count, "per_worker_samples_per_s": per_worker, "loaders_samples_per_s": {}}
+            for workers in args.workers:
+                rates = loaders_with_workers(root, size, workers, args.batch_size, args.rounds)
+                case["loaders_samples_per_s"][str(workers)] = rates
+            case["kd_vs_torchvision_per_worker"] = round(per_worker["kd"] / per_worker["torchvision"], 3)
+            report["cases"][name] = case
+            print(
+                f"{name} ({count} images): per worker (1 thread) "
+                + ", ".join(f"{k} {v:.0f}" for k, v in per_worker.items())
+                + f" samples/s; kd / torchvision "
+                f"{case['kd_vs_torchvision_per_worker']:.2f}"
+            )
+            for workers, rates in case["loaders_samples_per_s"].items():
+                print(
+                    f"  {workers} workers: kd {rates['kd']:.0f}, torchvision {rates['torchvision']:.0f} samples/s"
+                    f" ({rates['kd'] / rates['torchvision']:.2f}x)"
+                )
+    return report
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -61,9 +184,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", type=int, default=20, help="batches timed per setting, after the first")
     parser.add_argument("--image-size", type=int, help="overrides data.image_size")
     parser.add_argument("--no-ms", action="store_true", help="RGB only (the data has no MS stacks)")
+    parser.add_argument("--vs-torchvision", action="store_true", help="race torchvision's ImageFolder loader")
+    parser.add_argument("--images", type=int, default=100, help="--vs-torchvision: JPEGs (PNGs: 4x as many)")
+    parser.add_argument("--rounds", type=int, default=3, help="--vs-torchvision: rounds, best counts")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.ms_root=/data/ms")
     args = parser.parse_args(argv)
+    if args.vs_torchvision:
+        report = vs_torchvision(args)
+        write_report(args.out, report)
+        return report
 
     cfg = load_config(args.config, args.overrides).data
     if args.image_size:
@@ -74,7 +204,12 @@ def main(argv: list[str] | None = None) -> dict:
     elif not args.config:
         temp = tempfile.TemporaryDirectory()
         cfg.root, cfg.demo = temp.name, False
-        make_demo_dataset(temp.name, per_class=(60, 4, 4), **({"size": cfg.image_size} if cfg.image_size else {}))
+        make_demo_dataset(
+            temp.name,
+            per_class=(60, 4, 4),
+            unlabeled_per_class=0,
+            **({"size": cfg.image_size} if cfg.image_size else {}),
+        )
     prepare_data(cfg)
     torch.set_num_threads(1)  # as in a DataLoader worker; the main process would otherwise use every core
 

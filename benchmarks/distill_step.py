@@ -136,7 +136,7 @@ class Rows(torch.utils.data.Dataset):
 def loader_rate(size: int, bs: int, workers: int) -> float:
     """Samples/s of the training loader alone (demo data, RGB+MS, training transform), after worker start-up."""
     with tempfile.TemporaryDirectory() as root:
-        make_demo_dataset(root, per_class=(max(40, 3 * bs // 5), 2, 2), size=size)
+        make_demo_dataset(root, per_class=(max(40, 3 * bs // 5), 2, 2), size=size, unlabeled_per_class=0)
         cfg = DataConfig(root=root, demo=False, image_size=size, num_workers=workers, mean=[0.5] * 3, std=[0.25] * 3)
         train_set = open_split(cfg, "train", with_ms=True)
         spec = InputSpec(size, cfg.mean, cfg.std, *ms_statistics(train_set))
@@ -149,7 +149,7 @@ def loader_rate(size: int, bs: int, workers: int) -> float:
         return seen / (time.perf_counter() - start)
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--student", default="efficientnet_b0")
     parser.add_argument("--teacher-backbone", default="efficientnet_b0", help="RGB branch of the hybrid teacher")
@@ -166,7 +166,8 @@ def main() -> dict:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", help="write the figures as JSON here")
-    args = parser.parse_args()
+    parser.add_argument("--quiet", action="store_true", help="print no table (benchmarks/gpu.py prints its own)")
+    args = parser.parse_args(argv)
     device, size, bs = args.device, args.image_size, args.batch_size
     torch.manual_seed(0)
 
@@ -266,7 +267,8 @@ def main() -> dict:
         "option_speedups": speedups,
         "peak_memory": peak,
     }
-    print(table(result))
+    if not args.quiet:
+        print(table(result))
     write_report(args.out, result)
     return result
 

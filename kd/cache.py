@@ -82,9 +82,9 @@ def cache_key(
 ) -> dict:
     """Everything the cached logits depend on, as plain JSON data: the teachers (weights hash, ensemble weight,
     inputs, classes, MS statistics), the augmentation as the training loader applies it (seed, view size,
-    normalization, flips, crop scale, RandAugment, torch versions), the training samples (paths, labels, file sizes;
-    unlabelled images too, label -1) and k. Keys of options that are off are left out, so caches built before the
-    options existed stay valid."""
+    normalization, flips, crop scale, RandAugment, the version of the pixel pipeline, torch versions), the training
+    samples (paths, labels, file sizes; unlabelled images too, label -1) and k. Keys of options that are off are left
+    out, so caches built before the options existed stay valid."""
     transform = dataset.transform
     files = hashlib.sha256()
     for path, label in dataset.samples:
@@ -111,6 +111,7 @@ def cache_key(
             "vflip": transform.vflip,
             "scale": list(transform.scale),
             **({"randaugment": transform.randaugment} if getattr(transform, "randaugment", "") else {}),
+            "pixels": getattr(transform, "pixels", 1),  # how a view's pixels are made from a file (kd.data)
             # the random draws and the resizing kernels that make a view are theirs
             "libraries": {"torch": torch.__version__, "torchvision": torchvision.__version__},
         },

@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torchvision.io
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd.augment import RandAugment, parse_randaugment
 from kd.config import DataConfig
-from kd.demo import DEMO_BANDS, DEMO_CLASSES, make_demo_dataset  # noqa: F401 (re-exported)
+from kd.demo import DEMO_BANDS, DEMO_CLASSES, check_demo_version, make_demo_dataset  # noqa: F401 (re-exported)
 from kd.errors import UserError
 from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split
 from kd.mixing import Mixing, MixingCollate
@@ -108,11 +109,12 @@ class LeafDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """The untransformed sample: RGB as float 3×H×W in [0, 1], MS as float C×H×W (or None), label."""
+    def read(self, index: int, uint8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The untransformed sample: RGB as float 3×H×W in [0, 1] (`uint8`: as uint8 0-255 when the image has 8
+        bits per channel), MS as float C×H×W (or None), label."""
         path, label = self.samples[index]
         try:
-            rgb = load_image(path)
+            rgb = load_image(path, uint8)
         except FILE_ERRORS as e:
             raise UserError(f"cannot read image {path}: {e}") from None
         ms = None
@@ -129,7 +131,7 @@ class LeafDataset(Dataset):
         drawn from a generator seeded by (seed, epoch, sample): the same view whatever the worker count, after a
         resume, or when a teacher's output for it is cached. The sample carries `key`: kd.cache finds its row by it."""
         epoch, index = divmod(key, len(self))
-        rgb, ms, label = self.read(index)
+        rgb, ms, label = self.read(index, uint8=True)  # PairedTransform crops and resizes RGB in uint8
         generator = torch.Generator().manual_seed(hash((self.augment_seed, epoch, index)) % 2**63)
         sample = self.transform(rgb, ms, generator=generator)
         sample["label"], sample["key"] = label, key
@@ -181,9 +183,22 @@ class LeafDataset(Dataset):
         return self.read(present[-1])[1].shape[0]
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """The image at `path`, decoded in full, as float 3×H×W in [0, 1]; a broken file raises one of FILE_ERRORS."""
+def load_image(path: Path, uint8: bool = False) -> torch.Tensor:
+    """The image at `path`, decoded in full, as float 3×H×W in [0, 1]; a broken file raises one of FILE_ERRORS.
+
+    `uint8`: an image with 8 bits per channel comes as uint8 3×H×W (0-255) instead. A JPEG or PNG is then decoded by
+    torchvision (libjpeg-turbo, libpng: 1.4-1.5x Pillow's decode and conversion; for PNGs the same pixels); what it
+    does not decode to 8-bit RGB, Pillow does. 16-bit, 32-bit and float images stay float in [0, 1]."""
+    if uint8 and Path(path).suffix.lower() in TORCHVISION_DECODES:
+        try:
+            rgb = torchvision.io.decode_image(str(path), torchvision.io.ImageReadMode.RGB)
+            if rgb.dtype == torch.uint8:
+                return rgb
+        except RuntimeError:
+            pass  # a file torchvision cannot decode, or a broken one: Pillow decodes it, or says why not
     with Image.open(path) as im:
+        if uint8 and not _wide(im):
+            return TF.pil_to_tensor(im.convert("RGB"))
         return image_tensor(im)
 
 
@@ -279,12 +294,20 @@ class EpochSampler(Sampler):
         return iter((self.epoch * self.size + order).tolist())
 
 
+TORCHVISION_DECODES = (".jpg", ".jpeg", ".png")  # load_image(uint8=True) decodes these with torchvision.io
+# The version of how a view's pixels are made from a file and its draws: bump it when they change for the same draws
+# (2: RGB cropped, resized and flipped in uint8; JPEGs and PNGs decoded by torchvision), so teacher caches key on it.
+PIXELS_VERSION = 2
+
+
 class PairedTransform:
     """Crop/flip RGB and MS with the same parameters (teacher and student see one view), then normalize each.
 
     `randaugment` (a timm string such as "rand-m9-n2"; "" = off) adds kd.augment.RandAugment after the flips, in
     training: its geometric ops move the MS bands with the RGB, its colour ops change the RGB only.
     """
+
+    pixels = PIXELS_VERSION  # how views are made from files (kd.cache keys its logits on it)
 
     def __init__(
         self,
@@ -310,20 +333,33 @@ class PairedTransform:
     def __call__(
         self, rgb: torch.Tensor, ms: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> dict:
-        x = rgb if ms is None else torch.cat([rgb, ms])
-        size = [self.image_size] * 2 if self.image_size else list(x.shape[1:])
+        """`rgb` float in [0, 1], or uint8: then, without RandAugment, the RGB crop, resize and flips run on uint8 (a
+        quarter of the bytes, and torch's vectorized uint8 resize) and the RGB is made float once, at the output
+        size: 1.7x the float path per sample at 224 px from 500 px photos (benchmarks/data_loader.py). MS bands take
+        the same geometric steps in float, apart: the RGB view is the same with or without them."""
+        uint8 = rgb.dtype == torch.uint8 and self.rand_augment is None
+        if rgb.dtype == torch.uint8 and not uint8:
+            rgb = TF.to_dtype(rgb, torch.float32, scale=True)
+        # one tensor when RGB and MS share a dtype (RandAugment moves them together), else each apart
+        parts = [rgb] if ms is None else [rgb, ms] if uint8 else [torch.cat([rgb, ms])]
+        height, width = rgb.shape[1:]
+        size = [self.image_size] * 2 if self.image_size else [height, width]
         if self.train:
-            top, left, h, w = crop_params(x.shape[1], x.shape[2], self.scale, (3 / 4, 4 / 3), generator)
-            x = TF.resized_crop(x, top, left, h, w, size, antialias=True)
+            top, left, h, w = crop_params(height, width, self.scale, (3 / 4, 4 / 3), generator)
+            parts = [TF.resized_crop(x, top, left, h, w, size, antialias=True) for x in parts]
             if torch.rand((), generator=generator) < self.hflip:
-                x = x.flip(-1)
+                parts = [x.flip(-1) for x in parts]
             if torch.rand((), generator=generator) < self.vflip:
-                x = x.flip(-2)
+                parts = [x.flip(-2) for x in parts]
             if self.rand_augment is not None:  # uncovered pixels get the mean: they normalize to 0
+                x = parts[0]  # float RGB (+ MS): uint8 is off with RandAugment
                 fill = self.mean + (list(self.ms_mean) if self.ms_mean is not None else [0.0] * (len(x) - 3))
-                x = self.rand_augment(x, fill, generator)
-        elif list(x.shape[1:]) != size:
-            x = TF.resize(x, size, antialias=True)
+                parts = [self.rand_augment(x, fill, generator)]
+        elif [height, width] != size:
+            parts = [TF.resize(x, size, antialias=True) for x in parts]
+        if uint8:
+            parts[0] = TF.to_dtype(parts[0], torch.float32, scale=True)
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
         out = {"rgb": TF.normalize(x[:3], self.mean, self.std)}
         if ms is not None:
             out["ms"] = x[3:] if self.ms_mean is None else TF.normalize(x[3:], self.ms_mean, self.ms_std)
@@ -405,6 +441,8 @@ def prepare_data(cfg: DataConfig) -> None:
             raise UserError(f"data.demo is true, but {root} holds other files; set data.demo=false to use them")
         print(f"writing the synthetic demo dataset to {root} (seed {cfg.demo_seed})")
         make_demo_dataset(root, seed=cfg.demo_seed)
+    elif cfg.demo and not manifest:
+        check_demo_version(root)
     if not manifest and not root.is_dir():
         raise UserError(
             f"data.root {root} does not exist. Point data.root at <root>/<split>/<class>/<image> or "

@@ -1,7 +1,9 @@
 """The synthetic demo set: leaves on soil with class-specific symptoms, as RGB images plus 5-band MS stacks.
 
-Symptoms are clear in red-edge/NIR for every diseased leaf but faint in RGB for about half of them, so an RGB+MS
-teacher beats an RGB-only model of the same backbone. `kd.data` re-exports `make_demo_dataset`.
+Symptoms are clear in red-edge/NIR for every diseased leaf and subtle in RGB, so an RGB+MS teacher beats an
+RGB-only model of the same backbone and still has something an RGB student can learn from it. As in the field, few
+training images are labelled (a few percent of those labels wrong) and most are not: the teacher labels the
+unlabelled pool for the student. `kd.data` re-exports `make_demo_dataset`.
 """
 
 import json
@@ -10,8 +12,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from kd.errors import UserError
+
 DEMO_CLASSES = ("healthy", "early_blight", "leaf_rust", "powdery_mildew", "nitrogen_stress")
 DEMO_BANDS = ("blue", "green", "red", "red_edge", "nir")
+DEMO_VERSION = 2  # written to bands.json; a demo folder from another version is refused (its numbers differ)
+VISIBLE_STRENGTH = (0.2, 0.6)  # how strongly a symptom shows in RGB, relative to its reflectance change
 
 
 def _leaf_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -63,8 +69,8 @@ def _render(rng: np.random.Generator, cls: str, size: int) -> tuple[np.ndarray, 
     """One sample: an RGB uint8 image H×W×3 and its 5-band reflectance stack H×W×5 (float16)."""
     leaf, coords = _leaf_scene(rng, size)
     symptom = _symptom_mask(rng, cls, size, coords) * leaf
-    # Pre-symptomatic stress: half of the diseased leaves show it in red-edge/NIR but barely in visible light.
-    visible_strength = rng.uniform(0.5, 1.0) if rng.random() < 0.5 else rng.uniform(0.0, 0.12)
+    # Early disease: plain in red-edge/NIR, subtle in visible light (near the camera noise on the faintest leaves).
+    visible_strength = rng.uniform(*VISIBLE_STRENGTH)
     nir_strength = rng.uniform(0.7, 1.0)
     leaf_tint = _LEAF * rng.uniform(0.85, 1.15, size=5).astype(np.float32)
     veins = 1.0 - 0.15 * np.exp(-((coords[1] * 12) ** 2)) * leaf  # midrib
@@ -82,14 +88,15 @@ def _render(rng: np.random.Generator, cls: str, size: int) -> tuple[np.ndarray, 
 def make_demo_dataset(
     root: str | Path,
     seed: int = 0,
-    per_class: tuple[int, int, int] = (240, 60, 60),
+    per_class: tuple[int, int, int] = (40, 60, 60),
     size: int = 64,
     label_noise: float = 0.03,
+    unlabeled_per_class: int = 200,
 ) -> Path:
-    """Write a seeded synthetic leaf-disease set: <root>/{train,val,test}/<class>/<n>.png + <n>.npy (5 bands).
+    """Write a seeded synthetic leaf-disease set: <root>/{train,val,test}/<class>/<n>.png + <n>.npy (5 bands), and
+    <root>/unlabeled/<n>.png + .npy: `unlabeled_per_class` more training leaves of each class, shuffled, no labels.
 
-    Symptoms are clear in red-edge/NIR for every diseased leaf but faint in RGB for about half of them, so an
-    RGB+MS teacher beats an RGB-only model and has something to teach it. `label_noise` of the training labels
+    `per_class` counts the labelled images of train, val and test per class. `label_noise` of the training labels
     are flipped to a random other class, as in hand-labelled field data.
     """
     root = Path(root)
@@ -106,5 +113,24 @@ def make_demo_dataset(
                 stem = root / split / cls / f"{true_cls}_{n:04d}"
                 Image.fromarray(rgb).save(stem.with_suffix(".png"))
                 np.save(stem.with_suffix(".npy"), ms)
-    (root / "bands.json").write_text(json.dumps({"bands": list(DEMO_BANDS), "seed": seed}))
+    if unlabeled_per_class:
+        (root / "unlabeled").mkdir(parents=True, exist_ok=True)
+        classes = np.repeat(np.arange(len(DEMO_CLASSES)), unlabeled_per_class)
+        for n, k in enumerate(rng.permutation(classes)):  # names and order say nothing about the class
+            rgb, ms = _render(rng, DEMO_CLASSES[k], size)
+            Image.fromarray(rgb).save(root / "unlabeled" / f"{n:05d}.png")
+            np.save(root / "unlabeled" / f"{n:05d}.npy", ms)
+    info = {"bands": list(DEMO_BANDS), "seed": seed, "version": DEMO_VERSION}
+    (root / "bands.json").write_text(json.dumps(info))
     return root
+
+
+def check_demo_version(root: str | Path) -> None:
+    """Refuse a demo folder written by another version of `make_demo_dataset`: its results are not comparable."""
+    info = Path(root) / "bands.json"
+    version = json.loads(info.read_text()).get("version", 1) if info.is_file() else 1
+    if version != DEMO_VERSION:
+        raise UserError(
+            f"{root} holds version {version} of the demo set; this kd writes version {DEMO_VERSION}. "
+            f"Delete the folder (`make clean-demo`) and run again to write the current one, or set data.demo=false."
+        )

@@ -1,11 +1,13 @@
 """evaluate.py's report: table cells (mean ± std for runs of a recipe), the same table for the console and for
-markdown, and the user guide's derived comparison lines, computed from the table."""
+markdown, per-class recall (what a model gets wrong, not only how often), and the user guide's derived comparison
+lines, computed from the table."""
 
 import math
 
 from rich.table import Table
 
 from kd.corruptions import CORRUPTIONS
+from kd.metrics import mean_std
 
 COLUMNS = ("Model", "Parameters", "Top-1 Acc.", "Latency (ms)", "Memory (MB)")
 EXTRA = ("Top-5", "Macro-F1", "ECE", "Agreement", "KL", "p90 (ms)", "Images/s", "Weights (MB)", "File (MB)")
@@ -92,3 +94,18 @@ def tables(summary: dict[str, dict], corruptions: bool, title: str, note: str) -
         console.append(table)
         md += [""] + lines
     return console, md
+
+
+def recall_table(rows: dict[str, dict], groups: dict[str, list[str]]) -> tuple[Table, list[str]] | None:
+    """Recall of each class (the confusion matrix's diagonal over its row sums), mean ± std over a group's runs.
+
+    None when the models do not share one class list (nothing to put side by side)."""
+    classes = [list(rows[names[0]]["per_class_accuracy"]) for names in groups.values()]
+    if any(c != classes[0] for c in classes):
+        return None
+    body = []
+    for group, names in groups.items():
+        per_run = [rows[n]["per_class_accuracy"] for n in names]
+        merged = mean_std([{c: r[c] for c in classes[0] if r[c] is not None} for r in per_run])
+        body.append([group, *[fmt(merged, c, 100, 1, "%") for c in classes[0]]])
+    return render("Recall per class (share of each true class predicted as itself)", ("Model", *classes[0]), body)

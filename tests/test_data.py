@@ -21,7 +21,7 @@ from kd.data import (
     prepare_data,
     scan_dataset,
 )
-from kd.demo import DEMO_CLASSES, _render
+from kd.demo import DEMO_CLASSES, DEMO_VERSION, _render, make_demo_dataset
 from kd.errors import UserError
 from kd.layouts import SPLITS
 
@@ -308,6 +308,25 @@ def test_demo_dataset_layout_and_ms_signal(tiny_demo):
         assert all(p.with_suffix(".npy").is_file() for p in pngs)
     stack = np.load(next((tiny_demo / "val" / "leaf_rust").glob("*.npy")))
     assert stack.shape == (32, 32, 5)
+
+
+def test_demo_unlabelled_pool_is_deterministic_and_its_names_say_nothing_of_the_class(tmp_path):
+    a = make_demo_dataset(tmp_path / "a", per_class=(2, 1, 1), size=16, unlabeled_per_class=3)
+    b = make_demo_dataset(tmp_path / "b", per_class=(2, 1, 1), size=16, unlabeled_per_class=3)
+    pool = sorted((a / "unlabeled").iterdir())
+    assert [p.name for p in pool] == sorted(f"{n:05d}{ext}" for n in range(15) for ext in (".npy", ".png"))
+    assert all((b / "unlabeled" / p.name).read_bytes() == p.read_bytes() for p in pool)
+    assert np.load(pool[0]).shape == (16, 16, 5) and Image.open(pool[1]).size == (16, 16)
+    assert len(list(a.rglob("*.png"))) == (2 + 1 + 1 + 3) * len(DEMO_CLASSES)  # the pool comes on top of the splits
+    assert json.loads((a / "bands.json").read_text())["version"] == DEMO_VERSION
+
+
+def test_a_demo_folder_of_another_version_is_refused(tmp_path):
+    root = make_demo_dataset(tmp_path / "demo", per_class=(1, 1, 1), size=16, unlabeled_per_class=0)
+    prepare_data(DataConfig(root=str(root), demo=True))  # the current version: accepted as it is
+    (root / "bands.json").write_text(json.dumps({"bands": ["blue"], "seed": 0}))  # written before versions
+    with pytest.raises(UserError, match=r"version 1 of the demo set.*make clean-demo"):
+        prepare_data(DataConfig(root=str(root), demo=True))
 
 
 def test_demo_disease_lowers_vegetation_index():

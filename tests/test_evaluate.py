@@ -235,6 +235,25 @@ def test_rows_carry_every_metric_and_the_teacher_comparison(results, files):
     assert list((files / "results/tb").glob("events.out.tfevents.*"))
 
 
+def test_recall_per_class_is_the_confusion_diagonal_over_its_rows_averaged_over_runs(results, files):
+    rows, md = results["models"], (files / "results/results.md").read_text()
+    table = md[md.index("Recall per class") :].splitlines()
+    classes = [c.strip() for c in table[2].split("|")[2:-1]]
+    distilled = next(line for line in table if line.startswith("| distilled |")).split("|")[2:-1]
+    checked = 0
+    for k, (name, cell) in enumerate(zip(classes, distilled)):
+        recalls = []
+        for run in ("distilled@0", "distilled@1"):
+            confusion = rows[run]["confusion"]
+            if sum(confusion[k]):
+                recalls.append(confusion[k][k] / sum(confusion[k]))
+        if len(recalls) == 2:
+            mean, std = 100 * statistics.fmean(recalls), 100 * statistics.stdev(recalls)
+            assert cell.strip() == f"{mean:.1f} ± {std:.1f}%", name
+            checked += 1
+    assert checked == len(classes)  # every class has test images in both runs
+
+
 def test_runs_of_a_recipe_are_mean_and_std_and_last_is_reported(results, files):
     rows, summary = results["models"], results["summary"]
     assert summary["distilled"]["runs"] == ["distilled@0", "distilled@1"] and summary["distilled"]["n"] == 2

@@ -21,7 +21,7 @@ OFFLINE = ["--no-deps", "--no-build-isolation", "--no-index", "--disable-pip-ver
 
 def pins(name: str) -> set[str]:
     """The requirements a requirements file adds itself (not those of the files it includes with -r), normalized."""
-    lines = (line.partition(" #")[0].strip() for line in (ROOT / name).read_text().splitlines())  # pip's inline comments
+    lines = (line.partition(" #")[0].strip() for line in (ROOT / name).read_text().splitlines())  # inline comments
     return {normalized(line) for line in lines if line and not line.startswith(("#", "-r"))}
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 import distill
+import kd.data
 import kd.losses
 import train_teacher
 from kd.cache import TeacherCache, cache_key
@@ -192,7 +193,7 @@ def test_missing_ms_files_of_unlabelled_images_are_an_error_or_zero_filled(tiny_
 # ------------------------------------------------------------------------------------------ the teacher cache
 
 
-def test_the_cache_key_follows_the_unlabelled_set(tiny_demo, tmp_path):
+def test_the_cache_key_follows_the_unlabelled_set_and_the_pixel_pipeline(tiny_demo, tmp_path, monkeypatch):
     torch.manual_seed(0)
     teacher = timm.create_model("test_efficientnet", num_classes=5)
     classes = open_split(load_config(None, [f"data.root={tiny_demo}"]).data, "train").classes
@@ -209,6 +210,10 @@ def test_the_cache_key_follows_the_unlabelled_set(tiny_demo, tmp_path):
     before = key()
     assert key() == before and before["samples"]["unlabeled"] == 6
     assert "unlabeled" not in key("")["samples"]  # a cache built without unlabelled images keeps its key
+    assert before["augmentation"]["pixels"] == 2
+    monkeypatch.setattr(kd.data.PairedTransform, "pixels", 3)  # views made another way: the old logits are stale
+    assert key()["augmentation"]["pixels"] == 3
+    monkeypatch.undo()
     write_unlabeled(folder / "more", 1, seed=9, ms=False)
     added = key()
     assert added["samples"]["unlabeled"] == 7 and added["samples"]["sha256"] != before["samples"]["sha256"]
