@@ -270,8 +270,9 @@ class QatPhase:
         self.say("quantization-aware training from here on (fake-quantized INT8 weights and activations)")
 
     def validating(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """A QAT graph is measured with the ranges it trained with (`frozen_observers`); a float model as it is."""
-        return frozen_observers(model)
+        """A QAT graph is measured with the ranges it trained with (`frozen_observers`); a float model as it is
+        (without importing torchao: seconds, and a torch warning, in every run that never quantizes)."""
+        return frozen_observers(model) if self.active else contextlib.nullcontext(model)
 
     def ranges(self) -> dict[str, torch.Tensor] | None:
         """What checkpoints carry beside the float weights inside the phase: the ranges export.py's torch-int8-qat
