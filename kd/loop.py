@@ -243,13 +243,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_
     return LRSchedule(scheduler, optimizer, cfg)
 
 
-def prepare_model(task: TrainingTask, cfg: TrainConfig) -> None:
-    """The memory and speed options of the trained model, set before the optimizer and Accelerate see it."""
+def prepare_model(task: TrainingTask, cfg: TrainConfig, fsdp: bool = False) -> None:
+    """The memory and speed options of the trained model, set before the optimizer and Accelerate see it. Under
+    FSDP the weights stay contiguous: FSDP2 shards nothing else (torch 2.14 raises on channels_last weights)."""
     if cfg.grad_checkpointing:
         if not hasattr(task.model, "set_grad_checkpointing"):
             raise UserError(f"grad_checkpointing: {type(task.model).__name__} has no set_grad_checkpointing")
         task.model.set_grad_checkpointing(True)
-    if cfg.channels_last:  # 4-D weights NHWC: oneDNN and tensor-core convolutions skip a layout conversion
+    if cfg.channels_last and not fsdp:  # 4-D weights NHWC: oneDNN and tensor-core convolutions skip a conversion
         task.to(memory_format=torch.channels_last)
     if cfg.compile:  # in place: the module, its state dict and checkpoints stay as they are
         task.model.compile()
@@ -479,9 +480,10 @@ def fit(
 ) -> dict:
     """Train `task`: AMP, accumulation, clipping, schedules, EMA, QAT, validation, top-k, resume, early stopping."""
     float_model = task.model  # what checkpoints store, also during QAT (the QAT graph shares its weights)
-    prepare_model(task, cfg)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    prepare_model(task, cfg, fsdp)
     optimizer = build_optimizer(task, cfg)
-    if accelerator.distributed_type == DistributedType.FSDP:  # as DDP does: all start from rank 0's weights
+    if fsdp:  # as DDP does: all start from rank 0's weights
         for tensor in itertools.chain(task.parameters(), task.buffers()):
             torch.distributed.broadcast(tensor.data, src=0)
     # wrapped: the task as Accelerate runs it (DDP with several processes); hooks are called on `task` itself
@@ -492,13 +494,14 @@ def fit(
     if ema is not None:
         task.set_ema(ema.module)
     start_trackers(accelerator, cfg, run_dir, hparams)
-    sharded = " (FSDP: the model sharded across them)" if accelerator.distributed_type == DistributedType.FSDP else ""
+    sharded = " (FSDP: the model sharded across them)" if fsdp else ""
     accelerator.print(
         f"training on {accelerator.num_processes} process(es){sharded}, device {accelerator.device}, "
         f"precision {accelerator.mixed_precision}, {updates_per_epoch} optimizer steps per epoch"
     )
     accelerator.print(  # the speed options, each switchable in the config (README's Performance section)
-        f"speed options: precision {accelerator.mixed_precision}, channels_last {'on' if cfg.channels_last else 'off'}"
+        f"speed options: precision {accelerator.mixed_precision}, channels_last "
+        f"{('off (FSDP shards contiguous weights only)' if fsdp else 'on') if cfg.channels_last else 'off'}"
         f", compile {'on' if cfg.compile else 'off'}, teacher cache {getattr(cfg, 'teacher_cache', '') or 'off'}"
     )
     qat = QatPhase(cfg, task, val_loader, accelerator.mixed_precision, accelerator.print)

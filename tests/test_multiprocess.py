@@ -226,6 +226,8 @@ def test_fsdp_shards_the_model_and_saves_resumes_and_evaluates_whole_weights(tin
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "training on 2 process(es) (FSDP: the model sharded across them)" in proc.stdout
+    # the shipped config's channels_last: FSDP2 shards contiguous weights only, so it is off, and the run says so
+    assert "channels_last off (FSDP shards contiguous weights only)" in proc.stdout
     # every parameter is split between the two processes: no replicas, nothing to compare, and the line says so
     check = next(line for line in proc.stdout.splitlines() if line.startswith("weights sharded (FSDP)"))
     assert "0 shard(s) held by several processes are in sync" in check, check
