@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kd.config import DataConfig
+from kd.config import MAX_IMAGE_SIZE, DataConfig
 from kd.data import InputSpec, LeafDataset, build_loader
 from kd.errors import UserError, quote
 from kd.models import HybridFusion, build_model
@@ -252,7 +252,10 @@ META_KEYS = {
     ),
     "classes": (_class_names, "a list of distinct class names (strings)"),
     "inputs": (lambda v: v in (["rgb"], ["rgb", "ms"]), '["rgb"], or ["rgb", "ms"] for the hybrid model'),
-    "image_size": (lambda v: _is_int(v) and v > 0, "a positive integer (pixels)"),
+    "image_size": (
+        lambda v: _is_int(v) and 0 < v <= MAX_IMAGE_SIZE,
+        f"a positive integer (pixels), at most {MAX_IMAGE_SIZE}",
+    ),
     "mean": (lambda v: _numbers(v, 3), "3 numbers (R, G, B)"),
     "std": (lambda v: _numbers(v, 3, positive=True), "3 positive numbers (R, G, B)"),
     "ms_mean": (_numbers, "a list of numbers, one per MS band"),

@@ -45,6 +45,7 @@ SEED_LIMIT = 2**32  # numpy seeds must lie in [0, 2**32)
 MAX_LOSS_WEIGHT = 1e6  # the KD weights in use are 0.1-10 (DKD's beta 8)
 TEMPERATURES = (0.01, 1000.0)  # KD uses 1-20; beyond these bounds the soft loss turns non-finite in float32
 MIN_STD = 1e-3  # smallest data.std: gray levels are 1/255 apart; a tinier std blows pixels up past float range
+MAX_IMAGE_SIZE = 4096  # pixels a side: one 100,000 px view would be 120 GB of float32; models train at 32-1024
 
 
 @dataclass
@@ -78,9 +79,9 @@ class DataConfig:
 
     def __post_init__(self):
         _check(
-            self.image_size is None or self.image_size >= 8,
+            self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE,
             "data.image_size",
-            "must be at least 8 or null",
+            f"must be in [8, {MAX_IMAGE_SIZE}] (pixels a side) or null",
             self.image_size,
         )
         for key in ("mean", "std"):
