@@ -127,24 +127,25 @@ def read_meta(path: str | Path) -> CheckpointMeta:
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
-    """Rebuild the model from <stem>.json and load <stem>.safetensors into it (strict). Returns (model, meta)."""
+    """Rebuild the model from <stem>.json and load <stem>.safetensors into it (strict). Returns (model, meta).
+
+    The architecture is first built on the meta device (shapes, no memory) and checked against the tensor shapes in
+    the safetensors header: a 700-byte .json whose arch claims 10^8 bands is refused before anything is allocated."""
     meta_path, data = _read_json(path)
-    problems, model = meta_problems(data), None
+    problems, shapes = meta_problems(data), None
     if isinstance(data, dict) and not _arch_problems(data.get("arch")):  # the model builder has its own say
         try:
-            model = build_model(data["arch"])
+            shapes = _unallocated_shapes(data["arch"])
         except UserError as e:  # an unknown timm name or argument
             problems.append(f"arch: {e}")
     _refuse(meta_path, problems)  # every problem in one message, the builder's included
     meta = CheckpointMeta.from_json(data, meta_path)
     stem = checkpoint_stem(path)
-    try:
-        weights = safetensors.torch.load_file(str(stem.with_suffix(".safetensors")))
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        message = f"cannot read weights {stem}.safetensors ({e}); the file is damaged or not safetensors"
-        raise UserError(message) from None
     misfit = f"weights in {stem}.safetensors do not fit architecture {meta.arch} from {stem}.json"
-    weights = {k: v for k, v in weights.items() if not k.startswith(RANGE_PREFIX)}  # see checkpoint_ranges
+    if shapes is not None:
+        _check_shapes(shapes, _stored_shapes(stem), misfit)
+    model = build_model(meta.arch)
+    weights = _read_weights(stem)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # same names, other shapes: another width, class count or band count
@@ -152,6 +153,54 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
     if missing or unexpected:
         raise UserError(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model, meta
+
+
+def _unallocated_shapes(arch: dict) -> dict[str, list[int]] | None:
+    """The state-dict shapes of `arch`'s model, built on the meta device; None for a model whose construction
+    reads tensor values (it is then checked by loading, as before). A UserError from the builder passes through."""
+    try:
+        with torch.device("meta"):
+            model = build_model(arch)
+    except UserError:
+        raise
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):  # e.g. .item() of a meta tensor
+        return None
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def _stored_shapes(stem: Path) -> dict[str, list[int]]:
+    """The weights' shapes from the safetensors header (which safetensors checks against the file's size)."""
+    try:
+        with safetensors.safe_open(str(stem.with_suffix(".safetensors")), "pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise _unreadable(stem, e) from None
+    return {k: v for k, v in shapes.items() if not k.startswith(RANGE_PREFIX)}  # see checkpoint_ranges
+
+
+def _check_shapes(expected: dict[str, list[int]], stored: dict[str, list[int]], misfit: str) -> None:
+    """The UserError load_state_dict(strict) would give, found from the shapes alone."""
+    missing, unexpected = [k for k in expected if k not in stored], [k for k in stored if k not in expected]
+    if missing or unexpected:
+        raise UserError(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in expected.items():
+        if stored[name] != shape:  # worded as torch words it, which load_state_dict said here before
+            raise UserError(
+                f"{misfit}: size mismatch for {name}: copying a param with shape {torch.Size(stored[name])} from "
+                f"checkpoint, the shape in current model is {torch.Size(shape)}."
+            )
+
+
+def _unreadable(stem: Path, e: Exception) -> UserError:
+    return UserError(f"cannot read weights {stem}.safetensors ({e}); the file is damaged or not safetensors")
+
+
+def _read_weights(stem: Path) -> dict[str, torch.Tensor]:
+    try:
+        weights = safetensors.torch.load_file(str(stem.with_suffix(".safetensors")))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise _unreadable(stem, e) from None
+    return {k: v for k, v in weights.items() if not k.startswith(RANGE_PREFIX)}  # see checkpoint_ranges
 
 
 def checkpoint_ranges(path: str | Path) -> dict[str, torch.Tensor]:

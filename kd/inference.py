@@ -97,7 +97,8 @@ def _export_meta(path: Path, found: dict, sidecar: Path, meta_file: str | None) 
 
 def _arch_parameters(meta: CheckpointMeta) -> int | None:
     try:
-        return count_parameters(build_model(meta.arch)) if meta.arch else None
+        with torch.device("meta"):  # shapes only: a sidecar's arch may claim sizes nothing could hold
+            return count_parameters(build_model(meta.arch)) if meta.arch else None
     except Exception:  # an architecture this timm does not know: leave the count out
         return None
 
