@@ -8,6 +8,7 @@ This is also where a checkpoint meets the data: `checkpoint_loader` feeds a mode
 import json
 import math
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,11 +211,39 @@ def checkpoint_ranges(path: str | Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys() if k.startswith(RANGE_PREFIX)}
 
 
+FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def file_kind(path: str | Path) -> str | None:
+    """What `path` is when it exists but is not a regular file ("a FIFO (named pipe)", "a directory"...); None for
+    a regular file or nothing. Only stat looks: opening a FIFO to read it would wait for a writer forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, unreadable parent, a NUL in the name
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
+
+
 def _read_json(path: str | Path) -> tuple[Path, Any]:
     """(the .json path, its parsed content) of the checkpoint at `path`; both of its files must be there."""
     stem = checkpoint_stem(path)
     meta_path = stem.with_suffix(".json")
     if not stem.with_suffix(".safetensors").is_file() or not meta_path.is_file():
+        given = [Path(path)] if Path(path).suffix in CHECKPOINT_SUFFIXES else []
+        for candidate in [*given, stem.with_suffix(".safetensors"), meta_path]:
+            if kind := file_kind(candidate):
+                raise UserError(
+                    f"checkpoint file {candidate} is {kind}, not a regular file: point at the <stem>.safetensors "
+                    "and <stem>.json files a run wrote, e.g. runs/<name>/best.safetensors"
+                )
         hint = ""
         if Path(path).suffix in (".ckpt", ".pt", ".pth"):
             hint = (
