@@ -20,6 +20,7 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -180,11 +181,11 @@ def array_layout(rows: int, k: int, num_classes: int) -> dict[str, tuple[tuple[i
     return {name: (shape, np.dtype(dtype)) for name, (shape, dtype) in layout.items()}
 
 
-def _is_count(value) -> bool:
+def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def meta_problem(meta) -> str | None:
+def meta_problem(meta: Any) -> str | None:
     """What makes a parsed meta.json unusable as a cache's (its counts lay out the arrays); None when it is fine."""
     if not (isinstance(meta, dict) and isinstance(meta.get("key"), dict)):
         return "it holds no cache key"
