@@ -203,6 +203,8 @@ def meta_problem(meta: Any) -> str | None:
 
 def read_cache_meta(path: Path) -> tuple[dict | None, str | None]:
     """(the parsed <path>/meta.json, None), or (None, what is wrong with it)."""
+    if not (path / "meta.json").is_file():
+        return None, "there is none"
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not text at all
@@ -217,7 +219,7 @@ def _npy_header(file: Path) -> tuple[tuple, np.dtype, int]:
     with open(file, "rb") as f:
         version = np.lib.format.read_magic(f)
         if version not in readers:
-            raise ValueError(f".npy format version {version} is not one numpy writes for these arrays")
+            raise ValueError(f"its .npy format version {version} is not 1.0 or 2.0")
         shape, _, dtype = readers[version](f)
         return shape, dtype, f.tell()
 
@@ -348,8 +350,9 @@ def check_target(path: Path, tmp: Path) -> None:
         _, problem = read_cache_meta(path)  # only its own meta.json proves a folder is a cache's
         if problem:
             raise UserError(
-                f"distillation.teacher_cache: {path} holds cache file names but no valid meta.json ({problem}), "
-                f"so it may not be a cache's: delete the folder yourself if it is a damaged cache, or {NEW_FOLDER}"
+                f"distillation.teacher_cache: {path} holds no valid teacher cache meta.json ({problem}), so its files "
+                f"may not be a cache's and --cache-teacher will not delete them: delete the folder yourself if it is "
+                f"a damaged cache, or {NEW_FOLDER}"
             )
 
 

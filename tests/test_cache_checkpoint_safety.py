@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import reset_accelerate
 from torch.utils.data import Dataset
 
+import distill
 import evaluate
 import kd.cache
 from kd.cache import TeacherCache, build_teacher_cache
@@ -75,6 +77,27 @@ def test_cache_teacher_refuses_a_folder_holding_other_files_and_deletes_nothing(
     assert (tmp_path / "teacher/last/x").read_text() == "x"
 
 
+def test_distill_cache_teacher_into_the_teachers_run_folder_exits_2_and_keeps_it(tiny_demo, tmp_path, capsys):
+    """Issue 21 as reported: distillation.teacher_cache=<the teacher's run folder> --cache-teacher."""
+    teacher = tmp_path / "teacher"
+    before = teacher_run_folder(teacher)
+    classes = sorted(p.name for p in (tiny_demo / "train").iterdir())
+    hybrid_checkpoint(teacher / "best", classes)  # a real teacher of this data: the run gets as far as the build
+    args = ["--config", str(Path(distill.__file__).parent / "configs/b0.yaml"), f"data.root={tiny_demo}"]
+    args += ["data.demo=false", "data.image_size=32", "data.num_workers=0", "distillation.feature_matching=false"]
+    args += ["distillation.student_backbone=test_efficientnet", "distillation.student_pretrained=null"]
+    args += [f"distillation.teacher_checkpoint={teacher / 'best.safetensors'}", "distillation.precision=null"]
+    args += [f"distillation.teacher_cache={teacher}", "distillation.max_epochs=1", "distillation.warmup_epochs=0"]
+    reset_accelerate()
+    with pytest.raises(SystemExit) as exit_info:
+        distill.main([*args, "--cache-teacher"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"error: distillation.teacher_cache: {teacher} holds files" in err
+    assert "'notes.txt'" in err and "Traceback" not in err
+    assert sorted(p.name for p in teacher.iterdir()) == before
+    assert (teacher / "best.json").is_file() and (teacher / "tb/x").is_file()
+
+
 def test_cache_teacher_refuses_a_staging_folder_or_a_meta_less_folder_of_others(tmp_path):
     (tmp_path / "cache.tmp").mkdir()
     (tmp_path / "cache.tmp/notes.txt").write_text("mine")
@@ -83,7 +106,7 @@ def test_cache_teacher_refuses_a_staging_folder_or_a_meta_less_folder_of_others(
     assert (tmp_path / "cache.tmp/notes.txt").read_text() == "mine"
     (tmp_path / "other").mkdir()
     (tmp_path / "other/values.npy").write_text("not a cache's")  # a cache's name, but no meta.json proves it
-    with pytest.raises(UserError, match="holds cache file names but no valid meta.json"):
+    with pytest.raises(UserError, match=r"holds no valid teacher cache meta.json \(there is none\), so its files"):
         build(tmp_path / "other")
     assert (tmp_path / "other/values.npy").read_text() == "not a cache's"
     (tmp_path / "file").write_text("x")
@@ -187,8 +210,8 @@ HYBRID = {"name": "hybrid", "num_classes": 5, "backbone": "test_efficientnet", "
 SPEC = InputSpec(32, [0.5] * 3, [0.25] * 3, [0.0] * 5, [1.0] * 5)
 
 
-def hybrid_checkpoint(path: Path, **json_changes) -> Path:
-    save_checkpoint(path, build_model(HYBRID), CheckpointMeta(HYBRID, list("abcde"), SPEC))
+def hybrid_checkpoint(path: Path, classes: tuple[str, ...] = tuple("abcde"), **json_changes) -> Path:
+    save_checkpoint(path, build_model(HYBRID), CheckpointMeta(HYBRID, list(classes), SPEC))
     meta = json.loads(path.with_suffix(".json").read_text())
     for dotted, value in json_changes.items():
         *parents, last = dotted.split("__")
