@@ -8,6 +8,7 @@ This is also where a checkpoint meets the data: `checkpoint_loader` feeds a mode
 import json
 import math
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kd.config import DataConfig
+from kd.config import MAX_IMAGE_SIZE, DataConfig
 from kd.data import InputSpec, LeafDataset, build_loader
 from kd.errors import UserError, quote
 from kd.models import HybridFusion, build_model
@@ -127,24 +128,25 @@ def read_meta(path: str | Path) -> CheckpointMeta:
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
-    """Rebuild the model from <stem>.json and load <stem>.safetensors into it (strict). Returns (model, meta)."""
+    """Rebuild the model from <stem>.json and load <stem>.safetensors into it (strict). Returns (model, meta).
+
+    The architecture is first built on the meta device (shapes, no memory) and checked against the tensor shapes in
+    the safetensors header: a 700-byte .json whose arch claims 10^8 bands is refused before anything is allocated."""
     meta_path, data = _read_json(path)
-    problems, model = meta_problems(data), None
+    problems, shapes = meta_problems(data), None
     if isinstance(data, dict) and not _arch_problems(data.get("arch")):  # the model builder has its own say
         try:
-            model = build_model(data["arch"])
+            shapes = _unallocated_shapes(data["arch"])
         except UserError as e:  # an unknown timm name or argument
             problems.append(f"arch: {e}")
     _refuse(meta_path, problems)  # every problem in one message, the builder's included
     meta = CheckpointMeta.from_json(data, meta_path)
     stem = checkpoint_stem(path)
-    try:
-        weights = safetensors.torch.load_file(str(stem.with_suffix(".safetensors")))
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        message = f"cannot read weights {stem}.safetensors ({e}); the file is damaged or not safetensors"
-        raise UserError(message) from None
     misfit = f"weights in {stem}.safetensors do not fit architecture {meta.arch} from {stem}.json"
-    weights = {k: v for k, v in weights.items() if not k.startswith(RANGE_PREFIX)}  # see checkpoint_ranges
+    if shapes is not None:
+        _check_shapes(shapes, _stored_shapes(stem), misfit)
+    model = build_model(meta.arch)
+    weights = _read_weights(stem)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # same names, other shapes: another width, class count or band count
@@ -154,6 +156,54 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
     return model, meta
 
 
+def _unallocated_shapes(arch: dict) -> dict[str, list[int]] | None:
+    """The state-dict shapes of `arch`'s model, built on the meta device; None for a model whose construction
+    reads tensor values (it is then checked by loading, as before). A UserError from the builder passes through."""
+    try:
+        with torch.device("meta"):
+            model = build_model(arch)
+    except UserError:
+        raise
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):  # e.g. .item() of a meta tensor
+        return None
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def _stored_shapes(stem: Path) -> dict[str, list[int]]:
+    """The weights' shapes from the safetensors header (which safetensors checks against the file's size)."""
+    try:
+        with safetensors.safe_open(str(stem.with_suffix(".safetensors")), "pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise _unreadable(stem, e) from None
+    return {k: v for k, v in shapes.items() if not k.startswith(RANGE_PREFIX)}  # see checkpoint_ranges
+
+
+def _check_shapes(expected: dict[str, list[int]], stored: dict[str, list[int]], misfit: str) -> None:
+    """The UserError load_state_dict(strict) would give, found from the shapes alone."""
+    missing, unexpected = [k for k in expected if k not in stored], [k for k in stored if k not in expected]
+    if missing or unexpected:
+        raise UserError(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in expected.items():
+        if stored[name] != shape:  # worded as torch words it, which load_state_dict said here before
+            raise UserError(
+                f"{misfit}: size mismatch for {name}: copying a param with shape {torch.Size(stored[name])} from "
+                f"checkpoint, the shape in current model is {torch.Size(shape)}."
+            )
+
+
+def _unreadable(stem: Path, e: Exception) -> UserError:
+    return UserError(f"cannot read weights {stem}.safetensors ({e}); the file is damaged or not safetensors")
+
+
+def _read_weights(stem: Path) -> dict[str, torch.Tensor]:
+    try:
+        weights = safetensors.torch.load_file(str(stem.with_suffix(".safetensors")))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise _unreadable(stem, e) from None
+    return {k: v for k, v in weights.items() if not k.startswith(RANGE_PREFIX)}  # see checkpoint_ranges
+
+
 def checkpoint_ranges(path: str | Path) -> dict[str, torch.Tensor]:
     """The INT8 ranges a QAT run learned (kd/qat.py `range_state`), stored in its checkpoints; {} without QAT."""
     read_meta(path)  # a missing or foreign checkpoint: the message that says so
@@ -161,11 +211,39 @@ def checkpoint_ranges(path: str | Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys() if k.startswith(RANGE_PREFIX)}
 
 
+FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def file_kind(path: str | Path) -> str | None:
+    """What `path` is when it exists but is not a regular file ("a FIFO (named pipe)", "a directory"...); None for
+    a regular file or nothing. Only stat looks: opening a FIFO to read it would wait for a writer forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):  # missing, unreadable parent, a NUL in the name
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in FILE_KINDS if test(mode)), "not a regular file")
+
+
 def _read_json(path: str | Path) -> tuple[Path, Any]:
     """(the .json path, its parsed content) of the checkpoint at `path`; both of its files must be there."""
     stem = checkpoint_stem(path)
     meta_path = stem.with_suffix(".json")
     if not stem.with_suffix(".safetensors").is_file() or not meta_path.is_file():
+        given = [Path(path)] if Path(path).suffix in CHECKPOINT_SUFFIXES else []
+        for candidate in [*given, stem.with_suffix(".safetensors"), meta_path]:
+            if kind := file_kind(candidate):
+                raise UserError(
+                    f"checkpoint file {candidate} is {kind}, not a regular file: point at the <stem>.safetensors "
+                    "and <stem>.json files a run wrote, e.g. runs/<name>/best.safetensors"
+                )
         hint = ""
         if Path(path).suffix in (".ckpt", ".pt", ".pth"):
             hint = (
@@ -252,7 +330,10 @@ META_KEYS = {
     ),
     "classes": (_class_names, "a list of distinct class names (strings)"),
     "inputs": (lambda v: v in (["rgb"], ["rgb", "ms"]), '["rgb"], or ["rgb", "ms"] for the hybrid model'),
-    "image_size": (lambda v: _is_int(v) and v > 0, "a positive integer (pixels)"),
+    "image_size": (
+        lambda v: _is_int(v) and 0 < v <= MAX_IMAGE_SIZE,
+        f"a positive integer (pixels), at most {MAX_IMAGE_SIZE}",
+    ),
     "mean": (lambda v: _numbers(v, 3), "3 numbers (R, G, B)"),
     "std": (lambda v: _numbers(v, 3, positive=True), "3 positive numbers (R, G, B)"),
     "ms_mean": (_numbers, "a list of numbers, one per MS band"),

@@ -45,6 +45,7 @@ SEED_LIMIT = 2**32  # numpy seeds must lie in [0, 2**32)
 MAX_LOSS_WEIGHT = 1e6  # the KD weights in use are 0.1-10 (DKD's beta 8)
 TEMPERATURES = (0.01, 1000.0)  # KD uses 1-20; beyond these bounds the soft loss turns non-finite in float32
 MIN_STD = 1e-3  # smallest data.std: gray levels are 1/255 apart; a tinier std blows pixels up past float range
+MAX_IMAGE_SIZE = 4096  # pixels a side: one 100,000 px view would be 120 GB of float32; models train at 32-1024
 
 
 @dataclass
@@ -78,9 +79,9 @@ class DataConfig:
 
     def __post_init__(self):
         _check(
-            self.image_size is None or self.image_size >= 8,
+            self.image_size is None or 8 <= self.image_size <= MAX_IMAGE_SIZE,
             "data.image_size",
-            "must be at least 8 or null",
+            f"must be in [8, {MAX_IMAGE_SIZE}] (pixels a side) or null",
             self.image_size,
         )
         for key in ("mean", "std"):
@@ -397,6 +398,7 @@ class DistillationConfig(TrainConfig):
             if "weight" in t:
                 t["weight"] = _coerce(t["weight"], float, f"{where}.weight")
                 _check(t["weight"] > 0, f"{where}.weight", "must be > 0", t["weight"])
+        _check_teacher_weights(self)
 
 
 @dataclass
@@ -423,6 +425,22 @@ def _is_int(value: Any) -> bool:
 
 def _check_seed(seed: int, key: str) -> None:
     _check(0 <= seed < SEED_LIMIT, key, "must be in [0, 2**32), the seeds numpy accepts", seed)
+
+
+def _check_teacher_weights(d: "DistillationConfig") -> None:
+    """The ensemble's weights, normalized as kd.ensemble does (the EMA teacher's among them when it joins), are
+    finite and sum to one: 1e308 + 1e308 overflows the sum to inf and every normalized weight to 0."""
+    weights, keys = [t.get("weight", 1.0) for t in d.teachers] or [1.0], "distillation.teachers[*].weight"
+    if d.ema_teacher_weight > 0:
+        weights, keys = [*weights, d.ema_teacher_weight], f"{keys} and distillation.ema_teacher_weight"
+    total = sum(weights)
+    normalized = [w / total for w in weights] if math.isfinite(total) and total > 0 else [math.nan]
+    _check(
+        all(math.isfinite(w) for w in normalized) and abs(sum(normalized) - 1) <= 1e-6,
+        keys,
+        "must normalize to finite weights that sum to 1 (their sum overflows or vanishes): use weights like 1 or 0.5",
+        weights,
+    )
 
 
 def _check_mixing(cfg: "TrainConfig") -> None:

@@ -5,6 +5,7 @@ from a teacher cache (kd/cache.py). `load_teachers` is where a run gets them, an
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,7 +29,11 @@ def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float
     if len(weights) != count or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"need {count} non-negative teacher weights with a positive sum, got {weights}")
     total = sum(weights)
-    return [w / total for w in weights]
+    normalized = [w / total for w in weights]
+    # 1e308 + 1e308 overflows to inf and every weight to 0 (kd.config refuses such weights; this guards the rest)
+    if not all(math.isfinite(w) for w in normalized) or abs(sum(normalized) - 1) > 1e-6:
+        raise ValueError(f"teacher weights {weights} do not normalize to finite weights that sum to one")
+    return normalized
 
 
 def weighted_logits(logits: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd.checkpoint import EXPORT_KEYS, CheckpointMeta, checkpoint_stem, load_checkpoint
+from kd.checkpoint import EXPORT_KEYS, CheckpointMeta, checkpoint_stem, file_kind, load_checkpoint
 from kd.errors import UserError, quote
 from kd.models import build_model, count_parameters
 
@@ -65,6 +65,8 @@ def _pytorch_model(model: nn.Module, meta: CheckpointMeta, device: str, file_mb:
 
 def read_json_object(path: Path, what: str) -> dict:
     """A JSON file that must hold an object (a sidecar, a --meta file); anything else is a UserError naming it."""
+    if kind := file_kind(path):  # never opened: reading a FIFO would wait for a writer forever
+        raise UserError(f"{what} {quote(str(path))} is {kind}, not a regular file: pass a JSON file")
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -97,7 +99,8 @@ def _export_meta(path: Path, found: dict, sidecar: Path, meta_file: str | None) 
 
 def _arch_parameters(meta: CheckpointMeta) -> int | None:
     try:
-        return count_parameters(build_model(meta.arch)) if meta.arch else None
+        with torch.device("meta"):  # shapes only: a sidecar's arch may claim sizes nothing could hold
+            return count_parameters(build_model(meta.arch)) if meta.arch else None
     except Exception:  # an architecture this timm does not know: leave the count out
         return None
 
@@ -105,6 +108,8 @@ def _arch_parameters(meta: CheckpointMeta) -> int | None:
 def _load_exported(path: Path, meta_file: str | None) -> LoadedModel:
     from kd import export_formats as fmt  # onnxruntime; TFLite says what to install when it is missing
 
+    if kind := file_kind(path):  # never opened: reading a FIFO would wait for a writer forever
+        raise UserError(f"model file {quote(str(path))} is {kind}, not a regular file: check the --models path")
     if not path.is_file():
         raise UserError(f"model file {quote(str(path))} not found: check the path given to --models")
     found, kind, size = {}, fmt.kind(path), path.stat().st_size

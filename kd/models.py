@@ -44,7 +44,7 @@ def create_timm(name: str, num_classes: int, pretrained: str | None = None, **kw
     """A timm model; `pretrained` is None/"none" (random), "imagenet" (cache, or hub when online) or a weights file."""
     base = name.split(".")[0]  # "efficientnet_b0.ra_in1k" names a pretrained tag of efficientnet_b0
     if name.startswith(HUB_PREFIXES):  # timm reads the architecture (and with "imagenet" the weights) from there
-        return _timm_model(name, pretrained=pretrained == "imagenet", num_classes=num_classes, **kwargs)
+        return _hub_model(name, pretrained == "imagenet", num_classes, **kwargs)
     if base not in timm.list_models():
         close = timm.list_models(f"*{base[:6]}*")[:8]
         raise UserError(f"'{name}' is not a timm model name. Similar names: {', '.join(close) or 'none'}")
@@ -67,6 +67,40 @@ def create_timm(name: str, num_classes: int, pretrained: str | None = None, **kw
         return _timm_model(name, pretrained=True, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError, ValueError) as e:
         raise UserError(f"could not load pretrained weights '{pretrained}' for {name}: {e}{offline_hint()}") from None
+
+
+# the files timm's local-dir: loader looks for, in its order (timm.models._hub.load_state_dict_from_path)
+LOCAL_WEIGHTS = getattr(timm.models._hub, "_PREFERRED_FILES", ("model.safetensors", "pytorch_model.bin"))
+LOCAL_SUFFIXES = getattr(timm.models._hub, "_EXT_PRIORITY", (".safetensors", ".pth", ".pth.tar", ".bin"))
+
+
+def local_weights_file(folder: Path) -> Path | None:
+    """The weights file timm's local-dir: loader reads in `folder`; None when it holds none."""
+    for name in LOCAL_WEIGHTS:
+        if (folder / name).exists():
+            return folder / name
+    for suffix in LOCAL_SUFFIXES:
+        if found := sorted(folder.glob(f"*{suffix}")):
+            return found[0]
+    return None
+
+
+def _hub_model(name: str, pretrained: bool, num_classes: int, **kwargs: Any) -> nn.Module:
+    """A local-dir: or hf-hub: model. timm reads a folder's pytorch_model.bin (when it has no model.safetensors)
+    with torch.load(weights_only=True), which refuses a pickle that holds more than tensors: said in one line, not
+    as an UnpicklingError traceback (a pickle of tensors alone loads, as kd's .pth weights files do)."""
+    try:
+        return _timm_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError) as e:  # timm wraps torch.load's UnpicklingError in a RuntimeError
+        if not isinstance(e, pickle.UnpicklingError) and not isinstance(e.__cause__, pickle.UnpicklingError):
+            raise
+        local = name.startswith("local-dir:") and local_weights_file(Path(name.removeprefix("local-dir:")))
+        file = local or f"the pickled weights of {name}"
+        raise UserError(
+            f"refused to load {file}: it is a pickle that holds more than tensors, and unpickling it could run code. "
+            "kd reads timm folders' weights from model.safetensors: save them as model.safetensors beside its "
+            "config.json (safetensors.torch.save_file(state_dict, 'model.safetensors'))"
+        ) from None
 
 
 def _timm_model(name: str, **kwargs: Any) -> nn.Module:
