@@ -30,7 +30,7 @@ from kd.demo import DEMO_BANDS, DEMO_CLASSES, check_demo_version, make_demo_data
 from kd.errors import UserError
 from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split
 from kd.mixing import Mixing, MixingCollate
-from kd.multispectral import FILE_ERRORS, band_indices, find_ms, load_ms, ms_stack, read_ms
+from kd.multispectral import FILE_ERRORS, band_indices, find_ms, load_ms, ms_stack, read_ms, require_regular
 
 
 @dataclass
@@ -189,6 +189,7 @@ def load_image(path: Path, uint8: bool = False) -> torch.Tensor:
     `uint8`: an image with 8 bits per channel comes as uint8 3×H×W (0-255) instead. A JPEG or PNG is then decoded by
     torchvision (libjpeg-turbo, libpng: 1.4-1.5x Pillow's decode and conversion; for PNGs the same pixels); what it
     does not decode to 8-bit RGB, Pillow does. 16-bit, 32-bit and float images stay float in [0, 1]."""
+    require_regular(path)
     if uint8 and Path(path).suffix.lower() in TORCHVISION_DECODES:
         try:
             rgb = torchvision.io.decode_image(str(path), torchvision.io.ImageReadMode.RGB)
@@ -205,6 +206,7 @@ def load_image(path: Path, uint8: bool = False) -> torch.Tensor:
 def decoded_size(path: Path) -> tuple[int, int]:
     """(height, width) of the image at `path` after decoding all of it, as the start-up scan needs: a truncated or
     out-of-range file raises one of FILE_ERRORS. Faster than load_image: it makes no float tensor."""
+    require_regular(path)
     with Image.open(path) as im:
         hw = im.height, im.width
         if _wide(im):

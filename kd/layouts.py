@@ -80,7 +80,8 @@ def class_images(folder: Path) -> dict[str, list[Path]]:
         raise UserError(f"{folder} has no class folders: expected {folder}/<class>/<image>")
     out = {}
     for d in classes:
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        # not only regular files: a FIFO or socket named like an image is listed, and the scan names it as bad
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         plain = {p.stem for p in files if p.suffix.lower() not in (".tif", ".tiff")}
         out[d.name] = [p for p in files if p.suffix.lower() not in (".tif", ".tiff") or p.stem not in plain]
     empty = [name for name, images in out.items() if not images]
@@ -160,7 +161,8 @@ def _from_split_file(path: Path, base: Path, split: str, pool: Callable[[], dict
         classes = list(saved["classes"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"split file {path} is damaged or has no '{split}' list ({e}); restore it") from None
-    gone = [rel for rel, _ in entries if not (base / rel).is_file()]
+    # exists, not is_file: a FIFO or folder there is named by the scan; os.path: False for a too-long name
+    gone = [rel for rel, _ in entries if not os.path.exists(base / rel)]
     if gone:
         raise UserError(
             f"split file {path} lists {len(gone)} {split} images that no longer exist under {base}, e.g. "

@@ -40,7 +40,7 @@ def unlabeled_sources(cfg: DataConfig) -> list[tuple[Path, str]]:
             p
             for p in root.rglob("*")
             if p.suffix.lower() in IMAGE_SUFFIXES
-            and p.is_file()
+            and not p.is_dir()  # a FIFO or socket named like an image is listed: the scan names it as bad
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
         stems = {p.with_suffix("") for p in files if not _is_tiff(p)}

@@ -1,0 +1,168 @@
+"""Inputs that hung the start-up scan, leaked val/test images into training, trained on data nobody asked for, or
+crashed with a traceback (issue 21): FIFOs and other special files, repeated or copied images across splits,
+manifest mistakes, .npy headers claiming huge arrays, and a mistyped data.root with data.demo on."""
+
+import csv
+import errno
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kd.config import DataConfig
+from kd.data import InputSpec, LeafDataset, build_loader, open_split, scan_dataset
+from kd.demo import make_demo_dataset
+from kd.errors import UserError
+from kd.multispectral import load_ms
+
+HW = (6, 8)
+RNG = np.random.default_rng(0)
+
+
+def image(path: Path) -> Path:
+    """A random (so unique) PNG at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(RNG.integers(0, 256, (*HW, 3), np.uint8)).save(path)
+    return path
+
+
+def split_folders(root: Path, n: int = 3, ms: bool = False) -> Path:
+    """<root>/{train,val,test}/{a,b}/<i>.png, every image different (and a C×H×W .npy beside each with `ms`)."""
+    for split in ("train", "val", "test"):
+        for cls in "ab":
+            for i in range(n):
+                png = image(root / split / cls / f"{i}.png")
+                if ms:
+                    np.save(png.with_suffix(".npy"), RNG.random((3, *HW), dtype=np.float32))
+    return root
+
+
+def manifest(path: Path, rows: list, header=("path", "label", "split"), bom: bool = False) -> Path:
+    """A CSV manifest at `path` with `rows`; the images it names (but "missing/...") are written beside it."""
+    for row in rows:
+        if row[0] and not row[0].startswith("missing") and not (path.parent / row[0]).exists():
+            image(path.parent / row[0])
+    with open(path, "w", newline="", encoding="utf-8-sig" if bom else "utf-8") as f:
+        csv.writer(f).writerows([header, *rows])
+    return path
+
+
+def rows(n: int = 3) -> list[list[str]]:
+    """Manifest rows: n images of classes a and b in each split."""
+    return [[f"img/{s}/{c}{i}.png", c, s] for s in ("train", "val", "test") for c in "ab" for i in range(n)]
+
+
+def config(root: Path, **extra) -> DataConfig:
+    cfg = DataConfig(root=str(root), demo=False, image_size=8, num_workers=0)
+    for key, value in extra.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def fifo(path: Path) -> Path:
+    """A FIFO at `path`. Should anything open it for reading (the bug), a writer comes after a few seconds and
+    closes it at once: the reader gets an empty file instead of a hang, and the test fails on its message."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+
+    def unblock():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and path.exists():
+            time.sleep(3)
+            try:  # succeeds only while a reader waits in open()
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError as e:
+                if e.errno not in (errno.ENXIO, errno.ENOENT):
+                    return
+
+    threading.Thread(target=unblock, daemon=True).start()
+    return path
+
+
+# ------------------------------------------------------------------------------------ not regular files
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_a_fifo_in_a_manifest_is_a_bad_file_named_not_a_hang(tmp_path):
+    csv_path = manifest(tmp_path / "data.csv", rows())
+    fifo(tmp_path / "img/train/a9.png")
+    csv_path.write_text(csv_path.read_text() + "img/train/a9.png,a,train\n")
+    start = time.monotonic()
+    with pytest.raises(
+        UserError, match=r"1 of 7 samples have bad files:\n  .*a9.png: unreadable image \(not a regular"
+    ):
+        open_split(config(tmp_path, manifest=str(csv_path)), "train")
+    with pytest.warns(UserWarning, match=r"(?s)skipped 1 .*a9.png: unreadable image \(not a regular file but a FIFO\)"):
+        assert len(open_split(config(tmp_path, manifest=str(csv_path), on_bad_file="skip"), "train")) == 6
+    assert time.monotonic() - start < 2  # stat only: nothing waited for a writer
+
+
+def test_a_folder_listed_as_an_image_is_a_bad_file_named(tmp_path):
+    csv_path = manifest(tmp_path / "data.csv", [*rows(), ["img/train/folder.png", "a", "train"]])
+    (tmp_path / "img/train/folder.png").unlink()
+    (tmp_path / "img/train/folder.png").mkdir()
+    with pytest.raises(UserError, match=r"folder.png: unreadable image \(not a regular file but a folder\)"):
+        open_split(config(tmp_path, manifest=str(csv_path)), "train")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_a_fifo_as_ms_file_or_unlabelled_image_is_a_bad_file_named(tmp_path):
+    root = split_folders(tmp_path / "data", ms=True)
+    band_file = root / "train/a/0.npy"
+    band_file.unlink()
+    fifo(band_file)
+    with pytest.raises(UserError, match=rf"{re.escape(str(band_file))}: unreadable multispectral file \(not a regular"):
+        open_split(config(root, ms_missing="zeros"), "train", with_ms=True)  # not zero-filled as if missing
+    band_file.unlink()
+    np.save(band_file, RNG.random((3, *HW), dtype=np.float32))
+
+    pool = tmp_path / "pool"
+    image(pool / "u0.png")
+    fifo(pool / "u1.png")
+    cfg = config(root, unlabeled_root=str(pool))
+    with pytest.raises(UserError, match=r"u1.png: unreadable image \(not a regular file but a FIFO\)"):
+        build_loader(cfg, InputSpec(8), "train", 4, train=True, unlabeled=True)
+
+
+# ------------------------------------------------------------------------------- val/test images in training
+
+
+# ------------------------------------------------------------------------------------ manifest mistakes
+
+
+# ------------------------------------------------------------------------------------------- .npy headers
+
+
+def test_a_npy_header_claiming_a_huge_array_is_a_bad_file_named(tmp_path):
+    root = split_folders(tmp_path / "data", ms=True)
+    bomb = root / "train/b/1.npy"
+    header = {"descr": "<f4", "fortran_order": False, "shape": (5, 100_000, 50_000)}  # 93 GiB
+    with open(bomb, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 64)
+    assert bomb.stat().st_size < 300
+    with pytest.raises(ValueError, match=r"header claims a 5×100000×50000 float32 array \(100000000000 bytes\), but"):
+        load_ms(bomb)
+    with pytest.raises(UserError, match=r"1\.npy: unreadable multispectral file \(its header claims a 5×100000×50000"):
+        open_split(config(root), "train", with_ms=True)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert len(open_split(config(root, on_bad_file="skip"), "train", with_ms=True)) == 5
+
+
+def test_a_npy_of_pickled_objects_is_a_bad_file_named(tmp_path):
+    root = split_folders(tmp_path / "data", ms=True)
+    np.save(root / "train/a/2.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match=r"2\.npy: unreadable multispectral file \(it holds pickled Python objects"):
+        scan_dataset(LeafDataset(root, "train", with_ms=True))
+
+
+# ---------------------------------------------------------------------------------------------- demo data
+
+
+def small_demo(root, seed=0):
+    return make_demo_dataset(root, seed=seed, per_class=(2, 1, 1), size=16, unlabeled_per_class=0)
