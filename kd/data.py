@@ -28,7 +28,7 @@ from kd.augment import RandAugment, parse_randaugment
 from kd.config import DataConfig
 from kd.demo import DEMO_BANDS, DEMO_CLASSES, check_demo_version, make_demo_dataset  # noqa: F401 (re-exported)
 from kd.errors import UserError
-from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split
+from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split, shown
 from kd.mixing import Mixing, MixingCollate
 from kd.multispectral import FILE_ERRORS, band_indices, find_ms, load_ms, ms_stack, read_ms, require_regular
 
@@ -167,7 +167,7 @@ class LeafDataset(Dataset):
         """Refuse (or warn once about) images without an MS file; return the band count used to zero-fill them."""
         if not missing:
             return 0
-        expected = f"{missing[0].with_suffix('.npy')} (or .tif / .tiff)"
+        expected = f"{shown(missing[0].with_suffix('.npy'))} (or .tif / .tiff)"
         first = f"{len(missing)} of {len(self.ms_files)} {split} images have no multispectral file, e.g. {expected}"
         if policy == "error":
             raise UserError(f"{first}. Add the files, or set data.ms_missing=zeros to zero-fill their bands.")
@@ -391,7 +391,8 @@ def scan_dataset(dataset: LeafDataset, on_bad_file: str = "error", workers: int 
     if not found:
         return []
     bad = [found[i] for i in sorted(found)]
-    listing = "\n".join(f"  {path}: {why}" for path, why in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+    listing = "\n".join(f"  {shown(path)}: {shown(why)}" for path, why in bad[:20])
+    listing += "\n  ..." if len(bad) > 20 else ""
     if on_bad_file == "error":
         raise UserError(
             f"{len(bad)} of {len(dataset)} samples have bad files:\n{listing}\n"
@@ -445,9 +446,9 @@ def prepare_data(cfg: DataConfig) -> None:
         make_demo_dataset(root, seed=cfg.demo_seed)
     elif cfg.demo and not manifest:
         check_demo_version(root)
-    if not manifest and not root.is_dir():
+    if not manifest and not os.path.isdir(root):  # os.path: False for a too-long path, no OSError
         raise UserError(
-            f"data.root {root} does not exist. Point data.root at <root>/<split>/<class>/<image> or "
+            f"data.root {shown(root)} does not exist. Point data.root at <root>/<split>/<class>/<image> or "
             "<root>/<class>/<image> folders, or set data.demo=true to generate the built-in demo set there."
         )
     if manifest or not any((root / split).is_dir() for split in SPLITS):

@@ -17,7 +17,7 @@ from torch.utils.data import Sampler
 
 from kd.config import DataConfig
 from kd.errors import UserError
-from kd.layouts import IMAGE_SUFFIXES, list_split, read_manifest
+from kd.layouts import IMAGE_SUFFIXES, list_split, read_manifest, shown
 from kd.multispectral import find_ms
 
 if TYPE_CHECKING:  # kd.data imports this module to build its loaders
@@ -93,7 +93,7 @@ def add_unlabeled(dataset: "LeafDataset", cfg: DataConfig) -> "LeafDataset":
                 missing.append(stem)
         if missing:
             first = f"{len(missing)} of {len(sources)} unlabelled images have no multispectral file, e.g. "
-            first += f"{missing[0].with_suffix('.npy')} (or .tif / .tiff)"
+            first += f"{shown(missing[0].with_suffix('.npy'))} (or .tif / .tiff)"
             if cfg.ms_missing == "error":
                 raise UserError(f"{first}. Add the files, or set data.ms_missing=zeros to zero-fill their bands.")
             warnings.warn(f"{first}; their bands are zero-filled (data.ms_missing=zeros)", stacklevel=2)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from kd.config import DataConfig
-from kd.data import InputSpec, LeafDataset, build_loader, open_split, scan_dataset
+from kd.data import InputSpec, LeafDataset, build_loader, open_split, prepare_data, scan_dataset
 from kd.demo import make_demo_dataset
 from kd.errors import UserError
 from kd.multispectral import load_ms
@@ -132,7 +132,72 @@ def test_a_fifo_as_ms_file_or_unlabelled_image_is_a_bad_file_named(tmp_path):
 # ------------------------------------------------------------------------------- val/test images in training
 
 
+def test_a_manifest_row_repeated_in_another_split_is_a_leak_named_by_its_lines(tmp_path):
+    listed = rows()
+    listed.append(["img/./test/a0.png", "a", "train"])  # the test image a0, spelled another way
+    csv_path = manifest(tmp_path / "data.csv", listed)
+    with pytest.raises(
+        UserError,
+        match=r"lines 14 and 20 of .*data.csv both list the image img/./test/a0.png, as "
+        r"test and as train: a val or test image would be trained on",
+    ):
+        LeafDataset(tmp_path, "train", manifest=csv_path)
+
+
 # ------------------------------------------------------------------------------------ manifest mistakes
+
+
+def test_a_label_only_in_val_or_test_is_refused_naming_it_and_its_rows(tmp_path):
+    csv_path = manifest(
+        tmp_path / "data.csv", [*rows(), ["img/val/z.png", "zebra", "val"], ["img/test/z.png", "zebra", "test"]]
+    )
+    with pytest.raises(
+        UserError,
+        match=r"the label 'zebra' is on val/test rows only \(lines 20, 21\), so no "
+        "training row teaches it",
+    ):
+        LeafDataset(tmp_path, "train", manifest=csv_path)
+
+
+def test_an_evaluation_manifest_without_training_rows_is_accepted(tmp_path):
+    csv_path = manifest(tmp_path / "data.csv", [r for r in rows() if r[2] == "test"])
+    assert len(LeafDataset(tmp_path, "test", manifest=csv_path)) == 6
+
+
+def test_a_row_repeated_in_one_split_is_refused(tmp_path):
+    csv_path = manifest(tmp_path / "data.csv", [*rows(), ["img/train/b1.png", "b", "train"]])
+    with pytest.raises(
+        UserError,
+        match=r"lines 6 and 20 of .*data.csv both list the image img/train/b1.png \(train\): "
+        "it would be used twice",
+    ):
+        LeafDataset(tmp_path, "train", manifest=csv_path)
+    without_split = manifest(
+        tmp_path / "plain.csv", [["img/train/a0.png", "a"], ["img/train/a0.png", "a"]], ("path", "label")
+    )
+    with pytest.raises(UserError, match=r"lines 2 and 3 of .*plain.csv both list the image img/train/a0.png: it "):
+        LeafDataset(tmp_path, "train", manifest=without_split)
+
+
+def test_a_manifest_starting_with_a_utf8_bom_is_read(tmp_path):
+    csv_path = manifest(tmp_path / "data.csv", rows(), bom=True)
+    assert csv_path.read_bytes().startswith(b"\xef\xbb\xbfpath,label,split")
+    assert len(LeafDataset(tmp_path, "train", manifest=csv_path)) == 6
+
+
+def test_a_huge_path_is_cut_in_the_messages(tmp_path):
+    huge = "missing/" + "x" * 100_000 + ".png"
+    csv_path = manifest(tmp_path / "data.csv", [*rows(), [huge, "a", "train"]])
+    with pytest.raises(UserError, match="unreadable image") as error:
+        open_split(config(tmp_path, manifest=str(csv_path)), "train")
+    assert len(str(error.value)) < 1000
+    bad_row = manifest(tmp_path / "bad.csv", [*rows(), [huge, "a", "somewhere"]])
+    with pytest.raises(UserError, match="line 20") as error:
+        LeafDataset(tmp_path, "train", manifest=bad_row)
+    assert len(str(error.value)) < 1000
+    with pytest.raises(UserError, match="does not exist") as error:
+        prepare_data(config(tmp_path / ("y" * 100_000)))
+    assert len(str(error.value)) < 1000
 
 
 # ------------------------------------------------------------------------------------------- .npy headers
