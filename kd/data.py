@@ -7,6 +7,7 @@ saved split file, or a CSV manifest. The MS stack of an image is <image>.npy (HÃ
 """
 
 import copy
+import hashlib
 import inspect
 import os
 import warnings
@@ -93,6 +94,7 @@ class LeafDataset(Dataset):
         if not self.samples:
             raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {listing.where}")
         self.with_ms, self.ms_layout, self.ms_bands, self.ms_files = with_ms, ms_layout, None, {}
+        self.digests: dict[Path, bytes] = {}  # image path -> content hash, from scan_dataset (for refuse_leaks)
         self.transform = transform or PairedTransform(image_size=None)
         self.augment_seed = 0
         if with_ms:
@@ -137,31 +139,33 @@ class LeafDataset(Dataset):
         sample["label"], sample["key"] = label, key
         return sample
 
-    def check(self, index: int) -> tuple[tuple[Path, str] | None, int | None]:
-        """((bad file, why) or None when sample `index` reads fine, its MS band count or None).
+    def check(self, index: int) -> tuple[tuple[Path, str] | None, int | None, bytes | None]:
+        """((bad file, why) or None when sample `index` reads fine, its MS band count or None, the image's content
+        hash or None).
 
         Decodes the image and reads the MS array in full: a truncated file or a NaN is found here, not mid-epoch.
         """
         path = self.samples[index][0]
         try:
+            digest = file_digest(path)  # before decoding: the bytes are then in the page cache
             hw = decoded_size(path)
         except FILE_ERRORS as e:
-            return (path, f"unreadable image ({e})"), None
+            return (path, f"unreadable image ({e})"), None, None
         ms_path = self.ms_files.get(path)
         if ms_path is None:
-            return None, None
+            return None, None, digest
         try:
             array, pages = load_ms(ms_path)
         except FILE_ERRORS as e:
-            return (ms_path, f"unreadable multispectral file ({e})"), None
+            return (ms_path, f"unreadable multispectral file ({e})"), None, None
         try:
             stack = ms_stack(array, pages, hw, self.ms_layout, self.ms_bands, ms_path)
         except UserError as e:
-            return (ms_path, str(e)), None
+            return (ms_path, str(e)), None, None
         bad = int((~np.isfinite(stack)).sum())
         if bad:  # one NaN makes the band statistics NaN, and with them every training step
-            return (ms_path, f"NaN or infinite values ({bad} of {stack.size}); fix or delete the file"), None
-        return None, len(stack)
+            return (ms_path, f"NaN or infinite values ({bad} of {stack.size}); fix or delete the file"), None, None
+        return None, len(stack), digest
 
     def _check_missing_ms(self, split: str, missing: list[Path], policy: str) -> int:
         """Refuse (or warn once about) images without an MS file; return the band count used to zero-fill them."""
@@ -217,6 +221,14 @@ def decoded_size(path: Path) -> tuple[int, int]:
             im.draft(im.mode, (im.width // 8, im.height // 8))
             im.load()
     return hw
+
+
+def file_digest(path: Path) -> bytes:
+    """A hash of the file's bytes: two images with one hash are copies (or links) of each other. Cheap next to the
+    decode the scan does anyway (blake2b hashes faster than a PNG decodes)."""
+    require_regular(path)  # reading a FIFO would wait for a writer
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").digest()
 
 
 def image_tensor(im: Image.Image) -> torch.Tensor:
@@ -373,14 +385,16 @@ def scan_dataset(dataset: LeafDataset, on_bad_file: str = "error", workers: int 
     find MS files whose band count differs from the others' (batches of them could not be stacked).
 
     `on_bad_file`: "error" raises, listing the bad files; "skip" drops their samples with a warning.
-    `workers`: decoding threads (0: one per CPU, up to 16). Returns the [(bad file, why)] found.
+    `workers`: decoding threads (0: one per CPU, up to 16). Returns the [(bad file, why)] found. Each image's
+    content hash goes to `dataset.digests` (refuse_leaks compares them with the val and test images').
     """
     _check_choice("data.on_bad_file", on_bad_file, ("error", "skip"))
     # Pillow and numpy release the GIL while decoding, so threads decode in parallel
-    with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(workers or _threads()) as pool:
         results = list(pool.map(dataset.check, range(len(dataset))))
-    found = {i: bad for i, (bad, _) in enumerate(results) if bad is not None}
-    bands = {i: n for i, (bad, n) in enumerate(results) if bad is None and n is not None}
+    dataset.digests = {dataset.samples[i][0]: d for i, (_, _, d) in enumerate(results) if d is not None}
+    found = {i: bad for i, (bad, _, _) in enumerate(results) if bad is not None}
+    bands = {i: n for i, (bad, n, _) in enumerate(results) if bad is None and n is not None}
     if bands:
         usual, count = Counter(bands.values()).most_common(1)[0]
         dataset._zero_bands = usual  # zero-filled stacks (data.ms_missing=zeros) must stack with the others
@@ -403,6 +417,55 @@ def scan_dataset(dataset: LeafDataset, on_bad_file: str = "error", workers: int 
         raise UserError(f"every sample has a bad file:\n{listing}")
     warnings.warn(f"skipped {len(bad)} samples with bad files (data.on_bad_file=skip):\n{listing}", stacklevel=2)
     return bad
+
+
+def _threads() -> int:
+    return min(16, os.cpu_count() or 1)
+
+
+def refuse_leaks(dataset: LeafDataset, cfg: DataConfig) -> None:
+    """Refuse a training or unlabelled image of the scanned `dataset` whose bytes are a val or test image's: a copy,
+    a hard link or a symlink of it. Trained on, it makes the val/test scores measure memory, not generalization."""
+    from kd.unlabeled import UNLABELED  # it builds on this module
+
+    held_out = _held_out_images(cfg, {path for path, _ in dataset.samples})
+    if not held_out:
+        return
+    with ThreadPoolExecutor(_threads()) as pool:
+        digests = list(pool.map(_digest_or_none, held_out))
+    split_of = {d: (path, split) for (path, split), d in zip(held_out.items(), digests) if d is not None}
+    leaks = [(path, label) for path, label in dataset.samples if dataset.digests.get(path) in split_of]
+    if not leaks:
+        return
+    kinds = Counter("unlabelled" if label == UNLABELED else "training" for _, label in leaks)
+    what = " and ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    copy_of, split = split_of[dataset.digests[leaks[0][0]]]
+    raise UserError(
+        f"{what} images have the content of val/test images, e.g. {shown(leaks[0][0])} has the same bytes as "
+        f"{split} image {shown(copy_of)} (a copy or a link): trained on, they would make the val/test scores measure "
+        "memory. Remove each from one of the two sets."
+    )
+
+
+def _held_out_images(cfg: DataConfig, seen: set[Path]) -> dict[Path, str]:
+    """{image path: split} of the val and test splits the data has (a split it lacks is skipped)."""
+    options = _options(cfg)
+    new_split = (options["val_fraction"], options["test_fraction"], options["split_seed"])
+    out = {}
+    for split in ("val", "test"):
+        try:
+            listing = list_split(cfg.root, split, cfg.manifest, options["split_file"], new_split)
+        except UserError:  # no such split (no test folder): nothing to leak into
+            continue
+        out |= {listing.base / rel: split for rel, _ in listing.entries}
+    return {path: split for path, split in out.items() if path not in seen}  # the training split itself: not a leak
+
+
+def _digest_or_none(path: Path) -> bytes | None:
+    try:
+        return file_digest(path)
+    except OSError:  # its own split's scan names it
+        return None
 
 
 def ms_statistics(dataset: LeafDataset, max_samples: int = 256) -> tuple[list[float], list[float]]:
@@ -473,6 +536,8 @@ def open_split(
     dataset = LeafDataset(cfg.root, split, classes, with_ms, transform, **options)
     if scan:
         scan_dataset(dataset, cfg.on_bad_file)
+        if split == "train":
+            refuse_leaks(dataset, cfg)
     return dataset
 
 

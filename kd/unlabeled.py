@@ -76,8 +76,9 @@ def ignored_note(cfg: DataConfig) -> str | None:
 def add_unlabeled(dataset: "LeafDataset", cfg: DataConfig) -> "LeafDataset":
     """A copy of the training split `dataset` (a kd.data.LeafDataset) with the unlabelled images after its own,
     label -1, their MS files found as for labelled ones (beside the image, or at the same relative path under
-    data.ms_root), and every file scanned (kd.data.scan_dataset)."""
-    from kd.data import scan_dataset
+    data.ms_root), and every file scanned (kd.data.scan_dataset). A copy or link of a val or test image among
+    them, labelled or not, is refused (kd.data.refuse_leaks)."""
+    from kd.data import refuse_leaks, scan_dataset
 
     sources = unlabeled_sources(cfg)
     _refuse_labelled(sources, cfg)
@@ -98,6 +99,7 @@ def add_unlabeled(dataset: "LeafDataset", cfg: DataConfig) -> "LeafDataset":
                 raise UserError(f"{first}. Add the files, or set data.ms_missing=zeros to zero-fill their bands.")
             warnings.warn(f"{first}; their bands are zero-filled (data.ms_missing=zeros)", stacklevel=2)
     scan_dataset(merged, cfg.on_bad_file)
+    refuse_leaks(merged, cfg)
     return merged
 
 

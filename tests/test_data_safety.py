@@ -6,6 +6,7 @@ import csv
 import errno
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -142,6 +143,39 @@ def test_a_manifest_row_repeated_in_another_split_is_a_leak_named_by_its_lines(t
         r"test and as train: a val or test image would be trained on",
     ):
         LeafDataset(tmp_path, "train", manifest=csv_path)
+
+
+def test_a_copy_or_hard_link_of_a_test_image_in_training_is_refused(tmp_path):
+    root = split_folders(tmp_path / "data")
+    shutil.copy(root / "test/b/1.png", root / "train/a/copy.png")
+    with pytest.raises(
+        UserError,
+        match=r"1 training images have the content of val/test images, e\.g\. .*train/a/"
+        r"copy.png has the same bytes as test image .*test/b/1.png",
+    ):
+        open_split(config(root), "train")
+    (root / "train/a/copy.png").unlink()
+    assert len(open_split(config(root), "train")) == 6
+    assert len(open_split(config(root), "val")) == 6  # val and test are not compared with each other here
+
+    pool = tmp_path / "pool"
+    image(pool / "u0.png")
+    image(pool / "u1.png")
+    os.link(root / "val/a/2.png", pool / "u2.png")  # a hard link: another path, the same file
+    with pytest.raises(
+        UserError,
+        match=r"1 unlabelled images have the content of val/test images, e\.g\. .*u2.png "
+        r"has the same bytes as val image .*val/a/2.png",
+    ):
+        build_loader(config(root, unlabeled_root=str(pool)), InputSpec(8), "train", 4, train=True, unlabeled=True)
+
+
+def test_a_copied_test_image_in_a_manifest_is_refused(tmp_path):
+    csv_path = manifest(tmp_path / "data.csv", rows())
+    shutil.copy(tmp_path / "img/test/b2.png", tmp_path / "img/train/b2_copy.png")
+    csv_path.write_text(csv_path.read_text() + "img/train/b2_copy.png,b,train\n")
+    with pytest.raises(UserError, match=r"b2_copy.png has the same bytes as test image .*img/test/b2.png"):
+        open_split(config(tmp_path, manifest=str(csv_path)), "train")
 
 
 # ------------------------------------------------------------------------------------ manifest mistakes
