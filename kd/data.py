@@ -27,7 +27,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd.augment import RandAugment, parse_randaugment
 from kd.config import DataConfig
-from kd.demo import DEMO_BANDS, DEMO_CLASSES, check_demo_version, make_demo_dataset  # noqa: F401 (re-exported)
+from kd.demo import (  # noqa: F401 (DEMO_BANDS, DEMO_CLASSES, make_demo_dataset: re-exported)
+    DEMO_BANDS,
+    DEMO_CLASSES,
+    DEMO_ROOT,
+    check_demo_version,
+    is_demo_set,
+    make_demo_dataset,
+    may_write_demo,
+)
 from kd.errors import UserError
 from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split, shown
 from kd.mixing import Mixing, MixingCollate
@@ -497,28 +505,36 @@ def ms_statistics(dataset: LeafDataset, max_samples: int = 256) -> tuple[list[fl
 
 
 def prepare_data(cfg: DataConfig) -> None:
-    """Write the demo set if asked and absent, check the data is there, and make the split file if one is needed.
+    """Write the demo set if asked, absent and at its own folder (kd.demo.may_write_demo), check the data is there,
+    and make the split file if one is needed.
 
     Run it on one process first (Accelerate's main_process_first) so the split file is drawn once.
     """
     root, manifest = Path(cfg.root), cfg.manifest
-    if cfg.demo and not manifest and not (root / "train").is_dir():
-        if root.is_dir() and any(root.iterdir()):
-            raise UserError(f"data.demo is true, but {root} holds other files; set data.demo=false to use them")
-        print(f"writing the synthetic demo dataset to {root} (seed {cfg.demo_seed})")
-        make_demo_dataset(root, seed=cfg.demo_seed)
-    elif cfg.demo and not manifest:
-        check_demo_version(root)
+    if cfg.demo and not manifest:
+        _prepare_demo(root, cfg.demo_seed)
     if not manifest and not os.path.isdir(root):  # os.path: False for a too-long path, no OSError
         raise UserError(
-            f"data.root {shown(root)} does not exist. Point data.root at <root>/<split>/<class>/<image> or "
-            "<root>/<class>/<image> folders, or set data.demo=true to generate the built-in demo set there."
+            f"data.root {shown(root)} does not exist. Set data.root to your images (<root>/<split>/<class>/<image> "
+            f"or <root>/<class>/<image> folders), or leave data.root at {DEMO_ROOT} for the built-in demo set."
         )
     if manifest or not any((root / split).is_dir() for split in SPLITS):
         opt = _options(cfg)  # a single folder of classes (or a manifest): draw and save the split file now, once
         list_split(
             root, "train", manifest, opt["split_file"], (opt["val_fraction"], opt["test_fraction"], opt["split_seed"])
         )
+
+
+def _prepare_demo(root: Path, seed: int) -> None:
+    """Check the demo set at `root`, or write it there if it may be (kd.demo.may_write_demo); elsewhere leave `root`
+    to prepare_data's checks, so a mistyped data.root is named instead of filled with synthetic data."""
+    if os.path.isdir(root / "train"):
+        check_demo_version(root)
+    elif os.path.isdir(root) and any(root.iterdir()) and not is_demo_set(root):
+        raise UserError(f"data.demo is true, but {shown(root)} holds other files; set data.demo=false to use them")
+    elif may_write_demo(root):
+        print(f"writing the synthetic demo dataset to {root} (seed {seed})")
+        make_demo_dataset(root, seed=seed)
 
 
 def open_split(

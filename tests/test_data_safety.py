@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import kd.data
 from kd.config import DataConfig
 from kd.data import InputSpec, LeafDataset, build_loader, open_split, prepare_data, scan_dataset
 from kd.demo import make_demo_dataset
@@ -265,3 +266,38 @@ def test_a_npy_of_pickled_objects_is_a_bad_file_named(tmp_path):
 
 def small_demo(root, seed=0):
     return make_demo_dataset(root, seed=seed, per_class=(2, 1, 1), size=16, unlabeled_per_class=0)
+
+
+def test_a_mistyped_root_with_demo_on_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kd.data, "make_demo_dataset", small_demo)
+    typo = tmp_path / "dmeo"
+    with pytest.raises(
+        UserError,
+        match=rf"data.root {re.escape(str(typo))} does not exist\. Set data.root to your "
+        r"images .* or leave data.root at data/demo for the built-in demo set",
+    ):
+        prepare_data(DataConfig(root=str(typo), demo=True))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no class folders"):
+        prepare_data(DataConfig(root=str(tmp_path / "empty"), demo=True))
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+@pytest.mark.parametrize("spelling", ["data/demo", "./data/demo/", "ABSOLUTE"])
+def test_the_demo_is_written_at_its_own_folder(tmp_path, monkeypatch, spelling):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kd.data, "make_demo_dataset", small_demo)
+    root = str(tmp_path / "data/demo") if spelling == "ABSOLUTE" else spelling
+    prepare_data(DataConfig(root=root, demo=True))
+    assert (tmp_path / "data/demo/train/healthy").is_dir() and (tmp_path / "data/demo/bands.json").is_file()
+    prepare_data(DataConfig(root=root, demo=True))  # there now: checked, not written again
+
+
+def test_the_demo_is_rewritten_in_a_folder_that_holds_its_marker(tmp_path, monkeypatch):
+    monkeypatch.setattr(kd.data, "make_demo_dataset", small_demo)
+    elsewhere = small_demo(tmp_path / "my_demo")
+    shutil.rmtree(elsewhere / "train")  # its marker (bands.json) is left
+    prepare_data(DataConfig(root=str(elsewhere), demo=True))
+    assert (elsewhere / "train/healthy").is_dir()
