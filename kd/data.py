@@ -7,6 +7,7 @@ saved split file, or a CSV manifest. The MS stack of an image is <image>.npy (H�
 """
 
 import copy
+import hashlib
 import inspect
 import os
 import warnings
@@ -26,11 +27,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd.augment import RandAugment, parse_randaugment
 from kd.config import DataConfig
-from kd.demo import DEMO_BANDS, DEMO_CLASSES, check_demo_version, make_demo_dataset  # noqa: F401 (re-exported)
+from kd.demo import (  # noqa: F401 (DEMO_BANDS, DEMO_CLASSES, make_demo_dataset: re-exported)
+    DEMO_BANDS,
+    DEMO_CLASSES,
+    DEMO_ROOT,
+    check_demo_version,
+    is_demo_set,
+    make_demo_dataset,
+    may_write_demo,
+)
 from kd.errors import UserError
-from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split
+from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split, shown
 from kd.mixing import Mixing, MixingCollate
-from kd.multispectral import FILE_ERRORS, band_indices, find_ms, load_ms, ms_stack, read_ms
+from kd.multispectral import FILE_ERRORS, band_indices, find_ms, load_ms, ms_stack, read_ms, require_regular
 
 
 @dataclass
@@ -93,6 +102,7 @@ class LeafDataset(Dataset):
         if not self.samples:
             raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {listing.where}")
         self.with_ms, self.ms_layout, self.ms_bands, self.ms_files = with_ms, ms_layout, None, {}
+        self.digests: dict[Path, bytes] = {}  # image path -> content hash, from scan_dataset (for refuse_leaks)
         self.transform = transform or PairedTransform(image_size=None)
         self.augment_seed = 0
         if with_ms:
@@ -137,37 +147,39 @@ class LeafDataset(Dataset):
         sample["label"], sample["key"] = label, key
         return sample
 
-    def check(self, index: int) -> tuple[tuple[Path, str] | None, int | None]:
-        """((bad file, why) or None when sample `index` reads fine, its MS band count or None).
+    def check(self, index: int) -> tuple[tuple[Path, str] | None, int | None, bytes | None]:
+        """((bad file, why) or None when sample `index` reads fine, its MS band count or None, the image's content
+        hash or None).
 
         Decodes the image and reads the MS array in full: a truncated file or a NaN is found here, not mid-epoch.
         """
         path = self.samples[index][0]
         try:
+            digest = file_digest(path)  # before decoding: the bytes are then in the page cache
             hw = decoded_size(path)
         except FILE_ERRORS as e:
-            return (path, f"unreadable image ({e})"), None
+            return (path, f"unreadable image ({e})"), None, None
         ms_path = self.ms_files.get(path)
         if ms_path is None:
-            return None, None
+            return None, None, digest
         try:
             array, pages = load_ms(ms_path)
         except FILE_ERRORS as e:
-            return (ms_path, f"unreadable multispectral file ({e})"), None
+            return (ms_path, f"unreadable multispectral file ({e})"), None, None
         try:
             stack = ms_stack(array, pages, hw, self.ms_layout, self.ms_bands, ms_path)
         except UserError as e:
-            return (ms_path, str(e)), None
+            return (ms_path, str(e)), None, None
         bad = int((~np.isfinite(stack)).sum())
         if bad:  # one NaN makes the band statistics NaN, and with them every training step
-            return (ms_path, f"NaN or infinite values ({bad} of {stack.size}); fix or delete the file"), None
-        return None, len(stack)
+            return (ms_path, f"NaN or infinite values ({bad} of {stack.size}); fix or delete the file"), None, None
+        return None, len(stack), digest
 
     def _check_missing_ms(self, split: str, missing: list[Path], policy: str) -> int:
         """Refuse (or warn once about) images without an MS file; return the band count used to zero-fill them."""
         if not missing:
             return 0
-        expected = f"{missing[0].with_suffix('.npy')} (or .tif / .tiff)"
+        expected = f"{shown(missing[0].with_suffix('.npy'))} (or .tif / .tiff)"
         first = f"{len(missing)} of {len(self.ms_files)} {split} images have no multispectral file, e.g. {expected}"
         if policy == "error":
             raise UserError(f"{first}. Add the files, or set data.ms_missing=zeros to zero-fill their bands.")
@@ -189,6 +201,7 @@ def load_image(path: Path, uint8: bool = False) -> torch.Tensor:
     `uint8`: an image with 8 bits per channel comes as uint8 3×H×W (0-255) instead. A JPEG or PNG is then decoded by
     torchvision (libjpeg-turbo, libpng: 1.4-1.5x Pillow's decode and conversion; for PNGs the same pixels); what it
     does not decode to 8-bit RGB, Pillow does. 16-bit, 32-bit and float images stay float in [0, 1]."""
+    require_regular(path)
     if uint8 and Path(path).suffix.lower() in TORCHVISION_DECODES:
         try:
             rgb = torchvision.io.decode_image(str(path), torchvision.io.ImageReadMode.RGB)
@@ -205,6 +218,7 @@ def load_image(path: Path, uint8: bool = False) -> torch.Tensor:
 def decoded_size(path: Path) -> tuple[int, int]:
     """(height, width) of the image at `path` after decoding all of it, as the start-up scan needs: a truncated or
     out-of-range file raises one of FILE_ERRORS. Faster than load_image: it makes no float tensor."""
+    require_regular(path)
     with Image.open(path) as im:
         hw = im.height, im.width
         if _wide(im):
@@ -215,6 +229,14 @@ def decoded_size(path: Path) -> tuple[int, int]:
             im.draft(im.mode, (im.width // 8, im.height // 8))
             im.load()
     return hw
+
+
+def file_digest(path: Path) -> bytes:
+    """A hash of the file's bytes: two images with one hash are copies (or links) of each other. Cheap next to the
+    decode the scan does anyway (blake2b hashes faster than a PNG decodes)."""
+    require_regular(path)  # reading a FIFO would wait for a writer
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").digest()
 
 
 def image_tensor(im: Image.Image) -> torch.Tensor:
@@ -371,14 +393,16 @@ def scan_dataset(dataset: LeafDataset, on_bad_file: str = "error", workers: int 
     find MS files whose band count differs from the others' (batches of them could not be stacked).
 
     `on_bad_file`: "error" raises, listing the bad files; "skip" drops their samples with a warning.
-    `workers`: decoding threads (0: one per CPU, up to 16). Returns the [(bad file, why)] found.
+    `workers`: decoding threads (0: one per CPU, up to 16). Returns the [(bad file, why)] found. Each image's
+    content hash goes to `dataset.digests` (refuse_leaks compares them with the val and test images').
     """
     _check_choice("data.on_bad_file", on_bad_file, ("error", "skip"))
     # Pillow and numpy release the GIL while decoding, so threads decode in parallel
-    with ThreadPoolExecutor(workers or min(16, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(workers or _threads()) as pool:
         results = list(pool.map(dataset.check, range(len(dataset))))
-    found = {i: bad for i, (bad, _) in enumerate(results) if bad is not None}
-    bands = {i: n for i, (bad, n) in enumerate(results) if bad is None and n is not None}
+    dataset.digests = {dataset.samples[i][0]: d for i, (_, _, d) in enumerate(results) if d is not None}
+    found = {i: bad for i, (bad, _, _) in enumerate(results) if bad is not None}
+    bands = {i: n for i, (bad, n, _) in enumerate(results) if bad is None and n is not None}
     if bands:
         usual, count = Counter(bands.values()).most_common(1)[0]
         dataset._zero_bands = usual  # zero-filled stacks (data.ms_missing=zeros) must stack with the others
@@ -389,7 +413,8 @@ def scan_dataset(dataset: LeafDataset, on_bad_file: str = "error", workers: int 
     if not found:
         return []
     bad = [found[i] for i in sorted(found)]
-    listing = "\n".join(f"  {path}: {why}" for path, why in bad[:20]) + ("\n  ..." if len(bad) > 20 else "")
+    listing = "\n".join(f"  {shown(path)}: {shown(why)}" for path, why in bad[:20])
+    listing += "\n  ..." if len(bad) > 20 else ""
     if on_bad_file == "error":
         raise UserError(
             f"{len(bad)} of {len(dataset)} samples have bad files:\n{listing}\n"
@@ -400,6 +425,55 @@ def scan_dataset(dataset: LeafDataset, on_bad_file: str = "error", workers: int 
         raise UserError(f"every sample has a bad file:\n{listing}")
     warnings.warn(f"skipped {len(bad)} samples with bad files (data.on_bad_file=skip):\n{listing}", stacklevel=2)
     return bad
+
+
+def _threads() -> int:
+    return min(16, os.cpu_count() or 1)
+
+
+def refuse_leaks(dataset: LeafDataset, cfg: DataConfig) -> None:
+    """Refuse a training or unlabelled image of the scanned `dataset` whose bytes are a val or test image's: a copy,
+    a hard link or a symlink of it. Trained on, it makes the val/test scores measure memory, not generalization."""
+    from kd.unlabeled import UNLABELED  # it builds on this module
+
+    held_out = _held_out_images(cfg, {path for path, _ in dataset.samples})
+    if not held_out:
+        return
+    with ThreadPoolExecutor(_threads()) as pool:
+        digests = list(pool.map(_digest_or_none, held_out))
+    split_of = {d: (path, split) for (path, split), d in zip(held_out.items(), digests) if d is not None}
+    leaks = [(path, label) for path, label in dataset.samples if dataset.digests.get(path) in split_of]
+    if not leaks:
+        return
+    kinds = Counter("unlabelled" if label == UNLABELED else "training" for _, label in leaks)
+    what = " and ".join(f"{n} {kind}" for kind, n in sorted(kinds.items()))
+    copy_of, split = split_of[dataset.digests[leaks[0][0]]]
+    raise UserError(
+        f"{what} images have the content of val/test images, e.g. {shown(leaks[0][0])} has the same bytes as "
+        f"{split} image {shown(copy_of)} (a copy or a link): trained on, they would make the val/test scores measure "
+        "memory. Remove each from one of the two sets."
+    )
+
+
+def _held_out_images(cfg: DataConfig, seen: set[Path]) -> dict[Path, str]:
+    """{image path: split} of the val and test splits the data has (a split it lacks is skipped)."""
+    options = _options(cfg)
+    new_split = (options["val_fraction"], options["test_fraction"], options["split_seed"])
+    out = {}
+    for split in ("val", "test"):
+        try:
+            listing = list_split(cfg.root, split, cfg.manifest, options["split_file"], new_split)
+        except UserError:  # no such split (no test folder): nothing to leak into
+            continue
+        out |= {listing.base / rel: split for rel, _ in listing.entries}
+    return {path: split for path, split in out.items() if path not in seen}  # the training split itself: not a leak
+
+
+def _digest_or_none(path: Path) -> bytes | None:
+    try:
+        return file_digest(path)
+    except OSError:  # its own split's scan names it
+        return None
 
 
 def ms_statistics(dataset: LeafDataset, max_samples: int = 256) -> tuple[list[float], list[float]]:
@@ -431,28 +505,36 @@ def ms_statistics(dataset: LeafDataset, max_samples: int = 256) -> tuple[list[fl
 
 
 def prepare_data(cfg: DataConfig) -> None:
-    """Write the demo set if asked and absent, check the data is there, and make the split file if one is needed.
+    """Write the demo set if asked, absent and at its own folder (kd.demo.may_write_demo), check the data is there,
+    and make the split file if one is needed.
 
     Run it on one process first (Accelerate's main_process_first) so the split file is drawn once.
     """
     root, manifest = Path(cfg.root), cfg.manifest
-    if cfg.demo and not manifest and not (root / "train").is_dir():
-        if root.is_dir() and any(root.iterdir()):
-            raise UserError(f"data.demo is true, but {root} holds other files; set data.demo=false to use them")
-        print(f"writing the synthetic demo dataset to {root} (seed {cfg.demo_seed})")
-        make_demo_dataset(root, seed=cfg.demo_seed)
-    elif cfg.demo and not manifest:
-        check_demo_version(root)
-    if not manifest and not root.is_dir():
+    if cfg.demo and not manifest:
+        _prepare_demo(root, cfg.demo_seed)
+    if not manifest and not os.path.isdir(root):  # os.path: False for a too-long path, no OSError
         raise UserError(
-            f"data.root {root} does not exist. Point data.root at <root>/<split>/<class>/<image> or "
-            "<root>/<class>/<image> folders, or set data.demo=true to generate the built-in demo set there."
+            f"data.root {shown(root)} does not exist. Set data.root to your images (<root>/<split>/<class>/<image> "
+            f"or <root>/<class>/<image> folders), or leave data.root at {DEMO_ROOT} for the built-in demo set."
         )
     if manifest or not any((root / split).is_dir() for split in SPLITS):
         opt = _options(cfg)  # a single folder of classes (or a manifest): draw and save the split file now, once
         list_split(
             root, "train", manifest, opt["split_file"], (opt["val_fraction"], opt["test_fraction"], opt["split_seed"])
         )
+
+
+def _prepare_demo(root: Path, seed: int) -> None:
+    """Check the demo set at `root`, or write it there if it may be (kd.demo.may_write_demo); elsewhere leave `root`
+    to prepare_data's checks, so a mistyped data.root is named instead of filled with synthetic data."""
+    if os.path.isdir(root / "train"):
+        check_demo_version(root)
+    elif os.path.isdir(root) and any(root.iterdir()) and not is_demo_set(root):
+        raise UserError(f"data.demo is true, but {shown(root)} holds other files; set data.demo=false to use them")
+    elif may_write_demo(root):
+        print(f"writing the synthetic demo dataset to {root} (seed {seed})")
+        make_demo_dataset(root, seed=seed)
 
 
 def open_split(
@@ -470,6 +552,8 @@ def open_split(
     dataset = LeafDataset(cfg.root, split, classes, with_ms, transform, **options)
     if scan:
         scan_dataset(dataset, cfg.on_bad_file)
+        if split == "train":
+            refuse_leaks(dataset, cfg)
     return dataset
 
 

@@ -7,6 +7,7 @@ unlabelled pool for the student. `kd.data` re-exports `make_demo_dataset`.
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from kd.errors import UserError
 DEMO_CLASSES = ("healthy", "early_blight", "leaf_rust", "powdery_mildew", "nitrogen_stress")
 DEMO_BANDS = ("blue", "green", "red", "red_edge", "nir")
 DEMO_VERSION = 2  # written to bands.json; a demo folder from another version is refused (its numbers differ)
+DEMO_ROOT = "data/demo"  # the demo's own folder (configs/*.yaml, DataConfig's default), relative to the working folder
 VISIBLE_STRENGTH = (0.2, 0.6)  # how strongly a symptom shows in RGB, relative to its reflectance change
 
 
@@ -123,6 +125,24 @@ def make_demo_dataset(
     info = {"bands": list(DEMO_BANDS), "seed": seed, "version": DEMO_VERSION}
     (root / "bands.json").write_text(json.dumps(info))
     return root
+
+
+def may_write_demo(root: str | Path) -> bool:
+    """Whether the demo set may be written at `root`: the demo's own folder (data/demo, however spelled), or a folder
+    that already holds one (its bands.json). Anywhere else a mistyped data.root would silently get 99 MB of
+    synthetic leaves and a run trained on them."""
+    root = Path(root)
+    home = os.path.normpath(root) == os.path.normpath(DEMO_ROOT) or root.resolve() == Path(DEMO_ROOT).resolve()
+    return home or is_demo_set(root)
+
+
+def is_demo_set(root: Path) -> bool:
+    """Whether `root` holds the marker make_demo_dataset writes: a bands.json naming the demo's bands and its seed."""
+    try:
+        info = json.loads((root / "bands.json").read_text())
+    except (OSError, ValueError):  # none, or not JSON: a user's own folder
+        return False
+    return isinstance(info, dict) and info.get("bands") == list(DEMO_BANDS) and "seed" in info
 
 
 def check_demo_version(root: str | Path) -> None:

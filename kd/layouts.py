@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from kd.errors import UserError, quote
+from kd.errors import QUOTE_LIMIT, UserError, quote
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
@@ -62,6 +62,13 @@ def list_split(
     return _from_split_file(path, root, split, pool, new_split)
 
 
+def shown(value: object) -> str:
+    """str(value) for an error message, as it is unless it is long: then cut, as kd.errors.quote cuts it (a
+    100k-character path must not make a 200 kB message)."""
+    text = str(value)
+    return text if len(text) <= QUOTE_LIMIT else quote(text)
+
+
 def check_classes(classes: list[str], where: str, fix: str) -> None:
     """Refuse fewer than 2 classes: a classifier of one class scores 100% and learns nothing."""
     if len(classes) < 2:
@@ -80,7 +87,8 @@ def class_images(folder: Path) -> dict[str, list[Path]]:
         raise UserError(f"{folder} has no class folders: expected {folder}/<class>/<image>")
     out = {}
     for d in classes:
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        # not only regular files: a FIFO or socket named like an image is listed, and the scan names it as bad
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
         plain = {p.stem for p in files if p.suffix.lower() not in (".tif", ".tiff")}
         out[d.name] = [p for p in files if p.suffix.lower() not in (".tif", ".tiff") or p.stem not in plain]
     empty = [name for name, images in out.items() if not images]
@@ -119,11 +127,11 @@ def read_manifest(path: Path, unlabeled: bool = False) -> list[tuple[str, str, s
     (and an empty or train split) is an unlabelled training image: left out, or with `unlabeled` the only rows
     returned (kd/unlabeled.py)."""
     if not path.is_file():
-        raise UserError(f"data.manifest {path} does not exist")
-    with open(path, newline="") as f:
+        raise UserError(f"data.manifest {shown(path)} does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel starts its UTF-8 CSVs with a BOM
         reader = csv.DictReader(f)
         if not {"path", "label"} <= set(reader.fieldnames or ()):
-            raise UserError(f"{path} must start with the header row path,label[,split]; got {reader.fieldnames}")
+            raise UserError(f"{path} must start with the header row path,label[,split]; got {quote(reader.fieldnames)}")
         has_split = "split" in reader.fieldnames
         rows = [(r["path"].strip(), r["label"].strip(), r["split"].strip() if has_split else None) for r in reader]
     without_label = [bool(r[0]) and not r[1] and r[2] in (None, "", "train") for r in rows]
@@ -134,16 +142,56 @@ def read_manifest(path: Path, unlabeled: bool = False) -> list[tuple[str, str, s
     ]
     if bad:
         raise UserError(
-            f"{path} line {bad[0][0]}: {bad[0][1]} needs a path, a label and a split in {SPLITS} (a row without a "
-            "label is an unlabelled training image: leave its split empty or train)"
+            f"{path} line {bad[0][0]}: {quote(bad[0][1])} needs a path, a label and a split in {SPLITS} (a row "
+            "without a label is an unlabelled training image: leave its split empty or train)"
         )
     if unlabeled:
         return [r for r, u in zip(rows, without_label) if u]
+    _refuse_repeats(path, rows, ["unlabelled" if u else r[2] or "" for r, u in zip(rows, without_label)])
+    lines = [i + 2 for i, u in enumerate(without_label) if not u]
     rows = [r for r, u in zip(rows, without_label) if not u]
     if not rows:
         raise UserError(f"{path} lists no images")
     check_classes(sorted({label for _, label, _ in rows}), str(path), "give its label column at least 2 classes")
+    _refuse_untrained_labels(path, rows, lines)
     return rows
+
+
+def _refuse_repeats(path: Path, rows: list[tuple[str, str, str | None]], kinds: list[str]) -> None:
+    """Refuse an image on two rows: in one split it trains (or counts) twice; in two, a val or test image is
+    trained on and its score measures memory. `kinds`: each row's split, or "unlabelled". Paths are compared
+    resolved (the folder's symlinks followed, ./ and ../ removed); a copy under another name is found by its
+    content, in the scan (kd.data.refuse_leaks)."""
+    first: dict[str, int] = {}
+    folders: dict[str, str] = {}  # each folder resolved once: resolving every path of a large manifest takes seconds
+    for i, (rel, _, _) in enumerate(rows):
+        head, name = os.path.split(os.path.join(path.parent, rel))
+        if head not in folders:
+            folders[head] = os.path.realpath(head)
+        j = first.setdefault(os.path.join(folders[head], name), i)
+        if j == i:
+            continue
+        where = f"lines {j + 2} and {i + 2} of {shown(path)} both list the image {shown(rel)}"
+        if kinds[j] == kinds[i]:
+            raise UserError(f"{where}{f' ({kinds[i]})' if kinds[i] else ''}: it would be used twice. Delete a row.")
+        harm = "a val or test image would be trained on" if {"val", "test"} & {kinds[i], kinds[j]} else "used twice"
+        raise UserError(f"{where}, as {kinds[j]} and as {kinds[i]}: {harm}. Delete one of the rows.")
+
+
+def _refuse_untrained_labels(path: Path, rows: list[tuple[str, str, str | None]], lines: list[int]) -> None:
+    """Refuse a label that only val/test rows have: the model would get no class for it and score 0 on them."""
+    trained = {label for _, label, split in rows if split == "train"}
+    if rows[0][2] is None or not trained:  # split later (stratified: every class in each), or no training rows
+        return
+    untrained = [(line, label) for line, (_, label, _) in zip(lines, rows) if label not in trained]
+    if untrained:
+        label = untrained[0][1]
+        at = [str(line) for line, other in untrained if other == label]
+        more = f" ({len(at) - 5} more)" if len(at) > 5 else ""
+        raise UserError(
+            f"{shown(path)}: the label {quote(label)} is on val/test rows only (lines {', '.join(at[:5])}{more}), "
+            "so no training row teaches it. Add training rows with that label, or fix or delete those rows."
+        )
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:
@@ -160,12 +208,13 @@ def _from_split_file(path: Path, base: Path, split: str, pool: Callable[[], dict
         classes = list(saved["classes"])
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"split file {path} is damaged or has no '{split}' list ({e}); restore it") from None
-    gone = [rel for rel, _ in entries if not (base / rel).is_file()]
+    # exists, not is_file: a FIFO or folder there is named by the scan; os.path: False for a too-long name
+    gone = [rel for rel, _ in entries if not os.path.exists(base / rel)]
     if gone:
         raise UserError(
             f"split file {path} lists {len(gone)} {split} images that no longer exist under {base}, e.g. "
-            f"{', '.join(gone[:5])}. Restore them, or delete {path} to draw a new split (its val/test images will "
-            "differ from earlier runs, so earlier scores are not comparable)."
+            f"{', '.join(map(shown, gone[:5]))}. Restore them, or delete {path} to draw a new split (its val/test "
+            "images will differ from earlier runs, so earlier scores are not comparable)."
         )
     asked = dict(zip(("val_fraction", "test_fraction", "seed"), new_split))
     if any(saved.get(k) != v for k, v in asked.items()):

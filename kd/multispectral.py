@@ -7,6 +7,9 @@ per-band statistics normalize them.
 """
 
 import json
+import math
+import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -32,12 +35,25 @@ TIFF_DAMAGE = (zlib.error, struct.error, ArithmeticError, IndexError, KeyError, 
 
 
 def find_ms(stem: Path, image: Path) -> Path | None:
-    """The MS file <stem>.npy / .tif / .tiff, never the image itself (a .tif image may share the stem)."""
+    """The MS file <stem>.npy / .tif / .tiff, never the image itself (a .tif image may share the stem).
+
+    Whatever is at that path counts, a FIFO or a folder too: the scan then names it as a bad file (require_regular)
+    instead of zero-filling its bands as if it were missing."""
     for suffix in MS_SUFFIXES:
         candidate = stem.with_suffix(suffix)
-        if candidate != image and candidate.is_file():
+        if candidate != image and os.path.exists(candidate):  # os.path: False for a too-long name, no OSError
             return candidate
     return None
+
+
+def require_regular(path: Path) -> None:
+    """Raise OSError when `path` is not a regular file. Checked before opening: opening a FIFO waits for a writer
+    (the start-up scan hung, silent), a device reads without end, a folder fails with a confusing error."""
+    mode = os.stat(path).st_mode  # follows symlinks: a link to a regular file is fine
+    if not stat.S_ISREG(mode):
+        kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}
+        kind = next((name for test, name in kinds.items() if test(mode)), "a device or other special file")
+        raise OSError(f"not a regular file but {kind}")
 
 
 def band_indices(bands: list, folders: list[Path]) -> list[int] | None:
@@ -62,13 +78,37 @@ def load_ms(path: Path) -> tuple[np.ndarray, bool]:
 
     A broken file raises one of FILE_ERRORS; callers name the file.
     """
+    require_regular(path)
     if path.suffix.lower() == ".npy":
-        array, bands_first = np.load(path), False
+        array, bands_first = read_npy(path), False
     else:
         array, bands_first = read_tiff(path)
     if array.dtype.kind not in "biuf":  # strings, complex numbers, records: no band values to train on
         raise ValueError(f"it holds {array.dtype} values, not real numbers")
     return array, bands_first
+
+
+def read_npy(path: Path) -> np.ndarray:
+    """A .npy array, its header checked first: a header claiming more bytes than the file holds (a 200-byte file
+    claiming 93 GiB) is damaged, and numpy would try to allocate it all (ArrayMemoryError) before finding out.
+    Pickled objects are refused: loading them runs code from the file."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:  # 3.0 only adds UTF-8 field names: structured arrays, no band values
+            raise ValueError(f".npy format version {version[0]}.{version[1]}; re-save it with numpy.save")
+        if dtype.hasobject:
+            raise ValueError("it holds pickled Python objects, not numbers; re-save it as a numeric array")
+        claimed, held = math.prod(shape) * dtype.itemsize, os.fstat(f.fileno()).st_size - f.tell()
+        if claimed > held:
+            raise ValueError(
+                f"its header claims a {'×'.join(map(str, shape))} {dtype} array ({claimed} bytes), but the file "
+                f"holds {held}: it is truncated or damaged"
+            )
+    return np.load(path, allow_pickle=False)
 
 
 def read_tiff(path: Path) -> tuple[np.ndarray, bool]:

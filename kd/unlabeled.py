@@ -17,7 +17,7 @@ from torch.utils.data import Sampler
 
 from kd.config import DataConfig
 from kd.errors import UserError
-from kd.layouts import IMAGE_SUFFIXES, list_split, read_manifest
+from kd.layouts import IMAGE_SUFFIXES, list_split, read_manifest, shown
 from kd.multispectral import find_ms
 
 if TYPE_CHECKING:  # kd.data imports this module to build its loaders
@@ -40,7 +40,7 @@ def unlabeled_sources(cfg: DataConfig) -> list[tuple[Path, str]]:
             p
             for p in root.rglob("*")
             if p.suffix.lower() in IMAGE_SUFFIXES
-            and p.is_file()
+            and not p.is_dir()  # a FIFO or socket named like an image is listed: the scan names it as bad
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
         )
         stems = {p.with_suffix("") for p in files if not _is_tiff(p)}
@@ -76,8 +76,9 @@ def ignored_note(cfg: DataConfig) -> str | None:
 def add_unlabeled(dataset: "LeafDataset", cfg: DataConfig) -> "LeafDataset":
     """A copy of the training split `dataset` (a kd.data.LeafDataset) with the unlabelled images after its own,
     label -1, their MS files found as for labelled ones (beside the image, or at the same relative path under
-    data.ms_root), and every file scanned (kd.data.scan_dataset)."""
-    from kd.data import scan_dataset
+    data.ms_root), and every file scanned (kd.data.scan_dataset). A copy or link of a val or test image among
+    them, labelled or not, is refused (kd.data.refuse_leaks)."""
+    from kd.data import refuse_leaks, scan_dataset
 
     sources = unlabeled_sources(cfg)
     _refuse_labelled(sources, cfg)
@@ -93,11 +94,12 @@ def add_unlabeled(dataset: "LeafDataset", cfg: DataConfig) -> "LeafDataset":
                 missing.append(stem)
         if missing:
             first = f"{len(missing)} of {len(sources)} unlabelled images have no multispectral file, e.g. "
-            first += f"{missing[0].with_suffix('.npy')} (or .tif / .tiff)"
+            first += f"{shown(missing[0].with_suffix('.npy'))} (or .tif / .tiff)"
             if cfg.ms_missing == "error":
                 raise UserError(f"{first}. Add the files, or set data.ms_missing=zeros to zero-fill their bands.")
             warnings.warn(f"{first}; their bands are zero-filled (data.ms_missing=zeros)", stacklevel=2)
     scan_dataset(merged, cfg.on_bad_file)
+    refuse_leaks(merged, cfg)
     return merged
 
 
