@@ -86,21 +86,26 @@ def local_weights_file(folder: Path) -> Path | None:
 
 
 def _hub_model(name: str, pretrained: bool, num_classes: int, **kwargs: Any) -> nn.Module:
-    """A local-dir: or hf-hub: model. timm reads a folder's pytorch_model.bin (when it has no model.safetensors)
-    with torch.load(weights_only=True), which refuses a pickle that holds more than tensors: said in one line, not
-    as an UnpicklingError traceback (a pickle of tensors alone loads, as kd's .pth weights files do)."""
+    """A local-dir: or hf-hub: model. A local folder's weights must be model.safetensors: timm would unpickle a
+    pytorch_model.bin (weights_only, which refuses code, but as a traceback), and kd reads no pickles of its own
+    folders. A hub repository's pickle that torch refuses is said in one line too."""
+    folder = Path(name.removeprefix("local-dir:")) if name.startswith("local-dir:") else None
+    weights = local_weights_file(folder) if folder is not None and pretrained else None
+    if weights is not None and weights.suffix != ".safetensors":
+        raise UserError(f"refused to load {weights}: {SAFETENSORS_ONLY}")
     try:
         return _timm_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except (pickle.UnpicklingError, RuntimeError) as e:  # timm wraps torch.load's UnpicklingError in a RuntimeError
         if not isinstance(e, pickle.UnpicklingError) and not isinstance(e.__cause__, pickle.UnpicklingError):
             raise
-        local = name.startswith("local-dir:") and local_weights_file(Path(name.removeprefix("local-dir:")))
-        file = local or f"the pickled weights of {name}"
-        raise UserError(
-            f"refused to load {file}: it is a pickle that holds more than tensors, and unpickling it could run code. "
-            "kd reads timm folders' weights from model.safetensors: save them as model.safetensors beside its "
-            "config.json (safetensors.torch.save_file(state_dict, 'model.safetensors'))"
-        ) from None
+        raise UserError(f"refused to load the pickled weights of {name}: {SAFETENSORS_ONLY}") from None
+
+
+SAFETENSORS_ONLY = (
+    "kd reads a timm folder's weights from model.safetensors only, never a pickle. Save them as model.safetensors "
+    "beside its config.json (timm.models.save_for_hf(model, folder, safe_serialization=True), or "
+    "safetensors.torch.save_file(state_dict, 'model.safetensors'))"
+)
 
 
 def _timm_model(name: str, **kwargs: Any) -> nn.Module:

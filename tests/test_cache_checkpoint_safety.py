@@ -315,14 +315,15 @@ class Payload:
     """Anything a pickle rebuilds that is not a tensor: torch.load(weights_only=True) refuses it."""
 
 
-def test_a_timm_folder_with_a_pickle_that_holds_more_than_tensors_is_refused(tmp_path):
+def test_a_timm_folder_with_pickled_weights_is_refused_before_anything_is_unpickled(tmp_path, monkeypatch):
     from timm.models import save_for_hf
 
     save_for_hf(create_timm("test_efficientnet", 4), str(tmp_path / "saved"))  # pytorch_model.bin, no safetensors
     with open(tmp_path / "saved/pytorch_model.bin", "wb") as f:
         pickle.dump({"conv_stem.weight": Payload()}, f, protocol=2)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickle was opened"))
     with pytest.raises(UserError) as error:
         create_timm(f"local-dir:{tmp_path / 'saved'}", 4, pretrained="imagenet")
     message = str(error.value)
-    assert f"refused to load {tmp_path / 'saved/pytorch_model.bin'}: it is a pickle that holds more than" in message
-    assert "model.safetensors" in message and "\n" not in message
+    assert f"refused to load {tmp_path / 'saved/pytorch_model.bin'}: kd reads a timm folder's weights from" in message
+    assert "model.safetensors only, never a pickle" in message and "\n" not in message

@@ -82,7 +82,7 @@ def test_local_dir_and_hf_hub_names_go_to_timm(offline, tmp_path):
     from timm.models import save_for_hf
 
     saved = create_timm("test_efficientnet", 4)
-    save_for_hf(saved, str(tmp_path / "saved"))
+    save_for_hf(saved, str(tmp_path / "saved"), safe_serialization=True)  # kd reads no pickled folders
     loaded = create_timm(f"local-dir:{tmp_path / 'saved'}", 4, pretrained="imagenet")  # "imagenet": its own weights
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values()))
     fresh = create_timm(f"local-dir:{tmp_path / 'saved'}", 4)  # the architecture only
