@@ -17,7 +17,8 @@ writes the folder <stem>_timm/ (config.json + model.safetensors, timm's save_for
 timm.create_model("local-dir:<stem>_timm", pretrained=True) loads with its classes, input size and normalization;
 --push-to-hub REPO_ID writes it too and, once it matches PyTorch, uploads it with timm's push_to_hf_hub (timm
 students only, not the hybrid RGB+MS teacher). An --out whose files would overwrite a kd checkpoint (--out
-runs/x/best.onnx beside runs/x/best.safetensors: best.json) is refused.
+runs/x/best.onnx beside runs/x/best.safetensors: best.json), land in a run's resumable state or logs (runs/x/last/,
+tb/) or overwrite a run's own file (config.yaml, .lock) is refused.
 Each format's file ending, writer and runner are its row of FORMATS in kd/export_formats.py.
 """
 
@@ -41,7 +42,7 @@ from kd.data import prepare_data
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.measure import latency_ms
 from kd.models import input_keys
-from kd.run_dir import require_writable_folder
+from kd.run_dir import RUN_FILES, owned_by_a_run, require_writable_folder
 
 FP32 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32 is None)
 INT8 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32)
@@ -75,10 +76,18 @@ def is_checkpoint_file(path: Path) -> bool:
 
 
 def refuse_overwriting_a_checkpoint(args, names: list[str]) -> None:
-    """No file the export writes (each format's, the sidecar <stem>.json, export_report.json) may be a checkpoint's."""
+    """No file the export writes (each format's, the sidecar <stem>.json, export_report.json) may be a checkpoint's,
+    nor lie in a run's resumable state or logs, nor replace a run's own file (`owned_by_a_run`)."""
     out = Path(args.out)
     planned = [fmt.export_path(out, name) for name in names]
     planned += [out.with_suffix(".json"), out.parent / "export_report.json"]
+    owned = next((found for path in planned if (found := owned_by_a_run(path))), None)
+    if owned:
+        how = "overwrite" if owned.name in RUN_FILES else "write into"
+        raise UserError(
+            f"--out {quote(args.out)} would {how} {owned}, which belongs to the run in {owned.parent}: export "
+            f"elsewhere, e.g. --out {owned.parent / 'export' / out.with_suffix('.onnx').name}"
+        )
     clash = next((path for path in planned if is_checkpoint_file(path)), None)
     if clash:
         whose = "the --checkpoint" if checkpoint_stem(clash) == checkpoint_stem(args.checkpoint) else "a kd checkpoint"
