@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Subset
 from kd import export_formats as fmt
 from kd.checkpoint import CheckpointMeta, checkpoint_loader, checkpoint_ranges, checkpoint_stem, load_checkpoint
 from kd.cli import add_config_arguments, resolve_config
-from kd.config import load_config
+from kd.config import Config
 from kd.data import prepare_data
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.measure import latency_ms
@@ -111,13 +111,12 @@ def check_repo_id(repo_id: str) -> None:
         raise UserError(f"--push-to-hub {quote(repo_id)} is not a Hub repository id ({e}): write user/name") from None
 
 
-def check_images(args, meta: CheckpointMeta) -> tuple[list[dict], list[torch.Tensor]]:
+def check_images(args, meta: CheckpointMeta, cfg: Config) -> tuple[list[dict], list[torch.Tensor]]:
     """Batches the files are checked on (--split of --config's data, else random inputs) and calibration images."""
     if not args.config:
         size, generator = meta.input_spec.image_size, torch.Generator().manual_seed(0)
         batches = [{"rgb": torch.randn(8, 3, size, size, generator=generator)} for _ in range(2)]
         return batches, [torch.randn(8, 3, size, size, generator=generator) for _ in range(4)]
-    cfg = load_config(args.config, args.overrides)
     prepare_data(cfg.data)
     batches = [b for b, _ in zip(checkpoint_loader(cfg.data, meta, args.split, 32), range(args.max_batches))]
     # A random sample of the training images: the loader lists them class by class, and ranges calibrated on
@@ -191,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_config_arguments(parser, "export.py")
     parser.add_argument("overrides", nargs="*", help="data.key=value overrides of --config")
     args = parser.parse_intermixed_args(argv)
-    resolve_config("export.py", args.config, args.overrides, args.print_config)  # checked (and printed) now
+    # checked (and printed) now, and read once: --config <(...) is a pipe, empty the second time
+    cfg = resolve_config("export.py", args.config, args.overrides, args.print_config)
     if not args.checkpoint:
         parser.error("the following arguments are required: --checkpoint")
     if args.overrides and not args.config:
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "timm" in names:
         fmt.require_timm_model(model, meta)
     model.eval()
-    batches, calibration = check_images(args, meta)
+    batches, calibration = check_images(args, meta, cfg)
     images = torch.cat([b["rgb"] for b in batches])
     labels = torch.cat([b["label"] for b in batches]).numpy() if "label" in batches[0] else None
 
