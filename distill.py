@@ -17,7 +17,7 @@ from torch.utils.data import default_collate
 from kd.cache import rebuild_command
 from kd.checkpoint import CheckpointMeta
 from kd.cli import parse_cli
-from kd.config import flat_hparams, save_config
+from kd.config import flat_hparams
 from kd.data import build_loader, prepare_data, resolve_input
 from kd.distiller import Distiller
 from kd.ensemble import load_teachers
@@ -27,12 +27,15 @@ from kd.loop import fit, make_accelerator
 from kd.losses import KnowledgeDistillationLoss
 from kd.mixing import Mixing
 from kd.models import build_model, count_parameters, input_config
-from kd.run_dir import claim_run_dir
+from kd.run_dir import claim_run_dir, releases_run_dirs
+from kd.state import stop_with_launcher
 from kd.unlabeled import ShareSampler
 
 
 @exit_on_user_error
+@releases_run_dirs
 def main(argv: list[str] | None = None) -> dict | None:
+    stop_with_launcher()  # a rank of `accelerate launch` ends with its launcher, even one killed with -9
     cfg, args = parse_cli(
         argv, "distill.py", "Distil frozen teacher(s) into an RGB student.", list_layers=True, cache_teacher=True
     )
@@ -84,9 +87,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
 
     meta = CheckpointMeta(arch, teachers.classes, student_spec, teachers=teachers.checkpoints)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     result = fit(
         accelerator,
         distiller,
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         meta,
         hparams=flat_hparams(cfg),
         resume=args.resume,
+        config=cfg,  # saved as config.yaml once the state to continue (if any) has loaded
     )
     accelerator.print(f"best {result['monitor']} {result['best']:.4f}; checkpoint {run_dir / 'best.safetensors'}")
     return result

@@ -17,7 +17,8 @@ writes the folder <stem>_timm/ (config.json + model.safetensors, timm's save_for
 timm.create_model("local-dir:<stem>_timm", pretrained=True) loads with its classes, input size and normalization;
 --push-to-hub REPO_ID writes it too and, once it matches PyTorch, uploads it with timm's push_to_hf_hub (timm
 students only, not the hybrid RGB+MS teacher). An --out whose files would overwrite a kd checkpoint (--out
-runs/x/best.onnx beside runs/x/best.safetensors: best.json) is refused.
+runs/x/best.onnx beside runs/x/best.safetensors: best.json), land in a run's resumable state or logs (runs/x/last/,
+tb/) or overwrite a run's own file (config.yaml, .lock) is refused.
 Each format's file ending, writer and runner are its row of FORMATS in kd/export_formats.py.
 """
 
@@ -36,12 +37,12 @@ from torch.utils.data import DataLoader, Subset
 from kd import export_formats as fmt
 from kd.checkpoint import CheckpointMeta, checkpoint_loader, checkpoint_ranges, checkpoint_stem, load_checkpoint
 from kd.cli import add_config_arguments, resolve_config
-from kd.config import load_config
+from kd.config import Config
 from kd.data import prepare_data
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.measure import latency_ms
 from kd.models import input_keys
-from kd.run_dir import require_writable_folder
+from kd.run_dir import RUN_FILES, owned_by_a_run, require_writable_folder
 
 FP32 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32 is None)
 INT8 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32)
@@ -75,10 +76,18 @@ def is_checkpoint_file(path: Path) -> bool:
 
 
 def refuse_overwriting_a_checkpoint(args, names: list[str]) -> None:
-    """No file the export writes (each format's, the sidecar <stem>.json, export_report.json) may be a checkpoint's."""
+    """No file the export writes (each format's, the sidecar <stem>.json, export_report.json) may be a checkpoint's,
+    nor lie in a run's resumable state or logs, nor replace a run's own file (`owned_by_a_run`)."""
     out = Path(args.out)
     planned = [fmt.export_path(out, name) for name in names]
     planned += [out.with_suffix(".json"), out.parent / "export_report.json"]
+    owned = next((found for path in planned if (found := owned_by_a_run(path))), None)
+    if owned:
+        how = "overwrite" if owned.name in RUN_FILES else "write into"
+        raise UserError(
+            f"--out {quote(args.out)} would {how} {owned}, which belongs to the run in {owned.parent}: export "
+            f"elsewhere, e.g. --out {owned.parent / 'export' / out.with_suffix('.onnx').name}"
+        )
     clash = next((path for path in planned if is_checkpoint_file(path)), None)
     if clash:
         whose = "the --checkpoint" if checkpoint_stem(clash) == checkpoint_stem(args.checkpoint) else "a kd checkpoint"
@@ -102,13 +111,12 @@ def check_repo_id(repo_id: str) -> None:
         raise UserError(f"--push-to-hub {quote(repo_id)} is not a Hub repository id ({e}): write user/name") from None
 
 
-def check_images(args, meta: CheckpointMeta) -> tuple[list[dict], list[torch.Tensor]]:
+def check_images(args, meta: CheckpointMeta, cfg: Config) -> tuple[list[dict], list[torch.Tensor]]:
     """Batches the files are checked on (--split of --config's data, else random inputs) and calibration images."""
     if not args.config:
         size, generator = meta.input_spec.image_size, torch.Generator().manual_seed(0)
         batches = [{"rgb": torch.randn(8, 3, size, size, generator=generator)} for _ in range(2)]
         return batches, [torch.randn(8, 3, size, size, generator=generator) for _ in range(4)]
-    cfg = load_config(args.config, args.overrides)
     prepare_data(cfg.data)
     batches = [b for b, _ in zip(checkpoint_loader(cfg.data, meta, args.split, 32), range(args.max_batches))]
     # A random sample of the training images: the loader lists them class by class, and ranges calibrated on
@@ -182,7 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_config_arguments(parser, "export.py")
     parser.add_argument("overrides", nargs="*", help="data.key=value overrides of --config")
     args = parser.parse_intermixed_args(argv)
-    resolve_config("export.py", args.config, args.overrides, args.print_config)  # checked (and printed) now
+    # checked (and printed) now, and read once: --config <(...) is a pipe, empty the second time
+    cfg = resolve_config("export.py", args.config, args.overrides, args.print_config)
     if not args.checkpoint:
         parser.error("the following arguments are required: --checkpoint")
     if args.overrides and not args.config:
@@ -211,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "timm" in names:
         fmt.require_timm_model(model, meta)
     model.eval()
-    batches, calibration = check_images(args, meta)
+    batches, calibration = check_images(args, meta, cfg)
     images = torch.cat([b["rgb"] for b in batches])
     labels = torch.cat([b["label"] for b in batches]).numpy() if "label" in batches[0] else None
 

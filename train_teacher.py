@@ -12,19 +12,22 @@ from accelerate.utils import set_seed
 
 from kd.checkpoint import CheckpointMeta
 from kd.cli import parse_cli
-from kd.config import flat_hparams, save_config
+from kd.config import flat_hparams
 from kd.data import build_loader, ms_statistics, open_split, prepare_data, resolve_input
 from kd.errors import UserError, exit_on_user_error
 from kd.loop import fit, make_accelerator
 from kd.mixing import Mixing
 from kd.models import build_model, count_parameters, input_config
-from kd.run_dir import claim_run_dir
+from kd.run_dir import claim_run_dir, releases_run_dirs
+from kd.state import stop_with_launcher
 from kd.task import Classifier
 from kd.unlabeled import ignored_note
 
 
 @exit_on_user_error
+@releases_run_dirs
 def main(argv: list[str] | None = None) -> dict:
+    stop_with_launcher()  # a rank of `accelerate launch` ends with its launcher, even one killed with -9
     cfg, args = parse_cli(argv, "train_teacher.py", "Train a teacher or a baseline student with cross-entropy.")
     set_seed(cfg.seed)  # first: every model and draw below depends on it, so two runs of one seed are bitwise equal
     run_dir = Path(cfg.train.checkpoint_dir or f"runs/{cfg.name}")
@@ -73,9 +76,6 @@ def main(argv: list[str] | None = None) -> dict:
     )
     meta = CheckpointMeta(arch=arch, classes=classes, input_spec=input_spec)
 
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
     result = fit(
         accelerator,
         Classifier(model, label_smoothing=cfg.train.label_smoothing),
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         meta,
         hparams=flat_hparams(cfg),
         resume=args.resume,
+        config=cfg,  # saved as config.yaml once the state to continue (if any) has loaded
     )
     accelerator.print(f"best {result['monitor']} {result['best']:.4f}; checkpoint {run_dir / 'best.safetensors'}")
     return result

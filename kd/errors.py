@@ -13,6 +13,12 @@ class UserError(Exception):
     """A mistake the user can fix (bad config, missing file, wrong layer name). The message says how."""
 
 
+class Interrupted(Exception):
+    """The user stopped the run (Ctrl-C); the message says how to continue. Exit status 130, as a shell gives."""
+
+    exit_code = 130
+
+
 def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
     """repr(value), cut to `limit` characters: error messages name the value without echoing a huge one.
 
@@ -27,7 +33,8 @@ def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
 
 
 def exit_on_user_error(main: Callable) -> Callable:
-    """Run `main`; a UserError prints `error: <message>` and exits with status 2."""
+    """Run `main`; a UserError prints `error: <message>` and exits with status 2; Ctrl-C prints one line (how to
+    continue, when the run says) and exits with status 130 — no stack dump for either."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -36,5 +43,11 @@ def exit_on_user_error(main: Callable) -> Callable:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Interrupted as e:
+            print(e, file=sys.stderr)
+            sys.exit(Interrupted.exit_code)
+        except KeyboardInterrupt:  # outside training (start-up, an export): there is no run to continue
+            print("interrupted", file=sys.stderr)
+            sys.exit(Interrupted.exit_code)
 
     return wrapper

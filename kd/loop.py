@@ -33,11 +33,27 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from kd.checkpoint import CheckpointMeta, save_checkpoint
-from kd.config import ConfigError, DistillationConfig, TrainConfig, optimizer_arguments, tracker_names
+from kd.config import (
+    Config,
+    ConfigError,
+    DistillationConfig,
+    TrainConfig,
+    optimizer_arguments,
+    save_config,
+    tracker_names,
+)
 from kd.errors import UserError
 from kd.models import forward_batch
 from kd.qat import QatPhase
-from kd.state import explain_lost_peers, find_state, load_state, new_progress, save_state
+from kd.state import (
+    CHECKPOINT_STEM,
+    explain_interrupt,
+    explain_lost_peers,
+    find_state,
+    load_state,
+    new_progress,
+    save_state,
+)
 from kd.task import TrainingTask
 
 
@@ -373,6 +389,8 @@ class TopK:
         if new_best:
             save_checkpoint(self.run_dir / "best", model, meta, extra)
         for _, old in dropped:
+            if not CHECKPOINT_STEM.fullmatch(old):  # never a path from elsewhere (check_state refuses those first)
+                continue
             for suffix in (".safetensors", ".json"):
                 (self.run_dir / old).with_suffix(suffix).unlink(missing_ok=True)
 
@@ -477,8 +495,13 @@ def fit(
     meta: CheckpointMeta,
     hparams: dict | None = None,
     resume: bool = False,
+    config: Config | None = None,
 ) -> dict:
-    """Train `task`: AMP, accumulation, clipping, schedules, EMA, QAT, validation, top-k, resume, early stopping."""
+    """Train `task`: AMP, accumulation, clipping, schedules, EMA, QAT, validation, top-k, resume, early stopping.
+
+    `config`, the run's whole config, is saved as <run_dir>/config.yaml once the state to continue (if any) has
+    loaded: a refused resume leaves the folder as it was, the config the state was made with included.
+    """
     float_model = task.model  # what checkpoints store, also during QAT (the QAT graph shares its weights)
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     prepare_model(task, cfg, fsdp)
@@ -493,7 +516,6 @@ def fit(
     ema = ModelEmaV3(float_model, decay=cfg.ema_decay, device=accelerator.device) if cfg.ema_decay > 0 else None
     if ema is not None:
         task.set_ema(ema.module)
-    start_trackers(accelerator, cfg, run_dir, hparams)
     sharded = " (FSDP: the model sharded across them)" if fsdp else ""
     accelerator.print(
         f"training on {accelerator.num_processes} process(es){sharded}, device {accelerator.device}, "
@@ -513,11 +535,14 @@ def fit(
         qat.resume(progress)  # a state saved inside the QAT phase is the QAT graph's
         load_state(accelerator, run_dir, progress, cfg, scheduler, ema)
     top_k = TopK(run_dir, cfg.save_top_k, cfg.mode, progress["top_k"])
+    if config is not None and accelerator.is_main_process:  # every check has passed: the run writes from here on
+        save_config(config, run_dir / "config.yaml")
+    start_trackers(accelerator, cfg, run_dir, hparams)
     guard = NonFiniteGuard(accelerator, cfg.max_nonfinite_steps)
     metrics: dict[str, float] = {}
     loss = torch.zeros(())
     bar = progress_bar(accelerator)
-    with bar, explain_lost_peers(accelerator, run_dir):
+    with explain_interrupt(accelerator, run_dir), bar, explain_lost_peers(accelerator, run_dir):
         for epoch in range(progress["epoch"], cfg.max_epochs):
             wrapped.train()
             train_loader.set_epoch(epoch)

@@ -1,7 +1,12 @@
 """Folder checks, made before the work they would otherwise cut short: a run's checkpoint folder (writable, not a
-teacher's, not another run's) and the output folders of evaluate.py and export.py (writable)."""
+teacher's, not another run's, not in use by a run now) and the output folders of evaluate.py and export.py
+(writable, not inside a run's own files)."""
 
+import fcntl
+import functools
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from kd.checkpoint import checkpoint_stem
@@ -44,11 +49,96 @@ def require_writable_folder(folder: str | Path, flag: str) -> None:
         )
 
 
+LOCK_FILE = ".lock"  # held with flock by a run's main process while it runs; holds that process's id
+STATE_DIRS = ("last", "last.tmp", "last.old")  # a run's resumable state, and the two names a save passes through
+RUN_FILES = ("config.yaml", LOCK_FILE)  # besides checkpoints and states (progress.json lives in last/), a run's own
+_held: dict[Path, int] = {}  # run folder -> file descriptor of its lock, for the run folders this process holds
+
+
+def is_main_rank() -> bool:
+    """Whether this is the main process of a run, before Accelerate is set up: `accelerate launch` and torchrun
+    give every process its RANK (and LOCAL_RANK); a plain `python script.py` is the only process."""
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold `run_dir` for this run: an exclusive flock on <run_dir>/.lock, which the OS releases when the process
+    ends, however it ends (kill -9 included), and `releases_run_dirs` when the script's main() does. Another run
+    holding it is refused with its process id."""
+    key = run_dir.resolve()
+    if key in _held:
+        return
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(
+            f"{run_dir} is in use by another run (process {pid}): wait for it to end, or set checkpoint_dir to "
+            "another folder; two runs never write into one folder at once"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held[key] = fd
+
+
+def releases_run_dirs(main: Callable) -> Callable:
+    """Decorate a script's main(): the run folders it locked are released when it returns or fails, not only when
+    the process ends (tests and notebooks run several mains, and start other runs, from one process)."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        finally:
+            while _held:
+                os.close(_held.popitem()[1])  # closing the file releases its flock
+
+    return wrapper
+
+
+def listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+def cannot_continue(run_dir: Path, held: list[str]) -> str:
+    """Why a folder with a run's checkpoints but no complete resumable state (the run was stopped before its first
+    save finished) cannot be continued, and the way forward: start over elsewhere, or here once it is deleted."""
+    return (
+        f"{run_dir} holds a run ({listed(held)}) that saved no complete resumable state (it was stopped before its "
+        f"first save finished), so it cannot be continued: set checkpoint_dir to another folder, or delete {run_dir} "
+        "and run the same command again"
+    )
+
+
+def held_files(run_dir: Path) -> list[str]:
+    """What in `run_dir` a run wrote that another run would mix with: checkpoints and resumable states. A last.tmp
+    without progress.json is an unfinished first save, not a state (`clear_unfinished_save`)."""
+    if not run_dir.is_dir():
+        return []
+    held = [p for p in run_dir.iterdir() if p.suffix == ".safetensors" or p.name.startswith("last")]
+    return sorted(p.name for p in held if not unfinished_save(p))
+
+
+def unfinished_save(folder: Path) -> bool:
+    """A last.tmp without progress.json: a save that a kill cut short, from which no state can be recovered."""
+    return folder.name == "last.tmp" and folder.is_dir() and not (folder / "progress.json").is_file()
+
+
+def clear_unfinished_save(run_dir: Path) -> None:
+    """Delete an unfinished save before a new run starts in its folder (save_state would delete it at its first
+    save anyway): it is all that a run killed during its first save leaves, and must not block the fresh start."""
+    if unfinished_save(run_dir / "last.tmp"):
+        shutil.rmtree(run_dir / "last.tmp")
+
+
 def claim_run_dir(run_dir: Path, resume: bool, auto_resume: bool, teachers: tuple | list = ()) -> None:
     """Make sure this run may write into `run_dir`, before anything is trained or written there.
 
     The folder must be writable, must not be a teacher's folder (the student's best.safetensors would replace the
-    teacher's), and must not hold another run's checkpoints unless this run continues it: two runs never mix.
+    teacher's), must not be in use by another run now (`lock_run_dir`; the main process holds it), and must not
+    hold another run's checkpoints unless this run continues it: two runs never mix.
     """
     ensure_writable(run_dir)
     for teacher in teachers:
@@ -57,13 +147,33 @@ def claim_run_dir(run_dir: Path, resume: bool, auto_resume: bool, teachers: tupl
                 f"checkpoint_dir {run_dir} is the folder of teacher {teacher}: this run's checkpoints would replace "
                 "the teacher's. Set distillation.checkpoint_dir to another folder."
             )
-    resumable = any((run_dir / d / "progress.json").is_file() for d in ("last", "last.tmp", "last.old"))
+    if is_main_rank():  # the other processes of a run start together with it
+        lock_run_dir(run_dir)
+    resumable = any((run_dir / d / "progress.json").is_file() for d in STATE_DIRS)
     if resume or (auto_resume and resumable):
         return  # fit continues the run that is there (and says so when there is none to continue)
-    held = sorted(p.name for p in run_dir.iterdir() if p.suffix == ".safetensors" or p.name.startswith("last"))
+    held = held_files(run_dir)
+    if held and not resumable:
+        raise UserError(cannot_continue(run_dir, held))
     if held:
-        listed = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
         raise UserError(
-            f"{run_dir} already holds a run ({listed}). Continue it with --resume (or resume=auto), or set "
+            f"{run_dir} already holds a run ({listed(held)}). Continue it with --resume (or resume=auto), or set "
             "checkpoint_dir to another folder (or delete this one): kd never mixes two runs in one folder."
         )
+    if is_main_rank():
+        clear_unfinished_save(run_dir)
+
+
+def owned_by_a_run(path: Path) -> Path | None:
+    """The run's own file or folder that writing `path` would change, if any: a resumable state (last, last.tmp,
+    last.old), the TensorBoard logs (tb) or a run file (config.yaml, .lock) of a run folder."""
+    path = path.absolute()
+    for folder in path.parents:
+        if folder.name in (*STATE_DIRS, "tb") and is_run_folder(folder.parent):
+            return folder
+    return path if path.name in RUN_FILES and is_run_folder(path.parent) else None
+
+
+def is_run_folder(folder: Path) -> bool:
+    """Whether a training run wrote into `folder`: it holds a resumable state, a run's lock or its config.yaml."""
+    return any((folder / d).is_dir() for d in STATE_DIRS) or any((folder / f).is_file() for f in RUN_FILES)

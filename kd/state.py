@@ -3,14 +3,18 @@ unpickled, loaded into the prepared objects; and the one line a process prints w
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import enum
 import json
+import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +26,8 @@ from accelerate import Accelerator
 from timm.utils import ModelEmaV3
 
 from kd.config import TrainConfig
-from kd.errors import UserError
+from kd.errors import Interrupted, UserError, quote
+from kd.run_dir import cannot_continue, held_files
 
 SCHEDULER_FILE, EMA_FILE = "scheduler.json", "ema.safetensors"  # our own state in last/: JSON and tensors only
 
@@ -92,6 +97,8 @@ def find_state(accelerator: Accelerator, run_dir: Path, cfg: TrainConfig, resume
     if not (resume or (cfg.resume == "auto" and (last / "progress.json").is_file())):
         return None
     if not (last / "progress.json").is_file():
+        if held := held_files(run_dir):  # checkpoints of a run stopped before its first state was saved
+            raise UserError(f"--resume: no complete saved state in {last}: {cannot_continue(run_dir, held)}")
         raise UserError(f"--resume: no complete saved state in {last}; start without --resume")
     return check_state(last)
 
@@ -134,7 +141,46 @@ def check_state(last: Path) -> dict:
     keys = ("epoch", "batches_done", "updates", "stale_epochs", "top_k")
     if not (isinstance(progress, dict) and all(k in progress for k in keys)):
         raise UserError(f"refused to resume from {last}: progress.json lacks some of {keys}; the state is damaged")
+    check_progress(progress, last / "progress.json")
     return progress
+
+
+COUNTERS = ("epoch", "batches_done", "updates", "stale_epochs")  # progress.json's counts, each an int >= 0
+CHECKPOINT_STEM = re.compile(r"epoch\d{3,}")  # the top-k checkpoints' names, as TopK writes them
+
+
+def check_progress(progress: dict, path: Path) -> None:
+    """Refuse a progress.json whose values the run would misuse. Its top-k list names the checkpoints the run
+    deletes when better ones replace them: any name but the epochNNN the run writes (../x, /abs/path) would
+    delete files outside the run folder."""
+    problem = progress_problem(progress)
+    if problem:
+        raise UserError(
+            f"refused to resume from {path.parent}: {path.name}'s {problem}; the file is damaged or was edited. "
+            "Resume only from run folders you made or trust; to start over, set checkpoint_dir to a new folder."
+        )
+
+
+def progress_problem(progress: dict) -> str | None:
+    """The first value of a progress.json that is not what the run writes, said for a message; None if none."""
+    for key in COUNTERS:
+        value = progress[key]
+        if type(value) is not int or value < 0:  # bool is an int, "0" a string: neither is a count
+            return f'"{key}" must be a whole number >= 0, got {quote(value)}'
+    saved_epochs = progress.get("max_epochs", 1)  # states saved before it was recorded lack it
+    if type(saved_epochs) is not int or saved_epochs < 1:
+        return f'"max_epochs" must be a whole number >= 1, got {quote(saved_epochs)}'
+    if not isinstance(progress["top_k"], list):
+        return f'"top_k" must be a list of [score, checkpoint name] pairs, got {quote(progress["top_k"])}'
+    for entry in progress["top_k"]:
+        if not (isinstance(entry, list) and len(entry) == 2):
+            return f'"top_k" must hold [score, checkpoint name] pairs, got {quote(entry)}'
+        score, stem = entry
+        if type(score) not in (int, float) or not math.isfinite(score):
+            return f'"top_k" scores must be finite numbers, got {quote(score)}'
+        if not (isinstance(stem, str) and CHECKPOINT_STEM.fullmatch(stem)):
+            return f'"top_k" names {quote(stem)}, not a checkpoint the run writes (epoch000, epoch001, ...)'
+    return None
 
 
 DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
@@ -188,7 +234,8 @@ def load_state(
     reschedule = resumed_schedule(progress, cfg)
     last = run_dir / "last"
     try:
-        accelerator.load_state(str(last))
+        with without_custom_pickles(last) as folder:
+            accelerator.load_state(str(folder))
     except (RuntimeError, KeyError, ValueError, OSError, safetensors.SafetensorError) as e:
         detail = str(e).strip().splitlines()[0][:300]
         raise UserError(
@@ -222,12 +269,81 @@ def load_state(
     accelerator.print(f"resumed from {last} at epoch {progress['epoch']}, batch {progress['batches_done']}")
 
 
+@contextlib.contextmanager
+def without_custom_pickles(last: Path) -> Iterator[Path]:
+    """`last`; or, when it holds Accelerate's custom-state pickles (states saved by earlier kd versions), a
+    temporary folder of links to everything else in it. Accelerate refuses a state whose custom_checkpoint_N.pkl
+    files are more than the objects registered with it (kd registers none), and would unpickle them with code
+    execution allowed: `load_state` reads them itself, weights-only."""
+    legacy = [p for p in last.iterdir() if re.fullmatch(r"custom_checkpoint_\d+\.pkl", p.name)]
+    if not legacy:
+        yield last
+        return
+    with tempfile.TemporaryDirectory(prefix="kd-state-") as view:
+        for item in last.iterdir():
+            if item not in legacy:
+                (Path(view) / item.name).symlink_to(item.resolve())
+        yield Path(view)
+
+
 def lost_peer(error: BaseException) -> bool:
     """Whether a distributed error means another process of the run is gone (gloo's and NCCL's wordings)."""
     text = str(error)
     return (
         isinstance(error, torch.distributed.DistError) or "Connection closed by peer" in text or "remote worker" in text
     )
+
+
+def last_saved(run_dir: Path) -> dict | None:
+    """The progress.json of the state a resume would continue from (`recover_state`'s choice), None if none."""
+    for folder in ("last", "last.tmp", "last.old"):  # a save interrupted between its renames leaves the latter
+        if (run_dir / folder / "progress.json").is_file():
+            return json.loads((run_dir / folder / "progress.json").read_text())
+    return None
+
+
+def how_to_continue(run_dir: Path) -> str:
+    """What continues a stopped run: --resume from its last saved state, or a new start when none was saved."""
+    saved = last_saved(run_dir)
+    if saved:
+        return (
+            f"continue with --resume from the last saved state, {run_dir / 'last'} (epoch {saved['epoch']}, batch "
+            f"{saved['batches_done']})"
+        )
+    if held := held_files(run_dir):
+        return cannot_continue(run_dir, held)
+    return "no state was saved yet: run the same command again (without --resume)"
+
+
+@contextlib.contextmanager
+def explain_interrupt(accelerator: Accelerator, run_dir: Path) -> Iterator[None]:
+    """Ctrl-C: one line saying how to continue (`how_to_continue`) and exit status 130, instead of a stack dump.
+    With several processes the main one says it; the others stop quietly."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not accelerator.is_main_process:
+            raise SystemExit(Interrupted.exit_code) from None
+        raise Interrupted(f"interrupted; {how_to_continue(run_dir)}") from None
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_launcher() -> None:
+    """Under `accelerate launch` or torchrun (LOCAL_RANK set), ask Linux to send this process SIGTERM when its
+    launcher dies, however it dies (kill -9 included): a rank left without it would train on at full CPU, unseen.
+
+    The launcher starts its ranks from its main thread, whose end is what the kernel watches. SIGTERM ends the rank
+    (during training with `explain_lost_peers`'s one line); the resumable state is saved atomically, so a rank
+    stopped mid-save leaves the previous state. Elsewhere than on Linux this does nothing.
+    """
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if launcher == 1 or os.getppid() != launcher:  # it died before the request was made
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -241,20 +357,23 @@ def explain_lost_peers(accelerator: Accelerator, run_dir: Path) -> Iterator[None
     if accelerator.num_processes == 1:
         yield
         return
+    launcher = os.getppid()
 
     def message() -> str:
-        progress = run_dir / "last" / "progress.json"
-        saved = json.loads(progress.read_text()) if progress.is_file() else None
+        saved = last_saved(run_dir)
         where = (
             f"the last saved state, {run_dir / 'last'} (epoch {saved['epoch']}, batch {saved['batches_done']}), "
             "with the same command and --resume"
             if saved
             else "the start: no state was saved yet, so run the same command again (without --resume)"
         )
-        return (
-            f"process {accelerator.process_index} of {accelerator.num_processes} stopped: another process of this "
-            f"run ended first (the launcher's report names it under 'Root Cause'). Continue from {where}."
+        cause = (
+            "another process of this run ended first (the launcher's report names it under 'Root Cause')"
+            if os.getppid() == launcher
+            else "its launcher (accelerate launch, torchrun) is gone"  # `stop_with_launcher`'s SIGTERM
         )
+        process = f"process {accelerator.process_index} of {accelerator.num_processes}"
+        return f"{process} stopped: {cause}. Continue from {where}."
 
     def on_sigterm(signum, frame) -> None:
         print(f"error: {message()}", file=sys.stderr, flush=True)
