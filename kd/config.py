@@ -704,8 +704,10 @@ def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | lis
     raw: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file {path} does not exist (configs live in configs/, e.g. configs/b0.yaml)")
+        if path.is_dir():  # anything else that reads, a pipe such as --config <(...) included, is read once
+            raise ConfigError(f"config file {path} is a folder; pass a YAML file, e.g. configs/b0.yaml")
         try:
             raw = _load_yaml(path.read_text(), str(path)) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -1,4 +1,5 @@
 import errno
+import os
 import re
 import time
 from pathlib import Path
@@ -332,3 +333,17 @@ def test_an_unreadable_config_file_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_text", refuse)
     with pytest.raises(ConfigError, match=rf"cannot read config file {path}: Permission denied"):
         load_config(path)
+
+
+def test_a_config_from_a_pipe_is_read_as_from_a_file(tmp_path):
+    """`--config <(sed ... configs/b0.yaml)`: the shell passes /dev/fd/N, a pipe that can be read only once."""
+    read, write = os.pipe()
+    os.write(write, b"seed: 7\ndistillation:\n  max_epochs: 3\n")
+    os.close(write)
+    try:
+        config = load_config(f"/dev/fd/{read}")
+    finally:
+        os.close(read)
+    assert config.seed == 7 and config.distillation.max_epochs == 3
+    with pytest.raises(ConfigError, match="is a folder; pass a YAML file"):
+        load_config(tmp_path)
