@@ -18,7 +18,7 @@ timm.create_model("local-dir:<stem>_timm", pretrained=True) loads with its class
 --push-to-hub REPO_ID writes it too and, once it matches PyTorch, uploads it with timm's push_to_hf_hub (timm
 students only, not the hybrid RGB+MS teacher). An --out whose files would overwrite a kd checkpoint (--out
 runs/x/best.onnx beside runs/x/best.safetensors: best.json) is refused.
-Each format's file ending, writer and runner are its row of FORMATS in kd/export_formats.py.
+Each format's file ending, writer and runner are its row of FORMATS in kd/deploy/formats.py.
 """
 
 import argparse
@@ -33,15 +33,15 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 
-from kd import export_formats as fmt
-from kd.checkpoint import CheckpointMeta, checkpoint_loader, checkpoint_ranges, checkpoint_stem, load_checkpoint
 from kd.cli import add_config_arguments, resolve_config
 from kd.config import load_config
-from kd.data import prepare_data
+from kd.data.dataset import prepare_data
+from kd.deploy import formats as fmt
 from kd.errors import UserError, exit_on_user_error, quote
-from kd.measure import latency_ms
-from kd.models import input_keys
-from kd.run_dir import require_writable_folder
+from kd.eval.measure import latency_ms
+from kd.models.checkpoint import CheckpointMeta, checkpoint_loader, checkpoint_ranges, checkpoint_stem, load_checkpoint
+from kd.models.zoo import input_keys
+from kd.train.run_dir import require_writable_folder
 
 FP32 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32 is None)
 INT8 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32)

@@ -117,7 +117,7 @@ def _from_manifest(path: Path, split: str, split_file, new_split) -> Listing:
 def read_manifest(path: Path, unlabeled: bool = False) -> list[tuple[str, str, str | None]]:
     """Rows (path, label, split or None) of a CSV with the header `path,label[,split]`. A row with an empty label
     (and an empty or train split) is an unlabelled training image: left out, or with `unlabeled` the only rows
-    returned (kd/unlabeled.py)."""
+    returned (kd/data/unlabeled.py)."""
     if not path.is_file():
         raise UserError(f"data.manifest {path} does not exist")
     with open(path, newline="") as f:

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd.checkpoint import EXPORT_KEYS, CheckpointMeta, checkpoint_stem, load_checkpoint
 from kd.errors import UserError, quote
-from kd.models import build_model, count_parameters
+from kd.models.checkpoint import EXPORT_KEYS, CheckpointMeta, checkpoint_stem, load_checkpoint
+from kd.models.zoo import build_model, count_parameters
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _arch_parameters(meta: CheckpointMeta) -> int | None:
 
 
 def _load_exported(path: Path, meta_file: str | None) -> LoadedModel:
-    from kd import export_formats as fmt  # onnxruntime; TFLite says what to install when it is missing
+    from kd.deploy import formats as fmt  # onnxruntime; TFLite says what to install when it is missing
 
     if not path.is_file():
         raise UserError(f"model file {quote(str(path))} not found: check the path given to --models")

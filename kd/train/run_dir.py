@@ -4,8 +4,8 @@ teacher's, not another run's) and the output folders of evaluate.py and export.p
 import os
 from pathlib import Path
 
-from kd.checkpoint import checkpoint_stem
 from kd.errors import UserError, quote
+from kd.models.checkpoint import checkpoint_stem
 
 
 def _write_probe(folder: Path) -> OSError | None:
