@@ -14,22 +14,22 @@ from pathlib import Path
 from accelerate.utils import set_seed
 from torch.utils.data import default_collate
 
-from kd.cache import rebuild_command
-from kd.checkpoint import CheckpointMeta
 from kd.cli import parse_cli
 from kd.config import flat_hparams
-from kd.data import build_loader, prepare_data, resolve_input
-from kd.distiller import Distiller
-from kd.ensemble import load_teachers
+from kd.data.dataset import build_loader, prepare_data, resolve_input
+from kd.data.mixing import Mixing
+from kd.data.unlabeled import ShareSampler
+from kd.distill.cache import rebuild_command
+from kd.distill.distiller import Distiller
+from kd.distill.hooks import print_layers
+from kd.distill.losses import KnowledgeDistillationLoss
+from kd.distill.teachers import load_teachers
 from kd.errors import UserError, exit_on_user_error
-from kd.features import print_layers
-from kd.loop import fit, make_accelerator
-from kd.losses import KnowledgeDistillationLoss
-from kd.mixing import Mixing
-from kd.models import build_model, count_parameters, input_config
-from kd.run_dir import claim_run_dir, releases_run_dirs
-from kd.state import stop_with_launcher
-from kd.unlabeled import ShareSampler
+from kd.models.checkpoint import CheckpointMeta
+from kd.models.zoo import build_model, count_parameters, input_config
+from kd.train.loop import fit, make_accelerator
+from kd.train.run_dir import claim_run_dir, releases_run_dirs
+from kd.train.state import stop_with_launcher
 
 
 @exit_on_user_error

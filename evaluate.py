@@ -18,7 +18,7 @@ One row per model: parameters, top-1, batch-1 latency (median; p90 too), memory 
 default; `--memory weights` for the weights alone), then top-5, macro-F1, ECE (15 equal-width bins), top-1 agreement
 with and KL(teacher || model) to the teacher (the row named `teacher`, or --teacher; only for models evaluated on the
 same samples in the same order), throughput at --throughput-batch, weight and file size, and with --corruptions the
-top-1 under gaussian noise, blur, brightness and JPEG (severities 1-3; kd/corruptions.py gives the values).
+top-1 under gaussian noise, blur, brightness and JPEG (severities 1-3; kd/eval/corruptions.py gives the values).
 
 Runs of one recipe (`distilled@0=… distilled@1=…`, or `--group distilled=a,b,c`) become one row, mean ± std (sample
 std over runs). With --last, a checkpoint named best.* whose run also has latest.* gets a second row `<name>:last`.
@@ -40,18 +40,18 @@ import torch
 from rich.console import Console
 from rich.progress import track
 
-from kd.checkpoint import checkpoint_loader, checkpoint_stem
 from kd.cli import add_config_arguments, resolve_config
 from kd.config import Config
-from kd.corruptions import CORRUPTIONS, corrupt_normalized
-from kd.data import prepare_data
+from kd.data.dataset import prepare_data
+from kd.deploy.inference import LoadedModel, load_model, read_json_object
 from kd.errors import UserError, exit_on_user_error, quote
-from kd.inference import LoadedModel, load_model, read_json_object
-from kd.measure import PEAK_MEMORY_METHOD, cuda_peak_memory_mb, latency_ms, peak_memory_mb, throughput
-from kd.metrics import ECE_BINS, classification_metrics, mean_std, per_class_accuracy
-from kd.plots import save_plots
-from kd.report import derived_lines, recall_table, tables
-from kd.run_dir import require_writable_folder
+from kd.eval.corruptions import CORRUPTIONS, corrupt_normalized
+from kd.eval.measure import PEAK_MEMORY_METHOD, cuda_peak_memory_mb, latency_ms, peak_memory_mb, throughput
+from kd.eval.metrics import ECE_BINS, classification_metrics, mean_std, per_class_accuracy
+from kd.eval.plots import save_plots
+from kd.eval.report import derived_lines, recall_table, tables
+from kd.models.checkpoint import checkpoint_loader, checkpoint_stem
+from kd.train.run_dir import require_writable_folder
 
 SECTIONS = {f.name for f in dataclasses.fields(Config)}  # data, model, train, distillation, name, seed
 

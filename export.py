@@ -19,7 +19,7 @@ timm.create_model("local-dir:<stem>_timm", pretrained=True) loads with its class
 students only, not the hybrid RGB+MS teacher). An --out whose files would overwrite a kd checkpoint (--out
 runs/x/best.onnx beside runs/x/best.safetensors: best.json), land in a run's resumable state or logs (runs/x/last/,
 tb/) or overwrite a run's own file (config.yaml, .lock) is refused.
-Each format's file ending, writer and runner are its row of FORMATS in kd/export_formats.py.
+Each format's file ending, writer and runner are its row of FORMATS in kd/deploy/formats.py.
 """
 
 import argparse
@@ -34,15 +34,15 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Subset
 
-from kd import export_formats as fmt
-from kd.checkpoint import CheckpointMeta, checkpoint_loader, checkpoint_ranges, checkpoint_stem, load_checkpoint
 from kd.cli import add_config_arguments, resolve_config
 from kd.config import Config
-from kd.data import prepare_data
+from kd.data.dataset import prepare_data
+from kd.deploy import formats as fmt
 from kd.errors import UserError, exit_on_user_error, quote
-from kd.measure import latency_ms
-from kd.models import input_keys
-from kd.run_dir import RUN_FILES, owned_by_a_run, require_writable_folder
+from kd.eval.measure import latency_ms
+from kd.models.checkpoint import CheckpointMeta, checkpoint_loader, checkpoint_ranges, checkpoint_stem, load_checkpoint
+from kd.models.zoo import input_keys
+from kd.train.run_dir import RUN_FILES, owned_by_a_run, require_writable_folder
 
 FP32 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32 is None)
 INT8 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32)

@@ -10,18 +10,18 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from kd.checkpoint import CheckpointMeta
 from kd.cli import parse_cli
 from kd.config import flat_hparams
-from kd.data import build_loader, ms_statistics, open_split, prepare_data, resolve_input
+from kd.data.dataset import build_loader, ms_statistics, open_split, prepare_data, resolve_input
+from kd.data.mixing import Mixing
+from kd.data.unlabeled import ignored_note
 from kd.errors import UserError, exit_on_user_error
-from kd.loop import fit, make_accelerator
-from kd.mixing import Mixing
-from kd.models import build_model, count_parameters, input_config
-from kd.run_dir import claim_run_dir, releases_run_dirs
-from kd.state import stop_with_launcher
-from kd.task import Classifier
-from kd.unlabeled import ignored_note
+from kd.models.checkpoint import CheckpointMeta
+from kd.models.zoo import build_model, count_parameters, input_config
+from kd.train.loop import fit, make_accelerator
+from kd.train.run_dir import claim_run_dir, releases_run_dirs
+from kd.train.state import stop_with_launcher
+from kd.train.task import Classifier
 
 
 @exit_on_user_error

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from benchmarks.report import write_report  # noqa: E402
 from kd.config import DataConfig, load_config  # noqa: E402
-from kd.data import InputSpec, build_loader, make_demo_dataset, open_split, prepare_data  # noqa: E402
+from kd.data.dataset import InputSpec, build_loader, make_demo_dataset, open_split, prepare_data  # noqa: E402
 from kd.errors import exit_on_user_error  # noqa: E402
 
 
@@ -59,12 +59,12 @@ def measure(cfg: DataConfig, dataset, with_ms: bool, workers: int, batch_size: i
 
 
 def write_photos(root: Path, count: int, size: int, suffix: str) -> Path:
-    """`count` demo leaves rendered at `size` px (kd.demo), as <root>/train/<class>/*<suffix>: JPEGs like field
+    """`count` demo leaves rendered at `size` px (kd.data.demo), as <root>/train/<class>/*<suffix>: JPEGs like field
     photos (quality 90), or PNGs."""
     import numpy as np
     from PIL import Image
 
-    from kd.demo import DEMO_CLASSES, _render
+    from kd.data.demo import DEMO_CLASSES, _render
 
     rng = np.random.default_rng(0)
     for i in range(count):
@@ -81,7 +81,7 @@ def transforms_per_worker(root: Path, size: int, rounds: int) -> dict:
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
-    from kd.data import LeafDataset, PairedTransform, load_image
+    from kd.data.dataset import LeafDataset, PairedTransform, load_image
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     transform = PairedTransform(size, train=True, mean=mean, std=std, hflip=0.5, vflip=0.5, scale_min=0.6)

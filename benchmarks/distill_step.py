@@ -6,7 +6,7 @@
 
 Prints images/s of (a) a plain student training step, (b) a teacher forward pass (inference mode), (c) a full
 distillation step without and with feature matching, (d) a distillation step that reads the teacher's logits from
-a teacher cache (kd.cache) instead of running it, and of the training data loader alone (demo data, RGB+MS,
+a teacher cache (kd.distill.cache) instead of running it, and of the training data loader alone (demo data, RGB+MS,
 training transform). Then the ratios, all of times per image except the two marked "speed":
 distill / (student_step + teacher_forward), near 1 when no work is wasted; cached / student_step, near 1 when the
 cache removes the teacher's cost; loader / step (speed), above 2 when data never starves the step.
@@ -38,14 +38,14 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing kd
 
 from benchmarks.report import write_report  # noqa: E402
-from kd.cache import CachedTeacher, TeacherCache, build_teacher_cache  # noqa: E402
 from kd.config import DataConfig  # noqa: E402
-from kd.data import InputSpec, build_loader, make_demo_dataset, ms_statistics, open_split  # noqa: E402
-from kd.distiller import Distiller  # noqa: E402
-from kd.ensemble import Teachers  # noqa: E402
-from kd.features import FeaturePairs  # noqa: E402
-from kd.losses import KnowledgeDistillationLoss  # noqa: E402
-from kd.models import HybridFusion, build_model, forward_batch  # noqa: E402
+from kd.data.dataset import InputSpec, build_loader, make_demo_dataset, ms_statistics, open_split  # noqa: E402
+from kd.distill.cache import CachedTeacher, TeacherCache, build_teacher_cache  # noqa: E402
+from kd.distill.distiller import Distiller  # noqa: E402
+from kd.distill.hooks import FeaturePairs  # noqa: E402
+from kd.distill.losses import KnowledgeDistillationLoss  # noqa: E402
+from kd.distill.teachers import Teachers  # noqa: E402
+from kd.models.zoo import HybridFusion, build_model, forward_batch  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

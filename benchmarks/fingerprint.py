@@ -56,7 +56,7 @@ RUNS = {
 
 
 def main() -> None:
-    from kd.data import make_demo_dataset
+    from kd.data.dataset import make_demo_dataset
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,7 +64,12 @@ def main() -> None:
         data = make_demo_dataset(work / "data", seed=1, per_class=(8, 4, 4), size=32, unlabeled_per_class=2)
         for name, (script, config, *overrides) in RUNS.items():
             section = "distillation" if script == "distill.py" else "train"
-            args = [f"--config={ROOT / config}", f"data.root={data}", *COMMON, f"{section}.checkpoint_dir={work / name}"]
+            args = [
+                f"--config={ROOT / config}",
+                f"data.root={data}",
+                *COMMON,
+                f"{section}.checkpoint_dir={work / name}",
+            ]
             args += [o.format(work=work, data=data) for o in overrides]
             proc = subprocess.run([sys.executable, str(ROOT / script), *args], env=env, capture_output=True, text=True)
             if proc.returncode:

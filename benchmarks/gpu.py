@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from benchmarks import data_loader, distill_step  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
-from kd.models import build_model  # noqa: E402
+from kd.models.zoo import build_model  # noqa: E402
 
 
 def main_precision(device: str) -> str:

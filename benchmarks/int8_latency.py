@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import export  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
-from kd.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
-from kd.data import InputSpec  # noqa: E402
+from kd.data.dataset import InputSpec  # noqa: E402
 from kd.errors import exit_on_user_error  # noqa: E402
-from kd.models import create_timm  # noqa: E402
+from kd.models.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
+from kd.models.zoo import create_timm  # noqa: E402
 
 
 @exit_on_user_error

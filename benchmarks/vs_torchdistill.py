@@ -61,7 +61,7 @@ EPOCH_LINE = re.compile(r"^epoch (\d+): .*val_acc ([0-9.]+) .* (\d+) img/s", re.
 
 def make_data(root: Path, per_class: tuple[int, int, int], size: int) -> Path:
     """The demo set at `root` (labelled splits only), written once."""
-    from kd.demo import make_demo_dataset
+    from kd.data.demo import make_demo_dataset
 
     if not (root / "train").is_dir():
         make_demo_dataset(root, seed=0, per_class=per_class, size=size, unlabeled_per_class=0)

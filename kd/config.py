@@ -21,16 +21,16 @@ import yaml
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 
-from kd.augment import parse_randaugment
+from kd.data.augment import parse_randaugment
+from kd.distill.losses import SOFT_LOSSES, soft_loss_arguments
 from kd.errors import QUOTE_LIMIT, UserError, quote
-from kd.losses import SOFT_LOSSES, soft_loss_arguments
 
 
 class ConfigError(UserError):
     """The config file or a command-line override is invalid."""
 
 
-PRECISIONS = {  # the config's spellings -> Accelerate's; null leaves the choice to Accelerate (kd/loop.py)
+PRECISIONS = {  # the config's spellings -> Accelerate's; null leaves the choice to Accelerate (kd/train/loop.py)
     None: None,
     "no": "no",
     "32": "no",
@@ -73,7 +73,7 @@ class DataConfig:
     hflip: float = 0.5  # probability of a horizontal flip (applied to RGB and MS together)
     vflip: float = 0.5  # probability of a vertical flip (leaves have no "up")
     scale_min: float = 0.6  # smallest area fraction kept by the random resized crop
-    randaugment: str = ""  # timm RandAugment string for training, e.g. "rand-m9-n2" (kd.augment); "" = off
+    randaugment: str = ""  # timm RandAugment string for training, e.g. "rand-m9-n2" (kd.data.augment); "" = off
     unlabeled_root: str = ""  # folder of unlabelled images (recursive; MS beside or under ms_root); distill.py only
     unlabeled_fraction: float | None = None  # share of each training batch that is unlabelled; null = the sets' own
 
@@ -309,7 +309,7 @@ class DistillationConfig(TrainConfig):
     feature_layers: list = field(default_factory=list)  # names shared by both models, or [student, teacher] pairs
     feature_teacher: int = 0  # index (in `teachers`) of the teacher whose features are matched
     final_temperature: float | None = None  # linear decay from `temperature` to this over training; null = constant
-    soft_loss: str = "kl"  # kl (Hinton) | dkd (Decoupled KD, CVPR 2022) | dist (DIST, NeurIPS 2022): kd.losses
+    soft_loss: str = "kl"  # kl (Hinton) | dkd (Decoupled KD, CVPR 2022) | dist (DIST, NeurIPS 2022): kd.distill.losses
     soft_loss_args: dict = field(default_factory=dict)  # the soft loss's keyword arguments; win over dkd_*, dist_*
     dkd_alpha: float = 1.0  # dkd: weight of the target-class term (TCKD)
     dkd_beta: float = 8.0  # dkd: weight of the non-target-class term (NCKD)
@@ -428,7 +428,7 @@ def _check_seed(seed: int, key: str) -> None:
 
 
 def _check_teacher_weights(d: "DistillationConfig") -> None:
-    """The ensemble's weights, normalized as kd.ensemble does (the EMA teacher's among them when it joins), are
+    """The ensemble's weights, normalized as kd.distill.teachers does (the EMA teacher's among them when it joins), are
     finite and sum to one: 1e308 + 1e308 overflows the sum to inf and every normalized weight to 0."""
     weights, keys = [t.get("weight", 1.0) for t in d.teachers] or [1.0], "distillation.teachers[*].weight"
     if d.ema_teacher_weight > 0:
@@ -444,7 +444,7 @@ def _check_teacher_weights(d: "DistillationConfig") -> None:
 
 
 def _check_mixing(cfg: "TrainConfig") -> None:
-    """Mixup / CutMix (kd/mixing.py) and label smoothing."""
+    """Mixup / CutMix (kd/data/mixing.py) and label smoothing."""
     for key in ("mixup_alpha", "cutmix_alpha"):
         _check(getattr(cfg, key) >= 0, key, "must be >= 0 (0 = off; 0.2-1 are usual)", getattr(cfg, key))
     for key in ("mixup_prob", "mixup_switch_prob"):
@@ -466,7 +466,7 @@ def tracker_names(log_with: str | list) -> list[str]:
 
 
 def _check_log_with(log_with: Any) -> None:
-    """Names only: whether each tracker's package is installed is checked when a run starts (kd/loop.py), so a
+    """Names only: whether each tracker's package is installed is checked when a run starts (kd/train/loop.py), so a
     config naming wandb still loads where evaluate.py reads it."""
     _check(
         isinstance(log_with, str) or (isinstance(log_with, list) and all(isinstance(n, str) for n in log_with)),

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from kd.config import DataConfig
-from kd.data import InputSpec, LeafDataset, build_loader, image_tensor, ms_statistics, open_split, scan_dataset
+from kd.data.dataset import InputSpec, LeafDataset, build_loader, image_tensor, ms_statistics, open_split, scan_dataset
 from kd.errors import UserError
 
 HW = (6, 8)

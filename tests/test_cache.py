@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from conftest import reset_accelerate
 
 import distill
-import kd.ensemble
-from kd.cache import CachedTeacher, TeacherCache, bytes_per_row, reconstruct_logits, top_k_rows
-from kd.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+import kd.distill.teachers
 from kd.config import load_config
-from kd.data import InputSpec, build_loader, ms_statistics, open_split
-from kd.distiller import Distiller
-from kd.ensemble import Teachers
-from kd.losses import KnowledgeDistillationLoss, soft_kl
-from kd.models import HybridFusion, build_model
+from kd.data.dataset import InputSpec, build_loader, ms_statistics, open_split
+from kd.distill.cache import CachedTeacher, TeacherCache, bytes_per_row, reconstruct_logits, top_k_rows
+from kd.distill.distiller import Distiller
+from kd.distill.losses import KnowledgeDistillationLoss, soft_kl
+from kd.distill.teachers import Teachers
+from kd.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from kd.models.zoo import HybridFusion, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -236,7 +236,7 @@ def test_distilling_from_the_cache_never_loads_the_teacher_and_resumes_bitwise(s
     def no_teacher(*_, **__):
         raise AssertionError("the teacher was loaded or run although its logits are cached")
 
-    monkeypatch.setattr(kd.ensemble, "load_checkpoint", no_teacher)
+    monkeypatch.setattr(kd.distill.teachers, "load_checkpoint", no_teacher)
     monkeypatch.setattr(HybridFusion, "__init__", no_teacher)
     monkeypatch.setattr(HybridFusion, "forward", no_teacher)
     whole = distill.main([*args, f"distillation.checkpoint_dir={tmp_path / 'whole'}"])

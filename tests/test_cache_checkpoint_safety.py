@@ -18,15 +18,15 @@ from torch.utils.data import Dataset
 
 import distill
 import evaluate
-import kd.cache
-from kd.cache import TeacherCache, build_teacher_cache
-from kd.checkpoint import CheckpointMeta, load_checkpoint, meta_problems, save_checkpoint
+import kd.distill.cache
 from kd.config import ConfigError, load_config
-from kd.data import InputSpec
-from kd.ensemble import normalize_weights
+from kd.data.dataset import InputSpec
+from kd.deploy.inference import _arch_parameters, load_model, read_json_object
+from kd.distill.cache import TeacherCache, build_teacher_cache
+from kd.distill.teachers import normalize_weights
 from kd.errors import UserError
-from kd.inference import _arch_parameters, load_model, read_json_object
-from kd.models import build_model, create_timm
+from kd.models.checkpoint import CheckpointMeta, load_checkpoint, meta_problems, save_checkpoint
+from kd.models.zoo import build_model, create_timm
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -35,7 +35,7 @@ KEY = {"format": 1, "samples": {"count": SAMPLES}, "top_k": K, "num_classes": CL
 
 
 class Views(Dataset):
-    """SAMPLES views per epoch, keyed as kd.data's loader keys them (epoch * N + sample)."""
+    """SAMPLES views per epoch, keyed as kd.data.dataset's loader keys them (epoch * N + sample)."""
 
     def __len__(self) -> int:
         return SAMPLES
@@ -118,7 +118,7 @@ def test_a_stale_cache_is_rebuilt_in_place_and_an_empty_folder_is_used(tmp_path)
     build(tmp_path / "cache", epochs=1)
     build(tmp_path / "cache", epochs=2)  # stale: fewer epochs, so rebuilt
     assert json.loads((tmp_path / "cache/meta.json").read_text())["epochs"] == 2
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(kd.cache.CACHE_FILES)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(kd.distill.cache.CACHE_FILES)
     assert not (tmp_path / "cache.tmp").exists()
     (tmp_path / "empty").mkdir()
     build(tmp_path / "empty")
@@ -134,10 +134,10 @@ class Usage:
 
 
 def test_a_disk_without_room_for_the_cache_is_refused_before_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr(kd.cache.shutil, "disk_usage", lambda _: Usage())
+    monkeypatch.setattr(kd.distill.cache.shutil, "disk_usage", lambda _: Usage())
     with pytest.raises(UserError) as error:
         build(tmp_path / "cache")
-    needed = 2 * SAMPLES * kd.cache.bytes_per_row(K, CLASSES)
+    needed = 2 * SAMPLES * kd.distill.cache.bytes_per_row(K, CLASSES)
     message = str(error.value)
     assert f"not enough free disk space for the teacher cache in {tmp_path}: it needs {needed:,} bytes" in message
     assert not (tmp_path / "cache.tmp").exists()
@@ -147,10 +147,10 @@ def test_a_write_error_during_the_build_names_the_folder_and_the_bytes(tmp_path,
     def full(*_, **__):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(kd.cache, "open_memmap", full)
+    monkeypatch.setattr(kd.distill.cache, "open_memmap", full)
     with pytest.raises(UserError) as error:
         build(tmp_path / "cache")
-    needed = 2 * SAMPLES * kd.cache.bytes_per_row(K, CLASSES)
+    needed = 2 * SAMPLES * kd.distill.cache.bytes_per_row(K, CLASSES)
     message = str(error.value)
     assert f"could not write the teacher cache in {tmp_path / 'cache.tmp'} (No space left on device)" in message
     assert f"it needs {needed:,} bytes there" in message

@@ -12,7 +12,9 @@ from conftest import ROOT, reset_accelerate
 from test_data import data_config, make_folder
 
 import distill
-from kd.checkpoint import (
+from kd.data.dataset import InputSpec
+from kd.errors import UserError
+from kd.models.checkpoint import (
     SCHEMA_VERSION,
     CheckpointMeta,
     checkpoint_loader,
@@ -20,16 +22,14 @@ from kd.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from kd.data import InputSpec
-from kd.errors import UserError
-from kd.models import build_model
+from kd.models.zoo import build_model
 
 CLASSES = ["a", "b", "c", "d", "e"]
 PLAIN = {"name": "test_efficientnet", "num_classes": 5, "drop_rate": 0.2}
 HYBRID = {"name": "hybrid", "num_classes": 5, "backbone": "test_efficientnet", "ms_backbone": "test_resnet"}
 HYBRID |= {"ms_channels": 4, "fusion": "concat", "drop_rate": 0.2}
 RGB = {"image_size": 32, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-# the dicts train_teacher.py and distill.py write, with the keys kd/loop.py adds to each checkpoint
+# the dicts train_teacher.py and distill.py write, with the keys kd/train/loop.py adds to each checkpoint
 LOOP = {"epoch": 3, "metrics": {"val_acc": 0.9, "val_loss": 0.3}, "ema": False, "qat": False}
 TEACHER = {"arch": PLAIN, "classes": CLASSES, "inputs": ["rgb"], **RGB, "ms_mean": None, "ms_std": None}
 TEACHER |= {"ms_bands": [], **LOOP}
@@ -264,7 +264,7 @@ def test_the_sidecar_check_knows_every_hybrid_argument():
     """HYBRID_ARGS is read instead of HybridFusion's signature (tests replace __init__); it must stay complete."""
     import inspect
 
-    from kd.checkpoint import HYBRID_ARGS
-    from kd.models import HybridFusion
+    from kd.models.checkpoint import HYBRID_ARGS
+    from kd.models.zoo import HybridFusion
 
     assert set(inspect.signature(HybridFusion).parameters) - {"num_classes", "pretrained"} == set(HYBRID_ARGS)

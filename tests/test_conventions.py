@@ -18,10 +18,10 @@ import distill
 import train_teacher
 from kd.cli import READS, field_comments, sections
 from kd.config import Config, ConfigError, TrainConfig, load_config, to_dict
+from kd.deploy.qat import QatPhase
 from kd.errors import UserError
-from kd.loop import build_optimizer, make_accelerator, start_trackers
-from kd.qat import QatPhase
-from kd.task import Classifier
+from kd.train.loop import build_optimizer, make_accelerator, start_trackers
+from kd.train.task import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 B0 = str(ROOT / "configs/b0.yaml")

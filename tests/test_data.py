@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from kd.config import DataConfig
-from kd.data import (
+from kd.data.dataset import (
     InputSpec,
     LeafDataset,
     PairedTransform,
@@ -21,9 +21,9 @@ from kd.data import (
     prepare_data,
     scan_dataset,
 )
-from kd.demo import DEMO_CLASSES, DEMO_VERSION, _render, make_demo_dataset
+from kd.data.demo import DEMO_CLASSES, DEMO_VERSION, _render, make_demo_dataset
+from kd.data.layouts import SPLITS
 from kd.errors import UserError
-from kd.layouts import SPLITS
 
 HW = (6, 8)  # not square, so the band axis of an MS array is never ambiguous
 BANDS = 3
@@ -58,7 +58,7 @@ def make_folder(root: Path, n: int = 10, ms: str | None = "hwc", ms_root: Path |
 
 
 def data_config(root: Path, **extra) -> DataConfig:
-    """A DataConfig plus keys DataConfig may not declare yet (kd.data reads them with getattr)."""
+    """A DataConfig plus keys DataConfig may not declare yet (kd.data.dataset reads them with getattr)."""
     cfg = DataConfig(root=str(root), demo=False, image_size=8, num_workers=0)
     for key, value in extra.items():
         setattr(cfg, key, value)

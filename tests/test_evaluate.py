@@ -15,17 +15,16 @@ import torch
 
 import evaluate
 import export
-from kd.checkpoint import CheckpointMeta, save_checkpoint
-from kd.corruptions import (
+from kd.data.dataset import InputSpec, LeafDataset, ms_statistics
+from kd.deploy.inference import LoadedModel, load_model
+from kd.errors import UserError
+from kd.eval.corruptions import (
     CORRUPTIONS,
     corrupt,
     corrupt_normalized,
 )
-from kd.data import InputSpec, LeafDataset, ms_statistics
-from kd.errors import UserError
-from kd.inference import LoadedModel, load_model
-from kd.measure import latency_ms, throughput
-from kd.metrics import (
+from kd.eval.measure import latency_ms, throughput
+from kd.eval.metrics import (
     agreement,
     calibration_bins,
     confusion_matrix,
@@ -36,7 +35,8 @@ from kd.metrics import (
     per_class_accuracy,
     topk_accuracy,
 )
-from kd.models import build_model
+from kd.models.checkpoint import CheckpointMeta, save_checkpoint
+from kd.models.zoo import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -20,10 +20,10 @@ from safetensors.torch import load_file
 
 import evaluate
 import export
-from kd import export_formats
-from kd.checkpoint import CheckpointMeta, save_checkpoint
-from kd.data import InputSpec
-from kd.qat import quantize_int8
+from kd.data.dataset import InputSpec
+from kd.deploy import formats as export_formats
+from kd.deploy.qat import quantize_int8
+from kd.models.checkpoint import CheckpointMeta, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

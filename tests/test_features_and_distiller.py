@@ -8,12 +8,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from kd.config import ConfigError, load_config
-from kd.distiller import Distiller
-from kd.ensemble import Teachers, adapt_view, class_balanced_batch, teacher_sanity_check, teacher_sanity_report
+from kd.distill.distiller import Distiller
+from kd.distill.hooks import FeatureAdapter, FeatureHooks, FeaturePairs, layer_pairs
+from kd.distill.losses import SOFT_LOSSES, KnowledgeDistillationLoss
+from kd.distill.teachers import Teachers, adapt_view, class_balanced_batch, teacher_sanity_check, teacher_sanity_report
 from kd.errors import UserError
-from kd.features import FeatureAdapter, FeatureHooks, FeaturePairs, layer_pairs
-from kd.losses import SOFT_LOSSES, KnowledgeDistillationLoss
-from kd.models import HybridFusion
+from kd.models.zoo import HybridFusion
 
 
 def tiny(name="test_efficientnet", classes=5):

@@ -76,7 +76,7 @@ def test_an_editable_install_imports_kd_from_the_checkout(checkout, tmp_path):
     pip("install", "--prefix", str(prefix), "-e", str(checkout))
     (site_packages,) = prefix.glob("lib/python*/site-packages")
     probe = (
-        f"import site; site.addsitedir({str(site_packages)!r}); import kd.multispectral, importlib.util; "
+        f"import site; site.addsitedir({str(site_packages)!r}); import kd.data.multispectral, importlib.util; "
         "print(kd.__file__, importlib.util.find_spec('configs') is None)"
     )
     # from another folder, without the checkout on sys.path: only the install can find kd

@@ -11,15 +11,15 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kd.checkpoint import CheckpointMeta
 from kd.config import TrainConfig
-from kd.data import InputSpec
-from kd.distiller import Distiller
-from kd.ensemble import Teachers, teacher_sanity_check
+from kd.data.dataset import InputSpec
+from kd.distill.distiller import Distiller
+from kd.distill.losses import KnowledgeDistillationLoss
+from kd.distill.teachers import Teachers, teacher_sanity_check
 from kd.errors import UserError
-from kd.loop import build_scheduler, fit, make_accelerator
-from kd.losses import KnowledgeDistillationLoss
-from kd.task import Classifier, TrainingTask
+from kd.models.checkpoint import CheckpointMeta
+from kd.train.loop import build_scheduler, fit, make_accelerator
+from kd.train.task import Classifier, TrainingTask
 
 
 class Blobs(Dataset):
@@ -155,7 +155,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
 def test_too_many_nonfinite_steps_and_nan_weights_are_user_errors(tmp_path):
     """The scripts print a UserError as one line: a diverging run must not end in a traceback."""
     from kd.errors import UserError
-    from kd.loop import NonFiniteLoss, check_in_sync
+    from kd.train.loop import NonFiniteLoss, check_in_sync
 
     assert issubclass(NonFiniteLoss, UserError) and issubclass(NonFiniteLoss, FloatingPointError)
     model = linear()
@@ -265,16 +265,16 @@ def test_grad_checkpointing_is_switched_on_or_refused(tmp_path):
 
 
 def test_optimizer_skips_weight_decay_on_norms_and_biases(tmp_path, monkeypatch):
-    import kd.loop
+    import kd.train.loop
 
     seen = {}
-    real = kd.loop.create_optimizer_v2
+    real = kd.train.loop.create_optimizer_v2
 
     def spy(*args, **kwargs):
         seen["optimizer"] = real(*args, **kwargs)
         return seen["optimizer"]
 
-    monkeypatch.setattr(kd.loop, "create_optimizer_v2", spy)
+    monkeypatch.setattr(kd.train.loop, "create_optimizer_v2", spy)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     train(tmp_path, Classifier(model), max_epochs=1, weight_decay=0.05)
     decay = {g["weight_decay"]: {p.ndim for p in g["params"]} for g in seen["optimizer"].param_groups}

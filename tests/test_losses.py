@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from kd.config import load_config
-from kd.ensemble import normalize_weights, weighted_logits
-from kd.losses import KnowledgeDistillationLoss, dist_loss, dkd_loss, soft_kl
+from kd.distill.losses import KnowledgeDistillationLoss, dist_loss, dkd_loss, soft_kl
+from kd.distill.teachers import normalize_weights, weighted_logits
 
 
 def kl_by_hand(student, teacher, t):

@@ -9,16 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.augment import COLOUR, GEOMETRIC, RandAugment, parse_randaugment
-from kd.cache import check_applies
 from kd.config import ConfigError, DataConfig, load_config
-from kd.data import InputSpec, PairedTransform, build_loader
-from kd.distiller import Distiller
-from kd.ensemble import Teachers
+from kd.data.augment import COLOUR, GEOMETRIC, RandAugment, parse_randaugment
+from kd.data.dataset import InputSpec, PairedTransform, build_loader
+from kd.data.mixing import Mixing, MixingCollate
+from kd.distill.cache import check_applies
+from kd.distill.distiller import Distiller
+from kd.distill.losses import KnowledgeDistillationLoss, hard_loss
+from kd.distill.teachers import Teachers
 from kd.errors import UserError
-from kd.losses import KnowledgeDistillationLoss, hard_loss
-from kd.mixing import Mixing, MixingCollate
-from kd.task import Classifier
+from kd.train.task import Classifier
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -9,9 +9,9 @@ import safetensors.torch
 import timm
 import torch
 
-import kd.models
+import kd.models.zoo
 from kd.errors import UserError
-from kd.models import HybridFusion, build_model, create_timm, reachable
+from kd.models.zoo import HybridFusion, build_model, create_timm, reachable
 
 
 @pytest.mark.parametrize("fusion", ["concat", "add", "attention"])
@@ -108,7 +108,7 @@ def test_imagenet_weights_come_from_the_hub_when_it_is_reachable(no_network, tmp
         asked.append((repo_id, filename))
         return str(weights)
 
-    monkeypatch.setattr(kd.models, "reachable", lambda url: url == huggingface_hub.constants.ENDPOINT)
+    monkeypatch.setattr(kd.models.zoo, "reachable", lambda url: url == huggingface_hub.constants.ENDPOINT)
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", download)
     model = create_timm("test_efficientnet", 5, pretrained="imagenet")
     assert asked == [("timm/test_efficientnet.r160_in1k", "model.safetensors")]

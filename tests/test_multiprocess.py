@@ -90,7 +90,7 @@ import sys
 from pathlib import Path
 
 from kd.config import TrainConfig
-from kd.loop import make_accelerator
+from kd.train.loop import make_accelerator
 
 accelerator = make_accelerator(TrainConfig(), Path(sys.argv[1]))
 if accelerator.process_index == 1:
@@ -114,15 +114,15 @@ def test_a_crashing_rank_stops_the_run_instead_of_hanging(tmp_path):
 # Runs a training script, but rank 1 SIGKILLs itself when it is about to save its second resumable state.
 KILL_RANK_1 = """
 import os, runpy, signal, sys
-import kd.loop
+import kd.train.loop
 
-save_state, calls = kd.loop.save_state, []
+save_state, calls = kd.train.loop.save_state, []
 def save_then_die(accelerator, *args, **kwargs):
     calls.append(1)
     if accelerator.process_index == 1 and len(calls) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return save_state(accelerator, *args, **kwargs)
-kd.loop.save_state = save_then_die
+kd.train.loop.save_state = save_then_die
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -147,9 +147,9 @@ def test_a_killed_rank_ends_the_run_with_how_to_resume(tiny_demo, tmp_path):
 def test_qat_under_two_processes_validates_the_graph_its_checkpoint_rebuilds(tiny_demo, tmp_path):
     """QAT swaps in its fake-quantized graph after DDP wrapped the model; ranks must stay in sync, and the accuracy
     reported for the QAT epoch must be that of the graph rebuilt from the checkpoint's weights and ranges."""
-    from kd.checkpoint import checkpoint_loader, checkpoint_ranges, load_checkpoint
     from kd.config import load_config
-    from kd.qat import RANGE_PREFIX, frozen_observers, prepare_qat
+    from kd.deploy.qat import RANGE_PREFIX, frozen_observers, prepare_qat
+    from kd.models.checkpoint import checkpoint_loader, checkpoint_ranges, load_checkpoint
 
     data = [f"data.root={tiny_demo}", "data.demo=false", "data.image_size=32", "data.num_workers=0"]
     train = ["model.name=test_efficientnet", "train.max_epochs=2", "train.warmup_epochs=0", "train.batch_size=4"]
@@ -185,7 +185,7 @@ import runpy, sys
 import accelerate
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-import kd.loop
+import kd.train.loop
 
 init = accelerate.Accelerator.__init__
 def init_as_on_gpus(self, *args, **kwargs):
@@ -194,12 +194,12 @@ def init_as_on_gpus(self, *args, **kwargs):
     self.state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 accelerate.Accelerator.__init__ = init_as_on_gpus
 
-load_state = kd.loop.load_state
+load_state = kd.train.loop.load_state
 def load_and_report(accelerator, *args, **kwargs):
     load_state(accelerator, *args, **kwargs)
     student = accelerator._models[0].model
-    accelerator.print(f"loaded checksum {kd.loop.check_in_sync(accelerator, student):.6e}")
-kd.loop.load_state = load_and_report
+    accelerator.print(f"loaded checksum {kd.train.loop.check_in_sync(accelerator, student):.6e}")
+kd.train.loop.load_state = load_and_report
 
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
@@ -213,7 +213,7 @@ def fsdp_processes() -> list[str]:
 
 
 def test_fsdp_shards_the_model_and_saves_resumes_and_evaluates_whole_weights(tiny_demo, tmp_path):
-    from kd.checkpoint import load_checkpoint
+    from kd.models.checkpoint import load_checkpoint
 
     (tmp_path / "fsdp_on_cpu.py").write_text(FSDP_ON_CPU)
     data = [f"data.root={tiny_demo}", "data.demo=false", "data.image_size=32", "data.num_workers=0"]
@@ -298,7 +298,7 @@ def test_what_fsdp_cannot_run_is_refused_before_training(fsdp2, override, refusa
 
     from kd.config import load_config
     from kd.errors import UserError
-    from kd.loop import check_sharding
+    from kd.train.loop import check_sharding
 
     cfg = load_config(str(ROOT / "configs/baseline_b0.yaml"), [override] if override else []).train
     accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=fsdp2, num_processes=2)
@@ -311,7 +311,7 @@ def test_a_sharded_state_whose_metadata_would_run_code_is_refused(tmp_path):
     import pickle
 
     from kd.errors import UserError
-    from kd.state import check_state
+    from kd.train.state import check_state
 
     class Payload:
         def __reduce__(self):

@@ -9,8 +9,8 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet
 
 from kd.errors import UserError
-from kd.models import HybridFusion, create_timm
-from kd.packaged_weights import PACKAGED, offline_models
+from kd.models.packaged_weights import PACKAGED, offline_models
+from kd.models.zoo import HybridFusion, create_timm
 
 
 @pytest.fixture

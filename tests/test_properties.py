@@ -20,15 +20,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import distill
-import kd.loop
+import kd.train.loop
 import train_teacher
-from kd.checkpoint import CheckpointMeta, save_checkpoint
 from kd.config import PRECISIONS, SCHEDULERS, Config, ConfigError, load_config, to_dict
-from kd.data import InputSpec
+from kd.data.dataset import InputSpec
+from kd.distill.losses import KnowledgeDistillationLoss, soft_kl
 from kd.errors import UserError
-from kd.loop import build_scheduler
-from kd.losses import KnowledgeDistillationLoss, soft_kl
-from kd.models import build_model
+from kd.models.checkpoint import CheckpointMeta, save_checkpoint
+from kd.models.zoo import build_model
+from kd.train.loop import build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -300,7 +300,7 @@ class SecondStep(Exception):
 
 
 def stop_at_the_second_step(*args, **kwargs):
-    """kd.loop.build_scheduler's scheduler, made to raise SecondStep when the loop steps it a second time."""
+    """kd.train.loop.build_scheduler's scheduler, made to raise SecondStep when the loop steps it a second time."""
     scheduler = build_scheduler(*args, **kwargs)
     steps = []
 
@@ -337,7 +337,7 @@ def test_a_config_that_loads_trains_a_step_or_fails_with_one_message(run, run_in
     main = SCRIPTS[script]
     reset_accelerate()
     err = io.StringIO()
-    with mock.patch.object(kd.loop, "build_scheduler", stop_at_the_second_step), contextlib.redirect_stderr(err):
+    with mock.patch.object(kd.train.loop, "build_scheduler", stop_at_the_second_step), contextlib.redirect_stderr(err):
         try:
             main(argv)  # returned: the epoch ended first (non-finite losses skipped, or one long accumulation)
         except SecondStep:

@@ -1,5 +1,5 @@
-"""kd/qat.py: the QAT phase the loop trains through (torchao PT2E), INT8 from the ranges QAT learned (checkpointed,
-converted, exported as a torch.export program), and robust PTQ calibration."""
+"""kd/deploy/qat.py: the QAT phase the loop trains through (torchao PT2E), INT8 from the ranges QAT learned
+(checkpointed, converted, exported as a torch.export program), and robust PTQ calibration."""
 
 import functools
 
@@ -10,12 +10,10 @@ import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decompo
 from torch import nn
 
 import export
-from kd.checkpoint import CheckpointMeta, checkpoint_ranges, load_checkpoint, save_checkpoint
 from kd.config import TrainConfig
-from kd.data import InputSpec
-from kd.errors import UserError
-from kd.export_formats import torch_export_runner
-from kd.qat import (
+from kd.data.dataset import InputSpec
+from kd.deploy.formats import torch_export_runner
+from kd.deploy.qat import (
     RANGE_PREFIX,
     QatPhase,
     convert_qat,
@@ -25,7 +23,9 @@ from kd.qat import (
     quantize_int8,
     range_state,
 )
-from kd.task import Classifier
+from kd.errors import UserError
+from kd.models.checkpoint import CheckpointMeta, checkpoint_ranges, load_checkpoint, save_checkpoint
+from kd.train.task import Classifier
 
 META = CheckpointMeta(
     {"name": "test_efficientnet", "num_classes": 3}, ["a", "b", "c"], InputSpec(32, [0.5] * 3, [0.25] * 3)

@@ -21,13 +21,13 @@ from conftest import reset_accelerate
 
 import distill
 import train_teacher
-from kd.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from kd.config import ConfigError, load_config
-from kd.data import InputSpec, build_loader
+from kd.data.dataset import InputSpec, build_loader
 from kd.errors import UserError
-from kd.loop import make_accelerator
-from kd.models import build_model
-from kd.run_dir import ensure_writable
+from kd.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from kd.models.zoo import build_model
+from kd.train.loop import make_accelerator
+from kd.train.run_dir import ensure_writable
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
@@ -35,7 +35,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
 # --------------------------------------------------------------------------------------------- kill -9 and resume
 
 # Runs a script like `python script args`, but SIGKILLs itself right after a rename onto <run>/$KILL_AFTER_RENAME_TO
-# that finds last.old beside it: the exact instants inside kd.state.save_state that polling from outside cannot hit.
+# that finds last.old beside it: the exact instants inside kd.train.state.save_state that polling from outside
+# cannot hit.
 KILL_AFTER_RENAME = """
 import os, pathlib, runpy, signal, sys
 rename = pathlib.Path.rename
@@ -190,7 +191,7 @@ def test_a_mid_epoch_state_reproduces_the_augmentation_of_the_next_batch(tiny_de
     loader = accelerator.prepare(build_loader(cfg.data, spec, "train", 8, train=True, seed=0))
     loader.set_epoch(0)
     batches = iter(loader)
-    next(batches), next(batches)  # steps 0 and 1 of kd.loop.fit, which with save_every_n_steps=2...
+    next(batches), next(batches)  # steps 0 and 1 of kd.train.loop.fit, which with save_every_n_steps=2...
     accelerator.save_state(str(tmp_path / "last"))  # ...saves here
     expected = next(batches)
     accelerator.load_state(str(tmp_path / "last"))
@@ -554,7 +555,7 @@ def test_a_finished_run_resumed_with_more_epochs_trains_on(finished_run, tmp_pat
 
 
 def test_an_epoch_of_only_skipped_steps_saves_nothing_and_fails(bad, tmp_path, capsys, monkeypatch):
-    from kd.task import Classifier
+    from kd.train.task import Classifier
 
     real_forward = Classifier.forward
 

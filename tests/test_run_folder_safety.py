@@ -17,12 +17,12 @@ from conftest import reset_accelerate
 
 import export
 import train_teacher
-from kd.checkpoint import CheckpointMeta
-from kd.data import InputSpec
+from kd.data.dataset import InputSpec
 from kd.errors import Interrupted, exit_on_user_error
-from kd.loop import TopK
-from kd.models import build_model
-from kd.run_dir import claim_run_dir, owned_by_a_run
+from kd.models.checkpoint import CheckpointMeta
+from kd.models.zoo import build_model
+from kd.train.loop import TopK
+from kd.train.run_dir import claim_run_dir, owned_by_a_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -159,7 +159,7 @@ def test_a_refused_resume_keeps_the_config_it_points_to(tiny_demo, copy, capsys)
 HOLD = """
 import sys, time
 from pathlib import Path
-from kd.run_dir import lock_run_dir
+from kd.train.run_dir import lock_run_dir
 lock_run_dir(Path(sys.argv[1]))
 print("holding", flush=True)
 time.sleep(120)
@@ -233,12 +233,12 @@ def test_what_a_run_owns(finished):
 # progress.json (which completes a state) is not.
 KILL_IN_FIRST_SAVE = """
 import os, runpy, signal, sys
-import kd.loop
+import kd.train.loop
 
 def save_half_then_die(accelerator, run_dir, *args, **kwargs):
     accelerator.save_state(str(run_dir / "last.tmp"))
     os.kill(os.getpid(), signal.SIGKILL)
-kd.loop.save_state = save_half_then_die
+kd.train.loop.save_state = save_half_then_die
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -279,9 +279,9 @@ def test_a_run_with_checkpoints_but_no_saved_state_gets_one_way_forward_either_w
 
 
 def test_ctrl_c_during_training_says_how_to_continue_and_exits_130(tiny_demo, tmp_path, capsys, monkeypatch):
-    import kd.loop
+    import kd.train.loop
 
-    validate, calls = kd.loop.validate, []
+    validate, calls = kd.train.loop.validate, []
 
     def interrupted_in_second_epoch(*args, **kwargs):
         calls.append(1)
@@ -289,7 +289,7 @@ def test_ctrl_c_during_training_says_how_to_continue_and_exits_130(tiny_demo, tm
             raise KeyboardInterrupt
         return validate(*args, **kwargs)
 
-    monkeypatch.setattr(kd.loop, "validate", interrupted_in_second_epoch)
+    monkeypatch.setattr(kd.train.loop, "validate", interrupted_in_second_epoch)
     run_dir = tmp_path / "run"
     err = refused(train_args(tiny_demo, run_dir, "train.max_epochs=2"), capsys, code=130)
     assert err == f"interrupted; continue with --resume from the last saved state, {run_dir}/last (epoch 1, batch 0)\n"
@@ -324,7 +324,7 @@ def test_a_state_saved_by_an_earlier_kd_with_custom_pickles_still_resumes(tiny_d
 
 RANK = """
 import os, sys, time
-from kd.state import stop_with_launcher
+from kd.train.state import stop_with_launcher
 stop_with_launcher()
 open(os.path.join(sys.argv[1], f"rank{os.environ['LOCAL_RANK']}"), "w").write(str(os.getpid()))
 while True:  # as a training rank would, for ever

@@ -1,4 +1,4 @@
-"""Multispectral TIFFs as cameras and GIS tools write them (kd/multispectral.py, read with tifffile): every layout,
+"""Multispectral TIFFs as cameras and GIS tools write them (kd/data/multispectral.py, read with tifffile): every layout,
 sample type and compression reads back the values written, and broken files are named. Files are written here with
 tifffile; the expected stacks are the written arrays, moved to C×H×W with numpy."""
 
@@ -12,9 +12,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from kd.data import LeafDataset, ms_statistics, scan_dataset
+from kd.data.dataset import LeafDataset, ms_statistics, scan_dataset
+from kd.data.multispectral import read_ms
 from kd.errors import UserError
-from kd.multispectral import read_ms
 
 HW = (6, 8)  # not square: a C×H×W array can never pass for H×W×C
 RNG = np.random.default_rng(0)

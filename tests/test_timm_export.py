@@ -16,11 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import export
-from kd import export_formats
-from kd.checkpoint import CheckpointMeta, save_checkpoint
-from kd.data import InputSpec
+from kd.data.dataset import InputSpec
+from kd.deploy import formats as export_formats
 from kd.errors import UserError
-from kd.models import build_model
+from kd.models.checkpoint import CheckpointMeta, save_checkpoint
+from kd.models.zoo import build_model
 
 CLASSES = ["healthy", "leaf_rust", "powdery_mildew"]
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]  # not ImageNet's or timm's defaults: they must come from the checkpoint

@@ -16,20 +16,20 @@ from PIL import Image
 from torch import nn
 
 import distill
-import kd.data
-import kd.losses
+import kd.data.dataset
+import kd.distill.losses
 import train_teacher
-from kd.cache import TeacherCache, cache_key
-from kd.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from kd.config import ConfigError, DataConfig, load_config
-from kd.data import InputSpec, build_loader, ms_statistics, open_split
-from kd.demo import _render
-from kd.distiller import Distiller
-from kd.ensemble import Teachers
+from kd.data.dataset import InputSpec, build_loader, ms_statistics, open_split
+from kd.data.demo import _render
+from kd.data.unlabeled import ShareSampler, unlabeled_sources
+from kd.distill.cache import TeacherCache, cache_key
+from kd.distill.distiller import Distiller
+from kd.distill.losses import KnowledgeDistillationLoss, dkd_loss
+from kd.distill.teachers import Teachers
 from kd.errors import UserError
-from kd.losses import KnowledgeDistillationLoss, dkd_loss
-from kd.models import build_model
-from kd.unlabeled import ShareSampler, unlabeled_sources
+from kd.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from kd.models.zoo import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
@@ -58,13 +58,13 @@ def write_unlabeled(folder: Path, count: int, seed: int = 7, ms: bool = True) ->
 
 def test_the_hard_loss_sees_only_the_labelled_images_and_the_soft_loss_all(monkeypatch):
     seen = []
-    cross_entropy = kd.losses.F.cross_entropy
+    cross_entropy = kd.distill.losses.F.cross_entropy
 
     def recording(logits, target, *args, **kwargs):
         seen.append((logits.detach().clone(), target.clone()))
         return cross_entropy(logits, target, *args, **kwargs)
 
-    monkeypatch.setattr(kd.losses.F, "cross_entropy", recording)
+    monkeypatch.setattr(kd.distill.losses.F, "cross_entropy", recording)
     torch.manual_seed(0)
     student, teacher = (nn.Sequential(nn.Flatten(), nn.Linear(48, 5)) for _ in range(2))
     for model in (student, teacher):  # logits of order 1, so the soft term is far from zero
@@ -211,7 +211,9 @@ def test_the_cache_key_follows_the_unlabelled_set_and_the_pixel_pipeline(tiny_de
     assert key() == before and before["samples"]["unlabeled"] == 6
     assert "unlabeled" not in key("")["samples"]  # a cache built without unlabelled images keeps its key
     assert before["augmentation"]["pixels"] == 2
-    monkeypatch.setattr(kd.data.PairedTransform, "pixels", 3)  # views made another way: the old logits are stale
+    monkeypatch.setattr(
+        kd.data.dataset.PairedTransform, "pixels", 3
+    )  # views made another way: the old logits are stale
     assert key()["augmentation"]["pixels"] == 3
     monkeypatch.undo()
     write_unlabeled(folder / "more", 1, seed=9, ms=False)

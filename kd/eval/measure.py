@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
+from kd.deploy.inference import LoadedModel, load_model
 from kd.errors import UserError
-from kd.inference import LoadedModel, load_model
 
 
 def _sync(device: str) -> None:

@@ -1,6 +1,6 @@
 """Data: leaf images with optional multispectral (MS) band stacks, aligned transforms, loaders.
 
-Layouts (see kd/layouts.py): <root>/<split>/<class>/<image>, one <root>/<class>/<image> folder split once into a
+Layouts (see kd/data/layouts.py): <root>/<split>/<class>/<image>, one <root>/<class>/<image> folder split once into a
 saved split file, or a CSV manifest. The MS stack of an image is <image>.npy (H×W×C or C×H×W) or a multi-band
 <image>.tif, beside it or at the same relative path under `ms_root`. A batch is {"rgb": B×3×H×W, "ms": B×C×H×W
 (when asked), "label": B}.
@@ -25,9 +25,9 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kd.augment import RandAugment, parse_randaugment
 from kd.config import DataConfig
-from kd.demo import (  # noqa: F401 (DEMO_BANDS, DEMO_CLASSES, make_demo_dataset: re-exported)
+from kd.data.augment import RandAugment, parse_randaugment
+from kd.data.demo import (  # noqa: F401 (DEMO_BANDS, DEMO_CLASSES, make_demo_dataset: re-exported)
     DEMO_BANDS,
     DEMO_CLASSES,
     DEMO_ROOT,
@@ -36,10 +36,10 @@ from kd.demo import (  # noqa: F401 (DEMO_BANDS, DEMO_CLASSES, make_demo_dataset
     make_demo_dataset,
     may_write_demo,
 )
+from kd.data.layouts import IMAGE_SUFFIXES, SPLITS, list_split, shown
+from kd.data.mixing import Mixing, MixingCollate
+from kd.data.multispectral import FILE_ERRORS, band_indices, find_ms, load_ms, ms_stack, read_ms, require_regular
 from kd.errors import UserError
-from kd.layouts import IMAGE_SUFFIXES, SPLITS, list_split, shown
-from kd.mixing import Mixing, MixingCollate
-from kd.multispectral import FILE_ERRORS, band_indices, find_ms, load_ms, ms_stack, read_ms, require_regular
 
 
 @dataclass
@@ -60,7 +60,7 @@ class InputSpec:
         return self.ms_mean is not None
 
     def rgb(self) -> dict:
-        """{"image_size", "mean", "std"}: the part kd.ensemble.adapt_view converts between."""
+        """{"image_size", "mean", "std"}: the part kd.distill.teachers.adapt_view converts between."""
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
@@ -139,7 +139,8 @@ class LeafDataset(Dataset):
     def __getitem__(self, key: int) -> dict:
         """Sample `key % len(self)`; with an EpochSampler, `key // len(self)` is the epoch, and the augmentation is
         drawn from a generator seeded by (seed, epoch, sample): the same view whatever the worker count, after a
-        resume, or when a teacher's output for it is cached. The sample carries `key`: kd.cache finds its row by it."""
+        resume, or when a teacher's output for it is cached. The sample carries `key`: kd.distill.cache finds its row by
+        it."""
         epoch, index = divmod(key, len(self))
         rgb, ms, label = self.read(index, uint8=True)  # PairedTransform crops and resizes RGB in uint8
         generator = torch.Generator().manual_seed(hash((self.augment_seed, epoch, index)) % 2**63)
@@ -325,11 +326,11 @@ PIXELS_VERSION = 2
 class PairedTransform:
     """Crop/flip RGB and MS with the same parameters (teacher and student see one view), then normalize each.
 
-    `randaugment` (a timm string such as "rand-m9-n2"; "" = off) adds kd.augment.RandAugment after the flips, in
+    `randaugment` (a timm string such as "rand-m9-n2"; "" = off) adds kd.data.augment.RandAugment after the flips, in
     training: its geometric ops move the MS bands with the RGB, its colour ops change the RGB only.
     """
 
-    pixels = PIXELS_VERSION  # how views are made from files (kd.cache keys its logits on it)
+    pixels = PIXELS_VERSION  # how views are made from files (kd.distill.cache keys its logits on it)
 
     def __init__(
         self,
@@ -434,7 +435,7 @@ def _threads() -> int:
 def refuse_leaks(dataset: LeafDataset, cfg: DataConfig) -> None:
     """Refuse a training or unlabelled image of the scanned `dataset` whose bytes are a val or test image's: a copy,
     a hard link or a symlink of it. Trained on, it makes the val/test scores measure memory, not generalization."""
-    from kd.unlabeled import UNLABELED  # it builds on this module
+    from kd.data.unlabeled import UNLABELED  # it builds on this module
 
     held_out = _held_out_images(cfg, {path for path, _ in dataset.samples})
     if not held_out:
@@ -505,7 +506,7 @@ def ms_statistics(dataset: LeafDataset, max_samples: int = 256) -> tuple[list[fl
 
 
 def prepare_data(cfg: DataConfig) -> None:
-    """Write the demo set if asked, absent and at its own folder (kd.demo.may_write_demo), check the data is there,
+    """Write the demo set if asked, absent and at its own folder (kd.data.demo.may_write_demo), check the data is there,
     and make the split file if one is needed.
 
     Run it on one process first (Accelerate's main_process_first) so the split file is drawn once.
@@ -526,8 +527,8 @@ def prepare_data(cfg: DataConfig) -> None:
 
 
 def _prepare_demo(root: Path, seed: int) -> None:
-    """Check the demo set at `root`, or write it there if it may be (kd.demo.may_write_demo); elsewhere leave `root`
-    to prepare_data's checks, so a mistyped data.root is named instead of filled with synthetic data."""
+    """Check the demo set at `root`, or write it there if it may be (kd.data.demo.may_write_demo); elsewhere leave
+    `root` to prepare_data's checks, so a mistyped data.root is named instead of filled with synthetic data."""
     if os.path.isdir(root / "train"):
         check_demo_version(root)
     elif os.path.isdir(root) and any(root.iterdir()) and not is_demo_set(root):
@@ -578,10 +579,10 @@ def build_loader(
     shuffle (seeded), augment and drop the last partial batch.
 
     Pass `dataset` (from `open_split`) to reuse an already scanned split; the loader gets a copy with its transform.
-    A training loader with `unlabeled` adds the config's unlabelled images (kd/unlabeled.py: label -1, a set share
-    of every batch), one with `mixing` mixes each batch (kd/mixing.py: Mixup / CutMix).
+    A training loader with `unlabeled` adds the config's unlabelled images (kd/data/unlabeled.py: label -1, a set share
+    of every batch), one with `mixing` mixes each batch (kd/data/mixing.py: Mixup / CutMix).
     """
-    from kd.unlabeled import ShareSampler, add_unlabeled, has_unlabeled  # it builds on this module
+    from kd.data.unlabeled import ShareSampler, add_unlabeled, has_unlabeled  # it builds on this module
 
     unlabeled = unlabeled and train and has_unlabeled(cfg)
     transform = PairedTransform(

@@ -24,9 +24,9 @@ import timm
 import torch
 from torch import nn
 
-from kd.checkpoint import EXPORT_KEYS, CheckpointMeta
+from kd.deploy.qat import convert_qat, quantize_int8, save_int8
 from kd.errors import UserError, quote
-from kd.qat import convert_qat, quantize_int8, save_int8
+from kd.models.checkpoint import EXPORT_KEYS, CheckpointMeta
 
 Runner = Callable[[torch.Tensor], np.ndarray]
 TFLITE_MISSING = (
@@ -119,13 +119,13 @@ def write_torchscript(src: ExportInputs, path: Path) -> Path:
 
 
 def write_torch_int8_static(src: ExportInputs, path: Path) -> Path:
-    """INT8 torch.export program (.pt2) via PT2E static quantization (kd/qat.py: x86 recipe, per-channel weights,
+    """INT8 torch.export program (.pt2) via PT2E static quantization (kd/deploy/qat.py: x86 recipe, per-channel weights,
     activations calibrated image by image)."""
     return save_int8(quantize_int8(src.model, src.calibration), src.example, path)
 
 
 def write_torch_int8_qat(src: ExportInputs, path: Path) -> Path:
-    """INT8 torch.export program (.pt2) from a QAT checkpoint: its weights with the ranges QAT learned (kd/qat.py
+    """INT8 torch.export program (.pt2) from a QAT checkpoint: its weights with the ranges QAT learned (kd/deploy/qat.py
     convert_qat)."""
     return save_int8(convert_qat(src.model, src.ranges, src.example), src.example, path)
 
@@ -170,7 +170,7 @@ def write_onnx_int8_static(src: ExportInputs, path: Path) -> Path:
 
     These are the settings that measured fastest here (README, Export): per-tensor weights, reduce_range, INT8
     activations, QOperator format or quantizing only Conv were each slower on an EfficientNet. Ranges are a moving
-    average of per-image min/max, as in kd/qat.py's PTQ: a few outlier images must not set them for all (on the
+    average of per-image min/max, as in kd/deploy/qat.py's PTQ: a few outlier images must not set them for all (on the
     demo student, top-1 agreement 0.86 with ORT's default overall min/max, 0.93 this way).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static

@@ -1,13 +1,13 @@
-"""What kd.loop.fit trains: the TrainingTask protocol, every name the loop calls on it, and Classifier, the plain
-supervised task. The Distiller (kd/distiller.py) is the distilling one."""
+"""What kd.train.loop.fit trains: the TrainingTask protocol, every name the loop calls on it, and Classifier, the plain
+supervised task. The Distiller (kd/distill/distiller.py) is the distilling one."""
 
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from kd.losses import hard_loss
-from kd.models import forward_batch
+from kd.distill.losses import hard_loss
+from kd.models.zoo import forward_batch
 
 
 @runtime_checkable
@@ -37,7 +37,7 @@ class TrainingTask(Protocol):
 
 class Classifier(nn.Module):
     """Plain supervised training (teachers, baseline students): cross-entropy on the labels (smoothed, and mixed on a
-    Mixup / CutMix batch: kd.losses.hard_loss)."""
+    Mixup / CutMix batch: kd.distill.losses.hard_loss)."""
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
         super().__init__()

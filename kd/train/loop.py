@@ -1,7 +1,8 @@
 """The one training loop, shared by train_teacher.py and distill.py, on Hugging Face Accelerate.
 
-`fit` trains any TrainingTask (kd/task.py) and calls nothing else on it: the loop never needs to know whether it is
-distilling. Resumable state lives in kd/state.py, quantization-aware training in kd/qat.py (one QatPhase object).
+`fit` trains any TrainingTask (kd/train/task.py) and calls nothing else on it: the loop never needs to know whether
+it is distilling. Resumable state lives in kd/train/state.py, quantization-aware training in kd/deploy/qat.py (one
+QatPhase object).
 """
 
 import contextlib
@@ -32,7 +33,6 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from kd.checkpoint import CheckpointMeta, save_checkpoint
 from kd.config import (
     Config,
     ConfigError,
@@ -42,10 +42,11 @@ from kd.config import (
     save_config,
     tracker_names,
 )
+from kd.deploy.qat import QatPhase
 from kd.errors import UserError
-from kd.models import forward_batch
-from kd.qat import QatPhase
-from kd.state import (
+from kd.models.checkpoint import CheckpointMeta, save_checkpoint
+from kd.models.zoo import forward_batch
+from kd.train.state import (
     CHECKPOINT_STEM,
     explain_interrupt,
     explain_lost_peers,
@@ -54,7 +55,7 @@ from kd.state import (
     new_progress,
     save_state,
 )
-from kd.task import TrainingTask
+from kd.train.task import TrainingTask
 
 
 class NonFiniteLoss(UserError, FloatingPointError):

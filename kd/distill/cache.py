@@ -1,7 +1,7 @@
 """Teacher cache, after FKD (Shen & Xing, "A Fast Knowledge Distillation Framework", ECCV 2022): the teacher's
 top-k logits for every (sample, epoch) training view, computed once and then read instead of running the teacher.
 
-Augmentation is seeded per (seed, epoch, sample) (kd.data.LeafDataset), so the view the student trains on at
+Augmentation is seeded per (seed, epoch, sample) (kd.data.dataset.LeafDataset), so the view the student trains on at
 epoch e is the view the teacher saw when the cache was built. A view's row is its loader key, e * N + sample.
 
 Each row holds the top-k logits (fp16, descending), their class indices (int16; int32 past 32,767 classes) and
@@ -31,9 +31,9 @@ from rich.progress import track
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kd.checkpoint import CheckpointMeta, checkpoint_stem, file_kind
 from kd.config import DistillationConfig
 from kd.errors import UserError, quote
+from kd.models.checkpoint import CheckpointMeta, checkpoint_stem, file_kind
 
 FORMAT = 1
 # what in a teacher checkpoint's metadata changes its logits on a view, beside the weights
@@ -117,7 +117,7 @@ def cache_key(
             "vflip": transform.vflip,
             "scale": list(transform.scale),
             **({"randaugment": transform.randaugment} if getattr(transform, "randaugment", "") else {}),
-            "pixels": getattr(transform, "pixels", 1),  # how a view's pixels are made from a file (kd.data)
+            "pixels": getattr(transform, "pixels", 1),  # how a view's pixels are made from a file (kd.data.dataset)
             # the random draws and the resizing kernels that make a view are theirs
             "libraries": {"torch": torch.__version__, "torchvision": torchvision.__version__},
         },

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd.checkpoint import EXPORT_KEYS, CheckpointMeta, checkpoint_stem, file_kind, load_checkpoint
 from kd.errors import UserError, quote
-from kd.models import build_model, count_parameters
+from kd.models.checkpoint import EXPORT_KEYS, CheckpointMeta, checkpoint_stem, file_kind, load_checkpoint
+from kd.models.zoo import build_model, count_parameters
 
 
 @dataclass
@@ -106,7 +106,7 @@ def _arch_parameters(meta: CheckpointMeta) -> int | None:
 
 
 def _load_exported(path: Path, meta_file: str | None) -> LoadedModel:
-    from kd import export_formats as fmt  # onnxruntime; TFLite says what to install when it is missing
+    from kd.deploy import formats as fmt  # onnxruntime; TFLite says what to install when it is missing
 
     if kind := file_kind(path):  # never opened: reading a FIFO would wait for a writer forever
         raise UserError(f"model file {quote(str(path))} is {kind}, not a regular file: check the --models path")

@@ -1,5 +1,5 @@
 """The model zoo: timm networks by name (pretrained weights from the cache, the hub or a file), the RGB+MS
-HybridFusion teacher, and how a batch is fed to either. Checkpoint files are kd/checkpoint.py's."""
+HybridFusion teacher, and how a batch is fed to either. Checkpoint files are kd/models/checkpoint.py's."""
 
 import pickle
 import re
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kd.errors import UserError, quote
-from kd.packaged_weights import offline_models, packaged_weights
+from kd.models.packaged_weights import offline_models, packaged_weights
 
 OFFLINE_HINT = (
     "\nOffline? Put timm's weights in the Hugging Face cache (HF_HOME) while online, point the pretrained key at a "

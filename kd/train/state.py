@@ -27,7 +27,7 @@ from timm.utils import ModelEmaV3
 
 from kd.config import TrainConfig
 from kd.errors import Interrupted, UserError, quote
-from kd.run_dir import cannot_continue, held_files
+from kd.train.run_dir import cannot_continue, held_files
 
 SCHEDULER_FILE, EMA_FILE = "scheduler.json", "ema.safetensors"  # our own state in last/: JSON and tensors only
 
@@ -46,7 +46,7 @@ def save_state(
     last.tmp -> last). A kill at any point leaves one complete state that `recover_state` finds.
     The scheduler is saved as JSON and the EMA as safetensors, not through Accelerate's custom-state pickles, which
     it loads with code execution allowed (see `load_state`). A QAT graph needs safe_serialization=False
-    (kd.qat.QatPhase.safe_serialization says why).
+    (kd.deploy.qat.QatPhase.safe_serialization says why).
     """
     tmp, last, old = run_dir / "last.tmp", run_dir / "last", run_dir / "last.old"
     if accelerator.is_main_process:

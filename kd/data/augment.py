@@ -1,9 +1,10 @@
 """RandAugment (Cubuk et al., 2020) on a training view whose MS bands ride along with the RGB.
 
 timm's ops and magnitudes (its `rand_augment_transform` with the increasing-magnitude ops of `-inc1`), re-written
-for two reasons: every draw comes from the sample's own generator (kd.data.LeafDataset seeds one per (seed, epoch,
-sample)), so runs stay bitwise repeatable and a resume or a teacher cache sees the same view; and the geometric ops
-move the MS bands with the RGB, while the colour ops touch the RGB only (a band's reflectance has no "colour").
+for two reasons: every draw comes from the sample's own generator (kd.data.dataset.LeafDataset seeds one per
+(seed, epoch, sample)), so runs stay bitwise repeatable and a resume or a teacher cache sees the same view; and
+the geometric ops move the MS bands with the RGB, while the colour ops touch the RGB only (a band's reflectance has
+no "colour").
 """
 
 import math

@@ -3,7 +3,7 @@
 Symptoms are clear in red-edge/NIR for every diseased leaf and subtle in RGB, so an RGB+MS teacher beats an
 RGB-only model of the same backbone and still has something an RGB student can learn from it. As in the field, few
 training images are labelled (a few percent of those labels wrong) and most are not: the teacher labels the
-unlabelled pool for the student. `kd.data` re-exports `make_demo_dataset`.
+unlabelled pool for the student. `kd.data.dataset` re-exports `make_demo_dataset`.
 """
 
 import json

@@ -8,7 +8,8 @@ seeded by the batch's loader keys: the same batch is mixed the same way in every
 
 Labelled images are mixed only with labelled ones and unlabelled with unlabelled ones, so the hard loss of a mixed
 labelled image knows both labels: lambda * CE(label) + (1 - lambda) * CE(mix_label), and an unlabelled image never
-adds to it. The batch gains "mix_label" (the partner's label) and "mix_lambda" (B,), which kd.losses.hard_loss reads.
+adds to it. The batch gains "mix_label" (the partner's label) and "mix_lambda" (B,), which
+kd.distill.losses.hard_loss reads.
 """
 
 import math

@@ -1,11 +1,12 @@
-"""Distiller: what kd.loop.fit trains when distilling (the task protocol of kd/task.py). A student, with the feature
-adapters, is trained; the teachers are frozen and kept outside it; one call on a batch gives the loss terms."""
+"""Distiller: what kd.train.loop.fit trains when distilling (the task protocol of kd/train/task.py). A student,
+with the feature adapters, is trained; the teachers are frozen and kept outside it; one call on a batch gives the
+loss terms."""
 
 from torch import nn
 
-from kd.ensemble import Teachers, adapt_view
-from kd.features import FeaturePairs
-from kd.losses import KnowledgeDistillationLoss
+from kd.distill.hooks import FeaturePairs
+from kd.distill.losses import KnowledgeDistillationLoss
+from kd.distill.teachers import Teachers, adapt_view
 
 
 class Distiller(nn.Module):
@@ -65,7 +66,7 @@ class Distiller(nn.Module):
         teacher_logits = self.teachers.logits(batch, self.student_input)
         student_logits = self.student(adapt_view(batch, self.student_input, self.student_input)["rgb"])
         feature_pairs = self.feature_pairs.pop() if self.feature_pairs else []
-        # a mixed batch (kd/mixing.py) carries its partners' labels and lambda, for the hard term
+        # a mixed batch (kd/data/mixing.py) carries its partners' labels and lambda, for the hard term
         mixed = {key: batch[key] for key in ("mix_label", "mix_lambda") if key in batch}
         terms = self.loss(student_logits, teacher_logits, batch["label"], feature_pairs, **mixed)
         terms["logits"] = student_logits

@@ -16,12 +16,12 @@ import torch
 from torch.utils.data import Sampler
 
 from kd.config import DataConfig
+from kd.data.layouts import IMAGE_SUFFIXES, list_split, read_manifest, shown
+from kd.data.multispectral import find_ms
 from kd.errors import UserError
-from kd.layouts import IMAGE_SUFFIXES, list_split, read_manifest, shown
-from kd.multispectral import find_ms
 
-if TYPE_CHECKING:  # kd.data imports this module to build its loaders
-    from kd.data import LeafDataset
+if TYPE_CHECKING:  # kd.data.dataset imports this module to build its loaders
+    from kd.data.dataset import LeafDataset
 
 UNLABELED = -1  # the label of an unlabelled sample
 
@@ -74,11 +74,11 @@ def ignored_note(cfg: DataConfig) -> str | None:
 
 
 def add_unlabeled(dataset: "LeafDataset", cfg: DataConfig) -> "LeafDataset":
-    """A copy of the training split `dataset` (a kd.data.LeafDataset) with the unlabelled images after its own,
+    """A copy of the training split `dataset` (a kd.data.dataset.LeafDataset) with the unlabelled images after its own,
     label -1, their MS files found as for labelled ones (beside the image, or at the same relative path under
-    data.ms_root), and every file scanned (kd.data.scan_dataset). A copy or link of a val or test image among
-    them, labelled or not, is refused (kd.data.refuse_leaks)."""
-    from kd.data import refuse_leaks, scan_dataset
+    data.ms_root), and every file scanned (kd.data.dataset.scan_dataset). A copy or link of a val or test image among
+    them, labelled or not, is refused (kd.data.dataset.refuse_leaks)."""
+    from kd.data.dataset import refuse_leaks, scan_dataset
 
     sources = unlabeled_sources(cfg)
     _refuse_labelled(sources, cfg)
@@ -123,7 +123,7 @@ def _refuse_labelled(sources: list[tuple[Path, str]], cfg: DataConfig) -> None:
 
 
 class ShareSampler(Sampler):
-    """Loader keys (epoch * size + index, as kd.data.EpochSampler) for batches of `labeled_per_batch` labelled
+    """Loader keys (epoch * size + index, as kd.data.dataset.EpochSampler) for batches of `labeled_per_batch` labelled
     samples (indices below `labeled`) then `unlabeled_per_batch` unlabelled ones, each set shuffled per epoch by a
     generator seeded with seed + epoch: a resumed run and every process see the same batches. Accelerate shards
     whole batches, so each process's batch keeps the share."""

@@ -9,8 +9,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from kd.checkpoint import checkpoint_stem
 from kd.errors import UserError, quote
+from kd.models.checkpoint import checkpoint_stem
 
 
 def _write_probe(folder: Path) -> OSError | None:

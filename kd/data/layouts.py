@@ -125,7 +125,7 @@ def _from_manifest(path: Path, split: str, split_file, new_split) -> Listing:
 def read_manifest(path: Path, unlabeled: bool = False) -> list[tuple[str, str, str | None]]:
     """Rows (path, label, split or None) of a CSV with the header `path,label[,split]`. A row with an empty label
     (and an empty or train split) is an unlabelled training image: left out, or with `unlabeled` the only rows
-    returned (kd/unlabeled.py)."""
+    returned (kd/data/unlabeled.py)."""
     if not path.is_file():
         raise UserError(f"data.manifest {shown(path)} does not exist")
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel starts its UTF-8 CSVs with a BOM
@@ -161,7 +161,7 @@ def _refuse_repeats(path: Path, rows: list[tuple[str, str, str | None]], kinds: 
     """Refuse an image on two rows: in one split it trains (or counts) twice; in two, a val or test image is
     trained on and its score measures memory. `kinds`: each row's split, or "unlabelled". Paths are compared
     resolved (the folder's symlinks followed, ./ and ../ removed); a copy under another name is found by its
-    content, in the scan (kd.data.refuse_leaks)."""
+    content, in the scan (kd.data.dataset.refuse_leaks)."""
     first: dict[str, int] = {}
     folders: dict[str, str] = {}  # each folder resolved once: resolving every path of a large manifest takes seconds
     for i, (rel, _, _) in enumerate(rows):

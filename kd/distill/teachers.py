@@ -1,5 +1,6 @@
 """The teachers a run distils from, as one: frozen checkpoints (one, or a weighted ensemble), or their logits read back
-from a teacher cache (kd/cache.py). `load_teachers` is where a run gets them, and the one place that picks the cache.
+from a teacher cache (kd/distill/cache.py). `load_teachers` is where a run gets them, and the one place that picks
+the cache.
 """
 
 import dataclasses
@@ -14,13 +15,13 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from kd.cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key, check_applies
-from kd.checkpoint import CheckpointMeta, check_ms_bands, load_checkpoint, read_meta
 from kd.config import Config
-from kd.data import InputSpec
+from kd.data.dataset import InputSpec
+from kd.distill.cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key, check_applies
+from kd.distill.hooks import FeaturePairs
 from kd.errors import UserError, quote
-from kd.features import FeaturePairs
-from kd.models import count_parameters, forward_batch
+from kd.models.checkpoint import CheckpointMeta, check_ms_bands, load_checkpoint, read_meta
+from kd.models.zoo import count_parameters, forward_batch
 
 
 def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -151,7 +152,7 @@ class Teachers:
                 say(teacher_sanity_report(name, teacher, teacher_batch, len(self.classes)))
 
     def cache_key(self, train_loader: DataLoader) -> dict:
-        """kd.cache.cache_key of these teachers and the loader's training views."""
+        """kd.distill.cache.cache_key of these teachers and the loader's training views."""
         entries = [{"checkpoint": c, "weight": w} for c, w in zip(self.checkpoints, self.weights)]
         d, data = self.config.distillation, self.config.data
         return cache_key(entries, self.metas, train_loader.dataset, data.root, self.inputs, d.teacher_cache_top_k)

@@ -3,7 +3,7 @@
 The soft term is one function of SOFT_LOSSES: classic KL (Hinton et al.), DKD (Zhao et al., CVPR 2022) or DIST
 (Huang et al., NeurIPS 2022). All are computed in float32, whatever the autocast dtype of the logits.
 The hard term (`hard_loss`) sees the labelled samples of a batch only (an unlabelled one has label -1), with label
-smoothing and the mixed labels of Mixup / CutMix (kd/mixing.py); the soft and feature terms see every sample.
+smoothing and the mixed labels of Mixup / CutMix (kd/data/mixing.py); the soft and feature terms see every sample.
 """
 
 import inspect
@@ -100,8 +100,8 @@ def hard_loss(
     mix_lambda: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy over the labelled samples only (label >= 0; -1 marks an unlabelled one), averaged over them;
-    0 for a batch without any. With a mixed batch (kd/mixing.py): lambda * CE(labels) + (1 - lambda) * CE(mix_label)
-    per sample, which is CE against the mixed one-hot targets. `label_smoothing` as in F.cross_entropy."""
+    0 for a batch without any. With a mixed batch (kd/data/mixing.py): lambda * CE(labels) + (1 - lambda) *
+    CE(mix_label) per sample, which is CE against the mixed one-hot targets. `label_smoothing` as in F.cross_entropy."""
     labeled = labels >= 0
     if not labeled.any():  # zero, yet still a function of the logits (every process must backpropagate)
         return logits.float().sum() * 0.0
@@ -226,8 +226,8 @@ class KnowledgeDistillationLoss(nn.Module):
         mix_label: torch.Tensor | None = None,
         mix_lambda: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The terms on a batch: the hard one on its labelled samples (kd.losses.hard_loss: masked, mixed, smoothed),
-        the soft and feature ones on all of them, labelled or not."""
+        """The terms on a batch: the hard one on its labelled samples (kd.distill.losses.hard_loss: masked, mixed,
+        smoothed), the soft and feature ones on all of them, labelled or not."""
         hard = hard_loss(student_logits, labels, self.label_smoothing, mix_label, mix_lambda)
         soft = self.soft(student_logits, teacher_logits, labels)
         feature = feature_mse(list(feature_pairs)) if feature_pairs else hard.new_zeros(())

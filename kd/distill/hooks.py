@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from kd.checkpoint import CheckpointMeta
 from kd.errors import UserError
-from kd.models import input_keys
+from kd.models.checkpoint import CheckpointMeta
+from kd.models.zoo import input_keys
 
 
 def layer_names(model: nn.Module, max_depth: int = 3) -> list[str]:

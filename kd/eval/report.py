@@ -6,8 +6,8 @@ import math
 
 from rich.table import Table
 
-from kd.corruptions import CORRUPTIONS
-from kd.metrics import mean_std
+from kd.eval.corruptions import CORRUPTIONS
+from kd.eval.metrics import mean_std
 
 COLUMNS = ("Model", "Parameters", "Top-1 Acc.", "Latency (ms)", "Memory (MB)")
 EXTRA = ("Top-5", "Macro-F1", "ECE", "Agreement", "KL", "p90 (ms)", "Images/s", "Weights (MB)", "File (MB)")

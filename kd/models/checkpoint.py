@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kd.config import MAX_IMAGE_SIZE, DataConfig
-from kd.data import InputSpec, LeafDataset, build_loader
+from kd.data.dataset import InputSpec, LeafDataset, build_loader
+from kd.deploy.qat import RANGE_PREFIX
 from kd.errors import UserError, quote
-from kd.models import HybridFusion, build_model
-from kd.qat import RANGE_PREFIX
+from kd.models.zoo import HybridFusion, build_model
 
 SCHEMA_VERSION = 1  # raise it when the layout changes in a way older kd cannot read
 CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".ckpt", ".pt", ".pth")
@@ -38,11 +38,11 @@ class CheckpointMeta:
     An exported file's metadata (ONNX metadata, sidecar .json, --meta file) is one too: RGB, maybe without arch.
     """
 
-    arch: dict | None  # kd.models.build_model's spec: {"name": timm name or "hybrid", "num_classes", ...}
+    arch: dict | None  # kd.models.zoo.build_model's spec: {"name": timm name or "hybrid", "num_classes", ...}
     classes: list[str]  # in the order of the model's logits
     input_spec: InputSpec
     teachers: list[str] = field(default_factory=list)  # the checkpoints a student was distilled from
-    epoch: int | None = None  # kd.loop.fit fills these four in every checkpoint it saves
+    epoch: int | None = None  # kd.train.loop.fit fills these four in every checkpoint it saves
     metrics: dict | None = None
     ema: bool = False  # the weights are the EMA's
     qat: bool = False  # trained quantization-aware; its INT8 ranges are in the .safetensors (checkpoint_ranges)
@@ -205,7 +205,7 @@ def _read_weights(stem: Path) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_ranges(path: str | Path) -> dict[str, torch.Tensor]:
-    """The INT8 ranges a QAT run learned (kd/qat.py `range_state`), stored in its checkpoints; {} without QAT."""
+    """The INT8 ranges a QAT run learned (kd/deploy/qat.py `range_state`), stored in its checkpoints; {} without QAT."""
     read_meta(path)  # a missing or foreign checkpoint: the message that says so
     with safetensors.safe_open(str(checkpoint_stem(path).with_suffix(".safetensors")), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys() if k.startswith(RANGE_PREFIX)}

@@ -26,8 +26,8 @@ from torch import nn
 
 from kd.config import TrainConfig
 from kd.errors import UserError
-from kd.models import input_keys
-from kd.task import TrainingTask
+from kd.models.zoo import input_keys
+from kd.train.task import TrainingTask
 
 RANGE_PREFIX = "qat."  # checkpoint keys of the QAT graph's quantization state, beside the float weights
 
