@@ -3,6 +3,7 @@ run or export writes into it, a refused resume changes nothing, and a stopped ru
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -365,3 +366,14 @@ def test_ranks_end_when_their_launcher_is_killed(tmp_path):
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_every_row_of_the_round_three_table_names_a_test_that_exists():
+    """docs/reliability.md's table of issue 21's cases: each row's test is real, so the page cannot drift."""
+    page = (ROOT / "docs/reliability.md").read_text()
+    table = page.split("### Run folders, caches and files from elsewhere")[1].split("\n### ")[0]
+    rows = [row for row in table.splitlines() if row.startswith("| ") and not row.startswith("| case")]
+    named = {name for row in rows for name in re.findall(r"`(test_\w+)`", row)}
+    sources = "".join(path.read_text() for path in (ROOT / "tests").glob("test_*.py"))
+    defined = set(re.findall(r"^def (test_\w+)", sources, re.M))
+    assert len(rows) >= 40 and all(re.search(r"`test_\w+`", row) for row in rows) and named <= defined, named - defined
