@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import kd
+
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = ("kd", "configs", "tests", "benchmarks", "docs")  # not .venv, data/, runs/, checkpoints/ ...
 OFFLINE = ["--no-deps", "--no-build-isolation", "--no-index", "--disable-pip-version-check", "--quiet"]
@@ -57,6 +59,7 @@ def test_the_wheel_holds_the_kd_package_and_requirements_pins(checkout, tmp_path
         metadata = email.message_from_bytes(archive.read(next(n for n in names if n.endswith("/METADATA"))))
     expected = {p.relative_to(ROOT).as_posix() for p in (ROOT / "kd").rglob("*.py") if "__pycache__" not in p.parts}
     assert {n for n in names if not n.startswith("kd-")} == expected  # no configs/, tests/, scripts
+    assert metadata["Version"] == kd.__version__  # one version, kd/__init__.py's
     requires = metadata.get_all("Requires-Dist")
     plain = {normalized(r) for r in requires if ";" not in r}
     extras = {}
@@ -85,3 +88,7 @@ def test_an_editable_install_imports_kd_from_the_checkout(checkout, tmp_path):
         [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == [str(checkout / "kd" / "__init__.py"), "True"]
+    # the scripts, run by path from any folder (README: paths in a config are relative to where you run)
+    script = [sys.executable, str(checkout / "distill.py"), "--config", str(checkout / "configs/b0.yaml")]
+    shown = subprocess.run([*script, "--print-config"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert shown.returncode == 0 and "teacher_checkpoint:" in shown.stdout, shown.stderr
