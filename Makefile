@@ -141,18 +141,72 @@ cache-compare: $(VENV)/.installed
 		$(foreach s,$(CACHE_SEEDS),online@$(s)=$(CACHE_RUNS)/online_$(s)/best.safetensors \
 		cached@$(s)=$(CACHE_RUNS)/cached_$(s)/best.safetensors)
 
-# The guide's four rows on real field photos (iBeans at 128 px, ../shared/data/ibeans128; REAL_DATA=… for another
+# The field case on real photos (README, Results on real photos): K labelled photos per class of iBeans' train split,
+# the rest unlabelled. One Lite2 teacher fine-tuned on the labelled photos; per seed a distilled Lite0 (labels + the
+# teacher on every photo), the baseline (the same Lite0 and recipe, labels only, the same 120 optimizer steps) and
+# scratch (the baseline from random weights). T and alpha come from `make field-sweep` (val, seed 0); the test split
+# is evaluated once, with the paired distilled-vs-baseline statistics. Finished runs are skipped (resume=auto).
+.PHONY: real field-sweep
+FIELD_K ?= 40
+FIELD_SEEDS ?= 0 1 2
+FIELD_DATA ?= ../shared/data/ibeans128
+FIELD_RUNS ?= checkpoints/field
+FIELD_MANIFEST = data/field/k$(FIELD_K).csv
+FIELD_T ?= 4.0
+FIELD_ALPHA ?= 0.5
+FIELD_SWEEP_T ?= 2.0 4.0 8.0
+FIELD_SWEEP_ALPHA ?= 0.3 0.5 0.7
+FIELD_DATA_ARGS = data.manifest=$(FIELD_MANIFEST)
+FIELD_DISTILL = $(FIELD_DATA_ARGS) distillation.teacher_checkpoint=$(FIELD_RUNS)/teacher/best.safetensors \
+	distillation.resume=auto
+FIELD_MODELS = teacher=$(FIELD_RUNS)/teacher/best.safetensors $(foreach s,$(FIELD_SEEDS), \
+	distilled@$(s)=$(FIELD_RUNS)/distilled_$(s)/best.safetensors baseline@$(s)=$(FIELD_RUNS)/baseline_$(s)/best.safetensors \
+	scratch@$(s)=$(FIELD_RUNS)/scratch_$(s)/best.safetensors)
+
+$(FIELD_MANIFEST): benchmarks/field_manifest.py
+	$(PY) benchmarks/field_manifest.py --root $(FIELD_DATA) --per-class $(FIELD_K) --out $@
+
+$(FIELD_RUNS)/teacher/best.safetensors: $(VENV)/.installed $(FIELD_MANIFEST)
+	$(PY) train_teacher.py --config configs/field/teacher.yaml $(FIELD_DATA_ARGS) train.resume=auto \
+		train.checkpoint_dir=$(FIELD_RUNS)/teacher
+
+# The val sweep of T x alpha on seed 0, all from one teacher cache (one seed: the same views for every cell).
+field-sweep: $(FIELD_RUNS)/teacher/best.safetensors
+	$(PY) distill.py --config configs/field/distill.yaml $(FIELD_DISTILL) --cache-teacher \
+		distillation.teacher_cache=$(FIELD_RUNS)/cache_0
+	for T in $(FIELD_SWEEP_T); do for a in $(FIELD_SWEEP_ALPHA); do \
+		$(PY) distill.py --config configs/field/distill.yaml $(FIELD_DISTILL) distillation.teacher_cache=$(FIELD_RUNS)/cache_0 \
+			distillation.temperature=$$T distillation.alpha=$$a distillation.checkpoint_dir=$(FIELD_RUNS)/sweep/T$${T}_a$$a \
+			|| exit 1; \
+	done; done
+	$(PY) evaluate.py --config configs/field/distill.yaml $(FIELD_DATA_ARGS) --split val --out results/field_sweep \
+		--latency-runs 0 --models $(foreach T,$(FIELD_SWEEP_T),$(foreach a,$(FIELD_SWEEP_ALPHA), \
+		T$(T)_a$(a)=$(FIELD_RUNS)/sweep/T$(T)_a$(a)/best.safetensors))
+
+real: $(FIELD_RUNS)/teacher/best.safetensors
+	for s in $(FIELD_SEEDS); do \
+		for row in baseline scratch; do \
+			$(PY) train_teacher.py --config configs/field/$$row.yaml $(FIELD_DATA_ARGS) seed=$$s train.resume=auto \
+				train.checkpoint_dir=$(FIELD_RUNS)/$${row}_$$s || exit 1; \
+		done; \
+		$(PY) distill.py --config configs/field/distill.yaml $(FIELD_DISTILL) seed=$$s distillation.temperature=$(FIELD_T) \
+			distillation.alpha=$(FIELD_ALPHA) distillation.checkpoint_dir=$(FIELD_RUNS)/distilled_$$s || exit 1; \
+	done
+	$(PY) evaluate.py --config configs/field/distill.yaml $(FIELD_DATA_ARGS) --out results/field --last \
+		--models $(FIELD_MODELS)
+
+# `make real-all`: the guide's four rows on every labelled photo (iBeans at 128 px, ../shared/data/ibeans128; REAL_DATA=… for another
 # copy), offline: the ImageNet-pretrained Lite2 teacher once, then per seed the Lite0 baseline (labels only), the Lite0
 # from scratch, and the Lite0 distilled from the teacher's cached logits, all with one recipe (configs/real/).
 # evaluate.py reports mean ± std over REAL_SEEDS, best and last epoch, on the test split. Finished runs are skipped.
-.PHONY: real
+.PHONY: real-all
 REAL_SEEDS ?= 0 1 2
 REAL_DATA ?= ../shared/data/ibeans128
 REAL_RUNS ?= checkpoints/real
 REAL_MODELS = teacher=$(REAL_RUNS)/teacher/best.safetensors $(foreach s,$(REAL_SEEDS), \
 	distilled@$(s)=$(REAL_RUNS)/distilled_$(s)/best.safetensors baseline@$(s)=$(REAL_RUNS)/baseline_$(s)/best.safetensors \
 	scratch@$(s)=$(REAL_RUNS)/scratch_$(s)/best.safetensors)
-real: $(VENV)/.installed
+real-all: $(VENV)/.installed
 	$(PY) train_teacher.py --config configs/real/teacher.yaml data.root=$(REAL_DATA) train.resume=auto \
 		train.checkpoint_dir=$(REAL_RUNS)/teacher
 	for s in $(REAL_SEEDS); do \

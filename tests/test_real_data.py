@@ -1,6 +1,6 @@
-"""`make real`'s configs on a few real iBeans photos (tests/data/ibeans_few, attribution in its README): the same
+"""`make real-all`'s configs on a few real iBeans photos (tests/data/ibeans_few, attribution in its README): the same
 recipe for every student row, and the whole pipeline (pretrained teacher -> cached distillation -> evaluate) runs
-offline end to end. `make real` itself (the full set, 3 seeds) is not part of CI."""
+offline end to end. `make real-all` itself (the full set, 3 seeds) is not part of CI."""
 
 import os
 
