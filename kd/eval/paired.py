@@ -1,0 +1,54 @@
+"""Paired comparison of two recipes on the same test images and seeds: what a reviewer asks of a 1-2 point gain.
+
+Two rows that share an architecture (e.g. distilled and baseline, 3 seeds each) were run on the same images, so
+their difference is measured image by image and seed by seed, not as two independent means: the per-seed
+differences give a mean ± std over seeds, and resampling the test images (with replacement, the same draw for every
+seed and both recipes) gives a bootstrap 95% interval of the mean difference. A difference is "beyond noise" only
+when that interval excludes 0 and the seeds agree in sign.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PairedDifference:
+    per_seed: list[float]  # accuracy difference a - b of each seed, in points
+    mean: float  # their mean, in points
+    std: float  # their std over seeds (n - 1), in points; 0 for one seed
+    low: float  # bootstrap 2.5% percentile of the mean difference, in points
+    high: float  # bootstrap 97.5% percentile
+    images: int
+
+    @property
+    def beyond_noise(self) -> bool:
+        one_sign = all(d > 0 for d in self.per_seed) or all(d < 0 for d in self.per_seed)
+        return (self.low > 0 or self.high < 0) and one_sign
+
+    def line(self, a: str, b: str) -> str:
+        seeds = len(self.per_seed)
+        verdict = "beyond noise" if self.beyond_noise else "within noise"
+        return (
+            f"{a} vs {b}, paired on the same {self.images} images and {seeds} seed(s): {self.mean:+.1f} ± "
+            f"{self.std:.1f} points (per seed {', '.join(f'{d:+.1f}' for d in self.per_seed)}); bootstrap 95% "
+            f"interval over images [{self.low:+.1f}, {self.high:+.1f}]: {verdict}"
+        )
+
+
+def paired_difference(
+    correct_a: list[torch.Tensor], correct_b: list[torch.Tensor], resamples: int = 10_000, seed: int = 0
+) -> PairedDifference:
+    """`correct_a[s]`, `correct_b[s]`: whether recipe a's / b's run of seed s got each test image right (N bools,
+    the images in one order). The bootstrap draws `resamples` index sets of N images with a seeded generator."""
+    if len(correct_a) != len(correct_b) or not correct_a:
+        raise ValueError(f"paired runs need the same seeds on both sides, got {len(correct_a)} and {len(correct_b)}")
+    a, b = torch.stack(correct_a).double(), torch.stack(correct_b).double()  # [seeds, images]
+    differences = (a - b) * 100  # points, image by image
+    per_seed = differences.mean(1)
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, a.shape[1], (resamples, a.shape[1]), generator=generator)
+    resampled = differences.mean(0)[draws].mean(1)  # the mean over seeds of each resample's difference
+    low, high = torch.quantile(resampled, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    std = per_seed.std().item() if len(per_seed) > 1 else 0.0
+    return PairedDifference(per_seed.tolist(), per_seed.mean().item(), std, low, high, a.shape[1])
