@@ -132,6 +132,22 @@ def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient():
         assert torch.equal(v, teacher_before[k]), k
 
 
+def test_the_feature_term_exists_only_while_features_are_matched():
+    """Issue 23: no train/feature = 0 logged by a run without feature matching, nor after QAT stops matching."""
+    student, teacher = tiny(), tiny_hybrid()
+    loss = KnowledgeDistillationLoss(temperature=2.0, alpha=0.5, feature_weight=1.0)
+    without = Distiller(student, TeacherEnsemble([teacher]), loss).eval()
+    with torch.no_grad():
+        assert set(without(batch())) == {"loss", "hard", "soft", "temperature", "logits"}
+    distiller, _ = make_distiller()
+    with torch.no_grad():
+        assert "feature" in distiller(batch())
+        distiller.set_model(distiller.student)  # what QAT does: the hooks go
+        terms = distiller(batch())
+    assert "feature" not in terms
+    assert terms["loss"].item() == pytest.approx(0.5 * terms["hard"].item() + 0.5 * terms["soft"].item(), rel=1e-6)
+
+
 def test_teacher_stays_out_of_state_dict_and_parameters():
     distiller, teacher = make_distiller()
     teacher_params = {id(p) for p in teacher.parameters()}

@@ -96,6 +96,7 @@ def test_alpha_extremes_and_weighted_sum():
     feature = (1.0 + 4.0) / 2  # mean over layers of each layer's MSE
     only_labels = KnowledgeDistillationLoss(temperature=2.0, alpha=1.0, feature_weight=0.0)(student, teacher, labels)
     assert only_labels["loss"].item() == pytest.approx(ce, rel=1e-5)
+    assert set(only_labels) == {"loss", "hard", "soft", "temperature"}  # no feature pairs: no feature term (issue 23)
     only_teacher = KnowledgeDistillationLoss(temperature=2.0, alpha=0.0, feature_weight=0.0)(student, teacher, labels)
     assert only_teacher["loss"].item() == pytest.approx(kl, rel=1e-5)
     mixed = KnowledgeDistillationLoss(temperature=2.0, alpha=0.3, feature_weight=0.5)(student, teacher, labels, pairs)

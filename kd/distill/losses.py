@@ -241,11 +241,13 @@ class KnowledgeDistillationLoss(nn.Module):
         mix_lambda: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The terms on a batch: the hard one on its labelled samples (kd.distill.losses.hard_loss: masked, mixed,
-        smoothed), the soft and feature ones on all of them, labelled or not."""
+        smoothed), the soft and feature ones on all of them, labelled or not; "feature" only given feature pairs."""
         hard = hard_loss(student_logits, labels, self.label_smoothing, mix_label, mix_lambda)
         soft = self.soft(student_logits, teacher_logits, labels)
-        pairs = list(feature_pairs)
-        feature = self.feature_function(pairs, **self.feature_loss_args) if pairs else hard.new_zeros(())
-        loss = self.alpha * hard + (1 - self.alpha) * soft + self.feature_weight * feature
-        temperature = torch.tensor(float(self.temperature))  # logged: it follows the schedule
-        return {"loss": loss, "hard": hard, "soft": soft, "feature": feature, "temperature": temperature}
+        loss = self.alpha * hard + (1 - self.alpha) * soft
+        terms = {"hard": hard, "soft": soft}
+        if feature_pairs:  # a run without feature matching has no feature term: nothing to log as 0
+            terms["feature"] = self.feature_function(list(feature_pairs), **self.feature_loss_args)
+            loss = loss + self.feature_weight * terms["feature"]
+        terms["temperature"] = torch.tensor(float(self.temperature))  # logged: it follows the schedule
+        return {"loss": loss, **terms}
