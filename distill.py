@@ -8,22 +8,37 @@ python distill.py --config C distillation.teacher_cache=DIR --cache-teacher   # 
 python distill.py --config C distillation.teacher_cache=DIR                   # then distil from them
 """
 
+import argparse
+import functools
 import sys
 from pathlib import Path
 
+from accelerate import Accelerator
 from accelerate.utils import set_seed
-from torch.utils.data import default_collate
+from torch import nn
+from torch.utils.data import DataLoader, default_collate
 
 from kd.cli import parse_cli
-from kd.config import flat_hparams
-from kd.data.dataset import build_loader, prepare_data, resolve_input
+from kd.config import Config, flat_hparams
+from kd.data.dataset import InputSpec, build_loader, prepare_data, resolve_input
 from kd.data.mixing import Mixing
 from kd.data.unlabeled import ShareSampler
-from kd.distill.cache import rebuild_command
+from kd.distill.cache import TeacherCache, cache_key, check_applies, rebuild_command
+from kd.distill.cache_build import build_teacher_cache
 from kd.distill.distiller import Distiller
-from kd.distill.hooks import print_layers
-from kd.distill.losses import KnowledgeDistillationLoss
-from kd.distill.teachers import load_teachers
+from kd.distill.feature_losses import uses_adapter
+from kd.distill.hooks import FeaturePairs, print_layers
+from kd.distill.losses import KnowledgeDistillationLoss, check_loss_config
+from kd.distill.teachers import (
+    CachedTeacher,
+    TeacherCheckpoints,
+    TeacherEnsemble,
+    adapt_view,
+    check_teachers,
+    input_specs,
+    load_teachers,
+    loader_input,
+)
 from kd.errors import UserError, exit_on_user_error
 from kd.models.checkpoint import CheckpointMeta
 from kd.models.zoo import build_model, count_parameters, input_config
@@ -39,68 +54,147 @@ def main(argv: list[str] | None = None) -> dict | None:
     cfg, args = parse_cli(
         argv, "distill.py", "Distil frozen teacher(s) into an RGB student.", list_layers=True, cache_teacher=True
     )
+    check_loss_config(cfg.distillation)  # before anything is built
     set_seed(cfg.seed)  # first: every model and draw below depends on it, so two runs of one seed are bitwise equal
-    d = cfg.distillation
-    run_dir = Path(d.checkpoint_dir or f"runs/{cfg.name}")
-    if args.cache_teacher and not d.teacher_cache:
-        raise UserError("--cache-teacher writes to distillation.teacher_cache: set it, e.g. teacher_cache=cache/b0")
-
-    # teachers: frozen checkpoints (one, or a weighted ensemble), or their logits from distillation.teacher_cache
-    teachers = load_teachers(cfg, online=args.list_layers or args.cache_teacher)
-    arch = {"name": d.student_backbone, "num_classes": len(teachers.classes)}
-    student = build_model(arch, pretrained=d.student_pretrained)
-    student_spec = resolve_input(cfg.data, input_config(student))  # null image_size/mean/std: the student's own
     if args.list_layers:
-        f = d.feature_teacher
-        return print_layers(student, student_spec.image_size, teachers.modules[f], teachers.metas[f])
-
-    if not args.cache_teacher:  # fails now, not after training (--list-layers and --cache-teacher write no run)
-        claim_run_dir(run_dir, args.resume, d.resume == "auto", teachers.checkpoints)
-    accelerator = make_accelerator(d, run_dir, seed=cfg.seed)
-
-    # data: the teachers' class order, MS bands and statistics, so they see inputs exactly as they were trained on
-    view_spec, val_spec = teachers.input_specs(student_spec, cfg.data.ms_bands, accelerator.print)
-    with accelerator.main_process_first():
-        prepare_data(cfg.data)
-    loader_args = dict(classes=teachers.classes, seed=cfg.seed)
-    mixing = Mixing.from_config(d, cfg.seed)  # Mixup / CutMix: teachers and student see the one mixed view
-    train_loader = build_loader(
-        cfg.data, view_spec, "train", d.batch_size, train=True, unlabeled=True, mixing=mixing, **loader_args
-    )
-    if isinstance(train_loader.sampler, ShareSampler):  # unlabelled images: the teachers label them
-        accelerator.print(train_loader.sampler.describe())
-    val_loader = build_loader(cfg.data, val_spec, "val", d.batch_size, train=False, **loader_args)
-    teachers.check(train_loader, val_loader, rebuild_command(argv or sys.argv[1:]), accelerator.print)
+        return list_layers(cfg)
     if args.cache_teacher:
-        return teachers.build_cache(accelerator, train_loader)
+        return cache_teachers(cfg, argv)
+    return train(cfg, args, argv)
+
+
+def list_layers(cfg: Config) -> None:
+    """distill.py --list-layers: both models' layers with their output shapes, and suggested feature_layers."""
+    d = cfg.distillation
+    teachers = load_teachers(d)
+    student, _, student_spec = build_student(cfg, teachers)
+    f = d.feature_teacher
+    print_layers(student, student_spec.image_size, teachers.modules[f], teachers.metas[f])
+
+
+def cache_teachers(cfg: Config, argv: list[str] | None) -> None:
+    """distill.py --cache-teacher: run the teachers once over every epoch's training views and store their top-k
+    logits in distillation.teacher_cache, on the run's device and in its precision."""
+    d = cfg.distillation
+    if not d.teacher_cache:
+        raise UserError("--cache-teacher writes to distillation.teacher_cache: set it, e.g. teacher_cache=cache/b0")
+    check_applies(d)
+    teachers = load_teachers(d)
+    _, _, student_spec = build_student(cfg, teachers)  # the views are made at the largest input, the student's too
+    accelerator = make_accelerator(d, run_dir(cfg), seed=cfg.seed)
+    train_loader, val_loader = build_loaders(cfg, teachers, student_spec, accelerator)
+    check_teachers(teachers, val_loader, d.batch_size if d.teacher_sanity_check else 0, accelerator.print)
+    ensemble = TeacherEnsemble(teachers.modules, teachers.weights, teachers.inputs)
+    ensemble.to(accelerator.device, d.channels_last, d.compile)
+    logits = functools.partial(ensemble.logits, source=loader_input(train_loader))
+    key, views = teacher_cache_key(cfg, teachers, train_loader), train_loader.dataset
+    build_teacher_cache(
+        accelerator, d.teacher_cache, key, logits, views, d.max_epochs, d.batch_size, cfg.data.num_workers
+    )
+
+
+def train(cfg: Config, args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """Distil: the teachers (online, or their logits from distillation.teacher_cache) into a new student."""
+    d = cfg.distillation
+    if d.teacher_cache:
+        check_applies(d)
+    teachers = load_teachers(d, online=not d.teacher_cache)
+    student, arch, student_spec = build_student(cfg, teachers)
+    claim_run_dir(run_dir(cfg), args.resume, d.resume == "auto", teachers.paths)  # fails now, not after training
+    accelerator = make_accelerator(d, run_dir(cfg), seed=cfg.seed)
+    train_loader, val_loader = build_loaders(cfg, teachers, student_spec, accelerator)
+    check_teachers(teachers, val_loader, d.batch_size if d.teacher_sanity_check else 0, accelerator.print)
+    cache = None
+    if d.teacher_cache:  # it must hold exactly these training views
+        rebuild = rebuild_command(argv or sys.argv[1:])
+        cache = TeacherCache.open(
+            d.teacher_cache, teacher_cache_key(cfg, teachers, train_loader), d.max_epochs, rebuild
+        )
+        teacher = CachedTeacher(cache)
+    else:
+        teacher = TeacherEnsemble(
+            teachers.modules, teachers.weights, teachers.inputs, d.ema_teacher_weight, d.ema_teacher_start_epoch
+        )
 
     student_input, feature_pairs = student_spec.rgb(), None
-    if d.feature_matching and d.feature_layers:  # a forward pass on two training views sizes the adapters
-        example = default_collate([train_loader.dataset[i] for i in range(2)])
-        feature_pairs = teachers.feature_pairs(d.feature_layers, student, example, student_input, d.feature_teacher)
-    loss = KnowledgeDistillationLoss.from_config(d)
-    distiller = Distiller(student, teachers, loss, feature_pairs, student_input)
-    teachers.to(accelerator.device, d.channels_last, d.compile)
+    if d.feature_matching and d.feature_layers:
+        feature_pairs = match_features(cfg, student, teachers, train_loader, student_input)
+    distiller = Distiller(student, teacher, KnowledgeDistillationLoss.from_config(d), feature_pairs, student_input)
+    if cache is None:
+        teacher.to(accelerator.device, d.channels_last, d.compile)
     accelerator.print(
-        f"student {d.student_backbone}: {count_parameters(student) / 1e6:.2f}M parameters; {teachers.describe()}; "
-        f"soft loss {d.soft_loss}; feature pairs {feature_pairs.pairs if feature_pairs else 'none'}"
+        f"student {d.student_backbone}: {count_parameters(student) / 1e6:.2f}M parameters; "
+        f"{teachers.describe(cache)}; soft loss {d.soft_loss}; "
+        f"feature pairs {feature_pairs.pairs if feature_pairs else 'none'}"
     )
 
-    meta = CheckpointMeta(arch, teachers.classes, student_spec, teachers=teachers.checkpoints)
+    meta = CheckpointMeta(arch, teachers.classes, student_spec, teachers=teachers.paths)
     result = fit(
         accelerator,
         distiller,
         train_loader,
         val_loader,
         d,
-        run_dir,
+        run_dir(cfg),
         meta,
         hparams=flat_hparams(cfg),
         resume=args.resume,
         config=cfg,  # saved as config.yaml once the state to continue (if any) has loaded
     )
-    accelerator.print(f"best {result['monitor']} {result['best']:.4f}; checkpoint {run_dir / 'best.safetensors'}")
+    best = run_dir(cfg) / "best.safetensors"
+    accelerator.print(f"best {result['monitor']} {result['best']:.4f}; checkpoint {best}")
     return result
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.distillation.checkpoint_dir or f"runs/{cfg.name}")
+
+
+def build_student(cfg: Config, teachers: TeacherCheckpoints) -> tuple[nn.Module, dict, InputSpec]:
+    """(student, its arch, its input): null data.image_size/mean/std are the student's own."""
+    d = cfg.distillation
+    arch = {"name": d.student_backbone, "num_classes": len(teachers.classes)}
+    student = build_model(arch, pretrained=d.student_pretrained)
+    return student, arch, resolve_input(cfg.data, input_config(student))
+
+
+def build_loaders(
+    cfg: Config, teachers: TeacherCheckpoints, student_spec: InputSpec, accelerator: Accelerator
+) -> tuple[DataLoader, DataLoader]:
+    """Training and validation loaders in the teachers' class order, MS bands and statistics, so they see inputs
+    exactly as they were trained on; Mixup / CutMix mix the one view teachers and student both see."""
+    d = cfg.distillation
+    view_spec, val_spec = input_specs(student_spec, teachers, cfg.data.ms_bands, accelerator.print)
+    with accelerator.main_process_first():
+        prepare_data(cfg.data)
+    loader_args = dict(classes=teachers.classes, seed=cfg.seed)
+    mixing = Mixing.from_config(d, cfg.seed)
+    train_loader = build_loader(
+        cfg.data, view_spec, "train", d.batch_size, train=True, unlabeled=True, mixing=mixing, **loader_args
+    )
+    if isinstance(train_loader.sampler, ShareSampler):  # unlabelled images: the teachers label them
+        accelerator.print(train_loader.sampler.describe())
+    return train_loader, build_loader(cfg.data, val_spec, "val", d.batch_size, train=False, **loader_args)
+
+
+def teacher_cache_key(cfg: Config, teachers: TeacherCheckpoints, train_loader: DataLoader) -> dict:
+    """kd.distill.cache.cache_key of these teachers and the loader's training views."""
+    entries = [{"checkpoint": c, "weight": w} for c, w in zip(teachers.paths, teachers.weights)]
+    views, top_k = train_loader.dataset, cfg.distillation.teacher_cache_top_k
+    return cache_key(entries, teachers.metas, views, cfg.data.root, teachers.inputs, top_k)
+
+
+def match_features(
+    cfg: Config, student: nn.Module, teachers: TeacherCheckpoints, train_loader: DataLoader, source: dict
+) -> FeaturePairs:
+    """Feature matching of distillation.feature_layers between the student and the feature teacher; a forward pass
+    on two training views (normalized as `source`, the student's input, says) sizes the adapters, if the feature
+    loss uses them."""
+    d = cfg.distillation
+    example = default_collate([train_loader.dataset[i] for i in range(2)])
+    teacher, target = teachers.modules[d.feature_teacher], teachers.inputs[d.feature_teacher]
+    student_batch, teacher_batch = adapt_view(example, source, source), adapt_view(example, source, target)
+    return FeaturePairs(d.feature_layers, student, teacher, student_batch, teacher_batch, uses_adapter(d.feature_loss))
 
 
 if __name__ == "__main__":

@@ -40,11 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from benchmarks.report import write_report  # noqa: E402
 from kd.config import DataConfig  # noqa: E402
 from kd.data.dataset import InputSpec, build_loader, make_demo_dataset, ms_statistics, open_split  # noqa: E402
-from kd.distill.cache import CachedTeacher, TeacherCache, build_teacher_cache  # noqa: E402
+from kd.distill.cache import TeacherCache  # noqa: E402
+from kd.distill.cache_build import build_teacher_cache  # noqa: E402
 from kd.distill.distiller import Distiller  # noqa: E402
 from kd.distill.hooks import FeaturePairs  # noqa: E402
 from kd.distill.losses import KnowledgeDistillationLoss  # noqa: E402
-from kd.distill.teachers import Teachers  # noqa: E402
+from kd.distill.teachers import CachedTeacher, TeacherEnsemble  # noqa: E402
 from kd.models.zoo import HybridFusion, build_model, forward_batch  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,9 +108,10 @@ def teacher_forward_for(teacher: torch.nn.Module, batch: dict, device: str, prec
 
 
 def distill_step_for(student, teachers, batch: dict, layers=()):
+    """`teachers`: a TeacherEnsemble or CachedTeacher; `layers` are matched with the ensemble's first teacher."""
     loss = KnowledgeDistillationLoss(4.0, 0.3, 0.5 if layers else 0.0)
-    pairs = FeaturePairs(layers, student, teachers[0], batch, batch) if layers else None
-    distiller = Distiller(student, Teachers(teachers), loss, pairs).to(batch["rgb"].device)
+    pairs = FeaturePairs(layers, student, teachers.modules[0], batch, batch) if layers else None
+    distiller = Distiller(student, teachers, loss, pairs).to(batch["rgb"].device)
     optimizer = torch.optim.AdamW(distiller.parameters(), lr=1e-4)
 
     def step():
@@ -200,8 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     steps = {
         "student_step": student_step_for(student, batch, device),
         "teacher_forward": teacher_forward_for(teacher, batch, device, args.teacher_precision),
-        "distill_step": distill_step_for(student, [wrapped_teacher], batch),
-        "distill_step_features": distill_step_for(student, [wrapped_teacher], batch, named),
+        "distill_step": distill_step_for(student, TeacherEnsemble([wrapped_teacher]), batch),
+        "distill_step_features": distill_step_for(student, TeacherEnsemble([wrapped_teacher]), batch, named),
     }
     with tempfile.TemporaryDirectory() as cache_dir:
         # (d): the teacher's logits on this batch cached on disk as distill.py --cache-teacher writes them, then read
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         teacher_logits = functools.partial(forward_batch, wrapped_teacher)
         build_teacher_cache(accelerator, cache_dir, key, teacher_logits, Rows(batch), epochs=1, batch_size=bs)
         cached_batch = {**batch, "key": torch.arange(bs, device=device)}
-        steps["cached_step"] = distill_step_for(student, [CachedTeacher(TeacherCache(cache_dir))], cached_batch)
+        steps["cached_step"] = distill_step_for(student, CachedTeacher(TeacherCache(cache_dir)), cached_batch)
 
         # each option alone, on copies of the fp32, contiguous, eager models
         options = {

@@ -22,7 +22,6 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 
 from kd.data.augment import parse_randaugment
-from kd.distill.losses import SOFT_LOSSES, soft_loss_arguments
 from kd.errors import QUOTE_LIMIT, UserError, quote
 
 
@@ -308,6 +307,8 @@ class DistillationConfig(TrainConfig):
     feature_matching: bool = True  # match intermediate features of `feature_layers`
     feature_layers: list = field(default_factory=list)  # names shared by both models, or [student, teacher] pairs
     feature_teacher: int = 0  # index (in `teachers`) of the teacher whose features are matched
+    feature_loss: str = "mse"  # mse (FitNets, adapted features) | attention (AT, ICLR 2017) | rkd (RKD, CVPR 2019)
+    feature_loss_args: dict = field(default_factory=dict)  # the feature loss's keyword arguments, e.g. {beta: 1000}
     final_temperature: float | None = None  # linear decay from `temperature` to this over training; null = constant
     soft_loss: str = "kl"  # kl (Hinton) | dkd (Decoupled KD, CVPR 2022) | dist (DIST, NeurIPS 2022): kd.distill.losses
     soft_loss_args: dict = field(default_factory=dict)  # the soft loss's keyword arguments; win over dkd_*, dist_*
@@ -339,28 +340,6 @@ class DistillationConfig(TrainConfig):
             value = getattr(self, key)
             rule = f"must be in [0, {MAX_LOSS_WEIGHT:g}] (a loss weight; far larger ones overflow the float32 loss)"
             _check(0 <= value <= MAX_LOSS_WEIGHT, f"distillation.{key}", rule, value)
-        _check(
-            self.soft_loss in SOFT_LOSSES,
-            "distillation.soft_loss",
-            f"must be {' | '.join(SOFT_LOSSES)}",
-            self.soft_loss,
-        )
-        _check(
-            isinstance(self.soft_loss_args, dict),
-            "distillation.soft_loss_args",
-            "must be a mapping of argument names to values, e.g. {beta: 2.0}",
-            self.soft_loss_args,
-        )
-        arguments = soft_loss_arguments(self.soft_loss)
-        for name, value in self.soft_loss_args.items():
-            if name not in arguments:
-                raise ConfigError(
-                    f"distillation.soft_loss_args: soft loss {self.soft_loss} has no argument {quote(name)}; "
-                    f"its arguments: {', '.join(arguments) or 'none'}"
-                )
-            self.soft_loss_args[name] = _coerce(
-                value, arguments[name].annotation, f"distillation.soft_loss_args.{name}"
-            )
         _check(
             self.final_temperature is None or self.final_temperature > 0,
             "distillation.final_temperature",

@@ -16,10 +16,10 @@ import distill
 import kd.distill.teachers
 from kd.config import load_config
 from kd.data.dataset import InputSpec, build_loader, ms_statistics, open_split
-from kd.distill.cache import CachedTeacher, TeacherCache, bytes_per_row, reconstruct_logits, top_k_rows
+from kd.distill.cache import TeacherCache, bytes_per_row, reconstruct_logits, top_k_rows
 from kd.distill.distiller import Distiller
 from kd.distill.losses import KnowledgeDistillationLoss, soft_kl
-from kd.distill.teachers import Teachers
+from kd.distill.teachers import CachedTeacher, TeacherEnsemble
 from kd.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from kd.models.zoo import HybridFusion, build_model
 
@@ -155,8 +155,11 @@ def test_the_cached_soft_loss_equals_the_online_one(setup, tiny_demo):
     batch = next(iter(training_views(tiny_demo, meta)))
     student = build_model({"name": "test_efficientnet", "num_classes": 5}).eval()
     terms = {}
-    for name, teachers in (("online", [teacher]), ("cached", [CachedTeacher(TeacherCache(work / "cache"))])):
-        distiller = Distiller(student, Teachers(teachers), KnowledgeDistillationLoss(4.0, 0.3, 0.0)).eval()
+    for name, teachers in (
+        ("online", TeacherEnsemble([teacher])),
+        ("cached", CachedTeacher(TeacherCache(work / "cache"))),
+    ):
+        distiller = Distiller(student, teachers, KnowledgeDistillationLoss(4.0, 0.3, 0.0)).eval()
         terms[name] = distiller(batch)
     assert terms["cached"]["soft"].item() == pytest.approx(terms["online"]["soft"].item(), rel=1e-3, abs=1e-5)
     assert terms["cached"]["loss"].item() == pytest.approx(terms["online"]["loss"].item(), rel=1e-3, abs=1e-5)
@@ -243,21 +246,21 @@ def test_distilling_from_the_cache_never_loads_the_teacher_and_resumes_bitwise(s
     assert whole["best"] is not None
 
     calls = {"n": 0}
-    cached_forward = CachedTeacher.forward
+    cached_logits = CachedTeacher.logits
 
-    def dies_at_step_7(self, key):  # mid-epoch 1 (5 steps per epoch), after the state saved at step 6
+    def dies_at_step_7(self, batch, source=None):  # mid-epoch 1 (5 steps per epoch), after the state saved at step 6
         calls["n"] += 1
         if calls["n"] == 7:
             raise Interrupted
-        return cached_forward(self, key)
+        return cached_logits(self, batch, source)
 
-    monkeypatch.setattr(CachedTeacher, "forward", dies_at_step_7)
+    monkeypatch.setattr(CachedTeacher, "logits", dies_at_step_7)
     run = [*args, f"distillation.checkpoint_dir={tmp_path / 'killed'}"]
     reset_accelerate()
     with pytest.raises(Interrupted):
         distill.main(run)
     assert json.loads((tmp_path / "killed/last/progress.json").read_text())["batches_done"] == 1  # 6 steps done
-    monkeypatch.setattr(CachedTeacher, "forward", cached_forward)
+    monkeypatch.setattr(CachedTeacher, "logits", cached_logits)
     reset_accelerate()
     distill.main([*run, "--resume"])
     for name in ("best.safetensors", "latest.safetensors", "last/model.safetensors"):

@@ -19,10 +19,12 @@ from torch.utils.data import Dataset
 import distill
 import evaluate
 import kd.distill.cache
+import kd.distill.cache_build
 from kd.config import ConfigError, load_config
 from kd.data.dataset import InputSpec
 from kd.deploy.inference import _arch_parameters, load_model, read_json_object
-from kd.distill.cache import TeacherCache, build_teacher_cache
+from kd.distill.cache import TeacherCache
+from kd.distill.cache_build import build_teacher_cache
 from kd.distill.teachers import normalize_weights
 from kd.errors import UserError
 from kd.models.checkpoint import CheckpointMeta, load_checkpoint, meta_problems, save_checkpoint
@@ -118,7 +120,7 @@ def test_a_stale_cache_is_rebuilt_in_place_and_an_empty_folder_is_used(tmp_path)
     build(tmp_path / "cache", epochs=1)
     build(tmp_path / "cache", epochs=2)  # stale: fewer epochs, so rebuilt
     assert json.loads((tmp_path / "cache/meta.json").read_text())["epochs"] == 2
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(kd.distill.cache.CACHE_FILES)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(kd.distill.cache_build.CACHE_FILES)
     assert not (tmp_path / "cache.tmp").exists()
     (tmp_path / "empty").mkdir()
     build(tmp_path / "empty")
@@ -134,7 +136,7 @@ class Usage:
 
 
 def test_a_disk_without_room_for_the_cache_is_refused_before_writing(tmp_path, monkeypatch):
-    monkeypatch.setattr(kd.distill.cache.shutil, "disk_usage", lambda _: Usage())
+    monkeypatch.setattr(kd.distill.cache_build.shutil, "disk_usage", lambda _: Usage())
     with pytest.raises(UserError) as error:
         build(tmp_path / "cache")
     needed = 2 * SAMPLES * kd.distill.cache.bytes_per_row(K, CLASSES)
@@ -147,7 +149,7 @@ def test_a_write_error_during_the_build_names_the_folder_and_the_bytes(tmp_path,
     def full(*_, **__):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(kd.distill.cache, "open_memmap", full)
+    monkeypatch.setattr(kd.distill.cache_build, "open_memmap", full)
     with pytest.raises(UserError) as error:
         build(tmp_path / "cache")
     needed = 2 * SAMPLES * kd.distill.cache.bytes_per_row(K, CLASSES)

@@ -209,27 +209,6 @@ def test_values_that_would_crash_a_run_are_refused_at_load(override, message):
     assert str(info.value).startswith(message), str(info.value)
 
 
-@pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (["soft_loss_args=[2]"], "distillation.soft_loss_args must be a mapping of argument names to values, e.g."),
-        (["soft_loss_args={beta: 2}"], "distillation.soft_loss_args: soft loss kl has no argument 'beta'; its "),
-        (
-            ["soft_loss=dkd", "soft_loss_args={gamma: 2}"],
-            "distillation.soft_loss_args: soft loss dkd has no argument 'gamma'; its arguments: alpha, beta",
-        ),
-        (["soft_loss=dist", "soft_loss_args={beta: heavy}"], "distillation.soft_loss_args.beta must be float, got"),
-        (["soft_loss=dist", "soft_loss_args={beta: .nan}"], "distillation.soft_loss_args.beta must be a finite"),
-    ],
-)
-def test_soft_loss_args_are_checked_against_the_loss_function_at_load(overrides, message):
-    with pytest.raises(ConfigError) as info:
-        load_config(None, [f"distillation.{o}" for o in overrides])
-    assert str(info.value).startswith(message), str(info.value)
-    d = load_config(None, ["distillation.soft_loss=dist", "distillation.soft_loss_args={beta: 2}"]).distillation
-    assert d.soft_loss_args == {"beta": 2.0}
-
-
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16"])
 def test_qat_under_bf16_is_refused_at_load(precision):
     """The run would crash when QAT starts: PyTorch's fused fake quantization refuses a bf16 input."""

@@ -7,12 +7,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+import distill
+import kd.distill.hooks
 from kd.config import ConfigError, load_config
+from kd.data.dataset import InputSpec, open_split
 from kd.distill.distiller import Distiller
+from kd.distill.feature_losses import FEATURE_LOSSES
 from kd.distill.hooks import FeatureAdapter, FeatureHooks, FeaturePairs, layer_pairs
-from kd.distill.losses import SOFT_LOSSES, KnowledgeDistillationLoss
-from kd.distill.teachers import Teachers, adapt_view, class_balanced_batch, teacher_sanity_check, teacher_sanity_report
+from kd.distill.losses import SOFT_LOSSES, KnowledgeDistillationLoss, check_loss_config
+from kd.distill.teachers import (
+    TeacherEnsemble,
+    adapt_view,
+    class_balanced_batch,
+    teacher_sanity_check,
+    teacher_sanity_report,
+)
 from kd.errors import UserError
+from kd.models.checkpoint import CheckpointMeta, save_checkpoint
 from kd.models.zoo import HybridFusion
 
 
@@ -71,6 +82,25 @@ def test_a_layer_in_two_pairs_is_refused_after_names_are_resolved():
         layer_pairs([["blocks.2", "ms.blocks.1"], ["blocks.2", "rgb.blocks.2"]], tiny(), tiny_hybrid())
 
 
+def test_losses_without_adapters_get_the_students_own_features_and_no_adapter_is_built():
+    student, teacher = tiny(), tiny_hybrid()
+    pairs = FeaturePairs(
+        [["blocks.1", "blocks.3"], ["blocks.3", "blocks.1"]], student, teacher, batch(), batch(), adapt=False
+    )
+    assert len(pairs.adapters) == 0
+    b = batch()
+    student.eval()(b["rgb"])
+    teacher.eval()(b["rgb"], b["ms"])
+    with torch.no_grad():  # recompute both models' features by calling their blocks one by one
+        h, s_outs = student.bn1(student.conv_stem(b["rgb"])), []
+        for block in student.blocks:
+            h = block(h)
+            s_outs.append(h)
+    got = pairs.pop()
+    assert torch.equal(got[0][0], s_outs[1]) and torch.equal(got[1][0], s_outs[3])
+    assert got[0][0].shape[1] != got[0][1].shape[1]  # widths differ: nothing adapted the student's
+
+
 def test_adapter_maps_channels_and_spatial_size():
     adapter = FeatureAdapter(16, 40)
     out = adapter(torch.randn(2, 16, 8, 8), (4, 4))
@@ -83,7 +113,7 @@ def make_distiller(feature_layers=("blocks.1",)):
     pairs = FeaturePairs(list(feature_layers), student, teacher, batch(), batch())
     # a teacher whose blocks.1 has another width than the student's would need the adapter: make it explicit
     loss = KnowledgeDistillationLoss(temperature=2.0, alpha=0.5, feature_weight=1.0)
-    return Distiller(student, Teachers([teacher]), loss, pairs), teacher
+    return Distiller(student, TeacherEnsemble([teacher]), loss, pairs), teacher
 
 
 def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient():
@@ -102,6 +132,22 @@ def test_teacher_is_frozen_in_eval_mode_and_gets_no_gradient():
         assert torch.equal(v, teacher_before[k]), k
 
 
+def test_the_feature_term_exists_only_while_features_are_matched():
+    """Issue 23: no train/feature = 0 logged by a run without feature matching, nor after QAT stops matching."""
+    student, teacher = tiny(), tiny_hybrid()
+    loss = KnowledgeDistillationLoss(temperature=2.0, alpha=0.5, feature_weight=1.0)
+    without = Distiller(student, TeacherEnsemble([teacher]), loss).eval()
+    with torch.no_grad():
+        assert set(without(batch())) == {"loss", "hard", "soft", "temperature", "logits"}
+    distiller, _ = make_distiller()
+    with torch.no_grad():
+        assert "feature" in distiller(batch())
+        distiller.set_model(distiller.student)  # what QAT does: the hooks go
+        terms = distiller(batch())
+    assert "feature" not in terms
+    assert terms["loss"].item() == pytest.approx(0.5 * terms["hard"].item() + 0.5 * terms["soft"].item(), rel=1e-6)
+
+
 def test_teacher_stays_out_of_state_dict_and_parameters():
     distiller, teacher = make_distiller()
     teacher_params = {id(p) for p in teacher.parameters()}
@@ -115,7 +161,7 @@ def test_soft_term_uses_the_weighted_teacher_ensemble():
     torch.manual_seed(1)
     t2 = timm.create_model("test_efficientnet", num_classes=5)
     loss = KnowledgeDistillationLoss(temperature=1.0, alpha=0.0, feature_weight=0.0)
-    distiller = Distiller(student, Teachers([t1, t2], [3, 1]), loss)
+    distiller = Distiller(student, TeacherEnsemble([t1, t2], [3, 1]), loss)
     b = batch()
     with torch.no_grad():
         expected_teacher = 0.75 * t1.eval()(b["rgb"]) + 0.25 * t2.eval()(b["rgb"])
@@ -169,7 +215,7 @@ def linear(seed=0):
 def test_the_ema_teacher_joins_at_its_start_epoch_and_stays_out_of_the_state_dict():
     student, teacher, ema = linear(0), linear(1), linear(2)
     loss = KnowledgeDistillationLoss(temperature=4.0, alpha=0.0, feature_weight=0.0, final_temperature=1.0)
-    distiller = Distiller(student, Teachers([teacher], ema_weight=1.0, ema_start_epoch=2.0), loss)
+    distiller = Distiller(student, TeacherEnsemble([teacher], ema_weight=1.0, ema_start_epoch=2.0), loss)
     distiller.set_ema(ema)
     rgb = torch.randn(4, 3, 2, 2)
     distiller.set_progress(1.0)
@@ -179,7 +225,7 @@ def test_the_ema_teacher_joins_at_its_start_epoch_and_stays_out_of_the_state_dic
         distiller.set_progress(2.0)
         assert torch.allclose(distiller.teachers.logits({"rgb": rgb}), 0.5 * teacher(rgb) + 0.5 * ema(rgb))
     assert not any(k.startswith("ema") for k in distiller.state_dict())
-    without = Teachers([teacher])  # ema_weight 0: the EMA is not a teacher
+    without = TeacherEnsemble([teacher])  # ema_weight 0: the EMA is not a teacher
     without.set_ema(ema)
     without.set_progress(5.0)
     with torch.no_grad():
@@ -196,10 +242,15 @@ def test_a_soft_loss_added_to_the_dict_trains_a_step(monkeypatch):
     d = load_config(
         None, ["distillation.soft_loss=squared_error", "distillation.soft_loss_args={scale: 3}"]
     ).distillation
+    check_loss_config(d)
     with pytest.raises(ConfigError, match=r"soft loss squared_error has no argument 'scael'; its arguments: scale"):
-        load_config(None, ["distillation.soft_loss=squared_error", "distillation.soft_loss_args={scael: 3}"])
+        check_loss_config(
+            load_config(
+                None, ["distillation.soft_loss=squared_error", "distillation.soft_loss_args={scael: 3}"]
+            ).distillation
+        )
     student, teacher = linear(0), linear(1)
-    distiller = Distiller(student, Teachers([teacher]), KnowledgeDistillationLoss.from_config(d))
+    distiller = Distiller(student, TeacherEnsemble([teacher]), KnowledgeDistillationLoss.from_config(d))
     rgb, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 1, 0])
     with torch.no_grad():
         expected = 3.0 * ((student(rgb) - teacher(rgb)) / 4.0).pow(2).mean()  # distillation.temperature: 4
@@ -285,3 +336,59 @@ def test_the_sanity_batch_takes_each_class_in_turn():
     batch = class_balanced_batch(DataLoader(Sorted(), batch_size=4), 8)
     assert batch["label"].tolist() == [0, 1, 2, 0, 1, 2, 0, 1]
     assert batch["rgb"][:, 0, 0, 0].tolist() == [0, 10, 15, 1, 11, 16, 2, 12]  # first samples of each class
+
+
+# ------------------------------------------------------------------------------- feature losses, end to end
+
+
+def cosine_distance(pairs, scale: float = 1.0):
+    """A feature loss as a user adds one: a function and a FEATURE_LOSSES entry (docs: "Extend kd")."""
+    return scale * torch.stack([1 - F.cosine_similarity(s.flatten(1), t.flatten(1)).mean() for s, t in pairs]).mean()
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize(
+    "feature_loss, args, adapters",
+    [("attention", "{p: 2}", 0), ("rkd", "{angle_weight: 10}", 0), ("cosine", "{scale: 2}", 2)],
+)
+def test_each_feature_loss_distils_end_to_end(feature_loss, args, adapters, tiny_demo, tmp_path, monkeypatch, capsys):
+    """distill.py with distillation.feature_loss: attention and RKD match the student's own features (no adapter
+    built), a loss added to FEATURE_LOSSES alone trains through adapters; the feature term is logged and finite."""
+    monkeypatch.setitem(FEATURE_LOSSES, "cosine", cosine_distance)
+    built = []
+    monkeypatch.setattr(kd.distill.hooks, "FeatureAdapter", lambda *a: built.append(a) or FeatureAdapter(*a))
+    terms = []
+    loss_forward = KnowledgeDistillationLoss.forward
+    monkeypatch.setattr(
+        KnowledgeDistillationLoss,
+        "forward",
+        lambda self, *a, **k: terms.append(loss_forward(self, *a, **k)) or terms[-1],
+    )
+    torch.manual_seed(0)
+    teacher = timm.create_model("test_efficientnet", num_classes=5).eval()
+    classes = open_split(load_config(None, [f"data.root={tiny_demo}"]).data, "train").classes
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    meta = CheckpointMeta({"name": "test_efficientnet", "num_classes": 5}, classes, InputSpec(32, mean, std))
+    save_checkpoint(tmp_path / "teacher/best", teacher, meta)
+    result = distill.main(
+        [
+            f"data.root={tiny_demo}",
+            "data.demo=false",
+            "data.image_size=32",
+            "data.num_workers=0",
+            f"distillation.teacher_checkpoint={tmp_path / 'teacher/best.safetensors'}",
+            "distillation.student_backbone=test_efficientnet",
+            "distillation.student_pretrained=null",
+            "distillation.feature_layers=[blocks.1, [blocks.3, blocks.2]]",
+            f"distillation.feature_loss={feature_loss}",
+            f"distillation.feature_loss_args={args}",
+            "distillation.max_epochs=1",
+            "distillation.warmup_epochs=0",
+            "distillation.batch_size=8",
+            "distillation.precision=null",
+            f"distillation.checkpoint_dir={tmp_path / 'run'}",
+        ]
+    )
+    assert len(built) == adapters and (tmp_path / "run/best.safetensors").is_file() and result["best"] is not None
+    assert "feature pairs [('blocks.1', 'blocks.1'), ('blocks.3', 'blocks.2')]" in capsys.readouterr().out
+    assert terms and all(torch.isfinite(t["feature"]) and t["feature"] > 0 for t in terms if t["loss"].requires_grad)

@@ -15,7 +15,7 @@ from kd.config import TrainConfig
 from kd.data.dataset import InputSpec
 from kd.distill.distiller import Distiller
 from kd.distill.losses import KnowledgeDistillationLoss
-from kd.distill.teachers import Teachers, teacher_sanity_check
+from kd.distill.teachers import TeacherEnsemble, teacher_sanity_check
 from kd.errors import UserError
 from kd.models.checkpoint import CheckpointMeta
 from kd.train.loop import build_scheduler, fit, make_accelerator
@@ -200,7 +200,7 @@ def test_resume_mid_epoch_gives_the_same_weights_as_an_uninterrupted_run(tmp_pat
 
 def test_classifier_and_distiller_have_every_name_of_the_training_task_protocol():
     loss = KnowledgeDistillationLoss(temperature=4.0, alpha=0.5, feature_weight=0.0)
-    distiller = Distiller(linear(0), Teachers([linear(1)]), loss)
+    distiller = Distiller(linear(0), TeacherEnsemble([linear(1)]), loss)
     assert isinstance(Classifier(linear()), TrainingTask) and isinstance(distiller, TrainingTask)
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.config import load_config
-from kd.distill.losses import KnowledgeDistillationLoss, dist_loss, dkd_loss, soft_kl
+from kd.config import ConfigError, load_config
+from kd.distill.feature_losses import FEATURE_LOSSES
+from kd.distill.losses import KnowledgeDistillationLoss, check_loss_config, dist_loss, dkd_loss, soft_kl
 from kd.distill.teachers import normalize_weights, weighted_logits
 
 
@@ -95,6 +96,7 @@ def test_alpha_extremes_and_weighted_sum():
     feature = (1.0 + 4.0) / 2  # mean over layers of each layer's MSE
     only_labels = KnowledgeDistillationLoss(temperature=2.0, alpha=1.0, feature_weight=0.0)(student, teacher, labels)
     assert only_labels["loss"].item() == pytest.approx(ce, rel=1e-5)
+    assert set(only_labels) == {"loss", "hard", "soft", "temperature"}  # no feature pairs: no feature term (issue 23)
     only_teacher = KnowledgeDistillationLoss(temperature=2.0, alpha=0.0, feature_weight=0.0)(student, teacher, labels)
     assert only_teacher["loss"].item() == pytest.approx(kl, rel=1e-5)
     mixed = KnowledgeDistillationLoss(temperature=2.0, alpha=0.3, feature_weight=0.5)(student, teacher, labels, pairs)
@@ -200,18 +202,6 @@ def test_soft_terms_are_float32_for_half_precision_logits(soft_loss):
     assert half.item() == pytest.approx(loss(student.float(), teacher.float(), labels)["soft"].item(), rel=1e-5)
 
 
-def test_unknown_soft_loss_names_the_choices():
-    with pytest.raises(ValueError, match="kl, dkd, dist"):
-        KnowledgeDistillationLoss(soft_loss="crd")
-
-
-def test_unknown_soft_loss_arguments_name_the_real_ones():
-    with pytest.raises(
-        ValueError, match=r"soft loss 'dkd' has no argument\(s\) \['gamma'\]; its arguments: alpha, beta"
-    ):
-        KnowledgeDistillationLoss(soft_loss="dkd", soft_loss_args={"gamma": 1.0})
-
-
 def test_the_temperature_decays_linearly_to_the_final_one_and_is_logged():
     loss = KnowledgeDistillationLoss(
         temperature=4.0, alpha=0.0, feature_weight=0.0, final_temperature=1.0, total_epochs=10
@@ -228,15 +218,77 @@ def test_the_temperature_decays_linearly_to_the_final_one_and_is_logged():
     assert constant.temperature == 4.0
 
 
-def test_the_config_keys_reach_the_loss_and_soft_loss_args_win():
-    def loss_of(*overrides):
-        return KnowledgeDistillationLoss.from_config(load_config(None, list(overrides)).distillation)
+def distillation(*overrides: str):
+    """The distillation section of a config with these overrides, its losses checked as distill.py checks them."""
+    d = load_config(None, [f"distillation.{o}" for o in overrides]).distillation
+    check_loss_config(d)
+    return d
 
-    dkd = loss_of("distillation.soft_loss=dkd", "distillation.dkd_beta=4", "distillation.dkd_warmup_epochs=5")
-    assert dkd.soft_loss_args == {"alpha": 1.0, "beta": 4.0} and dkd.soft_warmup_epochs == 5.0
-    dkd = loss_of("distillation.soft_loss=dkd", "distillation.dkd_beta=4", "distillation.soft_loss_args={beta: 2}")
-    assert dkd.soft_loss_args == {"alpha": 1.0, "beta": 2.0}
-    dist = loss_of("distillation.soft_loss=dist", "distillation.dist_gamma=0.5", "distillation.max_epochs=7")
-    assert dist.soft_loss_args == {"beta": 1.0, "gamma": 0.5} and dist.soft_warmup_epochs == 0.0
-    assert loss_of("distillation.final_temperature=1", "distillation.max_epochs=7").total_epochs == 7
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["soft_loss=crd"], "distillation.soft_loss must be kl | dkd | dist, got 'crd'"),
+        (["soft_loss=dkdd"], "distillation.soft_loss must be kl | dkd | dist, got 'dkdd'. Did you mean 'dkd'?"),
+        (
+            ["feature_loss=rdk"],
+            "distillation.feature_loss must be mse | attention | rkd, got 'rdk'. Did you mean 'rkd'?",
+        ),
+        (["soft_loss_args=[2]"], "distillation.soft_loss_args must be a mapping of argument names to values, e.g."),
+        (["feature_loss_args=3"], "distillation.feature_loss_args must be a mapping of argument names to values"),
+        (["soft_loss_args={beta: 2}"], "distillation.soft_loss_args: soft loss kl has no argument 'beta'; its "),
+        (
+            ["soft_loss=dkd", "soft_loss_args={gamma: 2}"],
+            "distillation.soft_loss_args: soft loss dkd has no argument 'gamma'; its arguments: alpha, beta",
+        ),
+        (
+            ["feature_loss=rkd", "feature_loss_args={beta: 2}"],
+            "distillation.feature_loss_args: feature loss rkd has no argument 'beta'; its arguments: distance_weight, "
+            "angle_weight",
+        ),
+        (["feature_loss_args={p: 1}"], "distillation.feature_loss_args: feature loss mse has no argument 'p'; its "),
+        (["soft_loss=dist", "soft_loss_args={beta: heavy}"], "distillation.soft_loss_args.beta must be float, got"),
+        (["soft_loss=dist", "soft_loss_args={beta: .nan}"], "distillation.soft_loss_args.beta must be a finite"),
+        (["feature_loss=attention", "feature_loss_args={p: x}"], "distillation.feature_loss_args.p must be float"),
+    ],
+)
+def test_loss_names_and_arguments_are_checked_against_the_loss_functions(overrides, message):
+    """Moved from tests/test_config.py: distill.py checks them right after parsing (kd.config knows no losses)."""
+    with pytest.raises(ConfigError) as info:
+        distillation(*overrides)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_the_config_reaches_the_loss_with_values_of_the_annotated_types():
+    def loss_of(*overrides):
+        return KnowledgeDistillationLoss.from_config(distillation(*overrides))
+
+    dkd = loss_of("soft_loss=dkd", "soft_loss_args={beta: 4}", "dkd_warmup_epochs=5")
+    assert dkd.soft_loss_args == {"beta": 4.0} and type(dkd.soft_loss_args["beta"]) is float
+    assert dkd.soft_function is dkd_loss and dkd.soft_warmup_epochs == 5.0
+    dist = loss_of("soft_loss=dist", "soft_loss_args={gamma: 0.5}", "max_epochs=7")
+    assert dist.soft_loss_args == {"gamma": 0.5} and dist.soft_warmup_epochs == 0.0
+    assert loss_of("final_temperature=1", "max_epochs=7").total_epochs == 7
     assert loss_of().soft_loss_args == {} and loss_of().soft_warmup_epochs == 0.0  # the DKD warmup is DKD's
+    rkd = loss_of("feature_loss=rkd", "feature_loss_args={angle_weight: 0}")
+    assert rkd.feature_function is FEATURE_LOSSES["rkd"] and rkd.feature_loss_args == {"angle_weight": 0.0}
+    assert loss_of().feature_function is FEATURE_LOSSES["mse"] and loss_of().feature_loss_args == {}
+
+
+def test_the_feature_term_is_the_chosen_feature_loss_with_its_arguments():
+    """KnowledgeDistillationLoss calls FEATURE_LOSSES[feature_loss](pairs, **feature_loss_args), weighted."""
+    g = torch.Generator().manual_seed(3)
+    pairs = [(torch.randn(4, 6, 4, 4, generator=g), torch.randn(4, 8, 2, 2, generator=g))]
+    student, teacher, labels = random_batch(12, n=4)
+    loss = KnowledgeDistillationLoss(
+        alpha=0.0, feature_weight=2.0, feature_loss="attention", feature_loss_args={"p": 1.0}
+    )
+    terms = loss(student, teacher, labels, pairs)
+    by_hand = 0.0  # attention of one layer, p = 1, beta 1000: mean_c |A|, student resized to 2x2, L2-normalised
+    s = F.interpolate(pairs[0][0], size=(2, 2), mode="bilinear", align_corners=False)
+    for a, b in zip(s.abs().mean(1).flatten(1).tolist(), pairs[0][1].abs().mean(1).flatten(1).tolist()):
+        na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
+        by_hand += sum((x / na - y / nb) ** 2 for x, y in zip(a, b)) / len(a)
+    by_hand = 1000.0 / 2 * by_hand / len(pairs[0][0])
+    assert terms["feature"].item() == pytest.approx(by_hand, rel=1e-4)
+    assert terms["loss"].item() == pytest.approx(terms["soft"].item() + 2.0 * by_hand, rel=1e-4)

@@ -16,7 +16,7 @@ from kd.data.mixing import Mixing, MixingCollate
 from kd.distill.cache import check_applies
 from kd.distill.distiller import Distiller
 from kd.distill.losses import KnowledgeDistillationLoss, hard_loss
-from kd.distill.teachers import Teachers
+from kd.distill.teachers import TeacherEnsemble
 from kd.errors import UserError
 from kd.train.task import Classifier
 
@@ -130,7 +130,7 @@ def test_teacher_and_student_see_the_identical_mixed_view():
     mixed = MixingCollate(Mixing(mixup_alpha=0.5, cutmix_alpha=0.5, seed=1))(
         [{k: v[i] for k, v in view_batch().items()} for i in range(6)]
     )
-    distiller = Distiller(student, Teachers([teacher]), KnowledgeDistillationLoss(2.0, 0.5, 0.0))
+    distiller = Distiller(student, TeacherEnsemble([teacher]), KnowledgeDistillationLoss(2.0, 0.5, 0.0))
     distiller(mixed)
     (teacher_rgb, teacher_ms), (student_rgb,) = teacher.seen[0], student.seen[0]
     assert torch.equal(teacher_rgb, mixed["rgb"]) and torch.equal(student_rgb, mixed["rgb"])

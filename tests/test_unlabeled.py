@@ -26,7 +26,7 @@ from kd.data.unlabeled import ShareSampler, unlabeled_sources
 from kd.distill.cache import TeacherCache, cache_key
 from kd.distill.distiller import Distiller
 from kd.distill.losses import KnowledgeDistillationLoss, dkd_loss
-from kd.distill.teachers import Teachers
+from kd.distill.teachers import TeacherEnsemble
 from kd.errors import UserError
 from kd.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from kd.models.zoo import build_model
@@ -71,7 +71,7 @@ def test_the_hard_loss_sees_only_the_labelled_images_and_the_soft_loss_all(monke
         nn.init.normal_(model[1].weight)
     labels = torch.tensor([3, -1, 0, -1, -1, 4])
     batch = {"rgb": torch.randn(6, 3, 4, 4), "label": labels}
-    distiller = Distiller(student, Teachers([teacher]), KnowledgeDistillationLoss(2.0, 0.5, 0.0)).eval()
+    distiller = Distiller(student, TeacherEnsemble([teacher]), KnowledgeDistillationLoss(2.0, 0.5, 0.0)).eval()
     terms = distiller(batch)
     z = terms["logits"].detach().double().numpy()
     with torch.no_grad():

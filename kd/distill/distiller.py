@@ -2,28 +2,30 @@
 with the feature adapters, is trained; the teachers are frozen and kept outside it; one call on a batch gives the
 loss terms."""
 
+import torch
 from torch import nn
 
 from kd.distill.hooks import FeaturePairs
 from kd.distill.losses import KnowledgeDistillationLoss
-from kd.distill.teachers import Teachers, adapt_view
+from kd.distill.teachers import Teacher, adapt_view
 
 
 class Distiller(nn.Module):
-    """Student + adapters are registered submodules (trained, checkpointed, wrapped by DDP); teachers are not.
+    """Student + adapters are registered submodules (trained, checkpointed, wrapped by DDP); the teachers are not,
+    so nn.Module.train never reaches them and they stay in eval mode.
 
     Training batches are one augmented view, normalized as `student_input` ({"image_size", "mean", "std"}) says, at
-    the largest input size of all models: the student gets it resized to its own size, each teacher resized and
-    re-normalized to its own input (None: the batch as it comes); a Mixup / CutMix batch is mixed before either sees
-    it, so both see the one mixed view. Unlabelled samples (label -1) add to the soft and feature terms only. The
-    loss owns the temperature and warm-up schedules, the teachers the EMA teacher's start: `set_progress` reaches
-    both.
+    the largest input size of all models: the student gets it resized to its own size, the teachers (a
+    TeacherEnsemble or a CachedTeacher) take it as it comes and prepare it for each; a Mixup / CutMix batch is mixed
+    before either sees it, so both see the one mixed view. Unlabelled samples (label -1) add to the soft and feature
+    terms only. The loss owns the temperature and warm-up schedules, the teachers the EMA teacher's start:
+    `set_progress` reaches both.
     """
 
     def __init__(
         self,
         student: nn.Module,
-        teachers: Teachers,
+        teachers: Teacher,
         loss: KnowledgeDistillationLoss,
         feature_pairs: FeaturePairs | None = None,
         student_input: dict | None = None,
@@ -38,12 +40,6 @@ class Distiller(nn.Module):
     def model(self) -> nn.Module:
         """What gets checkpointed and exported: the student alone."""
         return self.student
-
-    def train(self, mode: bool = True) -> "Distiller":
-        super().train(mode)
-        for teacher in self.teachers.modules:  # not submodules, so nn.Module.train never reaches them
-            teacher.eval()
-        return self
 
     def set_model(self, student: nn.Module) -> None:
         """Swap in a graph that shares the student's parameters (quantization-aware training). Its blocks are
@@ -62,7 +58,7 @@ class Distiller(nn.Module):
         self.loss.set_progress(epoch)
         self.teachers.set_progress(epoch)
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         teacher_logits = self.teachers.logits(batch, self.student_input)
         student_logits = self.student(adapt_view(batch, self.student_input, self.student_input)["rgb"])
         feature_pairs = self.feature_pairs.pop() if self.feature_pairs else []

@@ -32,15 +32,11 @@ def resolve_layer(model: nn.Module, name: str, role: str) -> str:
 
 
 def layer_pairs(layers: Sequence, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
-    """`feature_layers` entries ('blocks.2' for both, or ['blocks.2', 'rgb.blocks.3']) -> checked name pairs."""
+    """`feature_layers` entries ('blocks.2' for both, or ['blocks.2', 'rgb.blocks.3']; kd.config checks their form)
+    -> name pairs resolved against the two models."""
     pairs = []
     for entry in layers:
-        if isinstance(entry, str):
-            student_name, teacher_name = entry, entry
-        elif isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(e, str) for e in entry):
-            student_name, teacher_name = entry
-        else:
-            raise UserError(f"feature_layers entry {entry!r} must be a layer name or a [student, teacher] pair")
+        student_name, teacher_name = (entry, entry) if isinstance(entry, str) else entry
         pairs.append(
             (resolve_layer(student, student_name, "the student"), resolve_layer(teacher, teacher_name, "the teacher"))
         )
@@ -91,30 +87,43 @@ class FeatureAdapter(nn.Module):
 
 
 class FeaturePairs:
-    """Feature matching between a student and a teacher: hooks keep the latest output of each paired layer, and one
-    adapter per pair, sized by a forward pass of each model on an example batch, maps the student's to the teacher's.
+    """Feature matching between a student and a teacher: hooks keep the latest output of each paired layer. With
+    `adapt` (a feature loss that compares the tensors elementwise, kd.distill.feature_losses.uses_adapter), one
+    adapter per pair, sized by a forward pass of each model on an example batch, maps the student's to the
+    teacher's shape; without, the loss gets the student's own features and no adapter is built.
 
     `layers` are distillation.feature_layers entries. The adapters train with the student, so whoever trains it
     registers them (the Distiller does); this object holds the hooks.
     """
 
     def __init__(
-        self, layers: Sequence, student: nn.Module, teacher: nn.Module, student_batch: dict, teacher_batch: dict
+        self,
+        layers: Sequence,
+        student: nn.Module,
+        teacher: nn.Module,
+        student_batch: dict,
+        teacher_batch: dict,
+        adapt: bool = True,
     ):
         self.pairs = layer_pairs(layers, student, teacher)
         student_names, teacher_names = [s for s, _ in self.pairs], [t for _, t in self.pairs]
         s_shapes = feature_shapes(student, student_names, [student_batch[k] for k in input_keys(student)])
         t_shapes = feature_shapes(teacher, teacher_names, [teacher_batch[k] for k in input_keys(teacher)])
-        self.adapters = nn.ModuleList(FeatureAdapter(s_shapes[s][1], t_shapes[t][1]) for s, t in self.pairs)
+        self.adapters = nn.ModuleList(FeatureAdapter(s_shapes[s][1], t_shapes[t][1]) for s, t in self.pairs if adapt)
         self.student_hooks = FeatureHooks(student, student_names)
         self.teacher_hooks = FeatureHooks(teacher, teacher_names)
 
     def pop(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(adapted student features, teacher features) of each pair, from both models' latest forward passes."""
+        """(student features, teacher features) of each pair, from both models' latest forward passes; the
+        student's adapted to the teacher's shape when there are adapters."""
         features = []
-        for adapter, (student_name, teacher_name) in zip(self.adapters, self.pairs):
-            teacher_features = self.teacher_hooks.pop(teacher_name)
-            student_features = adapter(self.student_hooks.pop(student_name), teacher_features.shape[-2:])
+        for i, (student_name, teacher_name) in enumerate(self.pairs):
+            teacher_features, student_features = (
+                self.teacher_hooks.pop(teacher_name),
+                self.student_hooks.pop(student_name),
+            )
+            if self.adapters:
+                student_features = self.adapters[i](student_features, teacher_features.shape[-2:])
             features.append((student_features, teacher_features))
         return features
 

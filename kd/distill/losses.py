@@ -1,20 +1,22 @@
-"""KnowledgeDistillationLoss: alpha * CE(labels) + (1 - alpha) * soft + w * feature MSE.
+"""KnowledgeDistillationLoss: alpha * CE(labels) + (1 - alpha) * soft + w * feature.
 
 The soft term is one function of SOFT_LOSSES: classic KL (Hinton et al.), DKD (Zhao et al., CVPR 2022) or DIST
-(Huang et al., NeurIPS 2022). All are computed in float32, whatever the autocast dtype of the logits.
+(Huang et al., NeurIPS 2022). All are computed in float32, whatever the autocast dtype of the logits. The feature
+term is one function of kd.distill.feature_losses.FEATURE_LOSSES (MSE of adapted features, attention, RKD).
+`check_loss_config` checks both names and their arguments when a run starts.
 The hard term (`hard_loss`) sees the labelled samples of a batch only (an unlabelled one has label -1), with label
 smoothing and the mixed labels of Mixup / CutMix (kd/data/mixing.py); the soft and feature terms see every sample.
 """
 
 import inspect
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:  # kd.config imports this module to check soft_loss and soft_loss_args
-    from kd.config import DistillationConfig
+from kd.config import ConfigError, DistillationConfig, _coerce, _did_you_mean
+from kd.distill.feature_losses import FEATURE_LOSSES
+from kd.errors import quote
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -114,25 +116,42 @@ def hard_loss(
     return loss.mean()
 
 
-def feature_mse(feature_pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Mean over layers of the MSE between (adapted) student features and teacher features."""
-    return torch.stack([F.mse_loss(s.float(), t.float()) for s, t in feature_pairs]).mean()
-
-
 # A soft loss takes the logits and the temperature by these names (the labels too, when it names them) and returns a
 # scalar; its other arguments are distillation.soft_loss_args. A new one is a function and an entry here.
 SOFT_LOSSES = {"kl": soft_kl, "dkd": dkd_loss, "dist": dist_loss}
 INPUTS = ("student_logits", "teacher_logits", "labels", "temperature")
-# the keys that set soft loss arguments before distillation.soft_loss_args: still read, soft_loss_args wins
-CONFIG_KEYS = {"dkd": {"alpha": "dkd_alpha", "beta": "dkd_beta"}, "dist": {"beta": "dist_beta", "gamma": "dist_gamma"}}
+# what each kind of loss is given by the code; the rest of its arguments come from distillation.<kind>_args
+LOSS_TABLES = {"soft_loss": (SOFT_LOSSES, INPUTS, "beta: 2.0"), "feature_loss": (FEATURE_LOSSES, ("pairs",), "p: 2.0")}
 
 
-def soft_loss_arguments(name: str) -> dict[str, inspect.Parameter]:
-    """The arguments of soft loss `name` beside its INPUTS, with their defaults: what soft_loss_args may set."""
-    if name not in SOFT_LOSSES:
-        raise ValueError(f"unknown soft_loss {name!r}; choose one of {', '.join(SOFT_LOSSES)}")
-    parameters = inspect.signature(SOFT_LOSSES[name]).parameters
-    return {key: parameter for key, parameter in parameters.items() if key not in INPUTS}
+def loss_arguments(function, inputs: tuple[str, ...]) -> dict[str, inspect.Parameter]:
+    """The arguments of a loss beside the `inputs` the code gives it: what its distillation.*_args may set."""
+    return {k: p for k, p in inspect.signature(function).parameters.items() if k not in inputs}
+
+
+def check_loss_config(d: DistillationConfig) -> None:
+    """distillation.soft_loss and feature_loss name entries of SOFT_LOSSES and FEATURE_LOSSES, and their *_args
+    only arguments of those functions, with values of the annotated types (coerced in place). Else ConfigError."""
+    for kind, (table, inputs, example) in LOSS_TABLES.items():
+        name, args = getattr(d, kind), getattr(d, f"{kind}_args")
+        if name not in table:
+            hint = _did_you_mean(str(name), [*table])
+            raise ConfigError(
+                f"distillation.{kind} must be {' | '.join(table)}, got {quote(name)}" + (f".{hint}" if hint else "")
+            )
+        if not isinstance(args, dict):
+            raise ConfigError(
+                f"distillation.{kind}_args must be a mapping of argument names to values, e.g. {{{example}}}, "
+                f"got {quote(args)}"
+            )
+        arguments = loss_arguments(table[name], inputs)
+        for key, value in args.items():
+            if key not in arguments:
+                raise ConfigError(
+                    f"distillation.{kind}_args: {kind.replace('_', ' ')} {name} has no argument {quote(key)}; "
+                    f"its arguments: {', '.join(arguments) or 'none'}"
+                )
+            args[key] = _coerce(value, arguments[key].annotation, f"distillation.{kind}_args.{key}")
 
 
 class KnowledgeDistillationLoss(nn.Module):
@@ -142,7 +161,8 @@ class KnowledgeDistillationLoss(nn.Module):
     by default, the papers' CIFAR-100 values). Both papers add their term to a CE of weight 1, while here it is mixed
     as (1 - alpha) * soft, so alpha rescales it. Over training (`set_progress`), the soft term ramps in linearly over
     `soft_warmup_epochs` (DKD's warmup; 0: none) and the temperature decays linearly to `final_temperature` over
-    `total_epochs` (None: constant).
+    `total_epochs` (None: constant). The feature term is FEATURE_LOSSES[feature_loss] called with the feature pairs
+    and `feature_loss_args`. Names and arguments are check_loss_config's to check.
     """
 
     def __init__(
@@ -156,20 +176,13 @@ class KnowledgeDistillationLoss(nn.Module):
         final_temperature: float | None = None,
         total_epochs: float = 1.0,
         label_smoothing: float = 0.0,
+        feature_loss: str = "mse",
+        feature_loss_args: dict | None = None,
     ):
         super().__init__()
-        arguments, soft_loss_args = soft_loss_arguments(soft_loss), dict(soft_loss_args or {})
-        unknown = [name for name in soft_loss_args if name not in arguments]
-        if unknown:
-            raise ValueError(
-                f"soft loss {soft_loss!r} has no argument(s) {unknown}; its arguments: {', '.join(arguments) or 'none'}"
-            )
-        self.soft_loss, self.soft_loss_args = soft_loss, soft_loss_args
-        function = SOFT_LOSSES[soft_loss]
-        self.soft_function, self.soft_inputs = (
-            function,
-            [k for k in INPUTS if k in inspect.signature(function).parameters],
-        )
+        self.soft_function, self.soft_loss_args = SOFT_LOSSES[soft_loss], dict(soft_loss_args or {})
+        self.soft_inputs = [k for k in INPUTS if k in inspect.signature(self.soft_function).parameters]
+        self.feature_function, self.feature_loss_args = FEATURE_LOSSES[feature_loss], dict(feature_loss_args or {})
         self.temperature, self.alpha, self.feature_weight = temperature, alpha, feature_weight
         self.initial_temperature, self.final_temperature = temperature, final_temperature
         self.soft_warmup_epochs, self.total_epochs = soft_warmup_epochs, total_epochs
@@ -177,19 +190,20 @@ class KnowledgeDistillationLoss(nn.Module):
         self.epoch = 0.0  # fractional epoch, from set_progress
 
     @classmethod
-    def from_config(cls, d: "DistillationConfig") -> "KnowledgeDistillationLoss":
-        """The loss the distillation section describes: soft_loss_args over the dkd_* / dist_* keys, DKD's warmup."""
-        older = {argument: getattr(d, key) for argument, key in CONFIG_KEYS.get(d.soft_loss, {}).items()}
+    def from_config(cls, d: DistillationConfig) -> "KnowledgeDistillationLoss":
+        """The loss the distillation section describes (checked by check_loss_config), DKD's warmup included."""
         return cls(
             d.temperature,
             d.alpha,
             d.feature_weight,
             d.soft_loss,
-            {**older, **d.soft_loss_args},
+            d.soft_loss_args,
             soft_warmup_epochs=d.dkd_warmup_epochs if d.soft_loss == "dkd" else 0.0,
             final_temperature=d.final_temperature,
             total_epochs=d.max_epochs,
-            label_smoothing=getattr(d, "label_smoothing", 0.0),
+            label_smoothing=d.label_smoothing,
+            feature_loss=d.feature_loss,
+            feature_loss_args=d.feature_loss_args,
         )
 
     def set_progress(self, epoch: float) -> None:
@@ -227,10 +241,13 @@ class KnowledgeDistillationLoss(nn.Module):
         mix_lambda: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """The terms on a batch: the hard one on its labelled samples (kd.distill.losses.hard_loss: masked, mixed,
-        smoothed), the soft and feature ones on all of them, labelled or not."""
+        smoothed), the soft and feature ones on all of them, labelled or not; "feature" only given feature pairs."""
         hard = hard_loss(student_logits, labels, self.label_smoothing, mix_label, mix_lambda)
         soft = self.soft(student_logits, teacher_logits, labels)
-        feature = feature_mse(list(feature_pairs)) if feature_pairs else hard.new_zeros(())
-        loss = self.alpha * hard + (1 - self.alpha) * soft + self.feature_weight * feature
-        temperature = torch.tensor(float(self.temperature))  # logged: it follows the schedule
-        return {"loss": loss, "hard": hard, "soft": soft, "feature": feature, "temperature": temperature}
+        loss = self.alpha * hard + (1 - self.alpha) * soft
+        terms = {"hard": hard, "soft": soft}
+        if feature_pairs:  # a run without feature matching has no feature term: nothing to log as 0
+            terms["feature"] = self.feature_function(list(feature_pairs), **self.feature_loss_args)
+            loss = loss + self.feature_weight * terms["feature"]
+        terms["temperature"] = torch.tensor(float(self.temperature))  # logged: it follows the schedule
+        return {"loss": loss, **terms}

@@ -1,24 +1,23 @@
-"""The teachers a run distils from, as one: frozen checkpoints (one, or a weighted ensemble), or their logits read back
-from a teacher cache (kd/distill/cache.py). `load_teachers` is where a run gets them, and the one place that picks
-the cache.
+"""The teachers a run distils from. TeacherEnsemble runs frozen checkpoints (one, or a weighted ensemble; in
+self-distillation the student's EMA joins them); CachedTeacher reads their logits back from a teacher cache
+(kd/distill/cache.py). Both answer `logits(batch, source)`: the Teacher protocol, all the Distiller calls.
+`load_teachers` reads the checkpoints a config names; the checks at start are free functions.
 """
 
 import dataclasses
-import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from kd.config import Config
+from kd.config import DistillationConfig
 from kd.data.dataset import InputSpec
-from kd.distill.cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key, check_applies
-from kd.distill.hooks import FeaturePairs
+from kd.distill.cache import TeacherCache
 from kd.errors import UserError, quote
 from kd.models.checkpoint import CheckpointMeta, check_ms_bands, load_checkpoint, read_meta
 from kd.models.zoo import count_parameters, forward_batch
@@ -76,100 +75,44 @@ def loader_input(loader: DataLoader) -> dict:
     return {"image_size": transform.image_size, "mean": list(transform.mean), "std": list(transform.std)}
 
 
-class Teachers:
-    """Frozen teachers as one: `logits` averages theirs with the normalized weights, each teacher fed the batch
-    resized and re-normalized to its own input (its checkpoint's; without `metas`, the batch as it comes).
+class Teacher(Protocol):
+    """What the Distiller calls on its teacher(s)."""
+
+    def logits(self, batch: dict, source: dict | None = None) -> torch.Tensor:
+        """Float32 logits on `batch`, whose images are normalized as `source` ({"image_size", "mean", "std"}) says."""
+
+    def set_ema(self, ema: nn.Module) -> None:
+        """The student's EMA, a teacher in self-distillation."""
+
+    def set_progress(self, epoch: float) -> None:
+        """Called before every step with the fractional epoch."""
+
+
+class TeacherEnsemble:
+    """Frozen teachers as one: `logits` averages theirs with the normalized `weights`, each teacher fed the batch
+    resized and re-normalized to its own input (`inputs`, {"image_size", "mean", "std"} each; None: the batch as it
+    comes). With `ema_weight` > 0 the student's EMA (set_ema) joins them once `ema_start_epoch` has passed.
 
     Not an nn.Module on purpose: held by the Distiller, the teachers would be broadcast by DDP every step, seen by
-    the optimizer and saved in checkpoints. They stay in eval mode and run under no_grad. With `ema_weight` > 0 the
-    student's EMA (set_ema) joins them once `ema_start_epoch` has passed (self-distillation).
-    Read from a teacher cache, there are no modules: `check` opens the cache, once the training views it must hold
-    are known. `config`, the run's, is what `check` and `build_cache` read (load_teachers sets it).
+    the optimizer and saved in checkpoints. They stay in eval mode and run under no_grad.
     """
 
     def __init__(
         self,
         modules: Sequence[nn.Module],
         weights: Sequence[float] | None = None,
-        metas: Sequence[CheckpointMeta] = (),
-        checkpoints: Sequence[str] = (),
+        inputs: Sequence[dict | None] | None = None,
         ema_weight: float = 0.0,
         ema_start_epoch: float = 1.0,
-        config: Config | None = None,
     ):
         self.modules = tuple(m.eval().requires_grad_(False) for m in modules)
-        self.metas, self.checkpoints, self.config = list(metas), list(checkpoints), config
-        count = len(self.metas or self.modules)
-        self.weights = list(weights) if weights is not None else [1.0] * count
-        normalize_weights(self.weights, count)  # validates
-        self.inputs = [m.input_spec.rgb() for m in self.metas] or [None] * count
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.modules)
+        normalize_weights(self.weights, len(self.modules))  # validates
+        self.inputs = list(inputs) if inputs is not None else [None] * len(self.modules)
         self.ema: nn.Module | None = None
         self.ema_weight, self.ema_start_epoch, self.epoch = ema_weight, ema_start_epoch, 0.0
-        self.cache: CachedTeacher | None = None
-
-    @property
-    def classes(self) -> list[str]:
-        return self.metas[0].classes
-
-    @property
-    def ms_meta(self) -> CheckpointMeta | None:
-        """The metadata of the teacher that reads MS bands, if one runs (from a cache, none reads them)."""
-        return next((m for m in self.metas if m.input_spec.with_ms), None) if self.modules else None
-
-    def input_specs(self, student: InputSpec, ms_bands: list, say: Callable[[str], None]) -> tuple[InputSpec, ...]:
-        """(training view, validation input) for a student fed `student`: one augmented view at the largest input
-        size of all models, which each gets resized / re-normalized; both with the MS bands and statistics of the
-        teacher that reads them, so that it sees inputs exactly as it was trained on (`ms_bands`: data.ms_bands)."""
-        val = student
-        if self.ms_meta:
-            ms = self.ms_meta.input_spec
-            if ms_bands and ms_bands != ms.ms_bands:
-                raise UserError(
-                    f"data.ms_bands is {quote(ms_bands)}, but the teacher was trained on bands "
-                    f"{quote(ms.ms_bands or 'all')}: the teacher must see its own bands. Set data.ms_bands to "
-                    "the teacher's, or leave it empty ([]) to use them."
-                )
-            if ms.ms_bands:
-                say(f"multispectral bands {ms.ms_bands}: the teacher's (from its checkpoint)")
-            val = dataclasses.replace(student, ms_mean=ms.ms_mean, ms_std=ms.ms_std, ms_bands=ms.ms_bands)
-        view_size = max(x["image_size"] for x in [student.rgb(), *self.inputs])
-        return dataclasses.replace(val, image_size=view_size), val
-
-    def check(self, train_loader: DataLoader, val_loader: DataLoader, rebuild: str, say: Callable[[str], None]):
-        """At start, against this run's data: the MS teacher's band count; each teacher clearly better than chance
-        on a class-balanced validation batch (`say`s a line each); or, from a cache, that it holds exactly these
-        training views (it is opened here; else a UserError that says why and gives the `rebuild` command)."""
-        d = self.config.distillation
-        check_ms_bands(self.ms_meta, val_loader.dataset)
-        if not self.modules:  # read from a cache
-            self.cache = CachedTeacher(
-                TeacherCache.open(d.teacher_cache, self.cache_key(train_loader), d.max_epochs, rebuild)
-            )
-        elif d.teacher_sanity_check:  # a cached run checked its teachers when it built the cache
-            batch = class_balanced_batch(val_loader, d.batch_size)  # sorted val sets start with one class
-            for name, teacher, target in zip(self.checkpoints, self.modules, self.inputs):
-                teacher_batch = adapt_view(batch, loader_input(val_loader), target)
-                say(teacher_sanity_report(name, teacher, teacher_batch, len(self.classes)))
-
-    def cache_key(self, train_loader: DataLoader) -> dict:
-        """kd.distill.cache.cache_key of these teachers and the loader's training views."""
-        entries = [{"checkpoint": c, "weight": w} for c, w in zip(self.checkpoints, self.weights)]
-        d, data = self.config.distillation, self.config.data
-        return cache_key(entries, self.metas, train_loader.dataset, data.root, self.inputs, d.teacher_cache_top_k)
-
-    def build_cache(self, accelerator: Accelerator, train_loader: DataLoader) -> None:
-        """Run the teachers once over every epoch's training views and store their top-k logits in
-        distillation.teacher_cache (distill.py --cache-teacher), on the run's device and in its precision."""
-        d, data = self.config.distillation, self.config.data
-        self.to(accelerator.device, d.channels_last, d.compile)
-        logits = functools.partial(self.logits, source=loader_input(train_loader))
-        key, views = self.cache_key(train_loader), train_loader.dataset
-        build_teacher_cache(
-            accelerator, d.teacher_cache, key, logits, views, d.max_epochs, d.batch_size, data.num_workers
-        )
 
     def set_ema(self, ema: nn.Module) -> None:
-        """Self-distillation: the student's EMA, which joins the teachers when ema_weight > 0."""
         if self.ema_weight > 0:
             self.ema = ema
 
@@ -186,56 +129,114 @@ class Teachers:
 
     @torch.no_grad()
     def logits(self, batch: dict, source: dict | None = None) -> torch.Tensor:
-        """Their weighted logits on `batch`, whose images are normalized as `source` says (the student's input,
-        which the EMA teacher takes); from a cache, the ensemble's logits stored for the batch's views."""
-        if self.cache is not None:
-            return forward_batch(self.cache, batch).float()
+        """Their weighted logits on `batch`; the EMA teacher takes the batch as it comes (the student's input)."""
         modules, weights, inputs = list(self.modules), list(self.weights), list(self.inputs)
         if self.ema is not None and self.epoch >= self.ema_start_epoch:
             modules, weights, inputs = [*modules, self.ema], [*weights, self.ema_weight], [*inputs, source]
         logits = [forward_batch(m, adapt_view(batch, source, target)) for m, target in zip(modules, inputs)]
         return logits[0].float() if len(logits) == 1 else weighted_logits(logits, weights)
 
-    def describe(self) -> str:
-        names = ", ".join(self.checkpoints)
-        if self.cache is not None:
-            cache = self.cache.cache
+
+class CachedTeacher:
+    """The teachers' logits read from a teacher cache by the batch's loader keys (the views it was built on)."""
+
+    def __init__(self, cache: TeacherCache):
+        self.cache = cache
+
+    def logits(self, batch: dict, source: dict | None = None) -> torch.Tensor:
+        return self.cache.logits(batch["key"])
+
+    def set_ema(self, ema: nn.Module) -> None:
+        """A cache holds fixed logits: kd.distill.cache.check_applies refuses an EMA teacher with one."""
+
+    def set_progress(self, epoch: float) -> None:
+        """Cached logits do not change over training."""
+
+
+@dataclasses.dataclass
+class TeacherCheckpoints:
+    """The teacher checkpoints a run names, read: their paths, metadata, ensemble weights and frozen modules (none
+    when only the metadata was read, as a run distilling from a teacher cache does)."""
+
+    paths: list[str]
+    metas: list[CheckpointMeta]
+    weights: list[float]
+    modules: list[nn.Module]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.metas[0].classes
+
+    @property
+    def inputs(self) -> list[dict]:
+        """Each teacher's RGB input {"image_size", "mean", "std"}, from its checkpoint."""
+        return [m.input_spec.rgb() for m in self.metas]
+
+    @property
+    def ms_meta(self) -> CheckpointMeta | None:
+        """The metadata of the teacher that reads MS bands, if one runs (from a cache, none reads them)."""
+        return next((m for m in self.metas if m.input_spec.with_ms), None) if self.modules else None
+
+    def describe(self, cache: TeacherCache | None = None) -> str:
+        names = ", ".join(self.paths)
+        if cache is not None:
             return f"teacher logits from cache {cache.path} (top-{cache.meta['key']['top_k']} of {names})"
         return f"{len(self.modules)} teacher(s): {names} ({sum(count_parameters(t) for t in self.modules) / 1e6:.2f}M)"
 
-    def feature_pairs(self, layers: list, student: nn.Module, example: dict, source: dict, index: int) -> FeaturePairs:
-        """Feature matching of `layers` between the student and teacher `index`, sized on `example`, a batch of
-        training views normalized as `source` says (the student's input)."""
-        teacher, target = self.modules[index], self.inputs[index]
-        return FeaturePairs(
-            layers, student, teacher, adapt_view(example, source, source), adapt_view(example, source, target)
-        )
 
-
-def load_teachers(cfg: Config, online: bool = False) -> Teachers:
+def load_teachers(d: DistillationConfig, online: bool = True) -> TeacherCheckpoints:
     """The teachers of distillation.teachers (or teacher_checkpoint), frozen, rebuilt from their safetensors + JSON
-    checkpoints. With distillation.teacher_cache set, only their metadata is read: their logits come from the cache,
-    which Teachers.check opens; `online` loads them all the same (to list their layers, or to build the cache).
-    They must share one class list."""
-    d = cfg.distillation
-    if d.teacher_cache:
-        check_applies(d)
+    checkpoints; `online=False` reads only their metadata (their logits come from a cache). They must share one
+    class list."""
     entries = d.teachers or [{"checkpoint": d.teacher_checkpoint, "weight": 1.0}]
-    checkpoints = [e["checkpoint"] for e in entries]
-    if d.teacher_cache and not online:  # the teachers are never loaded, let alone run
-        modules, metas = [], [read_meta(c) for c in checkpoints]
-    else:
-        loaded = [load_checkpoint(c) for c in checkpoints]
+    paths = [e["checkpoint"] for e in entries]
+    if online:
+        loaded = [load_checkpoint(c) for c in paths]
         modules, metas = [m for m, _ in loaded], [meta for _, meta in loaded]
-    for checkpoint, meta in zip(checkpoints, metas):
+    else:  # the teachers are never loaded, let alone run
+        modules, metas = [], [read_meta(c) for c in paths]
+    for path, meta in zip(paths, metas):
         if meta.classes != metas[0].classes:
-            raise UserError(
-                f"teacher {checkpoint} has classes {meta.classes}, but {checkpoints[0]} has {metas[0].classes}"
-            )
+            raise UserError(f"teacher {path} has classes {meta.classes}, but {paths[0]} has {metas[0].classes}")
     if not 0 <= d.feature_teacher < len(entries):
         raise UserError(f"distillation.feature_teacher={d.feature_teacher}, but there are {len(entries)} teachers")
-    weights = [e.get("weight", 1.0) for e in entries]
-    return Teachers(modules, weights, metas, checkpoints, d.ema_teacher_weight, d.ema_teacher_start_epoch, cfg)
+    return TeacherCheckpoints(paths, metas, [e.get("weight", 1.0) for e in entries], modules)
+
+
+def input_specs(
+    student: InputSpec, teachers: TeacherCheckpoints, ms_bands: list, say: Callable[[str], None]
+) -> tuple[InputSpec, InputSpec]:
+    """(training view, validation input) for a student fed `student`: one augmented view at the largest input size
+    of all models, which each gets resized / re-normalized; both with the MS bands and statistics of the teacher
+    that reads them, so that it sees inputs exactly as it was trained on (`ms_bands`: data.ms_bands)."""
+    val = student
+    if ms_meta := teachers.ms_meta:
+        ms = ms_meta.input_spec
+        if ms_bands and ms_bands != ms.ms_bands:
+            raise UserError(
+                f"data.ms_bands is {quote(ms_bands)}, but the teacher was trained on bands "
+                f"{quote(ms.ms_bands or 'all')}: the teacher must see its own bands. Set data.ms_bands to "
+                "the teacher's, or leave it empty ([]) to use them."
+            )
+        if ms.ms_bands:
+            say(f"multispectral bands {ms.ms_bands}: the teacher's (from its checkpoint)")
+        val = dataclasses.replace(student, ms_mean=ms.ms_mean, ms_std=ms.ms_std, ms_bands=ms.ms_bands)
+    view_size = max(x["image_size"] for x in [student.rgb(), *teachers.inputs])
+    return dataclasses.replace(val, image_size=view_size), val
+
+
+def check_teachers(
+    teachers: TeacherCheckpoints, val_loader: DataLoader, sanity_batch_size: int, say: Callable[[str], None]
+) -> None:
+    """At start, against this run's data: the MS teacher's band count, and each loaded teacher clearly better than
+    chance on a class-balanced validation batch of `sanity_batch_size` images (0: no check), a line each (a cached
+    run checked its teachers when it built the cache)."""
+    check_ms_bands(teachers.ms_meta, val_loader.dataset)
+    if teachers.modules and sanity_batch_size:
+        batch = class_balanced_batch(val_loader, sanity_batch_size)  # sorted val sets start with one class
+        for name, teacher, target in zip(teachers.paths, teachers.modules, teachers.inputs):
+            teacher_batch = adapt_view(batch, loader_input(val_loader), target)
+            say(teacher_sanity_report(name, teacher, teacher_batch, len(teachers.classes)))
 
 
 @torch.no_grad()
