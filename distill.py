@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 
 from kd.cli import parse_cli
 from kd.config import flat_hparams
-from kd.data.dataset import build_loader, prepare_data, resolve_input
+from kd.data.loaders import build_loader, prepare_data, resolve_input
 from kd.data.mixing import Mixing
 from kd.data.unlabeled import ShareSampler
 from kd.distill.cache import rebuild_command
