@@ -5,32 +5,17 @@ same whatever the worker count, after a resume, or when a teacher's output for i
 """
 
 import torch
+import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
+from torchvision import tv_tensors
 
 from kd.data.augment import RandAugment, parse_randaugment
 
-
-def crop_params(
-    height: int, width: int, scale: tuple, ratio: tuple, generator: torch.Generator | None = None
-) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's (top, left, h, w), drawn from `generator` (torchvision's version uses the global RNG)."""
-    area = height * width
-    log_ratio = torch.log(torch.tensor(ratio))
-    for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
-        w, h = round((target_area * aspect) ** 0.5), round((target_area / aspect) ** 0.5)
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-            return top, left, h, w
-    side = min(height, width)  # fallback: the central square crop
-    return (height - side) // 2, (width - side) // 2, side, side
-
-
 # The version of how a view's pixels are made from a file and its draws: bump it when they change for the same draws
-# (2: RGB cropped, resized and flipped in uint8; JPEGs and PNGs decoded by torchvision), so teacher caches key on it.
-PIXELS_VERSION = 2
+# (2: RGB cropped, resized and flipped in uint8; JPEGs and PNGs decoded by torchvision; 3: the crop drawn by
+# torchvision.transforms.v2, whose fallback after 10 misses is its ratio-clamped central crop, not a square), so
+# teacher caches key on it.
+PIXELS_VERSION = 3
 
 
 class PairedTransform:
@@ -78,16 +63,24 @@ class PairedTransform:
         height, width = rgb.shape[1:]
         size = [self.image_size] * 2 if self.image_size else [height, width]
         if self.train:
-            top, left, h, w = crop_params(height, width, self.scale, (3 / 4, 4 / 3), generator)
-            parts = [TF.resized_crop(x, top, left, h, w, size, antialias=True) for x in parts]
-            if torch.rand((), generator=generator) < self.hflip:
-                parts = [x.flip(-1) for x in parts]
-            if torch.rand((), generator=generator) < self.vflip:
-                parts = [x.flip(-2) for x in parts]
-            if self.rand_augment is not None:  # uncovered pixels get the mean: they normalize to 0
-                x = parts[0]  # float RGB (+ MS): uint8 is off with RandAugment
-                fill = self.mean + (list(self.ms_mean) if self.ms_mean is not None else [0.0] * (len(x) - 3))
-                parts = [self.rand_augment(x, fill, generator)]
+            geometry = v2.Compose(
+                [
+                    v2.RandomResizedCrop(size, self.scale, (3 / 4, 4 / 3), antialias=True),
+                    v2.RandomHorizontalFlip(self.hflip),
+                    v2.RandomVerticalFlip(self.vflip),
+                ]
+            )
+            # v2 draws from the global RNG, which cannot be handed a generator: it is set to the sample's own in a
+            # fork, so each view stays seeded per sample and the global RNG (dropout's) is left as it was
+            with torch.random.fork_rng(devices=[], enabled=generator is not None):
+                if generator is not None:
+                    torch.default_generator.set_state(generator.get_state())
+                views = geometry(*[tv_tensors.Image(x) for x in parts])
+                parts = [x.as_subclass(torch.Tensor) for x in (views if len(parts) > 1 else [views])]
+                if self.rand_augment is not None:  # uncovered pixels get the mean: they normalize to 0
+                    x = parts[0]  # float RGB (+ MS): uint8 is off with RandAugment
+                    fill = self.mean + (list(self.ms_mean) if self.ms_mean is not None else [0.0] * (len(x) - 3))
+                    parts = [self.rand_augment(x, fill, torch.default_generator)]
         elif [height, width] != size:
             parts = [TF.resize(x, size, antialias=True) for x in parts]
         if uint8:
