@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, default_collate
 
 from kd.cli import parse_cli
 from kd.config import Config, flat_hparams
-from kd.data.dataset import InputSpec, build_loader, prepare_data, resolve_input
+from kd.data.dataset import InputSpec
+from kd.data.loaders import build_loader, prepare_data, resolve_input
 from kd.data.mixing import Mixing
 from kd.data.unlabeled import ShareSampler
 from kd.distill.cache import TeacherCache, cache_key, check_applies, rebuild_command

@@ -42,7 +42,7 @@ from rich.progress import track
 
 from kd.cli import add_config_arguments, resolve_config
 from kd.config import Config
-from kd.data.dataset import prepare_data
+from kd.data.loaders import prepare_data
 from kd.deploy.inference import LoadedModel, load_model, read_json_object
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.eval.corruptions import CORRUPTIONS, corrupt_normalized

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Subset
 
 from kd.cli import add_config_arguments, resolve_config
 from kd.config import Config
-from kd.data.dataset import prepare_data
+from kd.data.loaders import prepare_data
 from kd.deploy import formats as fmt
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.eval.measure import latency_ms

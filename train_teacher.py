@@ -12,7 +12,8 @@ from accelerate.utils import set_seed
 
 from kd.cli import parse_cli
 from kd.config import flat_hparams
-from kd.data.dataset import build_loader, ms_statistics, open_split, prepare_data, resolve_input
+from kd.data.dataset import ms_statistics
+from kd.data.loaders import build_loader, open_split, prepare_data, resolve_input
 from kd.data.mixing import Mixing
 from kd.data.unlabeled import ignored_note
 from kd.errors import UserError, exit_on_user_error

@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from benchmarks.report import write_report  # noqa: E402
 from kd.config import DataConfig, load_config  # noqa: E402
-from kd.data.dataset import InputSpec, build_loader, make_demo_dataset, open_split, prepare_data  # noqa: E402
+from kd.data.dataset import InputSpec  # noqa: E402
+from kd.data.demo import make_demo_dataset  # noqa: E402
+from kd.data.loaders import build_loader, open_split, prepare_data  # noqa: E402
 from kd.errors import exit_on_user_error  # noqa: E402
 
 
@@ -81,7 +83,8 @@ def transforms_per_worker(root: Path, size: int, rounds: int) -> dict:
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
 
-    from kd.data.dataset import LeafDataset, PairedTransform, load_image
+    from kd.data.dataset import LeafDataset, load_image
+    from kd.data.transforms import PairedTransform
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     transform = PairedTransform(size, train=True, mean=mean, std=std, hflip=0.5, vflip=0.5, scale_min=0.6)

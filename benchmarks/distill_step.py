@@ -39,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from benchmarks.report import write_report  # noqa: E402
 from kd.config import DataConfig  # noqa: E402
-from kd.data.dataset import InputSpec, build_loader, make_demo_dataset, ms_statistics, open_split  # noqa: E402
+from kd.data.dataset import InputSpec, ms_statistics  # noqa: E402
+from kd.data.demo import make_demo_dataset  # noqa: E402
+from kd.data.loaders import build_loader, open_split  # noqa: E402
 from kd.distill.cache import TeacherCache  # noqa: E402
 from kd.distill.cache_build import build_teacher_cache  # noqa: E402
 from kd.distill.distiller import Distiller  # noqa: E402

@@ -56,7 +56,7 @@ RUNS = {
 
 
 def main() -> None:
-    from kd.data.dataset import make_demo_dataset
+    from kd.data.demo import make_demo_dataset
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     with tempfile.TemporaryDirectory() as tmp:

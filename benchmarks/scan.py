@@ -19,7 +19,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing kd
 
 from benchmarks.report import write_report  # noqa: E402
-from kd.data.dataset import LeafDataset, scan_dataset  # noqa: E402
+from kd.data.dataset import LeafDataset  # noqa: E402
+from kd.data.scan import scan_dataset  # noqa: E402
 
 
 def write_images(root: Path, count: int, size: int, suffix: str) -> None:

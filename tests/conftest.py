@@ -7,7 +7,7 @@ from accelerate.state import AcceleratorState, GradientState
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.data.dataset import make_demo_dataset  # noqa: E402
+from kd.data.demo import make_demo_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from kd.config import DataConfig
-from kd.data.dataset import InputSpec, LeafDataset, build_loader, image_tensor, ms_statistics, open_split, scan_dataset
+from kd.data.dataset import InputSpec, LeafDataset, image_tensor, ms_statistics
+from kd.data.loaders import build_loader, open_split
+from kd.data.scan import scan_dataset
 from kd.errors import UserError
 
 HW = (6, 8)
@@ -37,10 +39,7 @@ def q(path: Path) -> str:
 
 
 def data_config(root: Path, **extra) -> DataConfig:
-    cfg = DataConfig(root=str(root), demo=False, image_size=8, num_workers=0)
-    for key, value in extra.items():
-        setattr(cfg, key, value)
-    return cfg
+    return DataConfig(**{"root": str(root), "demo": False, "image_size": 8, "num_workers": 0} | extra)
 
 
 def png16(array: np.ndarray) -> bytes:

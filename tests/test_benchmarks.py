@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import gpu, vs_torchdistill  # noqa: E402
 from kd.config import load_config  # noqa: E402
-from kd.data.dataset import LeafDataset, PairedTransform, load_image  # noqa: E402
+from kd.data.dataset import LeafDataset, load_image  # noqa: E402
+from kd.data.transforms import PairedTransform  # noqa: E402
 
 
 def _positive(value) -> bool:

@@ -15,7 +15,8 @@ from conftest import reset_accelerate
 import distill
 import kd.distill.teachers
 from kd.config import load_config
-from kd.data.dataset import InputSpec, build_loader, ms_statistics, open_split
+from kd.data.dataset import InputSpec, ms_statistics
+from kd.data.loaders import build_loader, open_split
 from kd.distill.cache import TeacherCache, bytes_per_row, reconstruct_logits, top_k_rows
 from kd.distill.distiller import Distiller
 from kd.distill.losses import KnowledgeDistillationLoss, soft_kl

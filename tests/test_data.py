@@ -11,18 +11,12 @@ import torch
 from PIL import Image
 
 from kd.config import DataConfig
-from kd.data.dataset import (
-    InputSpec,
-    LeafDataset,
-    PairedTransform,
-    build_loader,
-    ms_statistics,
-    open_split,
-    prepare_data,
-    scan_dataset,
-)
+from kd.data.dataset import InputSpec, LeafDataset, ms_statistics
 from kd.data.demo import DEMO_CLASSES, DEMO_VERSION, _render, make_demo_dataset
 from kd.data.layouts import SPLITS
+from kd.data.loaders import build_loader, open_split, prepare_data
+from kd.data.scan import scan_dataset
+from kd.data.transforms import PairedTransform
 from kd.errors import UserError
 
 HW = (6, 8)  # not square, so the band axis of an MS array is never ambiguous
@@ -58,11 +52,7 @@ def make_folder(root: Path, n: int = 10, ms: str | None = "hwc", ms_root: Path |
 
 
 def data_config(root: Path, **extra) -> DataConfig:
-    """A DataConfig plus keys DataConfig may not declare yet (kd.data.dataset reads them with getattr)."""
-    cfg = DataConfig(root=str(root), demo=False, image_size=8, num_workers=0)
-    for key, value in extra.items():
-        setattr(cfg, key, value)
-    return cfg
+    return DataConfig(**{"root": str(root), "demo": False, "image_size": 8, "num_workers": 0} | extra)
 
 
 def names(dataset: LeafDataset) -> set[str]:
@@ -289,8 +279,7 @@ def test_loader_options_come_from_the_config_and_a_dataset_can_be_reused(tmp_pat
     assert batch["rgb"].shape == (4, 3, 8, 8) and batch["ms"].shape == (4, BANDS, 8, 8)
     assert loader.prefetch_factor is None and not loader.persistent_workers
 
-    cfg = data_config(root, prefetch_factor=3, persistent_workers=False, pin_memory=False)
-    cfg.num_workers = 1
+    cfg = data_config(root, prefetch_factor=3, persistent_workers=False, pin_memory=False, num_workers=1)
     train = open_split(cfg, "train", with_ms=True)
     loader = build_loader(cfg, RAW_MS, "train", 4, train=True, dataset=train)
     assert (loader.num_workers, loader.prefetch_factor, loader.persistent_workers) == (1, 3, False)

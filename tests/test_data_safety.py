@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import kd.data.dataset
+import kd.data.loaders
 from kd.config import DataConfig
-from kd.data.dataset import InputSpec, LeafDataset, build_loader, open_split, prepare_data, scan_dataset
+from kd.data.dataset import InputSpec, LeafDataset
 from kd.data.demo import make_demo_dataset
+from kd.data.loaders import build_loader, open_split, prepare_data
 from kd.data.multispectral import load_ms
+from kd.data.scan import scan_dataset
 from kd.errors import UserError
 
 HW = (6, 8)
@@ -60,10 +62,7 @@ def rows(n: int = 3) -> list[list[str]]:
 
 
 def config(root: Path, **extra) -> DataConfig:
-    cfg = DataConfig(root=str(root), demo=False, image_size=8, num_workers=0)
-    for key, value in extra.items():
-        setattr(cfg, key, value)
-    return cfg
+    return DataConfig(**{"root": str(root), "demo": False, "image_size": 8, "num_workers": 0} | extra)
 
 
 def fifo(path: Path) -> Path:
@@ -270,7 +269,7 @@ def small_demo(root, seed=0):
 
 def test_a_mistyped_root_with_demo_on_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(kd.data.dataset, "make_demo_dataset", small_demo)
+    monkeypatch.setattr(kd.data.loaders, "make_demo_dataset", small_demo)
     typo = tmp_path / "dmeo"
     with pytest.raises(
         UserError,
@@ -288,7 +287,7 @@ def test_a_mistyped_root_with_demo_on_is_refused_and_nothing_is_written(tmp_path
 @pytest.mark.parametrize("spelling", ["data/demo", "./data/demo/", "ABSOLUTE"])
 def test_the_demo_is_written_at_its_own_folder(tmp_path, monkeypatch, spelling):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(kd.data.dataset, "make_demo_dataset", small_demo)
+    monkeypatch.setattr(kd.data.loaders, "make_demo_dataset", small_demo)
     root = str(tmp_path / "data/demo") if spelling == "ABSOLUTE" else spelling
     prepare_data(DataConfig(root=root, demo=True))
     assert (tmp_path / "data/demo/train/healthy").is_dir() and (tmp_path / "data/demo/bands.json").is_file()
@@ -296,7 +295,7 @@ def test_the_demo_is_written_at_its_own_folder(tmp_path, monkeypatch, spelling):
 
 
 def test_the_demo_is_rewritten_in_a_folder_that_holds_its_marker(tmp_path, monkeypatch):
-    monkeypatch.setattr(kd.data.dataset, "make_demo_dataset", small_demo)
+    monkeypatch.setattr(kd.data.loaders, "make_demo_dataset", small_demo)
     elsewhere = small_demo(tmp_path / "my_demo")
     shutil.rmtree(elsewhere / "train")  # its marker (bands.json) is left
     prepare_data(DataConfig(root=str(elsewhere), demo=True))

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 import distill
 import kd.distill.hooks
 from kd.config import ConfigError, load_config
-from kd.data.dataset import InputSpec, open_split
+from kd.data.dataset import InputSpec
+from kd.data.loaders import open_split
 from kd.distill.distiller import Distiller
 from kd.distill.feature_losses import FEATURE_LOSSES
 from kd.distill.hooks import FeatureAdapter, FeatureHooks, FeaturePairs, layer_pairs

@@ -11,8 +11,10 @@ from torch import nn
 
 from kd.config import ConfigError, DataConfig, load_config
 from kd.data.augment import COLOUR, GEOMETRIC, RandAugment, parse_randaugment
-from kd.data.dataset import InputSpec, PairedTransform, build_loader
+from kd.data.dataset import InputSpec
+from kd.data.loaders import build_loader
 from kd.data.mixing import Mixing, MixingCollate
+from kd.data.transforms import PairedTransform
 from kd.distill.cache import check_applies
 from kd.distill.distiller import Distiller
 from kd.distill.losses import KnowledgeDistillationLoss, hard_loss

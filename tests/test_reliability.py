@@ -22,7 +22,8 @@ from conftest import reset_accelerate
 import distill
 import train_teacher
 from kd.config import ConfigError, load_config
-from kd.data.dataset import InputSpec, build_loader
+from kd.data.dataset import InputSpec
+from kd.data.loaders import build_loader
 from kd.errors import UserError
 from kd.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from kd.models.zoo import build_model

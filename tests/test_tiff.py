@@ -12,8 +12,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from kd.data.dataset import LeafDataset, ms_statistics, scan_dataset
+from kd.data.dataset import LeafDataset, ms_statistics
 from kd.data.multispectral import read_ms
+from kd.data.scan import scan_dataset
 from kd.errors import UserError
 
 HW = (6, 8)  # not square: a C×H×W array can never pass for H×W×C

@@ -16,12 +16,13 @@ from PIL import Image
 from torch import nn
 
 import distill
-import kd.data.dataset
+import kd.data.transforms
 import kd.distill.losses
 import train_teacher
 from kd.config import ConfigError, DataConfig, load_config
-from kd.data.dataset import InputSpec, build_loader, ms_statistics, open_split
+from kd.data.dataset import InputSpec, ms_statistics
 from kd.data.demo import _render
+from kd.data.loaders import build_loader, open_split
 from kd.data.unlabeled import ShareSampler, unlabeled_sources
 from kd.distill.cache import TeacherCache, cache_key
 from kd.distill.distiller import Distiller
@@ -210,11 +211,10 @@ def test_the_cache_key_follows_the_unlabelled_set_and_the_pixel_pipeline(tiny_de
     before = key()
     assert key() == before and before["samples"]["unlabeled"] == 6
     assert "unlabeled" not in key("")["samples"]  # a cache built without unlabelled images keeps its key
-    assert before["augmentation"]["pixels"] == 2
-    monkeypatch.setattr(
-        kd.data.dataset.PairedTransform, "pixels", 3
-    )  # views made another way: the old logits are stale
-    assert key()["augmentation"]["pixels"] == 3
+    assert before["augmentation"]["pixels"] == kd.data.transforms.PIXELS_VERSION
+    views_made_another_way = kd.data.transforms.PIXELS_VERSION + 1  # the old logits are stale
+    monkeypatch.setattr(kd.data.transforms.PairedTransform, "pixels", views_made_another_way)
+    assert key()["augmentation"]["pixels"] == views_made_another_way
     monkeypatch.undo()
     write_unlabeled(folder / "more", 1, seed=9, ms=False)
     added = key()

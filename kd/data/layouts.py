@@ -1,12 +1,18 @@
-"""Which images make up each split, and their classes, for the three dataset layouts kd reads.
+"""Which images make up each split, and their classes: one reader per dataset layout, in one table (LAYOUTS).
 
 1. Split folders:  <root>/{train,val,test}/<class>/<image>  (PlantVillage as distributed, and the demo set).
 2. One folder:     <root>/<class>/<image>, split once by a seeded, stratified draw saved to a split file
                    (<root>/splits.json by default) that every later run and evaluate.py reuse.
 3. A CSV manifest: `path,label[,split]` with paths relative to the CSV; without a split column it is split like 2.
 
-Everything here returns paths relative to a base folder (the root, or the CSV's folder), so the MS stack of an
+Every reader returns paths relative to a base folder (the root, or the CSV's folder), so the MS stack of an
 image can be looked up at the same relative path under a parallel `ms_root`.
+
+A new layout is one reader `read_x(source: Source, split: str) -> Listing` (raise UserError for what is missing or
+wrong, saying how to fix it) plus one LAYOUTS row: the test that recognises the layout, the reader, and whether the
+reader may draw a split file (prepare_data then reads once, on the main process). Rows are tried in order, so put
+the new one before the rows that would also claim its data. A setting of its own is one more DataConfig field and
+one more Source field.
 """
 
 import csv
@@ -14,15 +20,33 @@ import json
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from kd.config import DataConfig
 from kd.errors import QUOTE_LIMIT, UserError, quote
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a dataset is and how a split file is drawn: DataConfig's fields of the same names."""
+
+    root: Path
+    manifest: str | Path = ""
+    split_file: str | Path = ""
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> "Source":
+        return cls(Path(cfg.root), cfg.manifest, cfg.split_file, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
 
 
 class Listing(NamedTuple):
@@ -32,34 +56,21 @@ class Listing(NamedTuple):
     where: str  # what was read, for error messages
 
 
-def list_split(
-    root: str | Path,
-    split: str,
-    manifest: str | Path = "",
-    split_file: str | Path = "",
-    new_split: tuple[float, float, int] = (0.15, 0.15, 0),
-) -> Listing:
-    """The images of `split` in whichever layout `root` (or `manifest`) has.
+def list_split(source: Source, split: str) -> Listing:
+    """The images of `split` in whichever layout `source` has."""
+    return layout_of(source).read(source, split)
 
-    `new_split` is (val_fraction, test_fraction, seed), used only when a split file has to be made.
-    """
-    root = Path(root)
-    if manifest:
-        return _from_manifest(Path(manifest), split, split_file, new_split)
-    if any((root / s).is_dir() for s in SPLITS):
-        if split_file:
-            raise UserError(f"data.split_file is set, but {root} already has split folders; unset one of them")
-        return _from_split_folders(root, split)
-    if not root.is_dir():
-        raise UserError(f"data.root {root} does not exist: expected <root>/<class>/<image> or <root>/<split>/<class>/")
 
-    def pool() -> dict[str, list[str]]:  # listed only when a split has to be drawn
-        images = class_images(root)
-        check_classes(list(images), str(root), "add a <class> folder of images for each class")
-        return {cls: [p.relative_to(root).as_posix() for p in files] for cls, files in images.items()}
-
-    path = Path(split_file) if split_file else root / "splits.json"
-    return _from_split_file(path, root, split, pool, new_split)
+def split_images(source: Source, splits: tuple[str, ...]) -> dict[Path, str]:
+    """{image path: split} of `splits`; a split the data lacks (no test folder) is left out."""
+    out = {}
+    for split in splits:
+        try:
+            listing = list_split(source, split)
+        except UserError:
+            continue
+        out |= {listing.base / rel: split for rel, _ in listing.entries}
+    return out
 
 
 def shown(value: object) -> str:
@@ -100,7 +111,14 @@ def class_images(folder: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _from_split_folders(root: Path, split: str) -> Listing:
+def has_split_folders(source: Source) -> bool:
+    return any((source.root / s).is_dir() for s in SPLITS)
+
+
+def read_split_folders(source: Source, split: str) -> Listing:
+    root = source.root
+    if source.split_file:
+        raise UserError(f"data.split_file is set, but {root} already has split folders; unset one of them")
     split_dir = root / split
     if not split_dir.is_dir():
         raise UserError(f"split folder {split_dir} does not exist: expected <root>/{split}/<class>/<image>")
@@ -110,14 +128,29 @@ def _from_split_folders(root: Path, split: str) -> Listing:
     return Listing(root, entries, sorted(images), str(split_dir))
 
 
-def _from_manifest(path: Path, split: str, split_file, new_split) -> Listing:
+def read_one_folder(source: Source, split: str) -> Listing:
+    root = source.root
+    if not root.is_dir():
+        raise UserError(f"data.root {root} does not exist: expected <root>/<class>/<image> or <root>/<split>/<class>/")
+
+    def pool() -> dict[str, list[str]]:  # listed only when a split has to be drawn
+        images = class_images(root)
+        check_classes(list(images), str(root), "add a <class> folder of images for each class")
+        return {cls: [p.relative_to(root).as_posix() for p in files] for cls, files in images.items()}
+
+    path = Path(source.split_file) if source.split_file else root / "splits.json"
+    return _from_split_file(path, root, split, pool, source)
+
+
+def read_manifest_split(source: Source, split: str) -> Listing:
+    path = Path(source.manifest)
     rows = read_manifest(path)
     if rows[0][2] is None:  # no split column: split it once, like a single folder of classes
         pool: dict[str, list[str]] = {}
         for rel, label, _ in rows:
             pool.setdefault(label, []).append(rel)
-        split_path = Path(split_file or path.parent / "splits.json")
-        return _from_split_file(split_path, path.parent, split, lambda: pool, new_split)
+        split_path = Path(source.split_file or path.parent / "splits.json")
+        return _from_split_file(split_path, path.parent, split, lambda: pool, source)
     entries = [(rel, label) for rel, label, s in rows if s == split]
     return Listing(path.parent, entries, _sorted_labels({label for _, label, _ in rows}), f"{path} ({split})")
 
@@ -161,7 +194,7 @@ def _refuse_repeats(path: Path, rows: list[tuple[str, str, str | None]], kinds: 
     """Refuse an image on two rows: in one split it trains (or counts) twice; in two, a val or test image is
     trained on and its score measures memory. `kinds`: each row's split, or "unlabelled". Paths are compared
     resolved (the folder's symlinks followed, ./ and ../ removed); a copy under another name is found by its
-    content, in the scan (kd.data.dataset.refuse_leaks)."""
+    content, in the scan (kd.data.scan.refuse_leaks)."""
     first: dict[str, int] = {}
     folders: dict[str, str] = {}  # each folder resolved once: resolving every path of a large manifest takes seconds
     for i, (rel, _, _) in enumerate(rows):
@@ -199,9 +232,9 @@ def _sorted_labels(labels: set[str]) -> list[str]:
     return sorted(labels, key=int) if all(s.isdigit() for s in labels) else sorted(labels)
 
 
-def _from_split_file(path: Path, base: Path, split: str, pool: Callable[[], dict], new_split) -> Listing:
+def _from_split_file(path: Path, base: Path, split: str, pool: Callable[[], dict], source: Source) -> Listing:
     if not path.is_file():
-        write_split_file(path, pool(), *new_split)
+        write_split_file(path, pool(), source.val_fraction, source.test_fraction, source.split_seed)
     try:
         saved = json.loads(path.read_text())
         entries = [tuple(e) for e in saved[split]]
@@ -216,7 +249,7 @@ def _from_split_file(path: Path, base: Path, split: str, pool: Callable[[], dict
             f"{', '.join(map(shown, gone[:5]))}. Restore them, or delete {path} to draw a new split (its val/test "
             "images will differ from earlier runs, so earlier scores are not comparable)."
         )
-    asked = dict(zip(("val_fraction", "test_fraction", "seed"), new_split))
+    asked = {"val_fraction": source.val_fraction, "test_fraction": source.test_fraction, "seed": source.split_seed}
     if any(saved.get(k) != v for k, v in asked.items()):
         warnings.warn(
             f"reusing split file {path} ({_describe(saved)}), not the configured {_describe(asked)}", stacklevel=2
@@ -231,9 +264,8 @@ def _describe(split: dict) -> str:
 
 
 def write_split_file(path: Path, pool: dict[str, list[str]], val_fraction: float, test_fraction: float, seed: int):
-    """Draw a stratified split (each class in every split, by the same fractions) and save it as JSON."""
-    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-        raise UserError(f"data.val_fraction {val_fraction} + data.test_fraction {test_fraction} must be below 1")
+    """Draw a stratified split (each class in every split, by the same fractions) and save it as JSON. The
+    fractions are DataConfig's, checked there."""
     rng = np.random.default_rng(seed)
     split: dict = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
     split.update(classes=_sorted_labels(set(pool)), train=[], val=[], test=[])
@@ -258,3 +290,20 @@ def write_split_file(path: Path, pool: dict[str, list[str]], val_fraction: float
 def _share(n: int, fraction: float) -> int:
     # at least one image per class in a split that is asked for, so every class is validated and tested
     return 0 if fraction <= 0 else max(1, round(n * fraction))
+
+
+class Layout(NamedTuple):
+    found: Callable[[Source], bool]  # whether the data at `source` is laid out this way
+    read: Callable[[Source, str], Listing]  # the images of one split
+    draws_split: bool  # read() may draw and save a split file: prepare_data reads once first, on the main process
+
+
+LAYOUTS = {  # tried in order: the first layout found reads the data
+    "manifest": Layout(lambda source: bool(source.manifest), read_manifest_split, draws_split=True),
+    "split_folders": Layout(has_split_folders, read_split_folders, draws_split=False),
+    "one_folder": Layout(lambda source: True, read_one_folder, draws_split=True),
+}
+
+
+def layout_of(source: Source) -> Layout:
+    return next(layout for layout in LAYOUTS.values() if layout.found(source))

@@ -7,23 +7,16 @@ seeded view and its teacher cache rows work as for any sample. `ShareSampler` fi
 of each: an epoch ends when either set runs out, and every image is seen at most once an epoch.
 """
 
-import copy
-import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Sampler
 
 from kd.config import DataConfig
-from kd.data.layouts import IMAGE_SUFFIXES, list_split, read_manifest, shown
-from kd.data.multispectral import find_ms
+from kd.data.dataset import UNLABELED, LeafDataset
+from kd.data.layouts import IMAGE_SUFFIXES, SPLITS, Source, read_manifest, split_images
+from kd.data.scan import refuse_leaks, scan_dataset
 from kd.errors import UserError
-
-if TYPE_CHECKING:  # kd.data.dataset imports this module to build its loaders
-    from kd.data.dataset import LeafDataset
-
-UNLABELED = -1  # the label of an unlabelled sample
 
 
 def unlabeled_sources(cfg: DataConfig) -> list[tuple[Path, str]]:
@@ -31,9 +24,8 @@ def unlabeled_sources(cfg: DataConfig) -> list[tuple[Path, str]]:
     (recursively; a .tif beside a plain image of the same stem is its MS stack, not an image) and the manifest's
     rows without a label (relative to the CSV, as labelled rows)."""
     found = []
-    root = getattr(cfg, "unlabeled_root", "")
-    if root:
-        root = Path(root)
+    if cfg.unlabeled_root:
+        root = Path(cfg.unlabeled_root)
         if not root.is_dir():
             raise UserError(f"data.unlabeled_root {root} is not a folder: point it at a folder of unlabelled images")
         files = sorted(
@@ -60,7 +52,7 @@ def _is_tiff(path: Path) -> bool:
 
 def has_unlabeled(cfg: DataConfig) -> bool:
     """Whether the config names unlabelled images (a folder, or manifest rows without a label)."""
-    if getattr(cfg, "unlabeled_root", ""):
+    if cfg.unlabeled_root:
         return True
     return bool(cfg.manifest) and Path(cfg.manifest).is_file() and bool(read_manifest(Path(cfg.manifest), True))
 
@@ -69,35 +61,17 @@ def ignored_note(cfg: DataConfig) -> str | None:
     """train_teacher.py's one line when the config names unlabelled images, which plain training cannot use."""
     if not has_unlabeled(cfg):
         return None
-    where = f"data.unlabeled_root {cfg.unlabeled_root}" if getattr(cfg, "unlabeled_root", "") else "data.manifest"
+    where = f"data.unlabeled_root {cfg.unlabeled_root}" if cfg.unlabeled_root else "data.manifest"
     return f"{where} names unlabelled images: train_teacher.py trains on labelled ones only (distill.py uses them)"
 
 
-def add_unlabeled(dataset: "LeafDataset", cfg: DataConfig) -> "LeafDataset":
-    """A copy of the training split `dataset` (a kd.data.dataset.LeafDataset) with the unlabelled images after its own,
-    label -1, their MS files found as for labelled ones (beside the image, or at the same relative path under
-    data.ms_root), and every file scanned (kd.data.dataset.scan_dataset). A copy or link of a val or test image among
-    them, labelled or not, is refused (kd.data.dataset.refuse_leaks)."""
-    from kd.data.dataset import refuse_leaks, scan_dataset
-
+def add_unlabeled(dataset: LeafDataset, cfg: DataConfig) -> LeafDataset:
+    """A copy of the training split `dataset` with the unlabelled images after its own (LeafDataset.with_unlabeled:
+    label -1, their MS files found as for labelled ones), and every file scanned. A copy or link of a val or test
+    image among them, labelled or not, is refused (kd.data.scan.refuse_leaks)."""
     sources = unlabeled_sources(cfg)
     _refuse_labelled(sources, cfg)
-    merged = copy.copy(dataset)
-    merged.samples = list(dataset.samples) + [(base / rel, UNLABELED) for base, rel in sources]
-    merged.ms_files = dict(dataset.ms_files)
-    if dataset.with_ms:
-        missing = []
-        for base, rel in sources:
-            stem = Path(cfg.ms_root) / rel if cfg.ms_root else base / rel
-            merged.ms_files[base / rel] = find_ms(stem, base / rel)
-            if merged.ms_files[base / rel] is None:
-                missing.append(stem)
-        if missing:
-            first = f"{len(missing)} of {len(sources)} unlabelled images have no multispectral file, e.g. "
-            first += f"{shown(missing[0].with_suffix('.npy'))} (or .tif / .tiff)"
-            if cfg.ms_missing == "error":
-                raise UserError(f"{first}. Add the files, or set data.ms_missing=zeros to zero-fill their bands.")
-            warnings.warn(f"{first}; their bands are zero-filled (data.ms_missing=zeros)", stacklevel=2)
+    merged = dataset.with_unlabeled(sources)
     scan_dataset(merged, cfg.on_bad_file)
     refuse_leaks(merged, cfg)
     return merged
@@ -105,14 +79,7 @@ def add_unlabeled(dataset: "LeafDataset", cfg: DataConfig) -> "LeafDataset":
 
 def _refuse_labelled(sources: list[tuple[Path, str]], cfg: DataConfig) -> None:
     """An unlabelled image that is also a labelled one would train twice, or leak a val/test image into training."""
-    labelled = set()
-    for split in ("train", "val", "test"):
-        try:
-            new_split = (cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
-            listing = list_split(cfg.root, split, cfg.manifest, cfg.split_file, new_split)
-        except UserError:  # a split the data does not have (no test folder)
-            continue
-        labelled |= {(listing.base / rel).resolve() for rel, _ in listing.entries}
+    labelled = {path.resolve() for path in split_images(Source.of(cfg), SPLITS)}
     both = [base / rel for base, rel in sources if (base / rel).resolve() in labelled]
     if both:
         raise UserError(
@@ -123,7 +90,7 @@ def _refuse_labelled(sources: list[tuple[Path, str]], cfg: DataConfig) -> None:
 
 
 class ShareSampler(Sampler):
-    """Loader keys (epoch * size + index, as kd.data.dataset.EpochSampler) for batches of `labeled_per_batch` labelled
+    """Loader keys (epoch * size + index, as kd.data.loaders.EpochSampler) for batches of `labeled_per_batch` labelled
     samples (indices below `labeled`) then `unlabeled_per_batch` unlabelled ones, each set shuffled per epoch by a
     generator seeded with seed + epoch: a resumed run and every process see the same batches. Accelerate shards
     whole batches, so each process's batch keeps the share."""

@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kd.config import MAX_IMAGE_SIZE, DataConfig
-from kd.data.dataset import InputSpec, LeafDataset, build_loader
+from kd.data.dataset import InputSpec, LeafDataset
+from kd.data.loaders import build_loader
 from kd.deploy.qat import RANGE_PREFIX
 from kd.errors import UserError, quote
 from kd.models.zoo import HybridFusion, build_model
