@@ -123,8 +123,6 @@ def feature_mse(feature_pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch
 # scalar; its other arguments are distillation.soft_loss_args. A new one is a function and an entry here.
 SOFT_LOSSES = {"kl": soft_kl, "dkd": dkd_loss, "dist": dist_loss}
 INPUTS = ("student_logits", "teacher_logits", "labels", "temperature")
-# the keys that set soft loss arguments before distillation.soft_loss_args: still read, soft_loss_args wins
-CONFIG_KEYS = {"dkd": {"alpha": "dkd_alpha", "beta": "dkd_beta"}, "dist": {"beta": "dist_beta", "gamma": "dist_gamma"}}
 
 
 def soft_loss_arguments(name: str) -> dict[str, inspect.Parameter]:
@@ -178,14 +176,13 @@ class KnowledgeDistillationLoss(nn.Module):
 
     @classmethod
     def from_config(cls, d: "DistillationConfig") -> "KnowledgeDistillationLoss":
-        """The loss the distillation section describes: soft_loss_args over the dkd_* / dist_* keys, DKD's warmup."""
-        older = {argument: getattr(d, key) for argument, key in CONFIG_KEYS.get(d.soft_loss, {}).items()}
+        """The loss the distillation section describes, DKD's warmup included."""
         return cls(
             d.temperature,
             d.alpha,
             d.feature_weight,
             d.soft_loss,
-            {**older, **d.soft_loss_args},
+            d.soft_loss_args,
             soft_warmup_epochs=d.dkd_warmup_epochs if d.soft_loss == "dkd" else 0.0,
             final_temperature=d.final_temperature,
             total_epochs=d.max_epochs,
