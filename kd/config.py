@@ -6,7 +6,6 @@ fields are short explicit checks in each section's __post_init__; rules that ask
 kd/config_libs.py. Unknown keys and wrong types are errors that say what to do.
 """
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -15,6 +14,7 @@ from kd.config_checks import (  # noqa: F401 (kd.config's: optimizer_arguments, 
     band_list,
     check_log_with,
     check_optimizer,
+    check_teacher_weights,
     layer_pairs,
     optimizer_arguments,
     parse_randaugment,
@@ -178,7 +178,11 @@ class TrainConfig:
     weight_decay: float = option(1e-4, "the optimizer's weight decay (not applied to norms and biases)", ">= 0")
     max_epochs: int = option(10, "epochs to train", ">= 1")
     warmup_epochs: int = option(0, "linear warmup, in epochs, updated every optimizer step")
-    lr_scheduler: str = option("cosine", "timm's schedulers, or constant (after warmup)", " | ".join(SCHEDULERS))
+    lr_scheduler: str = option(
+        "cosine",
+        "cosine | tanh | step | multistep | plateau | poly (timm's) | constant (warmup, then flat)",
+        " | ".join(SCHEDULERS),
+    )
     lr_gamma: float = option(0.1, "step/multistep/plateau: factor applied at each decay", "(0, 1] (a decay)")
     lr_step_size: int = option(
         30, "step: epochs between decays; multistep: decays at its multiples", ">= 1 (epochs between decays)"
@@ -346,23 +350,7 @@ class DistillationConfig(TrainConfig):
             raise ConfigError(
                 "distillation.ema_teacher_weight > 0 needs an EMA: set distillation.ema_decay, e.g. 0.999"
             )
-        self._check_teacher_weights()
-
-    def _check_teacher_weights(self) -> None:
-        """The ensemble's weights, normalized as kd.distill.teachers does (the EMA teacher's among them when it joins),
-        are finite and sum to one: 1e308 + 1e308 overflows the sum to inf and every normalized weight to 0."""
-        weights, keys = [t.get("weight", 1.0) for t in self.teachers] or [1.0], "distillation.teachers[*].weight"
-        if self.ema_teacher_weight > 0:
-            weights, keys = [*weights, self.ema_teacher_weight], f"{keys} and distillation.ema_teacher_weight"
-        total = sum(weights)
-        normalized = [w / total for w in weights] if math.isfinite(total) and total > 0 else [math.nan]
-        _check(
-            all(math.isfinite(w) for w in normalized) and abs(sum(normalized) - 1) <= 1e-6,
-            keys,
-            "must normalize to finite weights that sum to 1 (their sum overflows or vanishes): use weights like 1 "
-            "or 0.5",
-            weights,
-        )
+        check_teacher_weights([t.get("weight", 1.0) for t in self.teachers], self.ema_teacher_weight)
 
 
 @dataclass

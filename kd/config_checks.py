@@ -7,6 +7,7 @@ import collections
 import functools
 import importlib.util
 import inspect
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -109,6 +110,22 @@ def teacher_list(teachers: list, key: str) -> list:
             t["weight"] = coerce(t["weight"], float, f"{where}.weight")
             check(t["weight"] > 0, f"{where}.weight", "must be > 0", t["weight"])
     return teachers
+
+
+def check_teacher_weights(weights: list[float], ema_teacher_weight: float) -> None:
+    """The ensemble's weights, normalized as kd.distill.teachers does (the EMA teacher's among them when it joins),
+    are finite and sum to one: 1e308 + 1e308 overflows the sum to inf and every normalized weight to 0."""
+    weights, keys = weights or [1.0], "distillation.teachers[*].weight"
+    if ema_teacher_weight > 0:
+        weights, keys = [*weights, ema_teacher_weight], f"{keys} and distillation.ema_teacher_weight"
+    total = sum(weights)
+    normalized = [w / total for w in weights] if math.isfinite(total) and total > 0 else [math.nan]
+    check(
+        all(math.isfinite(w) for w in normalized) and abs(sum(normalized) - 1) <= 1e-6,
+        keys,
+        "must normalize to finite weights that sum to 1 (their sum overflows or vanishes): use weights like 1 or 0.5",
+        weights,
+    )
 
 
 def check_log_with(log_with: Any, key: str) -> Any:
