@@ -1,19 +1,14 @@
 """The scripts' command line: `--config FILE [section.key=value ...]`, which sections each script reads, and
-`--print-config` (the resolved config with every key's meaning, read from the comments in kd/config.py).
+`--print-config` (the resolved config with every key's one-line help from kd/config.py).
 
 The training scripts take their whole command line from `parse_cli`; evaluate.py and export.py, which have many
 options of their own, add `--print-config` with `add_config_arguments` and resolve their config with `resolve_config`.
 """
 
 import argparse
-import ast
 import dataclasses
-import functools
-import inspect
-import io
 import math
 import sys
-import tokenize
 import typing
 from typing import Any
 
@@ -46,21 +41,9 @@ def sections() -> dict[str, type]:
     return {name: hint for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint)}
 
 
-@functools.cache
-def field_comments(cls: type) -> dict[str, str]:
-    """Each dataclass field's one-line comment in the source (`name: type = default  # comment`), inherited fields'
-    included. The comments are the documentation of the keys, so they are read rather than kept twice."""
-    comments: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):  # a subclass's own comment wins
-        if not dataclasses.is_dataclass(klass):
-            continue
-        source = inspect.getsource(klass)
-        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-        by_line = {t.start[0]: t.string.removeprefix("#").strip() for t in tokens if t.type == tokenize.COMMENT}
-        for node in ast.parse(source).body[0].body:
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.end_lineno in by_line:
-                comments[node.target.id] = by_line[node.end_lineno]
-    return comments
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's one-line help, from its declaration in kd/config.py."""
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
 
 
 def check_overrides(script: str, overrides: list[str]) -> None:
@@ -83,31 +66,31 @@ def check_overrides(script: str, overrides: list[str]) -> None:
         raise ConfigError(message)
 
 
-def _line(key: str, value: Any, comment: str | None) -> str:
+def _line(key: str, value: Any, comment: str) -> str:
     # one line per key, so that its comment can follow: lists and mappings in flow style ([a, b], {k: v})
     text = yaml.safe_dump({key: value}, default_flow_style=True, width=math.inf, sort_keys=False).strip()[1:-1]
-    return f"{text}  # {comment}" if comment else text
+    return f"{text}  # {comment}"
 
 
 def config_yaml(config: Config, script: str) -> str:
-    """The sections `script` reads as YAML, each key with its comment from kd/config.py: a valid config file."""
-    values, top, classes = to_dict(config), field_comments(Config), sections()
+    """The sections `script` reads as YAML, each key with its help from kd/config.py: a valid config file."""
+    values, top, classes = to_dict(config), field_help(Config), sections()
     lines = [f"# {script}'s resolved config (defaults, then the --config file, then overrides); the keys it reads"]
     for key in (*top_level(script), *READS[script]):
         if key not in classes:
-            lines.append(_line(key, values[key], top.get(key)))
+            lines.append(_line(key, values[key], top[key]))
             continue
-        lines.append(f"{key}:  # {top[key]}" if key in top else f"{key}:")
-        comments = field_comments(classes[key])
-        lines += [f"  {_line(name, value, comments.get(name))}" for name, value in values[key].items()]
+        lines.append(f"{key}:  # {top[key]}")
+        comments = field_help(classes[key])
+        lines += [f"  {_line(name, value, comments[name])}" for name, value in values[key].items()]
     return "\n".join(lines) + "\n"
 
 
 def sections_help(script: str) -> str:
     """The --help epilog: the sections `script` reads, and where to see every key."""
-    top, reads = field_comments(Config), READS[script]
+    top, reads = field_help(Config), READS[script]
     rows = [("name, seed", "the run's name (runs/<name>) and seed")] if top_level(script) else []
-    rows += [(f"{s}.*", top.get(s, "")) for s in reads]
+    rows += [(f"{s}.*", top[s]) for s in reads]
     others = [f"{s}:" for s in sections() if s not in reads]
     return "\n".join(
         [

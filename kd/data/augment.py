@@ -8,11 +8,11 @@ no "colour").
 """
 
 import math
-import re
-from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2.functional as TF
+
+from kd.config_checks import RandAugmentSpec, parse_randaugment  # noqa: F401 (the string format is the config's)
 
 BILINEAR = TF.InterpolationMode.BILINEAR
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
@@ -29,43 +29,6 @@ COLOUR = (
     "SharpnessIncreasing",
 )
 OPS = COLOUR[:3] + GEOMETRIC[:1] + COLOUR[3:] + GEOMETRIC[1:]  # timm's _RAND_INCREASING_TRANSFORMS, in its order
-EXAMPLE = "rand-m9-n2 (or rand-m9-n2-mstd0.5)"
-
-
-@dataclass(frozen=True)
-class RandAugmentSpec:
-    """A parsed timm RandAugment string: `num_ops` ops a sample, each applied with `prob` at `magnitude` (0-10,
-    timm's scale) plus Gaussian noise of std `magnitude_std`."""
-
-    magnitude: float = 9.0
-    num_ops: int = 2
-    prob: float = 0.5
-    magnitude_std: float = 0.0
-
-
-def parse_randaugment(text: str) -> RandAugmentSpec | None:
-    """timm's string, e.g. "rand-m9-n2-mstd0.5" -> RandAugmentSpec; "" -> None (off). ValueError says what is wrong."""
-    if not text:
-        return None
-    head, *sections = text.split("-")
-    if head != "rand":
-        raise ValueError(f"must start with 'rand', as timm's strings do: {EXAMPLE}")
-    names = {"m": "magnitude", "n": "num_ops", "p": "prob", "mstd": "magnitude_std"}
-    values: dict = {}
-    for section in sections:
-        match = re.fullmatch(r"(mstd|inc|m|n|p)(\d+(?:\.\d*)?)", section)
-        if not match:
-            raise ValueError(f"has a section {section!r} kd does not read; it reads m, n, p, mstd and inc1: {EXAMPLE}")
-        key, number = match[1], float(match[2])
-        if key == "inc":  # kd's ops are always timm's increasing ones
-            if number != 1:
-                raise ValueError("inc0 is not offered: kd uses timm's increasing-magnitude ops (inc1); drop -inc0")
-            continue
-        values[names[key]] = int(number) if key == "n" else number
-    spec = RandAugmentSpec(**values)
-    if not (0 <= spec.magnitude <= 10 and 1 <= spec.num_ops <= len(OPS) and 0 <= spec.prob <= 1):
-        raise ValueError(f"needs m in [0, 10], n in [1, {len(OPS)}], p in [0, 1]: {EXAMPLE}")
-    return spec
 
 
 def _negate(value: float, generator: torch.Generator) -> float:

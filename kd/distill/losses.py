@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.config import ConfigError, DistillationConfig, _coerce, _did_you_mean
+from kd.config import ConfigError, DistillationConfig
+from kd.config_rules import coerce, did_you_mean
 from kd.distill.feature_losses import FEATURE_LOSSES
 from kd.errors import quote
 
@@ -135,7 +136,7 @@ def check_loss_config(d: DistillationConfig) -> None:
     for kind, (table, inputs, example) in LOSS_TABLES.items():
         name, args = getattr(d, kind), getattr(d, f"{kind}_args")
         if name not in table:
-            hint = _did_you_mean(str(name), [*table])
+            hint = did_you_mean(str(name), [*table])
             raise ConfigError(
                 f"distillation.{kind} must be {' | '.join(table)}, got {quote(name)}" + (f".{hint}" if hint else "")
             )
@@ -151,7 +152,7 @@ def check_loss_config(d: DistillationConfig) -> None:
                     f"distillation.{kind}_args: {kind.replace('_', ' ')} {name} has no argument {quote(key)}; "
                     f"its arguments: {', '.join(arguments) or 'none'}"
                 )
-            args[key] = _coerce(value, arguments[key].annotation, f"distillation.{kind}_args.{key}")
+            args[key] = coerce(value, arguments[key].annotation, f"distillation.{kind}_args.{key}")
 
 
 class KnowledgeDistillationLoss(nn.Module):
