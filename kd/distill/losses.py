@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd.data.mixing import hard_loss
+
 if TYPE_CHECKING:  # kd.config imports this module to check soft_loss and soft_loss_args
     from kd.config import DistillationConfig
 
@@ -90,28 +92,6 @@ def dist_loss(
     inter = 1 - _mean_pearson(p_student, p_teacher)
     intra = 1 - _mean_pearson(p_student.T, p_teacher.T)
     return (beta * inter + gamma * intra) * t * t
-
-
-def hard_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    label_smoothing: float = 0.0,
-    mix_label: torch.Tensor | None = None,
-    mix_lambda: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Cross-entropy over the labelled samples only (label >= 0; -1 marks an unlabelled one), averaged over them;
-    0 for a batch without any. With a mixed batch (kd/data/mixing.py): lambda * CE(labels) + (1 - lambda) *
-    CE(mix_label) per sample, which is CE against the mixed one-hot targets. `label_smoothing` as in F.cross_entropy."""
-    labeled = labels >= 0
-    if not labeled.any():  # zero, yet still a function of the logits (every process must backpropagate)
-        return logits.float().sum() * 0.0
-    logits = logits.float()[labeled]
-    loss = F.cross_entropy(logits, labels[labeled], label_smoothing=label_smoothing, reduction="none")
-    if mix_label is not None:
-        lam = mix_lambda[labeled].float()
-        partner = F.cross_entropy(logits, mix_label[labeled], label_smoothing=label_smoothing, reduction="none")
-        loss = lam * loss + (1 - lam) * partner
-    return loss.mean()
 
 
 def feature_mse(feature_pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
