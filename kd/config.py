@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import yaml
@@ -39,7 +39,7 @@ PRECISIONS = {  # the config's spellings -> Accelerate's; null leaves the choice
     "bf16": "bf16",
     "bf16-mixed": "bf16",
 }
-SCHEDULERS = ("cosine", "step", "plateau", "constant")
+SCHEDULERS = ("cosine", "tanh", "step", "multistep", "plateau", "poly", "constant")
 MAX_VALUES = 10_000  # values a config may hold with YAML aliases expanded: a "billion laughs" is refused, not built
 SEED_LIMIT = 2**32  # numpy seeds must lie in [0, 2**32)
 MAX_LOSS_WEIGHT = 1e6  # the KD weights in use are 0.1-10 (DKD's beta 8)
@@ -159,6 +159,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    SECTION: ClassVar[str] = "train"  # the section it is read from, for messages
     batch_size: int = 64  # per-process batch size
     optimizer: str = "adamw"  # a timm optimizer (timm.optim.list_optimizers()): adamw, sgd, momentum, lamb, lion, …
     optimizer_args: dict = field(default_factory=dict)  # more optimizer arguments, e.g. {betas: [0.9, 0.99]}
@@ -298,6 +299,7 @@ class TrainConfig:
 
 @dataclass
 class DistillationConfig(TrainConfig):
+    SECTION: ClassVar[str] = "distillation"
     teacher_checkpoint: str = "checkpoints/teacher/best.safetensors"  # frozen teacher (.safetensors/.json stem)
     teachers: list = field(default_factory=list)  # multi-teacher: [{checkpoint: path, weight: w}, ...]
     student_backbone: str = "efficientnet_b0"  # timm name of the RGB student

@@ -20,7 +20,8 @@ from kd.cli import READS, field_comments, sections
 from kd.config import Config, ConfigError, TrainConfig, load_config, to_dict
 from kd.deploy.qat import QatPhase
 from kd.errors import UserError
-from kd.train.loop import build_optimizer, make_accelerator, start_trackers
+from kd.train.accelerator import make_accelerator, start_trackers
+from kd.train.loop import build_optimizer
 from kd.train.task import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,7 @@ from kd.distill.losses import KnowledgeDistillationLoss, soft_kl
 from kd.errors import UserError
 from kd.models.checkpoint import CheckpointMeta, save_checkpoint
 from kd.models.zoo import build_model
-from kd.train.loop import build_scheduler
+from kd.train.schedule import build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,14 @@ SMALL = settings(max_examples=50, deadline=None)
 # ------------------------------------------------------------------------------------------------------ configs
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type)}
+
+
+def key_hints(cls: type) -> dict:
+    """The config keys of a section and their types (a ClassVar such as SECTION is no key)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
 TEXT = st.text(st.characters(exclude_characters="\0"), max_size=8)  # NUL: no path or name holds one
 FRACTION = st.floats(0.01, 0.49)  # valid for every float key: > 0, < 1, and two of them sum below 1
 BY_TYPE = {bool: st.booleans(), int: st.integers(1, 10**6), float: FRACTION, str: TEXT, list: st.lists(TEXT)}
@@ -88,7 +96,7 @@ def valid_configs(draw) -> dict:
     if draw(st.booleans()):
         raw["seed"] = draw(st.integers(0, 2**32 - 1))
     for section, cls in SECTIONS.items():
-        hints = typing.get_type_hints(cls)
+        hints = key_hints(cls)
         values = {
             name: draw(valid_value(section, name, hints[name]))
             for name in hints
@@ -120,7 +128,7 @@ def test_valid_configs_load_and_round_trip_through_yaml(raw, tmp_path_factory):
     assert load_config(write(tmp_path_factory, to_dict(config))) == config
 
 
-HINTS = {f"{s}.{name}": hint for s, cls in SECTIONS.items() for name, hint in typing.get_type_hints(cls).items()}
+HINTS = {f"{s}.{name}": hint for s, cls in SECTIONS.items() for name, hint in key_hints(cls).items()}
 KEYS = [*HINTS, "name", "seed"]
 LIST_KEYS = {key for key, hint in HINTS.items() if list in (hint, *typing.get_args(hint))}
 DICT_KEYS = {key for key, hint in HINTS.items() if hint is dict}
