@@ -170,6 +170,29 @@ def test_training_learns_logs_every_term_and_checkpoints_the_best(tmp_path):
     assert json.loads((tmp_path / "latest.json").read_text())["epoch"] == 2  # newest weights, whatever the score
 
 
+def test_logs_and_the_epoch_line_are_means_of_every_term_not_one_batch(tmp_path, capsys):
+    """Each logged term is the mean over the steps since the previous log, and the epoch line prints each term's
+    mean over the epoch: checked against terms the task makes known (probe = the step's number) and records."""
+
+    class Probed(Classifier):
+        losses: list[float] = []
+
+        def forward(self, batch):
+            out = super().forward(batch)
+            Probed.losses.append(out["loss"].item())
+            out["probe"] = torch.tensor(float(len(Probed.losses)))  # 1, 2, 3, ... (one per step)
+            return out
+
+    train(tmp_path, Probed(linear()), max_epochs=1, log_every_n_steps=3)  # 8 steps of 8 images, 1 epoch
+    probes = read_scalars(tmp_path)["train/probe"]
+    assert probes == [(3, 2.0), (6, 5.0)]  # mean(1, 2, 3), mean(4, 5, 6); steps 7 and 8 wait for the next log
+    losses = read_scalars(tmp_path)["train/loss"]
+    assert [v for _, v in losses] == pytest.approx([sum(Probed.losses[:3]) / 3, sum(Probed.losses[3:6]) / 3])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 0:"))
+    mean_loss = sum(Probed.losses) / 8
+    assert line.startswith(f"epoch 0: loss {mean_loss:.4f}  hard {mean_loss:.4f}  probe 4.5000  val_acc "), line
+
+
 def test_ema_weights_follow_the_decay_formula():
     model = linear()
     ema = ModelEmaV3(model, decay=0.9)

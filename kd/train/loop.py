@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.progress import Progress as ProgressBar
 from timm.optim import create_optimizer_v2
-from timm.utils import ModelEmaV3
+from timm.utils import AverageMeter, ModelEmaV3
 from torch.utils.data import DataLoader
 
 from kd.config import Config, TrainConfig, optimizer_arguments, save_config
@@ -54,6 +54,7 @@ class Run:
     top_k: TopK
     guard: NonFiniteGuard
     bar: ProgressBar
+    since_log: dict[str, AverageMeter] = dataclasses.field(default_factory=dict)  # each loss term since the last log
 
     @property
     def measured(self) -> torch.nn.Module:
@@ -167,9 +168,17 @@ def start_run(
     return Run(accelerator, cfg, run_dir, *parts, progress_bar(accelerator)), train_loader, val_loader
 
 
-def train_one_epoch(run: Run, loader: DataLoader, epoch: int) -> tuple[torch.Tensor, int, float]:
-    """The optimizer steps of `epoch`, from the batch a resumed state reached. Returns the last batch's loss, the
-    images this process trained on, and the seconds it took."""
+def add_terms(terms: dict[str, torch.Tensor], images: int, *meters: dict[str, AverageMeter]) -> None:
+    """Count a step's loss terms into running means (timm's AverageMeter), weighted by its images as timm does."""
+    for name, value in terms.items():
+        if name != "logits":
+            for means in meters:
+                means.setdefault(name, AverageMeter()).update(value.item(), images)
+
+
+def train_one_epoch(run: Run, loader: DataLoader, epoch: int) -> tuple[dict[str, AverageMeter], int, float]:
+    """The optimizer steps of `epoch`, from the batch a resumed state reached. Returns the epoch's mean of each
+    loss term (skipped steps left out), the images this process trained on, and the seconds it took."""
     accelerator, cfg, progress = run.accelerator, run.cfg, run.progress
     run.wrapped.train()
     loader.set_epoch(epoch)
@@ -178,7 +187,7 @@ def train_one_epoch(run: Run, loader: DataLoader, epoch: int) -> tuple[torch.Ten
     run.qat.start_epoch(epoch)
     run.scheduler.set_epoch(epoch)
     bar_task = run.bar.add_task("train", total=len(loader), completed=skip, epoch=epoch, info="")
-    start, seen, loss = time.perf_counter(), 0, torch.zeros(())
+    start, seen, epoch_means = time.perf_counter(), 0, {}
     for step, batch in enumerate(batches, start=skip):
         run.task.set_progress(epoch + step / len(loader))
         with accelerator.accumulate(run.wrapped):
@@ -194,24 +203,26 @@ def train_one_epoch(run: Run, loader: DataLoader, epoch: int) -> tuple[torch.Ten
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
         seen += batch["label"].shape[0]
+        add_terms(terms, batch["label"].shape[0], epoch_means, run.since_log)
         run.bar.update(bar_task, advance=1, info=f"loss {loss.item():.4f}")
         if accelerator.sync_gradients:
-            after_update(run, epoch, step, terms, grad_norm)
+            after_update(run, epoch, step, grad_norm)
     run.bar.remove_task(bar_task)
     seconds = time.perf_counter() - start
     run.guard.end_epoch(epoch, len(loader) - skip)
-    return loss, seen, seconds
+    return epoch_means, seen, seconds
 
 
-def after_update(run: Run, epoch: int, step: int, terms: dict, grad_norm: torch.Tensor | None) -> None:
+def after_update(run: Run, epoch: int, step: int, grad_norm: torch.Tensor | None) -> None:
     """After each optimizer update: the EMA and the schedule advance; logs and mid-epoch states every so many."""
     accelerator, cfg, progress = run.accelerator, run.cfg, run.progress
     progress.updates += 1
     if run.ema is not None:
         run.ema.update(run.task.model, step=progress.updates)
     run.scheduler.step_update(progress.updates)
-    if progress.updates % cfg.log_every_n_steps == 0:
-        logs = {f"train/{k}": v.item() for k, v in terms.items() if k != "logits"}
+    if progress.updates % cfg.log_every_n_steps == 0:  # the mean of each term since the last log, not one batch's
+        logs = {f"train/{k}": means.avg for k, means in run.since_log.items()}
+        run.since_log.clear()
         logs["train/lr"] = run.optimizer.param_groups[0]["lr"]
         if grad_norm is not None:
             logs["train/grad_norm"] = float(grad_norm)
@@ -222,12 +233,12 @@ def after_update(run: Run, epoch: int, step: int, terms: dict, grad_norm: torch.
 
 
 def validate_and_save(
-    run: Run, loader: DataLoader, epoch: int, meta: CheckpointMeta, trained: tuple[torch.Tensor, int, float]
+    run: Run, loader: DataLoader, epoch: int, meta: CheckpointMeta, trained: tuple[dict[str, AverageMeter], int, float]
 ) -> dict[str, float]:
     """Validate the epoch's model, write its checkpoints (top-k, best, latest) and the resumable state, print the
     epoch's line; returns the validation metrics."""
     accelerator, cfg, progress, ema, qat = run.accelerator, run.cfg, run.progress, run.ema, run.qat
-    loss, seen, seconds = trained
+    epoch_means, seen, seconds = trained
     metrics = validate(accelerator, run.measured, loader, qat, run.wrapped)
     score = metrics[cfg.monitor]
     run.scheduler.step(epoch + 1, score)
@@ -246,8 +257,9 @@ def validate_and_save(
     progress.stale_epochs = 0 if improved else progress.stale_epochs + 1
     progress.epoch, progress.batches_done, progress.top_k, progress.metrics = epoch + 1, 0, run.top_k.entries, metrics
     save_state(accelerator, run.run_dir, progress, run.scheduler, ema, qat.safe_serialization)
+    terms = "".join(f"{name} {means.avg:.4f}  " for name, means in epoch_means.items())  # loss first
     accelerator.print(
-        f"epoch {epoch}: loss {loss.item():.4f}  val_acc {metrics['val_acc']:.4f}  "
+        f"epoch {epoch}: {terms}val_acc {metrics['val_acc']:.4f}  "
         f"val_loss {metrics['val_loss']:.4f}  lr {run.optimizer.param_groups[0]['lr']:.2e}  "
         f"{images_per_s:.0f} img/s{'  *best*' if improved else ''}"
     )
