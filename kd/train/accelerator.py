@@ -2,7 +2,6 @@
 trackers (checked installed), seeded data order, and the FSDP setups kd refuses before anything trains."""
 
 import os
-import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -32,31 +31,35 @@ RUN_NAME_ARGUMENT = {  # the init argument each tracker takes a run's name as (t
 
 
 def choose_precision(cfg: TrainConfig, cpu: bool = False) -> tuple[str | None, str | None]:
-    """The mixed_precision to hand Accelerator, and a line to print when the config and Accelerate disagree.
+    """The mixed_precision to hand Accelerator, and the one line to print when it is not simply the config's (the
+    config and Accelerate disagree, or fp16 cannot run here): what the run trains in, and why.
 
     A precision set in the config (file or override) wins: it was chosen for this run, and a shared `accelerate
     config` should not silently change it. null hands the choice to Accelerate: `accelerate launch
-    --mixed_precision` or `accelerate config` (passed on as ACCELERATE_MIXED_PRECISION), else fp32.
+    --mixed_precision` or `accelerate config` (passed on as ACCELERATE_MIXED_PRECISION), else fp32. fp16 autocast
+    needs a CUDA GPU: on a CPU, either one's fp16 trains in fp32.
     """
     ours = cfg.mixed_precision
     theirs = os.environ.get(ACCELERATE_PRECISION, "").strip().lower() or None
-    note = None
+    key = f"{cfg.SECTION}.precision"
+    if (ours or theirs) == "fp16" and (
+        cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+    ):
+        source = (
+            f"{key}={cfg.precision} (fp16)"
+            if ours
+            else "Accelerate's mixed_precision fp16 (accelerate launch / accelerate config)"
+        )
+        return "no", (
+            f"precision: no (fp32): {source} needs a CUDA GPU, and this run is on a CPU; set {key}=bf16-mixed for "
+            f"CPU autocast, or {key}=no to say fp32"
+        )
     if ours is not None and theirs is not None and ours != theirs:
-        key = f"{cfg.SECTION}.precision"
-        note = (
+        return ours, (
             f"precision: {key}={cfg.precision} ({ours}) wins over Accelerate's mixed_precision {theirs} "
             f"(accelerate launch / accelerate config); set {key}=null to use Accelerate's"
         )
-    chosen = ours or theirs
-    if chosen == "fp16" and (cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()):
-        source = "precision fp16 (16-mixed)" if ours else "Accelerate's mixed_precision fp16"
-        warnings.warn(
-            f"{source} needs a CUDA GPU; training in fp32 on this CPU. "
-            "Set precision=bf16-mixed for CPU autocast, or precision=no to silence this.",
-            stacklevel=3,
-        )
-        return "no", note
-    return ours, note
+    return ours, None
 
 
 def check_trackers(cfg: TrainConfig) -> list[str] | None:
