@@ -43,7 +43,8 @@ from kd.distill.teachers import (
 from kd.errors import UserError, exit_on_user_error
 from kd.models.checkpoint import CheckpointMeta
 from kd.models.zoo import build_model, count_parameters, input_config
-from kd.train.loop import fit, make_accelerator
+from kd.train.accelerator import make_accelerator
+from kd.train.loop import fit
 from kd.train.run_dir import claim_run_dir, releases_run_dirs
 from kd.train.state import stop_with_launcher
 

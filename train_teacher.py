@@ -8,21 +8,52 @@ accelerate launch train_teacher.py --config configs/teacher.yaml
 import dataclasses
 from pathlib import Path
 
+import torch
 from accelerate.utils import set_seed
+from torch.utils.data import Dataset
 
 from kd.cli import parse_cli
-from kd.config import flat_hparams
-from kd.data.dataset import ms_statistics
+from kd.config import Config, flat_hparams
+from kd.data.dataset import InputSpec, ms_statistics
 from kd.data.loaders import build_loader, open_split, prepare_data, resolve_input
 from kd.data.mixing import Mixing
 from kd.data.unlabeled import ignored_note
 from kd.errors import UserError, exit_on_user_error
 from kd.models.checkpoint import CheckpointMeta
 from kd.models.zoo import build_model, count_parameters, input_config
-from kd.train.loop import fit, make_accelerator
+from kd.train.accelerator import make_accelerator
+from kd.train.loop import fit
 from kd.train.run_dir import claim_run_dir, releases_run_dirs
 from kd.train.state import stop_with_launcher
 from kd.train.task import Classifier
+
+
+def architecture(cfg: Config, num_classes: int) -> dict:
+    """The model's spec: it travels in the checkpoint's JSON, so evaluate.py and distill.py can rebuild the model."""
+    arch = {"name": cfg.model.name, "num_classes": num_classes, "drop_rate": cfg.model.drop_rate}
+    if cfg.model.name == "hybrid":
+        arch.update(
+            backbone=cfg.model.backbone,
+            ms_backbone=cfg.model.ms_backbone,
+            ms_channels=cfg.model.ms_channels,
+            fusion=cfg.model.fusion,
+        )
+    return arch
+
+
+def input_spec_for(cfg: Config, model: torch.nn.Module, train_set: Dataset) -> InputSpec:
+    """How images are fed: the config's, null image_size/mean/std the model's own; the hybrid model's MS bands are
+    normalized with statistics of the training split only."""
+    input_spec = resolve_input(cfg.data, input_config(model))
+    if cfg.model.name != "hybrid":
+        return input_spec
+    ms_mean, ms_std = ms_statistics(train_set)
+    if len(ms_mean) != cfg.model.ms_channels:
+        raise UserError(
+            f"the MS stacks have {len(ms_mean)} bands (after data.ms_bands), but model.ms_channels is "
+            f"{cfg.model.ms_channels}: set model.ms_channels={len(ms_mean)} or select bands with data.ms_bands"
+        )
+    return dataclasses.replace(input_spec, ms_mean=ms_mean, ms_std=ms_std, ms_bands=cfg.data.ms_bands)
 
 
 @exit_on_user_error
@@ -35,33 +66,14 @@ def main(argv: list[str] | None = None) -> dict:
     claim_run_dir(run_dir, args.resume, cfg.train.resume == "auto")  # fails now, not after training
     accelerator = make_accelerator(cfg.train, run_dir, seed=cfg.seed)
 
-    # data: the hybrid model also reads the MS band stack beside each image, normalized with train-split stats
+    # data: any layout, unreadable files found up front; the hybrid model also reads the MS band stack of each image
     with accelerator.main_process_first():
         prepare_data(cfg.data)
-    with_ms = cfg.model.name == "hybrid"
-    train_set = open_split(cfg.data, "train", with_ms=with_ms)  # any layout; unreadable files found up front
+    train_set = open_split(cfg.data, "train", with_ms=cfg.model.name == "hybrid")
     classes = train_set.classes
-
-    # model: its architecture spec travels in the checkpoint's JSON, so evaluate/distill can rebuild it
-    arch = {"name": cfg.model.name, "num_classes": len(classes), "drop_rate": cfg.model.drop_rate}
-    if with_ms:
-        arch.update(
-            backbone=cfg.model.backbone,
-            ms_backbone=cfg.model.ms_backbone,
-            ms_channels=cfg.model.ms_channels,
-            fusion=cfg.model.fusion,
-        )
+    arch = architecture(cfg, len(classes))
     model = build_model(arch, pretrained=cfg.model.pretrained)
-    input_spec = resolve_input(cfg.data, input_config(model))  # null image_size/mean/std: the model's own
-
-    if with_ms:
-        ms_mean, ms_std = ms_statistics(train_set)  # from the training split only
-        if len(ms_mean) != cfg.model.ms_channels:
-            raise UserError(
-                f"the MS stacks have {len(ms_mean)} bands (after data.ms_bands), but model.ms_channels is "
-                f"{cfg.model.ms_channels}: set model.ms_channels={len(ms_mean)} or select bands with data.ms_bands"
-            )
-        input_spec = dataclasses.replace(input_spec, ms_mean=ms_mean, ms_std=ms_std, ms_bands=cfg.data.ms_bands)
+    input_spec = input_spec_for(cfg, model, train_set)
     loader_args = dict(classes=classes, seed=cfg.seed)
     mixing = Mixing.from_config(cfg.train, cfg.seed)  # Mixup / CutMix, as for the students
     train_loader = build_loader(
@@ -71,15 +83,16 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.print(note)
     val_loader = build_loader(cfg.data, input_spec, "val", cfg.train.batch_size, train=False, **loader_args)
     accelerator.print(
-        f"{cfg.model.name} ({cfg.model.backbone if with_ms else 'rgb'}): "
+        f"{cfg.model.name} ({cfg.model.backbone if cfg.model.name == 'hybrid' else 'rgb'}): "
         f"{count_parameters(model) / 1e6:.2f}M parameters, {len(classes)} classes, "
         f"{len(train_loader.dataset)} train / {len(val_loader.dataset)} val images at {input_spec.image_size} px"
     )
-    meta = CheckpointMeta(arch=arch, classes=classes, input_spec=input_spec)
 
+    task = Classifier(model, label_smoothing=cfg.train.label_smoothing)
+    meta = CheckpointMeta(arch=arch, classes=classes, input_spec=input_spec)
     result = fit(
         accelerator,
-        Classifier(model, label_smoothing=cfg.train.label_smoothing),
+        task,
         train_loader,
         val_loader,
         cfg.train,

@@ -19,7 +19,8 @@ from kd.cli import READS, field_help, sections
 from kd.config import Config, ConfigError, TrainConfig, load_config, to_dict
 from kd.deploy.qat import QatPhase
 from kd.errors import UserError
-from kd.train.loop import build_optimizer, make_accelerator, start_trackers
+from kd.train.accelerator import make_accelerator, start_trackers
+from kd.train.loop import build_optimizer
 from kd.train.task import Classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,13 +67,28 @@ def test_agreeing_precisions_print_nothing(monkeypatch, tmp_path, capsys):
     assert "wins over" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("source", ["config", "accelerate"])
-def test_fp16_from_either_side_falls_back_to_fp32_on_a_cpu(source, monkeypatch, tmp_path):
-    if source == "accelerate":
-        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-    cfg = train_config("precision=16-mixed" if source == "config" else "precision=null")
-    with pytest.warns(UserWarning, match="fp16 needs a CUDA GPU|fp16 \\(16-mixed\\) needs a CUDA GPU"):
-        assert make_accelerator(cfg, tmp_path, cpu=True).mixed_precision == "no"
+@pytest.mark.parametrize(
+    ("precision", "accelerates", "line"),
+    [
+        ("16-mixed", "no", "train.precision=16-mixed (fp16) needs a CUDA GPU"),  # configs/b0.yaml under launch
+        ("16-mixed", None, "train.precision=16-mixed (fp16) needs a CUDA GPU"),
+        ("null", "fp16", "Accelerate's mixed_precision fp16 (accelerate launch / accelerate config) needs a CUDA GPU"),
+    ],
+)
+def test_fp16_from_either_side_trains_in_fp32_on_a_cpu_and_says_so_in_one_line(
+    precision, accelerates, line, monkeypatch, tmp_path, capsys
+):
+    """One line says what the run trains in and why (no warning, and no 'wins over' for a precision not used)."""
+    if accelerates:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", accelerates)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_accelerator(train_config(f"precision={precision}"), tmp_path, cpu=True).mixed_precision == "no"
+    said = [text for text in capsys.readouterr().out.splitlines() if text.startswith("precision")]
+    assert said == [
+        f"precision: no (fp32): {line}, and this run is on a CPU; set train.precision=bf16-mixed for CPU autocast, "
+        "or train.precision=no to say fp32"
+    ]
 
 
 def test_qat_refuses_bf16_that_came_from_accelerate():

@@ -11,14 +11,16 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kd.config import TrainConfig
+from kd.config import SCHEDULERS, TrainConfig
 from kd.data.dataset import InputSpec
 from kd.distill.distiller import Distiller
 from kd.distill.losses import KnowledgeDistillationLoss
 from kd.distill.teachers import TeacherEnsemble, teacher_sanity_check
 from kd.errors import UserError
 from kd.models.checkpoint import CheckpointMeta
-from kd.train.loop import build_scheduler, fit, make_accelerator
+from kd.train.accelerator import make_accelerator
+from kd.train.loop import fit
+from kd.train.schedule import build_scheduler
 from kd.train.task import Classifier, TrainingTask
 
 
@@ -97,6 +99,52 @@ def test_step_schedule_and_warm_restarts():
     assert restarts[9] < 0.05 and restarts[19] < 0.05
 
 
+SCHEDULE = dict(learning_rate=1.0, max_epochs=6, warmup_epochs=1, lr_step_size=2, lr_gamma=0.5, min_lr=0.01)
+WARMUP = dict(warmup_t=4, warmup_lr_init=1e-3, warmup_prefix=True)  # 1 epoch of 4 updates, from learning_rate/1000
+CYCLE = dict(t_initial=20, lr_min=0.01, cycle_limit=1, cycle_decay=0.5, t_in_epochs=False, **WARMUP)  # 5 epochs
+
+
+def timm_scheduler(name: str, optimizer: torch.optim.Optimizer):
+    """timm's own scheduler for SCHEDULE at 4 updates per epoch, built by hand from its class."""
+    from timm import scheduler as s
+
+    per_update = dict(t_in_epochs=False, **WARMUP)
+    return {
+        "cosine": lambda: s.CosineLRScheduler(optimizer, **CYCLE),
+        "tanh": lambda: s.TanhLRScheduler(optimizer, **CYCLE),
+        "poly": lambda: s.PolyLRScheduler(optimizer, power=0.5, **CYCLE),  # lr_gamma is poly's power, as in timm
+        "step": lambda: s.StepLRScheduler(optimizer, decay_t=8, decay_rate=0.5, **per_update),
+        "multistep": lambda: s.MultiStepLRScheduler(optimizer, decay_t=[8, 16], decay_rate=0.5, **per_update),
+        "constant": lambda: s.StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0, **per_update),
+        "plateau": lambda: s.PlateauLRScheduler(
+            optimizer, decay_rate=0.5, patience_t=1, warmup_t=1, warmup_lr_init=1e-3, lr_min=0.01, mode="max"
+        ),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_scheduler_is_timms_own_stepped_the_same_way(name):
+    """build_scheduler's LR after every update (plateau: every epoch, on a validation score that stops improving)
+    equals that of timm's scheduler class built by hand and stepped by hand."""
+    cfg = TrainConfig(lr_scheduler=name, lr_cycle_decay=0.5, **SCHEDULE)
+    ours_optimizer, timms_optimizer = (torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0) for _ in range(2))
+    ours, timms = build_scheduler(ours_optimizer, cfg, updates_per_epoch=4), timm_scheduler(name, timms_optimizer)
+    trace = {"ours": [], "timm": []}
+    scores = [0.5, 0.6, 0.6, 0.6, 0.6, 0.6]
+    for epoch in range(cfg.max_epochs):
+        for update in range(epoch * 4 + 1, epoch * 4 + 5):
+            ours.step_update(update)
+            if name != "plateau":
+                timms.step_update(update)
+            trace["ours"].append(ours_optimizer.param_groups[0]["lr"])
+            trace["timm"].append(timms_optimizer.param_groups[0]["lr"])
+        ours.step(epoch + 1, scores[epoch])
+        if name == "plateau":
+            timms.step(epoch + 1, scores[epoch])
+    assert trace["ours"] == trace["timm"]
+    assert len(set(trace["ours"])) > (1 if name == "constant" else 2)  # the schedule moved: warmup, then decay
+
+
 def test_finetune_phase_holds_a_lower_constant_lr(tmp_path):
     task = Classifier(linear())
     train(tmp_path, task, max_epochs=3, finetune_epochs=1, finetune_lr_scale=0.1)
@@ -120,6 +168,29 @@ def test_training_learns_logs_every_term_and_checkpoints_the_best(tmp_path):
     assert {"train/loss", "train/hard", "train/lr", "train/grad_norm", "val/acc", "val/loss"} <= set(scalars)
     assert (tmp_path / "best.safetensors").is_file() and len(list(tmp_path.glob("epoch*.safetensors"))) == 2
     assert json.loads((tmp_path / "latest.json").read_text())["epoch"] == 2  # newest weights, whatever the score
+
+
+def test_logs_and_the_epoch_line_are_means_of_every_term_not_one_batch(tmp_path, capsys):
+    """Each logged term is the mean over the steps since the previous log, and the epoch line prints each term's
+    mean over the epoch: checked against terms the task makes known (probe = the step's number) and records."""
+
+    class Probed(Classifier):
+        losses: list[float] = []
+
+        def forward(self, batch):
+            out = super().forward(batch)
+            Probed.losses.append(out["loss"].item())
+            out["probe"] = torch.tensor(float(len(Probed.losses)))  # 1, 2, 3, ... (one per step)
+            return out
+
+    train(tmp_path, Probed(linear()), max_epochs=1, log_every_n_steps=3)  # 8 steps of 8 images, 1 epoch
+    probes = read_scalars(tmp_path)["train/probe"]
+    assert probes == [(3, 2.0), (6, 5.0)]  # mean(1, 2, 3), mean(4, 5, 6); steps 7 and 8 wait for the next log
+    losses = read_scalars(tmp_path)["train/loss"]
+    assert [v for _, v in losses] == pytest.approx([sum(Probed.losses[:3]) / 3, sum(Probed.losses[3:6]) / 3])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 0:"))
+    mean_loss = sum(Probed.losses) / 8
+    assert line.startswith(f"epoch 0: loss {mean_loss:.4f}  hard {mean_loss:.4f}  probe 4.5000  val_acc "), line
 
 
 def test_ema_weights_follow_the_decay_formula():
@@ -155,14 +226,15 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
 def test_too_many_nonfinite_steps_and_nan_weights_are_user_errors(tmp_path):
     """The scripts print a UserError as one line: a diverging run must not end in a traceback."""
     from kd.errors import UserError
-    from kd.train.loop import NonFiniteLoss, check_in_sync
+    from kd.train.nonfinite import NonFiniteLoss
+    from kd.train.weights import weight_check
 
     assert issubclass(NonFiniteLoss, UserError) and issubclass(NonFiniteLoss, FloatingPointError)
     model = linear()
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] = float("nan")
     with pytest.raises(UserError, match="the weights became non-finite"):
-        check_in_sync(make_accelerator(TrainConfig(), tmp_path, cpu=True), model)
+        weight_check(make_accelerator(TrainConfig(), tmp_path, cpu=True), model)
 
 
 def test_early_stopping_respects_min_delta(tmp_path):

@@ -90,7 +90,7 @@ import sys
 from pathlib import Path
 
 from kd.config import TrainConfig
-from kd.train.loop import make_accelerator
+from kd.train.accelerator import make_accelerator
 
 accelerator = make_accelerator(TrainConfig(), Path(sys.argv[1]))
 if accelerator.process_index == 1:
@@ -186,6 +186,7 @@ import accelerate
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 import kd.train.loop
+from kd.train.weights import weight_check
 
 init = accelerate.Accelerator.__init__
 def init_as_on_gpus(self, *args, **kwargs):
@@ -198,7 +199,7 @@ load_state = kd.train.loop.load_state
 def load_and_report(accelerator, *args, **kwargs):
     load_state(accelerator, *args, **kwargs)
     student = accelerator._models[0].model
-    accelerator.print(f"loaded checksum {kd.train.loop.check_in_sync(accelerator, student):.6e}")
+    accelerator.print(f"loaded checksum {weight_check(accelerator, student)[0]:.6e}")
 kd.train.loop.load_state = load_and_report
 
 sys.argv = sys.argv[1:]
@@ -298,7 +299,7 @@ def test_what_fsdp_cannot_run_is_refused_before_training(fsdp2, override, refusa
 
     from kd.config import load_config
     from kd.errors import UserError
-    from kd.train.loop import check_sharding
+    from kd.train.accelerator import check_sharding
 
     cfg = load_config(str(ROOT / "configs/baseline_b0.yaml"), [override] if override else []).train
     accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=fsdp2, num_processes=2)

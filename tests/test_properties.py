@@ -28,7 +28,7 @@ from kd.distill.losses import KnowledgeDistillationLoss, soft_kl
 from kd.errors import UserError
 from kd.models.checkpoint import CheckpointMeta, save_checkpoint
 from kd.models.zoo import build_model
-from kd.train.loop import build_scheduler
+from kd.train.schedule import build_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,8 @@ SMALL = settings(max_examples=50, deadline=None)
 # ------------------------------------------------------------------------------------------------------ configs
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.type)}
+
+
 TEXT = st.text(st.characters(exclude_characters="\0"), max_size=8)  # NUL: no path or name holds one
 FRACTION = st.floats(0.01, 0.49)  # valid for every float key: > 0, < 1, and two of them sum below 1
 BY_TYPE = {bool: st.booleans(), int: st.integers(1, 10**6), float: FRACTION, str: TEXT, list: st.lists(TEXT)}

@@ -27,7 +27,7 @@ from kd.data.loaders import build_loader
 from kd.errors import UserError
 from kd.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from kd.models.zoo import build_model
-from kd.train.loop import make_accelerator
+from kd.train.accelerator import make_accelerator
 from kd.train.run_dir import ensure_writable
 
 ROOT = Path(__file__).resolve().parents[1]

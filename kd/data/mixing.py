@@ -110,3 +110,27 @@ class MixingCollate:
 
     def __call__(self, samples: list[dict]) -> dict:
         return self.mixing(default_collate(samples))
+
+
+def hard_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    mix_label: torch.Tensor | None = None,
+    mix_lambda: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy over the labelled samples only (label >= 0; -1 marks an unlabelled one), averaged over them;
+    0 for a batch without any. With a mixed batch (`Mixing`): lambda * CE(labels) + (1 - lambda) * CE(mix_label)
+    per sample, which is CE against the mixed one-hot targets. `label_smoothing` as in F.cross_entropy. It lives
+    here, beside the label conventions it reads, so that plain training (kd/train) needs nothing of kd.distill."""
+    labeled = labels >= 0
+    if not labeled.any():  # zero, yet still a function of the logits (every process must backpropagate)
+        return logits.float().sum() * 0.0
+    logits = logits.float()[labeled]
+    cross_entropy = torch.nn.functional.cross_entropy
+    loss = cross_entropy(logits, labels[labeled], label_smoothing=label_smoothing, reduction="none")
+    if mix_label is not None:
+        lam = mix_lambda[labeled].float()
+        partner = cross_entropy(logits, mix_label[labeled], label_smoothing=label_smoothing, reduction="none")
+        loss = lam * loss + (1 - lam) * partner
+    return loss.mean()

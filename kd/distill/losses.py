@@ -16,6 +16,7 @@ from torch import nn
 
 from kd.config import ConfigError, DistillationConfig
 from kd.config_rules import coerce, did_you_mean
+from kd.data.mixing import hard_loss
 from kd.distill.feature_losses import FEATURE_LOSSES
 from kd.errors import quote
 
@@ -93,28 +94,6 @@ def dist_loss(
     inter = 1 - _mean_pearson(p_student, p_teacher)
     intra = 1 - _mean_pearson(p_student.T, p_teacher.T)
     return (beta * inter + gamma * intra) * t * t
-
-
-def hard_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    label_smoothing: float = 0.0,
-    mix_label: torch.Tensor | None = None,
-    mix_lambda: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Cross-entropy over the labelled samples only (label >= 0; -1 marks an unlabelled one), averaged over them;
-    0 for a batch without any. With a mixed batch (kd/data/mixing.py): lambda * CE(labels) + (1 - lambda) *
-    CE(mix_label) per sample, which is CE against the mixed one-hot targets. `label_smoothing` as in F.cross_entropy."""
-    labeled = labels >= 0
-    if not labeled.any():  # zero, yet still a function of the logits (every process must backpropagate)
-        return logits.float().sum() * 0.0
-    logits = logits.float()[labeled]
-    loss = F.cross_entropy(logits, labels[labeled], label_smoothing=label_smoothing, reduction="none")
-    if mix_label is not None:
-        lam = mix_lambda[labeled].float()
-        partner = F.cross_entropy(logits, mix_label[labeled], label_smoothing=label_smoothing, reduction="none")
-        loss = lam * loss + (1 - lam) * partner
-    return loss.mean()
 
 
 # A soft loss takes the logits and the temperature by these names (the labels too, when it names them) and returns a

@@ -5,11 +5,9 @@ unpickled, loaded into the prepared objects; and the one line a process prints w
 import contextlib
 import ctypes
 import dataclasses
-import enum
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -28,14 +26,75 @@ from timm.utils import ModelEmaV3
 from kd.config import TrainConfig
 from kd.errors import Interrupted, UserError, quote
 from kd.train.run_dir import cannot_continue, held_files
+from kd.train.state_files import check_files
+from kd.train.topk import CHECKPOINT_STEM
 
 SCHEDULER_FILE, EMA_FILE = "scheduler.json", "ema.safetensors"  # our own state in last/: JSON and tensors only
+COUNTERS = ("epoch", "batches_done", "updates", "stale_epochs")  # progress.json's counts, each an int >= 0
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run is: <run_dir>/last/progress.json, written and read here only (its presence completes a state)."""
+
+    epoch: int = 0  # the epoch to train next (epochs finished)
+    batches_done: int = 0  # batches of `epoch` already trained: a state saved mid-epoch
+    updates: int = 0  # optimizer steps so far
+    stale_epochs: int = 0  # epochs in a row without gain on the monitored metric (early stopping)
+    top_k: list = dataclasses.field(default_factory=list)  # [score, checkpoint name], best first (TopK's entries)
+    max_epochs: int = 1  # the run's max_epochs when saved: a resume with another rebuilds the LR schedule
+    metrics: dict = dataclasses.field(default_factory=dict)  # the last validation's
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, path: Path) -> "Progress":
+        """The progress.json at `path`, refused when a value is not what the run writes. Its top-k list names the
+        checkpoints the run deletes when better ones replace them: any name but the epochNNN the run writes (../x,
+        /abs/path) would delete files outside the run folder."""
+        data = json.loads(text)
+        keys = (*COUNTERS, "top_k", "max_epochs")
+        if not (isinstance(data, dict) and all(k in data for k in keys)):
+            raise UserError(
+                f"refused to resume from {path.parent}: {path.name} lacks some of {keys}; the state is damaged (or "
+                "older than kd's checks of it): to start over, set checkpoint_dir to a new folder"
+            )
+        if problem := progress_problem(data):
+            raise UserError(
+                f"refused to resume from {path.parent}: {path.name}'s {problem}; the file is damaged or was edited. "
+                "Resume only from run folders you made or trust; to start over, set checkpoint_dir to a new folder."
+            )
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+
+def progress_problem(progress: dict) -> str | None:
+    """The first value of a progress.json that is not what the run writes, said for a message; None if none."""
+    for key in COUNTERS:
+        value = progress[key]
+        if type(value) is not int or value < 0:  # bool is an int, "0" a string: neither is a count
+            return f'"{key}" must be a whole number >= 0, got {quote(value)}'
+    if type(progress["max_epochs"]) is not int or progress["max_epochs"] < 1:
+        return f'"max_epochs" must be a whole number >= 1, got {quote(progress["max_epochs"])}'
+    if not isinstance(progress.get("metrics", {}), dict):  # states saved before the first validation have none
+        return f'"metrics" must be a mapping of names to values, got {quote(progress["metrics"])}'
+    if not isinstance(progress["top_k"], list):
+        return f'"top_k" must be a list of [score, checkpoint name] pairs, got {quote(progress["top_k"])}'
+    for entry in progress["top_k"]:
+        if not (isinstance(entry, list) and len(entry) == 2):
+            return f'"top_k" must hold [score, checkpoint name] pairs, got {quote(entry)}'
+        score, stem = entry
+        if type(score) not in (int, float) or not math.isfinite(score):
+            return f'"top_k" scores must be finite numbers, got {quote(score)}'
+        if not (isinstance(stem, str) and CHECKPOINT_STEM.fullmatch(stem)):
+            return f'"top_k" names {quote(stem)}, not a checkpoint the run writes (epoch000, epoch001, ...)'
+    return None
 
 
 def save_state(
     accelerator: Accelerator,
     run_dir: Path,
-    progress: dict,
+    progress: Progress,
     scheduler=None,
     ema: ModelEmaV3 | None = None,
     safe_serialization: bool = True,
@@ -60,7 +119,7 @@ def save_state(
         if ema is not None:
             ema_state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
             safetensors.torch.save_file(ema_state, str(tmp / EMA_FILE))
-        (tmp / "progress.json.tmp").write_text(json.dumps(progress))
+        (tmp / "progress.json.tmp").write_text(progress.to_json())
         os.replace(tmp / "progress.json.tmp", tmp / "progress.json")  # its presence marks a complete state
         shutil.rmtree(old, ignore_errors=True)  # left by a kill after an earlier swap
         if last.exists():
@@ -82,12 +141,7 @@ def recover_state(run_dir: Path) -> Path | None:
     return last if (last / "progress.json").is_file() else None
 
 
-def new_progress(cfg: TrainConfig) -> dict:
-    """The progress.json of a run that has not trained yet: where it is, its top-k list, its epochs without gain."""
-    return {"epoch": 0, "batches_done": 0, "updates": 0, "stale_epochs": 0, "top_k": [], "max_epochs": cfg.max_epochs}
-
-
-def find_state(accelerator: Accelerator, run_dir: Path, cfg: TrainConfig, resume: bool) -> dict | None:
+def find_state(accelerator: Accelerator, run_dir: Path, cfg: TrainConfig, resume: bool) -> Progress | None:
     """The checked progress.json of the state to continue from (--resume, or resume: auto when there is one), or
     None to start a new run. --resume without a complete state is refused, never silently a new run."""
     if accelerator.is_main_process and (resume or cfg.resume == "auto"):
@@ -103,131 +157,30 @@ def find_state(accelerator: Accelerator, run_dir: Path, cfg: TrainConfig, resume
     return check_state(last)
 
 
-def check_state(last: Path) -> dict:
-    """Check every file of a saved state before anything reads it, and return its progress.json.
-
-    A run folder is often copied from a colleague or a shared drive, and a pickle can run code when it is loaded.
-    Each pickled file (optimizer, scaler, RNG states, ...) must load with torch's weights_only unpickler, which builds
-    tensors and plain containers only and refuses anything else without running it; .safetensors and .json files
-    must parse. Under FSDP the model and optimizer are folders of torch.distributed.checkpoint shards: their
-    .distcp files torch reads weights-only itself, and their pickled .metadata must unpickle to DCP's metadata
-    classes alone (`check_dcp_metadata`). A file that fails is named, and nothing is resumed.
-    """
-    parsed: dict[str, object] = {}  # the JSON files, read once
-    for path in sorted(p for p in last.rglob("*") if p.is_file()):
-        try:
-            if path.name == ".metadata":
-                check_dcp_metadata(path)
-            elif path.suffix in (".bin", ".pkl", ".pt"):
-                accelerate.utils.load(path, map_location="cpu", weights_only=True)
-            elif path.suffix == ".safetensors":
-                with safetensors.safe_open(str(path), "pt"):
-                    pass
-            elif path.suffix == ".json":
-                parsed[path.name] = json.loads(path.read_text())
-        except pickle.UnpicklingError:  # torch's weights_only unpickler met an object it does not build
-            problem = "holds more than tensors and plain data, and unpickling it could run code"
-        except Exception as e:  # truncated, foreign or garbled
-            problem = (
-                f"cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})"
-            )
-        else:
-            continue
-        raise UserError(
-            f"refused to resume from {last}: {path.relative_to(last)} {problem}. Resume only from run folders you "
-            "made or trust; to start over, set checkpoint_dir to a new folder."
-        )
-    progress = parsed.get("progress.json")
-    keys = ("epoch", "batches_done", "updates", "stale_epochs", "top_k")
-    if not (isinstance(progress, dict) and all(k in progress for k in keys)):
-        raise UserError(f"refused to resume from {last}: progress.json lacks some of {keys}; the state is damaged")
-    check_progress(progress, last / "progress.json")
-    return progress
+def check_state(last: Path) -> Progress:
+    """Check every file of a saved state before anything reads it (kd/train/state_files.py), and return its
+    progress.json. A file that fails is named, and nothing is resumed."""
+    check_files(last)
+    return Progress.from_json((last / "progress.json").read_text(), last / "progress.json")
 
 
-COUNTERS = ("epoch", "batches_done", "updates", "stale_epochs")  # progress.json's counts, each an int >= 0
-CHECKPOINT_STEM = re.compile(r"epoch\d{3,}")  # the top-k checkpoints' names, as TopK writes them
-
-
-def check_progress(progress: dict, path: Path) -> None:
-    """Refuse a progress.json whose values the run would misuse. Its top-k list names the checkpoints the run
-    deletes when better ones replace them: any name but the epochNNN the run writes (../x, /abs/path) would
-    delete files outside the run folder."""
-    problem = progress_problem(progress)
-    if problem:
-        raise UserError(
-            f"refused to resume from {path.parent}: {path.name}'s {problem}; the file is damaged or was edited. "
-            "Resume only from run folders you made or trust; to start over, set checkpoint_dir to a new folder."
-        )
-
-
-def progress_problem(progress: dict) -> str | None:
-    """The first value of a progress.json that is not what the run writes, said for a message; None if none."""
-    for key in COUNTERS:
-        value = progress[key]
-        if type(value) is not int or value < 0:  # bool is an int, "0" a string: neither is a count
-            return f'"{key}" must be a whole number >= 0, got {quote(value)}'
-    saved_epochs = progress.get("max_epochs", 1)  # states saved before it was recorded lack it
-    if type(saved_epochs) is not int or saved_epochs < 1:
-        return f'"max_epochs" must be a whole number >= 1, got {quote(saved_epochs)}'
-    if not isinstance(progress["top_k"], list):
-        return f'"top_k" must be a list of [score, checkpoint name] pairs, got {quote(progress["top_k"])}'
-    for entry in progress["top_k"]:
-        if not (isinstance(entry, list) and len(entry) == 2):
-            return f'"top_k" must hold [score, checkpoint name] pairs, got {quote(entry)}'
-        score, stem = entry
-        if type(score) not in (int, float) or not math.isfinite(score):
-            return f'"top_k" scores must be finite numbers, got {quote(score)}'
-        if not (isinstance(stem, str) and CHECKPOINT_STEM.fullmatch(stem)):
-            return f'"top_k" names {quote(stem)}, not a checkpoint the run writes (epoch000, epoch001, ...)'
-    return None
-
-
-DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}  # and dtypes
-
-
-class _DcpMetadataUnpickler(pickle.Unpickler):
-    """Builds what torch.distributed.checkpoint pickles in its .metadata (its dataclasses and enums, torch dtypes,
-    sizes and layouts, paths) and refuses any other global, so nothing else can run while the file is read."""
-
-    def find_class(self, module: str, name: str):
-        if module in DCP_MODULES:
-            found = super().find_class(module, name)
-            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
-                return found
-        elif (module, name) in DCP_GLOBALS:
-            return super().find_class(module, name)
-        elif module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"global {module}.{name} is not one of torch.distributed.checkpoint's")
-
-
-def check_dcp_metadata(path: Path) -> None:
-    """A torch.distributed.checkpoint .metadata file (an FSDP state's), unpickled without running anything else;
-    torch itself unpickles it with no such limit when the state loads."""
-    with path.open("rb") as f:
-        _DcpMetadataUnpickler(f).load()
-
-
-def resumed_schedule(progress: dict, cfg: TrainConfig) -> bool:
+def resumed_schedule(progress: Progress, cfg: TrainConfig) -> bool:
     """Whether a resumed run must rebuild its LR schedule: max_epochs changed since the state was saved.
 
     A finished run resumed with a larger max_epochs continues training on the schedule of the new length (its LR
     jumps from the old schedule's end to the new one's value at that step); a smaller one than already trained is
     refused.
     """
-    saved = progress.get("max_epochs", cfg.max_epochs)  # states saved before max_epochs was recorded
-    if cfg.max_epochs < progress["epoch"]:
+    if cfg.max_epochs < progress.epoch:
         raise UserError(
-            f"--resume: the saved run has already trained {progress['epoch']} epochs, more than max_epochs="
-            f"{cfg.max_epochs}; set max_epochs >= {progress['epoch']} (or its former {saved})"
+            f"--resume: the saved run has already trained {progress.epoch} epochs, more than max_epochs="
+            f"{cfg.max_epochs}; set max_epochs >= {progress.epoch} (or its former {progress.max_epochs})"
         )
-    return saved != cfg.max_epochs
+    return progress.max_epochs != cfg.max_epochs
 
 
 def load_state(
-    accelerator: Accelerator, run_dir: Path, progress: dict, cfg: TrainConfig, scheduler, ema: ModelEmaV3 | None
+    accelerator: Accelerator, run_dir: Path, progress: Progress, cfg: TrainConfig, scheduler, ema: ModelEmaV3 | None
 ) -> None:
     """Load <run_dir>/last into the prepared objects; a changed max_epochs rebuilds the schedule (`resumed_schedule`).
     `progress` (from `find_state`) takes the new max_epochs."""
@@ -260,13 +213,13 @@ def load_state(
         else:
             raise UserError(f"cannot resume from {last}: it holds no EMA weights, but this run has ema_decay > 0")
     if reschedule:  # the new schedule at the step reached, as if max_epochs had been this from the start
-        scheduler.step_update(progress["updates"])
+        scheduler.step_update(progress.updates)
         accelerator.print(
-            f"max_epochs {progress['max_epochs']} -> {cfg.max_epochs}: the LR schedule is rebuilt for "
-            f"{cfg.max_epochs} epochs and continues from optimizer step {progress['updates']}"
+            f"max_epochs {progress.max_epochs} -> {cfg.max_epochs}: the LR schedule is rebuilt for "
+            f"{cfg.max_epochs} epochs and continues from optimizer step {progress.updates}"
         )
-    progress["max_epochs"] = cfg.max_epochs
-    accelerator.print(f"resumed from {last} at epoch {progress['epoch']}, batch {progress['batches_done']}")
+    progress.max_epochs = cfg.max_epochs
+    accelerator.print(f"resumed from {last} at epoch {progress.epoch}, batch {progress.batches_done}")
 
 
 @contextlib.contextmanager
@@ -294,21 +247,22 @@ def lost_peer(error: BaseException) -> bool:
     )
 
 
-def last_saved(run_dir: Path) -> dict | None:
-    """The progress.json of the state a resume would continue from (`recover_state`'s choice), None if none."""
+def last_position(run_dir: Path) -> tuple[int, int] | None:
+    """(epoch, batch) of the state a resume would continue from (`recover_state`'s choice), for messages; None if
+    none was saved."""
     for folder in ("last", "last.tmp", "last.old"):  # a save interrupted between its renames leaves the latter
         if (run_dir / folder / "progress.json").is_file():
-            return json.loads((run_dir / folder / "progress.json").read_text())
+            saved = json.loads((run_dir / folder / "progress.json").read_text())
+            return saved["epoch"], saved["batches_done"]
     return None
 
 
 def how_to_continue(run_dir: Path) -> str:
     """What continues a stopped run: --resume from its last saved state, or a new start when none was saved."""
-    saved = last_saved(run_dir)
-    if saved:
+    if position := last_position(run_dir):
         return (
-            f"continue with --resume from the last saved state, {run_dir / 'last'} (epoch {saved['epoch']}, batch "
-            f"{saved['batches_done']})"
+            f"continue with --resume from the last saved state, {run_dir / 'last'} (epoch {position[0]}, batch "
+            f"{position[1]})"
         )
     if held := held_files(run_dir):
         return cannot_continue(run_dir, held)
@@ -360,11 +314,11 @@ def explain_lost_peers(accelerator: Accelerator, run_dir: Path) -> Iterator[None
     launcher = os.getppid()
 
     def message() -> str:
-        saved = last_saved(run_dir)
+        position = last_position(run_dir)
         where = (
-            f"the last saved state, {run_dir / 'last'} (epoch {saved['epoch']}, batch {saved['batches_done']}), "
+            f"the last saved state, {run_dir / 'last'} (epoch {position[0]}, batch {position[1]}), "
             "with the same command and --resume"
-            if saved
+            if position
             else "the start: no state was saved yet, so run the same command again (without --resume)"
         )
         cause = (

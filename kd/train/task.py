@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from kd.distill.losses import hard_loss
+from kd.data.mixing import hard_loss
 from kd.models.zoo import forward_batch
 
 
@@ -37,7 +37,7 @@ class TrainingTask(Protocol):
 
 class Classifier(nn.Module):
     """Plain supervised training (teachers, baseline students): cross-entropy on the labels (smoothed, and mixed on a
-    Mixup / CutMix batch: kd.distill.losses.hard_loss)."""
+    Mixup / CutMix batch: kd.data.mixing.hard_loss)."""
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
         super().__init__()
