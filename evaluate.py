@@ -43,14 +43,14 @@ from rich.progress import track
 from kd.cli import add_config_arguments, resolve_config
 from kd.config import Config
 from kd.data.dataset import prepare_data
-from kd.deploy.inference import LoadedModel, load_model, read_json_object
+from kd.deploy.inference import LoadedModel, checkpoint_loader, load_model, read_json_object
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.eval.corruptions import CORRUPTIONS, corrupt_normalized
 from kd.eval.measure import PEAK_MEMORY_METHOD, cuda_peak_memory_mb, latency_ms, peak_memory_mb, throughput
 from kd.eval.metrics import ECE_BINS, classification_metrics, mean_std, per_class_accuracy
 from kd.eval.plots import save_plots
 from kd.eval.report import derived_lines, recall_table, tables
-from kd.models.checkpoint import checkpoint_loader, checkpoint_stem
+from kd.models.checkpoint import checkpoint_stem
 from kd.train.run_dir import require_writable_folder
 
 SECTIONS = {f.name for f in dataclasses.fields(Config)}  # data, model, train, distillation, name, seed

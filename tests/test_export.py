@@ -56,7 +56,7 @@ def test_every_format_is_written_and_matches_pytorch(exported):
     out, report = exported
     rows = report["formats"]
     no_qat = ("tflite-int8", "torch-int8-qat")  # TFLite needs --tflite; QAT ranges, a QAT checkpoint
-    assert set(rows) == {"pytorch", "onnx", "torchscript", *(n for n in export.INT8 if n not in no_qat)}
+    assert set(rows) == {"pytorch", "onnx", "torchscript", *(n for n in export.int8_formats() if n not in no_qat)}
     for name in ("onnx", "torchscript"):
         assert rows[name]["max_abs_diff"] < 1e-3 and rows[name]["top1_agreement"] == 1.0, name
     for name, row in rows.items():

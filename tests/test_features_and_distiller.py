@@ -13,7 +13,7 @@ from kd.distill.hooks import FeatureAdapter, FeatureHooks, FeaturePairs, layer_p
 from kd.distill.losses import SOFT_LOSSES, KnowledgeDistillationLoss
 from kd.distill.teachers import Teachers, adapt_view, class_balanced_batch, teacher_sanity_check, teacher_sanity_report
 from kd.errors import UserError
-from kd.models.zoo import HybridFusion
+from kd.models.hybrid import HybridFusion
 
 
 def tiny(name="test_efficientnet", classes=5):

@@ -20,7 +20,8 @@ from kd.data.dataset import InputSpec
 from kd.distill.cache import CachedTeacher, TeacherCache, build_teacher_cache, cache_key, check_applies
 from kd.distill.hooks import FeaturePairs
 from kd.errors import UserError, quote
-from kd.models.checkpoint import CheckpointMeta, check_ms_bands, load_checkpoint, read_meta
+from kd.models.checkpoint import CheckpointMeta, load_checkpoint, read_meta
+from kd.models.hybrid import check_ms_bands
 from kd.models.zoo import count_parameters, forward_batch
 
 
@@ -140,7 +141,7 @@ class Teachers:
         on a class-balanced validation batch (`say`s a line each); or, from a cache, that it holds exactly these
         training views (it is opened here; else a UserError that says why and gives the `rebuild` command)."""
         d = self.config.distillation
-        check_ms_bands(self.ms_meta, val_loader.dataset)
+        check_ms_bands(self.ms_meta and self.ms_meta.arch, val_loader.dataset)
         if not self.modules:  # read from a cache
             self.cache = CachedTeacher(
                 TeacherCache.open(d.teacher_cache, self.cache_key(train_loader), d.max_epochs, rebuild)

@@ -6,18 +6,12 @@ import math
 
 from rich.table import Table
 
+from kd.deploy.formats import FORMATS
 from kd.eval.corruptions import CORRUPTIONS
 from kd.eval.metrics import mean_std
 
 COLUMNS = ("Model", "Parameters", "Top-1 Acc.", "Latency (ms)", "Memory (MB)")
 EXTRA = ("Top-5", "Macro-F1", "ECE", "Agreement", "KL", "p90 (ms)", "Images/s", "Weights (MB)", "File (MB)")
-KIND = {
-    "checkpoint": "",
-    "onnx": " ONNX",
-    "torchscript": " TorchScript",
-    "torch.export": " torch.export",
-    "tflite": " TFLite",
-}
 
 
 def fmt(row: dict, key: str, scale: float = 1.0, digits: int = 1, unit: str = "", spread: bool = True) -> str:
@@ -30,7 +24,8 @@ def fmt(row: dict, key: str, scale: float = 1.0, digits: int = 1, unit: str = ""
 
 def cells(name: str, r: dict, corruptions: bool) -> list[str]:
     runs = f", {r['n']} runs" if r["n"] > 1 else ""
-    label = f"{name} ({r['arch']}{KIND[r['kind']]}, {'+'.join(r['inputs']).upper()}{runs})"
+    runtime = {f.kind: f" {f.runtime}" for f in FORMATS.values()}.get(r["kind"], "")  # a checkpoint: ""
+    label = f"{name} ({r['arch']}{runtime}, {'+'.join(r['inputs']).upper()}{runs})"
     out = [label, fmt(r, "params", 1e-6, 2, "M", spread=False), fmt(r, "top1", 100, 1, "%"), fmt(r, "latency_ms", 1, 2)]
     out += [fmt(r, "memory_mb"), fmt(r, "top5", 100, 1, "%"), fmt(r, "macro_f1", 1, 3), fmt(r, "ece", 1, 3)]
     out += [fmt(r, "teacher_agreement", 100, 1, "%"), fmt(r, "teacher_kl", 1, 3), fmt(r, "latency_p90_ms", 1, 2)]
