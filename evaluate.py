@@ -223,7 +223,7 @@ def report(rows: dict[str, dict], groups: dict[str, list[str]], summary: dict, a
     for table in console:
         Console(width=max(120, Console().width)).print(table)
     print(note)
-    lines = derived_lines(summary, args.teacher, speed, peak=args.memory == "peak")
+    lines = derived_lines(summary, args.teacher, speed, args.memory == "peak", args.latency_runs)
     for line in lines:
         print(f"- {line}")
 
