@@ -43,14 +43,14 @@ from rich.progress import track
 from kd.cli import add_config_arguments, resolve_config
 from kd.config import Config
 from kd.data.loaders import prepare_data
-from kd.deploy.inference import LoadedModel, load_model, read_json_object
+from kd.deploy.inference import LoadedModel, checkpoint_loader, load_model, read_json_object
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.eval.corruptions import CORRUPTIONS, corrupt_normalized
 from kd.eval.measure import PEAK_MEMORY_METHOD, cuda_peak_memory_mb, latency_ms, peak_memory_mb, throughput
 from kd.eval.metrics import ECE_BINS, classification_metrics, mean_std, per_class_accuracy
 from kd.eval.plots import save_plots
 from kd.eval.report import derived_lines, recall_table, tables
-from kd.models.checkpoint import checkpoint_loader, checkpoint_stem
+from kd.models.checkpoint import checkpoint_stem
 from kd.train.run_dir import require_writable_folder
 
 SECTIONS = {f.name for f in dataclasses.fields(Config)}  # data, model, train, distillation, name, seed
@@ -154,8 +154,7 @@ def evaluate(model: LoadedModel, path: str, args, cfg, teacher: dict | None) -> 
     return row, reference
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0])
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--config", help="config whose data section names the dataset (this or --demo is required)")
@@ -187,21 +186,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"--device {args.device}, but torch sees no CUDA GPU; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    entries = model_list(args)
-    if not (args.config or args.demo):
-        raise UserError(
-            "no data to evaluate on: pass --config with the config whose data section names the dataset (e.g. --config "
-            "configs/b0.yaml), or --demo for the built-in demo set (written to data/demo, about 99 MB)"
-        )
-    # Every mistake that can be found without evaluating is found before the first (possibly long) evaluation:
-    # every model is loaded here, on the CPU; each moves to --device when its turn comes.
-    require_writable_folder(args.out, "--out")
-    if args.meta:
-        read_json_object(Path(args.meta), "--meta file")
-    models = {name: load_model(path, args.meta) for name, _, path in entries}
-    prepare_data(cfg.data)
+    return args, cfg
 
-    # The teacher first: its logits are what the others' agreement and KL are measured against.
+
+def evaluate_all(entries: list[tuple[str, str, str]], models: dict, args, cfg: Config) -> dict[str, dict]:
+    """Every model's row, in the order given. The teacher first: its logits are what the others' agreement and KL
+    are measured against."""
     first = next((e for e in entries if args.teacher in e[:2]), None)
     rows, teacher = {}, None
     for entry in sorted(entries, key=lambda e: e != first):
@@ -209,16 +199,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"evaluating {name}: {path}")
         rows[name], reference = evaluate(models.pop(name).to(args.device), path, args, cfg, teacher)
         teacher = teacher or (reference if entry == first else None)
-    rows = {name: rows[name] for name, _, _ in entries}
-    groups = {}
-    for name, group, _ in entries:
-        groups.setdefault(group, []).append(name)
-    nested = ("confusion", "calibration", "per_class_accuracy", "corruptions")
-    summary = {
-        g: {k: v for k, v in mean_std([rows[n] for n in names]).items() if k not in nested} | {"runs": names}
-        for g, names in groups.items()
-    }
+    return {name: rows[name] for name, _, _ in entries}
 
+
+def report(rows: dict[str, dict], groups: dict[str, list[str]], summary: dict, args, cfg: Config) -> dict:
+    """Print the tables and the derived lines; write results.json, results.md and the plots."""
     threads = torch.get_num_threads()
     speed = f"batch 1, {args.device}, {threads} threads"
     memory = PEAK_MEMORY_METHOD if args.memory == "peak" else "weights: parameters and buffers"
@@ -238,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     for table in console:
         Console(width=max(120, Console().width)).print(table)
     print(note)
-    lines = derived_lines(summary, args.teacher, speed, peak=args.memory == "peak")
+    lines = derived_lines(summary, args.teacher, speed, args.memory == "peak", args.latency_runs)
     for line in lines:
         print(f"- {line}")
 
@@ -253,6 +238,35 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.md").write_text("\n".join(md + [""] + [f"- {line}" for line in lines]) + "\n")
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots in {out / 'plots'}")
     return results
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    args, cfg = parse_args(argv)
+    entries = model_list(args)
+    if not (args.config or args.demo):
+        raise UserError(
+            "no data to evaluate on: pass --config with the config whose data section names the dataset (e.g. --config "
+            "configs/b0.yaml), or --demo for the built-in demo set (written to data/demo, about 99 MB)"
+        )
+    # Every mistake that can be found without evaluating is found before the first (possibly long) evaluation:
+    # every model is loaded here, on the CPU; each moves to --device when its turn comes.
+    require_writable_folder(args.out, "--out")
+    if args.meta:
+        read_json_object(Path(args.meta), "--meta file")
+    models = {name: load_model(path, args.meta) for name, _, path in entries}
+    prepare_data(cfg.data)
+
+    rows = evaluate_all(entries, models, args, cfg)
+    groups = {}
+    for name, group, _ in entries:
+        groups.setdefault(group, []).append(name)
+    nested = ("confusion", "calibration", "per_class_accuracy", "corruptions")
+    summary = {
+        g: {k: v for k, v in mean_std([rows[n] for n in names]).items() if k not in nested} | {"runs": names}
+        for g, names in groups.items()
+    }
+    return report(rows, groups, summary, args, cfg)
 
 
 if __name__ == "__main__":

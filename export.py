@@ -32,27 +32,34 @@ import torch
 from huggingface_hub.utils import validate_repo_id
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from kd.cli import add_config_arguments, resolve_config
 from kd.config import Config
 from kd.data.loaders import prepare_data
 from kd.deploy import formats as fmt
+from kd.deploy.inference import checkpoint_loader
+from kd.deploy.timm_folder import push_timm, require_timm_model
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.eval.measure import latency_ms
-from kd.models.checkpoint import CheckpointMeta, checkpoint_loader, checkpoint_ranges, checkpoint_stem, load_checkpoint
+from kd.models.checkpoint import CheckpointMeta, checkpoint_ranges, checkpoint_stem, load_checkpoint
 from kd.models.zoo import input_keys
 from kd.train.run_dir import RUN_FILES, owned_by_a_run, require_writable_folder
 
-FP32 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32 is None)
-INT8 = tuple(name for name, f in fmt.FORMATS.items() if f.fp32)
+
+def int8_formats() -> list[str]:
+    """The INT8 rows of FORMATS (read at call time: a row added to it is a format of every flag)."""
+    return [name for name, f in fmt.FORMATS.items() if f.fp32]
 
 
 def formats_to_write(args, ranges: dict) -> list[str]:
     """The formats the flags ask for, ONNX first: the ONNX Runtime quantizers start from it."""
     names = ["onnx", *args.formats] + (["tflite"] if args.tflite else []) + (["timm"] if args.push_to_hub else [])
     if args.int8:
-        names += [n for n in INT8 if (n != "tflite-int8" or args.tflite) and (n != "torch-int8-qat" or ranges)]
+        names += [
+            n for n in int8_formats() if (n != "tflite-int8" or args.tflite) and (n != "torch-int8-qat" or ranges)
+        ]
     if "torch-int8-qat" in names and not ranges:
         raise UserError(
             f"torch-int8-qat: {args.checkpoint} holds no QAT ranges (its epoch was not quantization-aware). Export "
@@ -139,7 +146,7 @@ def compare(reference: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -
 
 def verdict(name: str, row: dict, args) -> str:
     """ok | not recommended | rejected. fp32 must match to --atol; INT8 is judged on top-1 agreement."""
-    if name in FP32:
+    if fmt.FORMATS[name].fp32 is None:
         return "ok" if row["max_abs_diff"] <= args.atol else "rejected"
     if row["top1_agreement"] < args.reject_agreement:
         return "rejected"
@@ -164,14 +171,14 @@ def print_table(rows: dict, title: str) -> None:
     Console(width=max(140, Console().width)).print(table)
 
 
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="student checkpoint (.safetensors + .json); required")
     parser.add_argument("--out", default="exports/student.onnx", help="ONNX path; other files go beside it")
     parser.add_argument("--config", help="config whose data section gives validation images for the check")
     parser.add_argument("--split", default="val", help="split used for the parity and accuracy check")
-    parser.add_argument("--formats", nargs="+", default=["onnx", "torchscript"], choices=FP32 + INT8)
+    fp32_first = sorted(fmt.FORMATS, key=lambda name: fmt.FORMATS[name].fp32 is not None)
+    parser.add_argument("--formats", nargs="+", default=["onnx", "torchscript"], choices=fp32_first)
     parser.add_argument("--int8", action="store_true", help="add every INT8 format (TFLite INT8 with --tflite)")
     parser.add_argument("--tflite", action="store_true", help="add TFLite (needs `make export-deps`)")
     parser.add_argument("--calibration-images", type=int, default=256, help="training images for INT8 ranges")
@@ -199,18 +206,24 @@ def main(argv: list[str] | None = None) -> dict:
             f"{' '.join(args.overrides)}: overrides change --config's data section, and without --config the check "
             "runs on random inputs; pass --config (e.g. --config configs/b0.yaml) or drop the overrides"
         )
-    out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {quote(args.out)} is a folder; --out names the ONNX file, e.g. {out / 'student.onnx'}")
+    if Path(args.out).is_dir():
+        example = Path(args.out) / "student.onnx"
+        raise UserError(f"--out {quote(args.out)} is a folder; --out names the ONNX file, e.g. {example}")
     if args.push_to_hub:
         check_repo_id(args.push_to_hub)
+    return args, cfg
+
+
+def load_student(args) -> tuple[nn.Module, CheckpointMeta, dict, list[str]]:
+    """The checkpoint's model, metadata and QAT ranges, and the formats to write; every refusal that needs no
+    export is made here, before minutes of exports."""
     model, meta = load_checkpoint(args.checkpoint)  # first: a missing or damaged checkpoint is named as such
     ranges = checkpoint_ranges(args.checkpoint)
     names = formats_to_write(args, ranges)
     refuse_overwriting_a_checkpoint(args, names)
-    require_writable_folder(out.parent, "--out")
+    require_writable_folder(Path(args.out).parent, "--out")
     if any(name.startswith("tflite") for name in names):
-        fmt.require_litert()  # before minutes of other exports, not after
+        fmt.require_litert()
     if input_keys(model) != ("rgb",):
         timm_too = " (and timm cannot rebuild kd's RGB+MS fusion model: no timm format)" if "timm" in names else ""
         raise UserError(
@@ -218,19 +231,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"export.py exports RGB students (distill.py or train_teacher.py with a timm model){timm_too}"
         )
     if "timm" in names:
-        fmt.require_timm_model(model, meta)
-    model.eval()
-    batches, calibration = check_images(args, meta, cfg)
+        require_timm_model(model, meta)
+    return model.eval(), meta, ranges, names
+
+
+def check_formats(runners: dict, files: dict, batches: list[dict], args) -> tuple[dict, list[str]]:
+    """Each file's report row (agreement with PyTorch, accuracy, size, latency, status) and what failed; a rejected
+    file is renamed *.rejected."""
     images = torch.cat([b["rgb"] for b in batches])
     labels = torch.cat([b["label"] for b in batches]).numpy() if "label" in batches[0] else None
-
-    files = {"pytorch": Path(args.checkpoint).with_suffix(".safetensors")}
-    runners = {"pytorch": fmt.torch_runner(model)}
-    inputs = fmt.ExportInputs(model, meta, calibration, out, ranges, args.opset)
-    for name in names:
-        print(f"writing {name} ...", flush=True)
-        files[name] = fmt.FORMATS[name].write(inputs, fmt.export_path(out, name))
-        runners[name] = fmt.FORMATS[name].runner(files[name])
     reference = runners["pytorch"](images)
     rows = {name: {"file": str(files[name]), "size_mb": size_mb(files[name])} for name in files}
     for name, run in runners.items():
@@ -240,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows[name]["latency_ms"] = speed["median"]
     failures = []
     for name, row in rows.items():
-        fp32 = fmt.FORMATS[name].fp32 if name in INT8 else None
+        fp32 = fmt.FORMATS[name].fp32 if name in fmt.FORMATS else None
         row["speedup_vs_fp32"] = rows[fp32]["latency_ms"] / row["latency_ms"] if fp32 in rows else None
         row["status"] = "ok" if name == "pytorch" else verdict(name, row, args)
         if row["status"] == "rejected":
@@ -251,6 +260,24 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{name}: max |diff| {row['max_abs_diff']:.2e}, top-1 agreement "
                 f"{row['top1_agreement']:.3f}; moved to {rejected}, do not ship it"
             )
+    return rows, failures
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> dict:
+    args, cfg = parse_args(argv)
+    out = Path(args.out)
+    model, meta, ranges, names = load_student(args)
+    batches, calibration = check_images(args, meta, cfg)
+
+    files = {"pytorch": Path(args.checkpoint).with_suffix(".safetensors")}
+    runners = {"pytorch": fmt.torch_runner(model)}
+    inputs = fmt.ExportInputs(model, meta, calibration, out, ranges, args.opset)
+    for name in names:
+        print(f"writing {name} ...", flush=True)
+        files[name] = fmt.FORMATS[name].write(inputs, fmt.export_path(out, name))
+        runners[name] = fmt.FORMATS[name].runner(files[name])
+    rows, failures = check_formats(runners, files, batches, args)
 
     report = {
         "checkpoint": args.checkpoint,
@@ -265,9 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
     sidecar.update(input="rgb: float32 N×3×H×W, normalized", output="logits: float32 N×classes")
     out.with_suffix(".json").write_text(json.dumps({**sidecar, "export": report}, indent=2))
     (out.parent / "export_report.json").write_text(json.dumps(report, indent=2))
+    images = sum(len(b["rgb"]) for b in batches)
     print_table(
         rows,
-        f"export check on {report['split']} ({len(images)} images), batch-1 latency on CPU, {report['threads']} "
+        f"export check on {report['split']} ({images} images), batch-1 latency on CPU, {report['threads']} "
         "threads; x fp32 = the same runtime's fp32 latency / this one",
     )
     if failures:
@@ -278,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"wrote {len(names)} files beside {out} and {out.parent / 'export_report.json'}; all match PyTorch")
     if args.push_to_hub:
         print(f"pushing {files['timm']} to the Hugging Face Hub as {args.push_to_hub} ...", flush=True)
-        report["hub"] = fmt.push_timm(model, meta, args.push_to_hub)
+        report["hub"] = push_timm(model, meta, args.push_to_hub)
         print(f"pushed: {report['hub']}")
     return report
 

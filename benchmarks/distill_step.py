@@ -48,7 +48,8 @@ from kd.distill.distiller import Distiller  # noqa: E402
 from kd.distill.hooks import FeaturePairs  # noqa: E402
 from kd.distill.losses import KnowledgeDistillationLoss  # noqa: E402
 from kd.distill.teachers import CachedTeacher, TeacherEnsemble  # noqa: E402
-from kd.models.zoo import HybridFusion, build_model, forward_batch  # noqa: E402
+from kd.models.hybrid import HybridFusion  # noqa: E402
+from kd.models.zoo import build_model, forward_batch  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -23,7 +23,7 @@ from benchmarks.report import write_report  # noqa: E402
 from kd.data.dataset import InputSpec  # noqa: E402
 from kd.errors import exit_on_user_error  # noqa: E402
 from kd.models.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
-from kd.models.zoo import create_timm  # noqa: E402
+from kd.models.timm_models import create_timm  # noqa: E402
 
 
 @exit_on_user_error

@@ -22,7 +22,8 @@ from kd.distill.distiller import Distiller
 from kd.distill.losses import KnowledgeDistillationLoss, soft_kl
 from kd.distill.teachers import CachedTeacher, TeacherEnsemble
 from kd.models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from kd.models.zoo import HybridFusion, build_model
+from kd.models.hybrid import HybridFusion
+from kd.models.zoo import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]

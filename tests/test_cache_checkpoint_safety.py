@@ -28,7 +28,8 @@ from kd.distill.cache_build import build_teacher_cache
 from kd.distill.teachers import normalize_weights
 from kd.errors import UserError
 from kd.models.checkpoint import CheckpointMeta, load_checkpoint, meta_problems, save_checkpoint
-from kd.models.zoo import build_model, create_timm
+from kd.models.timm_models import create_timm
+from kd.models.zoo import build_model
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

@@ -1,6 +1,7 @@
 """Checkpoint metadata (<stem>.json): what kd writes loads; a damaged or hand-edited file is one message listing
 everything wrong with it, and the scripts turn it into `error: ...` and exit status 2."""
 
+import inspect
 import json
 from pathlib import Path
 
@@ -13,15 +14,10 @@ from test_data import data_config, make_folder
 
 import distill
 from kd.data.dataset import InputSpec
+from kd.deploy.inference import checkpoint_loader
 from kd.errors import UserError
-from kd.models.checkpoint import (
-    SCHEMA_VERSION,
-    CheckpointMeta,
-    checkpoint_loader,
-    load_checkpoint,
-    read_meta,
-    save_checkpoint,
-)
+from kd.models.checkpoint import SCHEMA_VERSION, CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
+from kd.models.hybrid import HYBRID_ARGS, HybridFusion
 from kd.models.zoo import build_model
 
 CLASSES = ["a", "b", "c", "d", "e"]
@@ -262,9 +258,4 @@ def test_distill_exits_2_naming_the_teacher_file_and_the_argument(tmp_path, tiny
 
 def test_the_sidecar_check_knows_every_hybrid_argument():
     """HYBRID_ARGS is read instead of HybridFusion's signature (tests replace __init__); it must stay complete."""
-    import inspect
-
-    from kd.models.checkpoint import HYBRID_ARGS
-    from kd.models.zoo import HybridFusion
-
     assert set(inspect.signature(HybridFusion).parameters) - {"num_classes", "pretrained"} == set(HYBRID_ARGS)

@@ -422,3 +422,34 @@ def quick_args(tiny_demo: Path) -> list[str]:
     data = [f"data.root={tiny_demo}", "data.demo=false", "data.num_workers=0"]
     speed = ["--latency-runs", "2", "--warmup", "1", "--throughput-batch", "2", "--memory", "weights"]
     return ["--config", str(ROOT / "configs/b0.yaml"), *data, *speed, "--threads", "1"]
+
+
+def summary_row(top1: float, latency_ms: float, p90_ms: float) -> dict:
+    return {"n": 1, "std": {}, "params": 10, "top1": top1, "latency_ms": latency_ms, "latency_p90_ms": p90_ms}
+
+
+def derived(teacher: dict, student: dict, latency_runs: int = 50) -> list[str]:
+    from kd.eval.report import derived_lines
+
+    sizes = {"weights_mb": 2.0, "memory_mb": 4.0}
+    rows = {"teacher": teacher | sizes, "distilled": student | sizes}
+    return derived_lines(rows, "teacher", "batch 1", True, latency_runs)
+
+
+def test_a_student_above_its_teacher_is_said_to_be_above_it():
+    lines = derived(summary_row(0.80, 10.0, 11.0), summary_row(0.87, 5.0, 5.5))
+    assert "7.0 points above the teacher" in lines and not any("drop" in line for line in lines)
+    lines = derived(summary_row(0.87, 10.0, 11.0), summary_row(0.80, 5.0, 5.5))
+    assert "7.0 points accuracy drop from the teacher" in lines
+
+
+def test_a_speed_up_from_noisy_latencies_says_so_and_one_from_a_single_call_is_withheld():
+    steady = derived(summary_row(0.8, 10.0, 11.0), summary_row(0.8, 5.0, 5.5))  # p90 at most 1.1x the median
+    assert "2.0x faster inference (batch 1)" in steady
+    noisy = derived(summary_row(0.8, 89.5, 95.0), summary_row(0.8, 1.0, 4.0), latency_runs=5)  # as the issue saw it
+    (line,) = [line for line in noisy if "faster inference" in line]
+    assert line.startswith("89.5x faster inference (batch 1); unreliable: the student's p90 latency is 4.0x its median")
+    assert "over 5 runs" in line
+    single = derived(summary_row(0.8, 10.0, 10.0), summary_row(0.8, 5.0, 5.0), latency_runs=1)
+    assert not any("faster inference" in line for line in single)
+    assert "speed-up not reported: each latency is one timed call (--latency-runs 1); use 50" in single

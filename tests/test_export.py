@@ -56,7 +56,7 @@ def test_every_format_is_written_and_matches_pytorch(exported):
     out, report = exported
     rows = report["formats"]
     no_qat = ("tflite-int8", "torch-int8-qat")  # TFLite needs --tflite; QAT ranges, a QAT checkpoint
-    assert set(rows) == {"pytorch", "onnx", "torchscript", *(n for n in export.INT8 if n not in no_qat)}
+    assert set(rows) == {"pytorch", "onnx", "torchscript", *(n for n in export.int8_formats() if n not in no_qat)}
     for name in ("onnx", "torchscript"):
         assert rows[name]["max_abs_diff"] < 1e-3 and rows[name]["top1_agreement"] == 1.0, name
     for name, row in rows.items():
@@ -327,3 +327,38 @@ def test_an_out_that_cannot_be_written_is_refused_before_exporting(student, tmp_
     for out_path, problem in cases.items():
         out, err = refused(capsys, ["--checkpoint", str(student), "--out", str(out_path)])
         assert err.startswith("error: --out") and problem in err and "writing" not in out, err
+
+
+def test_a_new_format_is_one_row_of_formats(student, tmp_path, monkeypatch):
+    """A row added to FORMATS (here TorchScript under another file type) is written and checked by export.py, read
+    by load_model and named in the results table, with no other edit."""
+    from kd.deploy.inference import load_model
+    from kd.eval.report import cells
+
+    row = export_formats.Format(
+        ".jit", export_formats.write_torchscript, export_formats.torchscript_runner, "jit", "JIT"
+    )
+    monkeypatch.setitem(export_formats.FORMATS, "jit", row)
+    out = tmp_path / "s.onnx"
+    report = export.main(["--checkpoint", str(student), "--out", str(out), "--formats", "jit", *QUICK])
+    assert report["formats"]["jit"]["status"] == "ok" and report["formats"]["jit"]["file"] == str(tmp_path / "s.jit")
+    loaded = load_model(tmp_path / "s.jit")
+    assert loaded.kind == "jit" and loaded.meta.classes == CLASSES  # from the sidecar s.json
+    reference = export_formats.torch_runner(load_checkpoint_model(student))(images())
+    np.testing.assert_allclose(loaded.run(images()).numpy(), reference, atol=1e-4)
+    label = cells("new", {"n": 1, "arch": "test_efficientnet", "kind": "jit", "inputs": ["rgb"]}, False)[0]
+    assert label == "new (test_efficientnet JIT, RGB)"
+
+
+def load_checkpoint_model(path: Path) -> torch.nn.Module:
+    from kd.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)[0].eval()
+
+
+def test_formats_that_share_a_file_type_share_what_runs_it():
+    """kind() and runner() answer by file type: rows with one suffix must agree on both."""
+    by_suffix = {}
+    for row in export_formats.FORMATS.values():
+        by_suffix.setdefault(row.suffix, set()).add((row.kind, row.runtime, row.runner))
+    assert all(len(rows) == 1 for rows in by_suffix.values()), by_suffix

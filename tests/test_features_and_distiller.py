@@ -25,7 +25,7 @@ from kd.distill.teachers import (
 )
 from kd.errors import UserError
 from kd.models.checkpoint import CheckpointMeta, save_checkpoint
-from kd.models.zoo import HybridFusion
+from kd.models.hybrid import HybridFusion
 
 
 def tiny(name="test_efficientnet", classes=5):

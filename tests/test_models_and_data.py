@@ -1,6 +1,7 @@
 import shutil
 import socket
 import time
+import types
 from pathlib import Path
 
 import huggingface_hub
@@ -9,9 +10,10 @@ import safetensors.torch
 import timm
 import torch
 
-import kd.models.zoo
 from kd.errors import UserError
-from kd.models.zoo import HybridFusion, build_model, create_timm, reachable
+from kd.models.hybrid import HybridFusion
+from kd.models.timm_models import create_timm
+from kd.models.zoo import build_model
 
 
 @pytest.mark.parametrize("fusion", ["concat", "add", "attention"])
@@ -108,21 +110,31 @@ def test_imagenet_weights_come_from_the_hub_when_it_is_reachable(no_network, tmp
         asked.append((repo_id, filename))
         return str(weights)
 
-    monkeypatch.setattr(kd.models.zoo, "reachable", lambda url: url == huggingface_hub.constants.ENDPOINT)
+    asked_first = []  # kd's one HEAD request, answered as the Hub would
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, timeout: asked_first.append(url))
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", download)
     model = create_timm("test_efficientnet", 5, pretrained="imagenet")
+    assert asked_first == [
+        f"{huggingface_hub.constants.ENDPOINT}/timm/test_efficientnet.r160_in1k/resolve/main/model.safetensors"
+    ]
     assert asked == [("timm/test_efficientnet.r160_in1k", "model.safetensors")]
     assert torch.equal(model.conv_stem.weight, state["conv_stem.weight"])
 
 
-def test_reachable_tells_an_open_port_from_a_closed_one(monkeypatch):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        port = server.getsockname()[1]
-        assert reachable(f"http://127.0.0.1:{port}/weights.pth")
-    start = time.monotonic()
-    assert not reachable(f"http://127.0.0.1:{port}/weights.pth")  # closed now: refused at once
-    assert not reachable("http://name.invalid/weights.pth")  # RFC 2606: never resolves
-    assert time.monotonic() - start < 5
+def test_the_hub_check_asks_once_without_retries_and_tells_an_answer_from_none(monkeypatch):
+    """What the socket probe did, through the hub client: one HEAD with a 2 s timeout; any HTTP answer (404
+    included) is a reachable Hub, a network error or offline mode is not."""
+    from kd.models.timm_models import _hub_answers
+
+    not_found = huggingface_hub.errors.HfHubHTTPError("404", response=types.SimpleNamespace(headers={}, request=None))
+    offline = huggingface_hub.errors.OfflineModeIsEnabled("offline")
+    for outcome, answers in ((None, True), (not_found, True), (ConnectionError("no route"), False), (offline, False)):
+        calls = []
+
+        def head(url: str, timeout: float, error: Exception | None = outcome, calls: list = calls) -> None:
+            calls.append(timeout)
+            if error:
+                raise error
+
+        monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", head)
+        assert _hub_answers("https://huggingface.co/x") is answers and calls == [2]

@@ -148,8 +148,9 @@ def test_qat_under_two_processes_validates_the_graph_its_checkpoint_rebuilds(tin
     """QAT swaps in its fake-quantized graph after DDP wrapped the model; ranks must stay in sync, and the accuracy
     reported for the QAT epoch must be that of the graph rebuilt from the checkpoint's weights and ranges."""
     from kd.config import load_config
+    from kd.deploy.inference import checkpoint_loader
     from kd.deploy.qat import RANGE_PREFIX, frozen_observers, prepare_qat
-    from kd.models.checkpoint import checkpoint_loader, checkpoint_ranges, load_checkpoint
+    from kd.models.checkpoint import checkpoint_ranges, load_checkpoint
 
     data = [f"data.root={tiny_demo}", "data.demo=false", "data.image_size=32", "data.num_workers=0"]
     train = ["model.name=test_efficientnet", "train.max_epochs=2", "train.warmup_epochs=0", "train.batch_size=4"]

@@ -9,8 +9,9 @@ import torch
 from efficientnet_lite_pytorch import EfficientNet
 
 from kd.errors import UserError
+from kd.models.hybrid import HybridFusion
 from kd.models.packaged_weights import PACKAGED, offline_models
-from kd.models.zoo import HybridFusion, create_timm
+from kd.models.timm_models import create_timm
 
 
 @pytest.fixture

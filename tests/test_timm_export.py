@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import export
 from kd.data.dataset import InputSpec
 from kd.deploy import formats as export_formats
+from kd.deploy.timm_folder import push_timm
 from kd.errors import UserError
 from kd.models.checkpoint import CheckpointMeta, save_checkpoint
 from kd.models.zoo import build_model
@@ -143,4 +144,4 @@ def test_push_to_hub_mistakes_are_one_clear_message(student, tmp_path, monkeypat
     monkeypatch.setattr(timm.models, "push_to_hf_hub", offline)
     model = timm.create_model("test_efficientnet", num_classes=len(CLASSES))
     with pytest.raises(UserError, match=r"could not push .* 'someone/leaf-b0' \(ConnectionError: no network\)"):
-        export_formats.push_timm(model, CheckpointMeta(None, CLASSES, spec()), "someone/leaf-b0")
+        push_timm(model, CheckpointMeta(None, CLASSES, spec()), "someone/leaf-b0")

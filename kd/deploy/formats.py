@@ -20,11 +20,11 @@ from types import ModuleType
 import numpy as np
 import onnx
 import onnxruntime as ort
-import timm
 import torch
 from torch import nn
 
 from kd.deploy.qat import convert_qat, quantize_int8, save_int8
+from kd.deploy.timm_folder import load_timm_folder, save_timm_folder
 from kd.errors import UserError, quote
 from kd.models.checkpoint import EXPORT_KEYS, CheckpointMeta
 
@@ -53,12 +53,19 @@ class ExportInputs:
 
 @dataclass(frozen=True)
 class Format:
-    """A deployment format: its file <stem><ending>, how it is written and how that file is run."""
+    """A deployment format: its file <stem><ending>, how it is written, how that file is run, and what runs it."""
 
     ending: str
     write: Callable[[ExportInputs, Path], Path]
     runner: Callable[[Path], Runner]
+    kind: str  # what runs the file, as results.json and export_report.json name it
+    runtime: str  # the kind as the results table writes it
     fp32: str | None = None  # INT8 formats: the fp32 row of export.py's report their speed-up is measured against
+
+    @property
+    def suffix(self) -> str:
+        """The file type that tells the format's files apart ("" for a folder): evaluate.py reads these."""
+        return Path(f"x{self.ending}").suffix
 
 
 def export_path(out: Path, name: str) -> Path:
@@ -233,61 +240,22 @@ def write_tflite_int8(src: ExportInputs, path: Path) -> Path:
     return path
 
 
-def timm_settings(meta: CheckpointMeta) -> dict:
-    """The keyword arguments of timm's save_for_hf and push_to_hf_hub that carry what the checkpoint records beside
-    the weights: class names (label_names), input size and normalization (pretrained_cfg). kd's loaders resize the
-    whole image to the square input, bilinear, without cropping: so crop_pct 1.0 and bilinear interpolation."""
-    spec = meta.input_spec
-    size = spec.image_size
-    data = {"input_size": (3, size, size), "mean": tuple(spec.mean), "std": tuple(spec.std)}
-    data |= {"interpolation": "bilinear", "crop_pct": 1.0}
-    return {"model_config": {"label_names": list(meta.classes)}, "data_config": data}
-
-
-def require_timm_model(model: nn.Module, meta: CheckpointMeta) -> None:
-    """timm rebuilds a model from its name and arguments: only a model timm built can be saved its way."""
-    if not isinstance(getattr(model, "pretrained_cfg", None), dict):
-        name = (meta.arch or {}).get("name", type(model).__name__)
-        raise UserError(
-            f"the timm format (and --push-to-hub) holds timm models, and {quote(name)} is not one: export a student "
-            "trained with a timm model name, or use --formats onnx torchscript"
-        )
-
-
-def write_timm(src: ExportInputs, path: Path) -> Path:
-    """A folder as timm's save_for_hf writes it, and as the Hugging Face Hub holds timm models: config.json
-    (architecture, its arguments, num_classes, label_names, pretrained_cfg with the input size and normalization)
-    and model.safetensors. timm.create_model(f"local-dir:{path}", pretrained=True) builds the student from it."""
-    require_timm_model(src.model, src.meta)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path} is a file; the timm format writes a folder there: move the file or change --out")
-    timm.models.save_for_hf(src.model.eval(), str(path), safe_serialization=True, **timm_settings(src.meta))
-    return path
-
-
-def push_timm(model: nn.Module, meta: CheckpointMeta, repo_id: str) -> str:
-    """Upload the model as write_timm saves it (with a generated model card) to the Hugging Face Hub; its URL."""
-    require_timm_model(model, meta)
-    try:
-        commit = timm.models.push_to_hf_hub(model.eval(), repo_id, safe_serialization=True, **timm_settings(meta))
-    except Exception as e:  # the hub client raises its HTTP library's errors, not OSError: report any failed push
-        raise UserError(
-            f"could not push to the Hugging Face Hub repository {quote(repo_id)} ({type(e).__name__}: {e}); the local "
-            "files are written. Check the network and the token (`hf auth login`, or HF_TOKEN)"
-        ) from None
-    return str(getattr(commit, "commit_url", commit))
+def format_of(path: Path) -> Format:
+    """The row that reads `path`, by its file type (a folder: the timm format). Formats that share a suffix share
+    their kind and runner (tests/test_export.py checks it), so the first such row answers for all."""
+    suffix = "" if path.is_dir() else path.suffix
+    found = next((f for f in FORMATS.values() if f.suffix == suffix), None)
+    return found or FORMATS["torchscript"]  # kd's TorchScript files of any name: torch.jit.load says if not one
 
 
 def kind(path: Path) -> str:
-    """onnx, tflite, torchscript, torch.export (.pt2, the PyTorch INT8 files) or timm (a folder): what runs `path`."""
-    if path.is_dir():
-        return "timm"
-    return {".onnx": "onnx", ".tflite": "tflite", ".pt2": "torch.export"}.get(path.suffix, "torchscript")
+    """What runs `path`: a FORMATS row's kind (onnx, torchscript, torch.export, tflite or timm)."""
+    return format_of(path).kind
 
 
 def runner(path: Path) -> Runner:
-    """A runner for any file export.py writes (and the INT8 TorchScript files kd wrote before PT2E)."""
-    return torch_export_runner(path) if kind(path) == "torch.export" else FORMATS[kind(path)].runner(path)
+    """A runner for any file export.py writes."""
+    return format_of(path).runner(path)
 
 
 def torch_runner(module: nn.Module) -> Runner:
@@ -326,9 +294,13 @@ def torch_export_runner(path: Path) -> Runner:
         return torch_runner(torch.export.load(str(path)).module())
 
 
+def write_timm(src: ExportInputs, path: Path) -> Path:
+    """The folder timm.create_model(f"local-dir:{path}", pretrained=True) builds the student from."""
+    return save_timm_folder(src.model, src.meta, path)
+
+
 def timm_runner(path: Path) -> Runner:
-    """The folder loaded by timm alone, as a user would: timm.create_model("local-dir:<folder>", pretrained=True)."""
-    return torch_runner(timm.create_model(f"local-dir:{path}", pretrained=True).eval())
+    return torch_runner(load_timm_folder(path))
 
 
 def onnx_runner(path: Path) -> Runner:
@@ -369,14 +341,20 @@ def tflite_runner(path: Path) -> Runner:
 # Each file (the timm format: folder) is <stem><ending>, beside <stem>.onnx and the sidecar <stem>.json that export.py
 # writes.
 FORMATS = {
-    "onnx": Format(".onnx", write_onnx, onnx_runner),
-    "torchscript": Format(".pt", write_torchscript, torchscript_runner),
-    "tflite": Format(".tflite", write_tflite, tflite_runner),
-    "timm": Format("_timm", write_timm, timm_runner),  # a folder: config.json + model.safetensors
-    "onnx-int8-static": Format("_int8_static.onnx", write_onnx_int8_static, onnx_runner, fp32="onnx"),
-    "onnx-int8-dynamic": Format("_int8_dynamic.onnx", write_onnx_int8_dynamic, onnx_runner, fp32="onnx"),
-    "torch-int8-static": Format("_int8_static.pt2", write_torch_int8_static, torch_export_runner, fp32="pytorch"),
-    "torch-int8-dynamic": Format("_int8_dynamic.pt", write_torch_int8_dynamic, torchscript_runner, fp32="pytorch"),
-    "torch-int8-qat": Format("_int8_qat.pt2", write_torch_int8_qat, torch_export_runner, fp32="pytorch"),
-    "tflite-int8": Format("_int8.tflite", write_tflite_int8, tflite_runner, fp32="tflite"),
+    "onnx": Format(".onnx", write_onnx, onnx_runner, "onnx", "ONNX"),
+    "torchscript": Format(".pt", write_torchscript, torchscript_runner, "torchscript", "TorchScript"),
+    "tflite": Format(".tflite", write_tflite, tflite_runner, "tflite", "TFLite"),
+    "timm": Format("_timm", write_timm, timm_runner, "timm", "timm"),  # a folder: config.json + model.safetensors
+    "onnx-int8-static": Format("_int8_static.onnx", write_onnx_int8_static, onnx_runner, "onnx", "ONNX", "onnx"),
+    "onnx-int8-dynamic": Format("_int8_dynamic.onnx", write_onnx_int8_dynamic, onnx_runner, "onnx", "ONNX", "onnx"),
+    "torch-int8-static": Format(
+        "_int8_static.pt2", write_torch_int8_static, torch_export_runner, "torch.export", "torch.export", "pytorch"
+    ),
+    "torch-int8-dynamic": Format(
+        "_int8_dynamic.pt", write_torch_int8_dynamic, torchscript_runner, "torchscript", "TorchScript", "pytorch"
+    ),
+    "torch-int8-qat": Format(
+        "_int8_qat.pt2", write_torch_int8_qat, torch_export_runner, "torch.export", "torch.export", "pytorch"
+    ),
+    "tflite-int8": Format("_int8.tflite", write_tflite_int8, tflite_runner, "tflite", "TFLite", "tflite"),
 }

@@ -9,9 +9,20 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from kd.config import DataConfig
+from kd.data.loaders import build_loader
 from kd.errors import UserError, quote
-from kd.models.checkpoint import EXPORT_KEYS, CheckpointMeta, checkpoint_stem, file_kind, load_checkpoint
+from kd.models.checkpoint import (
+    CHECKPOINT_SUFFIXES,
+    EXPORT_KEYS,
+    CheckpointMeta,
+    checkpoint_stem,
+    file_kind,
+    load_checkpoint,
+)
+from kd.models.hybrid import check_ms_bands
 from kd.models.zoo import build_model, count_parameters
 
 
@@ -21,7 +32,7 @@ class LoadedModel:
 
     run: Callable[..., torch.Tensor]
     meta: CheckpointMeta  # exported files: RGB, arch when their sidecar has it
-    kind: str  # checkpoint (PyTorch) | onnx (onnxruntime) | torchscript | torch.export (.pt2) | tflite (LiteRT)
+    kind: str  # checkpoint (PyTorch), or the kind of the FORMATS row of an exported file
     device: str  # where it runs: exported files always on the CPU
     params: int | None  # of the architecture (exported files: rebuilt from the sidecar's arch)
     weights_mb: float  # checkpoint: parameters + buffers; ONNX: initializers; TorchScript: the file
@@ -36,17 +47,16 @@ class LoadedModel:
         return _pytorch_model(self.module.to(device), self.meta, device, self.file_mb)
 
 
-KIND_NAMES = {"onnx": "an ONNX", "torchscript": "a TorchScript", "torch.export": "a torch.export", "tflite": "a TFLite"}
-
-
 def load_model(path: str | Path, meta_file: str | None = None, device: str = "cpu") -> LoadedModel:
     """A kd checkpoint (.safetensors + .json), or a file export.py writes: ONNX (fp32 or INT8), TorchScript (.pt:
     fp32, and the INT8 files of kd before PT2E), torch.export (.pt2: PyTorch INT8) or TFLite (LiteRT interpreter)."""
+    from kd.deploy.formats import FORMATS  # onnxruntime, only for exported files
+
     path = Path(path)
-    exported = (
-        path.suffix == ".pt" and path.is_file() and not checkpoint_stem(path).with_suffix(".safetensors").is_file()
-    )
-    if exported or path.suffix in (".onnx", ".tflite", ".pt2"):
+    exported = path.suffix in {f.suffix for f in FORMATS.values() if f.suffix}  # a timm folder is not read here
+    if path.suffix in CHECKPOINT_SUFFIXES:  # .pt: kd reads it as a checkpoint's name unless it is a file of its own
+        exported &= path.is_file() and not checkpoint_stem(path).with_suffix(".safetensors").is_file()
+    if exported:
         return _load_exported(path, meta_file)
     model, meta = load_checkpoint(path)
     file_mb = checkpoint_stem(path).with_suffix(".safetensors").stat().st_size / 2**20
@@ -112,32 +122,41 @@ def _load_exported(path: Path, meta_file: str | None) -> LoadedModel:
         raise UserError(f"model file {quote(str(path))} is {kind}, not a regular file: check the --models path")
     if not path.is_file():
         raise UserError(f"model file {quote(str(path))} not found: check the path given to --models")
-    found, kind, size = {}, fmt.kind(path), path.stat().st_size
+    found, row, size = {}, fmt.format_of(path), path.stat().st_size
     weights, params = size, None
     try:
-        if kind == "onnx":  # classes and preprocessing in the file; weights = its initializers
+        if row.kind == "onnx":  # classes and preprocessing in the file; weights = its initializers
             import onnx
 
             proto = onnx.load(str(path))
             found = {p.key: json.loads(p.value) for p in proto.metadata_props if p.key in EXPORT_KEYS}
             weights = sum(len(t.raw_data) for t in proto.graph.initializer)
             params = sum(math.prod(t.dims) for t in proto.graph.initializer)
-        run_numpy = fmt.runner(path)
+        run_numpy = row.runner(path)
     except UserError:
         raise
     except Exception as e:  # protobuf, onnxruntime and LiteRT each raise their own types for a damaged file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        article = "an" if row.runtime[0] in "AEIOU" else "a"
         raise UserError(
-            f"cannot load {quote(str(path))} as {KIND_NAMES[kind]} model ({reason[:300]}): the file is damaged or "
+            f"cannot load {quote(str(path))} as {article} {row.runtime} model ({reason[:300]}): the file is damaged or "
             "not a model export.py writes; export the checkpoint again with export.py"
         ) from None
     meta = _export_meta(path, found, fmt.sidecar_path(path), meta_file)
     return LoadedModel(
         lambda rgb: torch.from_numpy(run_numpy(rgb.cpu())),
         meta,
-        kind,
+        row.kind,
         "cpu",
         _arch_parameters(meta) or params,
         weights / 2**20,
         size / 2**20,
     )
+
+
+def checkpoint_loader(cfg: DataConfig, meta: CheckpointMeta, split: str, batch_size: int) -> DataLoader:
+    """An evaluation loader that feeds a model what it was trained on: its classes, inputs, input size and
+    normalization, MS bands and MS statistics, even if the config changed since."""
+    loader = build_loader(cfg, meta.input_spec, split, batch_size, train=False, classes=meta.classes)
+    check_ms_bands(meta.arch, loader.dataset)
+    return loader

@@ -18,6 +18,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 from unittest import mock
 
 import torch
@@ -26,10 +27,8 @@ from torch import nn
 
 from kd.config import TrainConfig
 from kd.errors import UserError
+from kd.models.checkpoint import RANGE_PREFIX
 from kd.models.zoo import input_keys
-from kd.train.task import TrainingTask
-
-RANGE_PREFIX = "qat."  # checkpoint keys of the QAT graph's quantization state, beside the float weights
 
 
 @contextlib.contextmanager
@@ -228,6 +227,16 @@ def frozen_observers(model: nn.Module) -> Iterator[nn.Module]:
             module.observer_enabled.copy_(flag)
 
 
+class SwapsModel(Protocol):
+    """What QatPhase needs of the task it trains (kd/train/task.py TrainingTask is one): its model, and a way to
+    swap the QAT graph in."""
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    def set_model(self, module: nn.Module) -> None: ...
+
+
 class QatPhase:
     """Quantization-aware training from epoch round(qat_start_fraction × max_epochs) on (never when the fraction is
     null): the loop enters it, validates and saves through it, and holds no QAT conditionals of its own."""
@@ -235,7 +244,7 @@ class QatPhase:
     def __init__(
         self,
         cfg: TrainConfig,
-        task: TrainingTask,
+        task: SwapsModel,
         examples: Iterable[dict],
         precision: str,
         say: Callable[[str], None] = print,

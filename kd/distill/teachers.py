@@ -19,7 +19,8 @@ from kd.config import DistillationConfig
 from kd.data.dataset import InputSpec
 from kd.distill.cache import TeacherCache
 from kd.errors import UserError, quote
-from kd.models.checkpoint import CheckpointMeta, check_ms_bands, load_checkpoint, read_meta
+from kd.models.checkpoint import CheckpointMeta, load_checkpoint, read_meta
+from kd.models.hybrid import check_ms_bands
 from kd.models.zoo import count_parameters, forward_batch
 
 
@@ -231,7 +232,7 @@ def check_teachers(
     """At start, against this run's data: the MS teacher's band count, and each loaded teacher clearly better than
     chance on a class-balanced validation batch of `sanity_batch_size` images (0: no check), a line each (a cached
     run checked its teachers when it built the cache)."""
-    check_ms_bands(teachers.ms_meta, val_loader.dataset)
+    check_ms_bands(teachers.ms_meta and teachers.ms_meta.arch, val_loader.dataset)
     if teachers.modules and sanity_batch_size:
         batch = class_balanced_batch(val_loader, sanity_batch_size)  # sorted val sets start with one class
         for name, teacher, target in zip(teachers.paths, teachers.modules, teachers.inputs):

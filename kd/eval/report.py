@@ -6,18 +6,13 @@ import math
 
 from rich.table import Table
 
+from kd.deploy.formats import FORMATS
 from kd.eval.corruptions import CORRUPTIONS
 from kd.eval.metrics import mean_std
 
 COLUMNS = ("Model", "Parameters", "Top-1 Acc.", "Latency (ms)", "Memory (MB)")
+SPREAD = 1.5  # a p90 latency above this multiple of the median: the machine was busy, the speed-up is not a figure
 EXTRA = ("Top-5", "Macro-F1", "ECE", "Agreement", "KL", "p90 (ms)", "Images/s", "Weights (MB)", "File (MB)")
-KIND = {
-    "checkpoint": "",
-    "onnx": " ONNX",
-    "torchscript": " TorchScript",
-    "torch.export": " torch.export",
-    "tflite": " TFLite",
-}
 
 
 def fmt(row: dict, key: str, scale: float = 1.0, digits: int = 1, unit: str = "", spread: bool = True) -> str:
@@ -30,7 +25,8 @@ def fmt(row: dict, key: str, scale: float = 1.0, digits: int = 1, unit: str = ""
 
 def cells(name: str, r: dict, corruptions: bool) -> list[str]:
     runs = f", {r['n']} runs" if r["n"] > 1 else ""
-    label = f"{name} ({r['arch']}{KIND[r['kind']]}, {'+'.join(r['inputs']).upper()}{runs})"
+    runtime = {f.kind: f" {f.runtime}" for f in FORMATS.values()}.get(r["kind"], "")  # a checkpoint: ""
+    label = f"{name} ({r['arch']}{runtime}, {'+'.join(r['inputs']).upper()}{runs})"
     out = [label, fmt(r, "params", 1e-6, 2, "M", spread=False), fmt(r, "top1", 100, 1, "%"), fmt(r, "latency_ms", 1, 2)]
     out += [fmt(r, "memory_mb"), fmt(r, "top5", 100, 1, "%"), fmt(r, "macro_f1", 1, 3), fmt(r, "ece", 1, 3)]
     out += [fmt(r, "teacher_agreement", 100, 1, "%"), fmt(r, "teacher_kl", 1, 3), fmt(r, "latency_p90_ms", 1, 2)]
@@ -47,18 +43,19 @@ def render(title: str, columns: tuple[str, ...], body: list[list[str]]) -> tuple
     return table, md + ["| " + " | ".join(row) + " |" for row in body]
 
 
-def derived_lines(rows: dict[str, dict], teacher: str, speed: str, peak: bool) -> list[str]:
-    """The user guide's comparison sentences, computed from the table (means for several runs)."""
+def derived_lines(rows: dict[str, dict], teacher: str, speed: str, peak: bool, latency_runs: int) -> list[str]:
+    """The user guide's comparison sentences, computed from the table (means for several runs). A speed-up is
+    withheld when it rests on one timed call, and flagged when a model's latency spread is wide."""
     lines = []
     if teacher in rows and "distilled" in rows:
         t, s = rows[teacher], rows["distilled"]
         if t["params"] and s["params"]:
             lines.append(f"{100 * (1 - s['params'] / t['params']):.0f}% fewer parameters than the teacher")
         lines += [
-            f"{t['latency_ms'] / s['latency_ms']:.1f}x faster inference ({speed})",
+            speed_line(t, s, speed, latency_runs),
             f"{t['weights_mb'] / s['weights_mb']:.1f}x smaller weights"
             + (f", {t['memory_mb'] / s['memory_mb']:.1f}x smaller peak inference memory" if peak else ""),
-            f"{100 * (t['top1'] - s['top1']):.1f} points accuracy drop from the teacher",
+            accuracy_line(100 * (t["top1"] - s["top1"])),
         ]
     for better, worse, template in (
         ("distilled", "baseline", "{gain} points over the baseline student (same architecture, no teacher)"),
@@ -67,6 +64,28 @@ def derived_lines(rows: dict[str, dict], teacher: str, speed: str, peak: bool) -
         if better in rows and worse in rows:
             lines.append(gain_line(rows[better], rows[worse], template))
     return lines
+
+
+def speed_line(teacher: dict, student: dict, speed: str, latency_runs: int) -> str:
+    if latency_runs < 2:
+        return f"speed-up not reported: each latency is one timed call (--latency-runs {latency_runs}); use 50"
+    line = f"{teacher['latency_ms'] / student['latency_ms']:.1f}x faster inference ({speed})"
+    spread = {who: r["latency_p90_ms"] / r["latency_ms"] for who, r in (("teacher", teacher), ("student", student))}
+    noisy = {who: ratio for who, ratio in spread.items() if ratio > SPREAD}
+    if noisy:
+        worst = max(noisy, key=noisy.get)
+        line += (
+            f"; unreliable: the {worst}'s p90 latency is {noisy[worst]:.1f}x its median over {latency_runs} runs "
+            "(a busy machine): measure again on an idle one, with more --latency-runs"
+        )
+    return line
+
+
+def accuracy_line(drop_points: float) -> str:
+    """The student's top-1 against the teacher's, in points: a student that beats its teacher is said to."""
+    if round(drop_points, 1) < 0:
+        return f"{-drop_points:.1f} points above the teacher"
+    return f"{drop_points:.1f} points accuracy drop from the teacher"
 
 
 def gain_line(a: dict, b: dict, template: str) -> str:

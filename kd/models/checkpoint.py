@@ -2,11 +2,9 @@
 
 The JSON is flat, as kd has always written it (image_size, mean, std, ms_mean, ms_std, ms_bands at the top level),
 plus schema_version; a file without schema_version is the same layout, written before the key existed.
-This is also where a checkpoint meets the data: `checkpoint_loader` feeds a model what it was trained on.
 """
 
 import json
-import math
 import os
 import stat
 from collections.abc import Mapping
@@ -18,18 +16,15 @@ import safetensors
 import safetensors.torch
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from kd.config import MAX_IMAGE_SIZE, DataConfig
-from kd.data.dataset import InputSpec, LeafDataset
-from kd.data.loaders import build_loader
-from kd.deploy.qat import RANGE_PREFIX
-from kd.errors import UserError, quote
-from kd.models.zoo import HybridFusion, build_model
+from kd.data.dataset import InputSpec
+from kd.errors import UserError
+from kd.models.meta_checks import SCHEMA_VERSION, arch_problems, meta_problems, refuse
+from kd.models.zoo import build_model
 
-SCHEMA_VERSION = 1  # raise it when the layout changes in a way older kd cannot read
 CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".ckpt", ".pt", ".pth")
 EXPORT_KEYS = ("classes", "image_size", "mean", "std")  # what an exported RGB model needs beside its graph
+RANGE_PREFIX = "qat."  # keys of a QAT run's INT8 ranges (kd/deploy/qat.py range_state), beside the float weights
 
 
 @dataclass
@@ -67,7 +62,7 @@ class CheckpointMeta:
     def from_json(cls, data: Any, path: str | Path, exported: bool = False) -> "CheckpointMeta":
         """The metadata parsed from `path`, checked: one UserError lists everything wrong with it.
         `exported`: an exported file's metadata, which needs no arch and is always RGB."""
-        _refuse(path, meta_problems(data, exported), exported)
+        refuse(path, meta_problems(data, exported), exported)
         ms = {}
         if "ms" in data["inputs"]:  # a file's MS statistics count only for a model that reads MS
             # teachers from before data.ms_bands existed do not record it: they read every band
@@ -135,12 +130,12 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
     the safetensors header: a 700-byte .json whose arch claims 10^8 bands is refused before anything is allocated."""
     meta_path, data = _read_json(path)
     problems, shapes = meta_problems(data), None
-    if isinstance(data, dict) and not _arch_problems(data.get("arch")):  # the model builder has its own say
+    if isinstance(data, dict) and not arch_problems(data.get("arch")):  # the model builder has its own say
         try:
             shapes = _unallocated_shapes(data["arch"])
         except UserError as e:  # an unknown timm name or argument
             problems.append(f"arch: {e}")
-    _refuse(meta_path, problems)  # every problem in one message, the builder's included
+    refuse(meta_path, problems)  # every problem in one message, the builder's included
     meta = CheckpointMeta.from_json(data, meta_path)
     stem = checkpoint_stem(path)
     misfit = f"weights in {stem}.safetensors do not fit architecture {meta.arch} from {stem}.json"
@@ -258,148 +253,3 @@ def _read_json(path: str | Path) -> tuple[Path, Any]:
         return meta_path, json.loads(meta_path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, or not text at all
         raise UserError(f"checkpoint metadata {meta_path} is not valid JSON ({e}); the file is damaged") from None
-
-
-# ------------------------------------------------------------------------------------------- data meets model
-
-
-def checkpoint_loader(cfg: DataConfig, meta: CheckpointMeta, split: str, batch_size: int) -> DataLoader:
-    """An evaluation loader that feeds a checkpoint what it was trained on: its classes, inputs, input size and
-    normalization, MS bands and MS statistics, even if the config changed since."""
-    loader = build_loader(cfg, meta.input_spec, split, batch_size, train=False, classes=meta.classes)
-    check_ms_bands(meta, loader.dataset)
-    return loader
-
-
-def check_ms_bands(meta: CheckpointMeta | None, dataset: LeafDataset) -> None:
-    """Refuse MS stacks whose band count differs from the one the checkpoint's model was trained on."""
-    if meta is None or not meta.input_spec.with_ms or "ms_channels" not in (meta.arch or {}):
-        return
-    bands, expected = dataset.read(0)[1].shape[0], meta.arch["ms_channels"]
-    if bands != expected:
-        raise UserError(
-            f"the multispectral stacks have {bands} bands (e.g. {dataset.ms_files[dataset.samples[0][0]]}, after "
-            f"data.ms_bands), but the teacher was trained on {expected}: use data with the teacher's bands, or "
-            "train a teacher on these"
-        )
-
-
-# ----------------------------------------------------------------------------------------------- validation
-
-
-def _refuse(path: str | Path, problems: list[str], exported: bool = False) -> None:
-    if not problems:
-        return
-    listing = "".join(f"\n  - {p}" for p in problems)
-    if exported:
-        raise UserError(
-            f"the metadata of {path} is not as export.py writes it:{listing}\n"
-            "Fix its sidecar .json (or --meta file), or export the checkpoint again with export.py."
-        )
-    raise UserError(
-        f"{path} is not a kd checkpoint's metadata as kd writes it:{listing}\n"
-        "Fix these keys, restore the .json the run wrote beside the .safetensors, or retrain the model."
-    )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _numbers(value: Any, count: int | None = None, positive: bool = False) -> bool:
-    """A non-empty list of finite numbers (`count` of them; all > 0 when `positive`)."""
-    if not isinstance(value, list) or not value or len(value) != (count or len(value)):
-        return False
-    finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-    return finite and (not positive or min(value) > 0)
-
-
-def _class_names(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(isinstance(c, str) for c in value)
-        and len(set(value)) == len(value)
-    )
-
-
-# What each key of a checkpoint's metadata must hold: (test, what to write in the message).
-META_KEYS = {
-    "schema_version": (
-        lambda v: _is_int(v) and 0 < v <= SCHEMA_VERSION,
-        f"a version this kd reads (1 to {SCHEMA_VERSION}; a newer kd wrote a larger one: update kd)",
-    ),
-    "classes": (_class_names, "a list of distinct class names (strings)"),
-    "inputs": (lambda v: v in (["rgb"], ["rgb", "ms"]), '["rgb"], or ["rgb", "ms"] for the hybrid model'),
-    "image_size": (
-        lambda v: _is_int(v) and 0 < v <= MAX_IMAGE_SIZE,
-        f"a positive integer (pixels), at most {MAX_IMAGE_SIZE}",
-    ),
-    "mean": (lambda v: _numbers(v, 3), "3 numbers (R, G, B)"),
-    "std": (lambda v: _numbers(v, 3, positive=True), "3 positive numbers (R, G, B)"),
-    "ms_mean": (_numbers, "a list of numbers, one per MS band"),
-    "ms_std": (lambda v: _numbers(v, positive=True), "a list of positive numbers, one per MS band"),
-    "ms_bands": (
-        lambda v: isinstance(v, list) and all(_is_int(b) or isinstance(b, str) for b in v),
-        "a list of band indices or names",
-    ),
-}
-FUSIONS = ("concat", "add", "attention")
-
-
-def meta_problems(meta: Any, exported: bool = False) -> list[str]:
-    """Everything missing or malformed in a checkpoint's metadata (`exported`: an exported file's, which needs no
-    arch), one phrase each; [] when it is usable. What only records training (epoch, metrics...) is left alone."""
-    if not isinstance(meta, dict):
-        return [f"it holds a JSON {type(meta).__name__}, not an object with arch, classes, inputs, image_size..."]
-    required = ([] if exported else ["arch"]) + ["classes", "inputs", "image_size", "mean", "std"]
-    required += ["ms_mean", "ms_std"] if isinstance(meta.get("inputs"), list) and "ms" in meta["inputs"] else []
-    missing = [k for k in required if meta.get(k) is None]
-    problems = [f"it lacks {', '.join(missing)}"] if missing else []
-    problems += [
-        f"{key} must be {expected}, got {quote(meta[key])}"
-        for key, (ok, expected) in META_KEYS.items()
-        if meta.get(key) is not None and not ok(meta[key])
-    ]
-    if _numbers(meta.get("ms_mean")) and _numbers(meta.get("ms_std")) and len(meta["ms_mean"]) != len(meta["ms_std"]):
-        problems.append(
-            f"ms_mean has {len(meta['ms_mean'])} values but ms_std {len(meta['ms_std'])}: one per band each"
-        )
-    arch, classes = meta.get("arch"), meta.get("classes")
-    if arch is not None:
-        problems += _arch_problems(arch, len(classes) if _class_names(classes) else None)
-        reads = list(HybridFusion.input_keys if isinstance(arch, dict) and arch.get("name") == "hybrid" else ["rgb"])
-        if meta.get("inputs") in (["rgb"], ["rgb", "ms"]) and meta["inputs"] != reads:
-            problems.append(f"inputs are {meta['inputs']}, but the {quote(arch.get('name'))} model reads {reads}")
-    return problems
-
-
-HYBRID_ARGS = {  # what each HybridFusion argument a checkpoint sets must be (every argument but the built-in two)
-    "backbone": (lambda v: isinstance(v, str) and v, "a timm model name"),
-    "ms_backbone": (lambda v: isinstance(v, str), 'a timm model name, or "" for the RGB backbone'),
-    "ms_channels": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "fusion": (lambda v: v in FUSIONS, " or ".join(FUSIONS)),
-    "drop_rate": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "in [0, 1)"),
-}
-
-
-def _arch_problems(arch: Any, num_classes: int | None = None) -> list[str]:
-    """What is wrong with an architecture spec, as far as can be told without building the model."""
-    if not (isinstance(arch, dict) and isinstance(arch.get("name"), str)):
-        return [f'arch must be an object with a string "name" (a timm model or "hybrid"), got {quote(arch)}']
-    problems = []
-    if not (_is_int(arch.get("num_classes")) and arch["num_classes"] > 0):
-        problems.append(f"arch.num_classes must be a positive integer, got {quote(arch.get('num_classes'))}")
-    elif num_classes is not None and arch["num_classes"] != num_classes:
-        problems.append(f"arch.num_classes is {arch['num_classes']}, but classes has {num_classes} names")
-    if arch["name"] == "hybrid":  # timm models' arguments are checked by building them (load_checkpoint)
-        accepted = list(HYBRID_ARGS)
-        unknown = [k for k in arch if k not in ("name", "num_classes", *accepted)]
-        if unknown:
-            problems.append(f"arch has arguments HybridFusion does not take: {quote(unknown)} (it takes {accepted})")
-        problems += [
-            f"arch.{key} must be {expected}, got {quote(arch[key])}"
-            for key, (ok, expected) in HYBRID_ARGS.items()
-            if key in arch and not ok(arch[key])
-        ]
-    return problems
