@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as cache_dir:
         # (d): the teacher's logits on this batch cached on disk as distill.py --cache-teacher writes them, then read
         accelerator = Accelerator(cpu=device == "cpu")
-        key = {"top_k": min(args.top_k, 5), "num_classes": 5}
+        key = {"top_k": min(args.top_k, 5), "num_classes": 5, "samples": {"count": bs}}  # what a cache meta holds
         teacher_logits = functools.partial(forward_batch, wrapped_teacher)
         build_teacher_cache(accelerator, cache_dir, key, teacher_logits, Rows(batch), epochs=1, batch_size=bs)
         cached_batch = {**batch, "key": torch.arange(bs, device=device)}
