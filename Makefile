@@ -176,7 +176,7 @@ field-sweep: $(FIELD_RUNS)/teacher/best.safetensors
 			|| exit 1; \
 	done; done
 	$(PY) evaluate.py --config configs/field/distill.yaml $(FIELD_DATA_ARGS) --split val --out results/field_sweep \
-		--latency-runs 0 --models $(foreach T,$(FIELD_SWEEP_T),$(foreach a,$(FIELD_SWEEP_ALPHA), \
+		--latency-runs 2 --warmup 1 --memory weights --models $(foreach T,$(FIELD_SWEEP_T),$(foreach a,$(FIELD_SWEEP_ALPHA), \
 		T$(T)_a$(a)=$(FIELD_RUNS)/sweep/T$(T)_a$(a)/best.safetensors))
 
 real: $(FIELD_RUNS)/teacher/best.safetensors
