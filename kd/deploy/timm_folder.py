@@ -160,7 +160,7 @@ def kd_record(meta: CheckpointMeta, card: TimmCard) -> dict:
     recipe = card.recipe or {}
     section = "distillation" if meta.teachers else "train"
     record = {"version": kd.__version__, "distilled": bool(meta.teachers), "teachers": list(meta.teachers)}
-    record |= {"epoch": meta.epoch, "ema": meta.ema, "qat": meta.qat, "recipe_file": card.recipe_file}
+    record |= {"epoch": meta.epoch, "ema": meta.ema, "qat": meta.qat}
     # distill.py builds the student from its distillation section; train_teacher.py from model + train
     keys = ("name", "seed", section) if meta.teachers else ("name", "seed", "model", section)
     record["recipe"] = {k: recipe[k] for k in keys if k in recipe} or None
@@ -213,14 +213,16 @@ def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) 
     section = recipe.get("distillation" if meta.teachers else "train") or {}
     values = [f"{k}={section[k]}" for k in KEY_RECIPE if section.get(k) is not None]
     if values:
-        lines += [f"- Recipe ({card.recipe_file}): {', '.join(values)}"]
+        lines += [f"- Recipe (the run's config.yaml): {', '.join(values)}"]
     if meta.epoch is not None:
         lines += [f"- Weights: epoch {meta.epoch}" + (", EMA" if meta.ema else "") + (", QAT" if meta.qat else "")]
     lines += ["- The full recipe is in config.json under `kd.recipe`.", ""]
 
     lines += ["## Results", ""]
     if card.results:
-        lines += [f"From kd's evaluate.py ({card.results_file}):", "", *card.results, ""]
+        while card.results and not card.results[-1].strip():
+            card.results.pop()
+        lines += ["From kd's evaluate.py (results.md):", "", *card.results, ""]
     else:
         lines += ["Not evaluated: no evaluate.py results were given to the export (export.py --results)."]
         if meta.metrics:
