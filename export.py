@@ -15,8 +15,11 @@ the command fails; an INT8 file between --reject-agreement and --min-agreement i
 Classes, input size and normalization travel in the ONNX metadata and the sidecar <stem>.json. `--formats timm`
 writes the folder <stem>_timm/ (config.json + model.safetensors, timm's save_for_hf layout) that
 timm.create_model("local-dir:<stem>_timm", pretrained=True) loads with its classes, input size and normalization;
---push-to-hub REPO_ID writes it too and, once it matches PyTorch, uploads it with timm's push_to_hf_hub (timm
-students only, not the hybrid RGB+MS teacher). An --out whose files would overwrite a kd checkpoint (--out
+its config.json keeps none of the fields timm inherits from the architecture's default pretrained weights (tag,
+licence...), states --license if given, and records under "kd" the teachers and the run's recipe; README.md in it is
+the model card (with the rows of --results, evaluate.py's --out folder, for the checkpoint). --push-to-hub REPO_ID
+writes it too and, once it matches PyTorch, uploads exactly that folder (timm students only, not the hybrid RGB+MS
+teacher). An --out whose files would overwrite a kd checkpoint (--out
 runs/x/best.onnx beside runs/x/best.safetensors: best.json), land in a run's resumable state or logs (runs/x/last/,
 tb/) or overwrite a run's own file (config.yaml, .lock) is refused.
 Each format's file ending, writer and runner are its row of FORMATS in kd/deploy/formats.py.
@@ -40,7 +43,7 @@ from kd.config import Config
 from kd.data.loaders import prepare_data
 from kd.deploy import formats as fmt
 from kd.deploy.inference import checkpoint_loader
-from kd.deploy.timm_folder import push_timm, require_timm_model
+from kd.deploy.timm_folder import TimmCard, evaluated_rows, push_timm, require_timm_model, run_recipe
 from kd.errors import UserError, exit_on_user_error, quote
 from kd.eval.measure import latency_ms
 from kd.models.checkpoint import CheckpointMeta, checkpoint_ranges, checkpoint_stem, load_checkpoint
@@ -194,6 +197,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
         help="write the timm folder and, once it matches PyTorch, upload it to the Hugging Face Hub as REPO_ID "
         "(user/name; needs a token: `hf auth login` or HF_TOKEN)",
     )
+    parser.add_argument(
+        "--license",
+        help="licence of the timm folder and Hub repository (a Hub licence id, e.g. apache-2.0, cc-by-4.0); "
+        "default: none is stated",
+    )
+    parser.add_argument(
+        "--results",
+        metavar="FOLDER",
+        help="evaluate.py's --out folder (results.json + results.md) that evaluated --checkpoint: its rows go "
+        "into the timm folder's model card (README.md); without it the card says 'not evaluated'",
+    )
     add_config_arguments(parser, "export.py")
     parser.add_argument("overrides", nargs="*", help="data.key=value overrides of --config")
     args = parser.parse_intermixed_args(argv)
@@ -211,6 +225,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
         raise UserError(f"--out {quote(args.out)} is a folder; --out names the ONNX file, e.g. {example}")
     if args.push_to_hub:
         check_repo_id(args.push_to_hub)
+    card_flags = [flag for flag, value in (("--license", args.license), ("--results", args.results)) if value]
+    if card_flags and "timm" not in args.formats and not args.push_to_hub:
+        raise UserError(f"{' and '.join(card_flags)} describe the timm folder: add --formats timm or --push-to-hub")
     return args, cfg
 
 
@@ -233,6 +250,14 @@ def load_student(args) -> tuple[nn.Module, CheckpointMeta, dict, list[str]]:
     if "timm" in names:
         require_timm_model(model, meta)
     return model.eval(), meta, ranges, names
+
+
+def timm_card(args, out: Path) -> TimmCard:
+    """The timm folder's model card: the --license, the run's recipe, and --results' rows for the checkpoint."""
+    recipe, recipe_file = run_recipe(args.checkpoint)
+    rows, results_file = evaluated_rows(args.results, args.checkpoint) if args.results else ([], None)
+    title = args.push_to_hub or fmt.export_path(out, "timm").name
+    return TimmCard(title, args.license, recipe, recipe_file, rows, results_file)
 
 
 def check_formats(runners: dict, files: dict, batches: list[dict], args) -> tuple[dict, list[str]]:
@@ -268,11 +293,12 @@ def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args(argv)
     out = Path(args.out)
     model, meta, ranges, names = load_student(args)
+    card = timm_card(args, out) if "timm" in names else None  # a wrong --results is refused before the exports
     batches, calibration = check_images(args, meta, cfg)
 
     files = {"pytorch": Path(args.checkpoint).with_suffix(".safetensors")}
     runners = {"pytorch": fmt.torch_runner(model)}
-    inputs = fmt.ExportInputs(model, meta, calibration, out, ranges, args.opset)
+    inputs = fmt.ExportInputs(model, meta, calibration, out, ranges, args.opset, card)
     for name in names:
         print(f"writing {name} ...", flush=True)
         files[name] = fmt.FORMATS[name].write(inputs, fmt.export_path(out, name))
@@ -306,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"wrote {len(names)} files beside {out} and {out.parent / 'export_report.json'}; all match PyTorch")
     if args.push_to_hub:
         print(f"pushing {files['timm']} to the Hugging Face Hub as {args.push_to_hub} ...", flush=True)
-        report["hub"] = push_timm(model, meta, args.push_to_hub)
+        report["hub"] = push_timm(files["timm"], args.push_to_hub)
         print(f"pushed: {report['hub']}")
     return report
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kd.deploy.qat import convert_qat, quantize_int8, save_int8
-from kd.deploy.timm_folder import load_timm_folder, save_timm_folder
+from kd.deploy.timm_folder import TimmCard, load_timm_folder, save_timm_folder
 from kd.errors import UserError, quote
 from kd.models.checkpoint import EXPORT_KEYS, CheckpointMeta
 
@@ -45,6 +45,7 @@ class ExportInputs:
     onnx_path: Path  # the fp32 ONNX file, written first: the ONNX Runtime quantizers start from it
     ranges: dict  # the INT8 ranges a QAT run learned; {} without QAT
     opset: int = 18
+    timm_card: TimmCard | None = None  # what the timm folder's config.json and README.md say beside the weights
 
     @property
     def example(self) -> torch.Tensor:
@@ -295,8 +296,9 @@ def torch_export_runner(path: Path) -> Runner:
 
 
 def write_timm(src: ExportInputs, path: Path) -> Path:
-    """The folder timm.create_model(f"local-dir:{path}", pretrained=True) builds the student from."""
-    return save_timm_folder(src.model, src.meta, path)
+    """The folder timm.create_model(f"local-dir:{path}", pretrained=True) builds the student from, with its model
+    card (README.md)."""
+    return save_timm_folder(src.model, src.meta, path, src.timm_card)
 
 
 def timm_runner(path: Path) -> Runner:
@@ -344,7 +346,7 @@ FORMATS = {
     "onnx": Format(".onnx", write_onnx, onnx_runner, "onnx", "ONNX"),
     "torchscript": Format(".pt", write_torchscript, torchscript_runner, "torchscript", "TorchScript"),
     "tflite": Format(".tflite", write_tflite, tflite_runner, "tflite", "TFLite"),
-    "timm": Format("_timm", write_timm, timm_runner, "timm", "timm"),  # a folder: config.json + model.safetensors
+    "timm": Format("_timm", write_timm, timm_runner, "timm", "timm"),  # a folder: config.json, weights, README.md
     "onnx-int8-static": Format("_int8_static.onnx", write_onnx_int8_static, onnx_runner, "onnx", "ONNX", "onnx"),
     "onnx-int8-dynamic": Format("_int8_dynamic.onnx", write_onnx_int8_dynamic, onnx_runner, "onnx", "ONNX", "onnx"),
     "torch-int8-static": Format(
