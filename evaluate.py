@@ -189,6 +189,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     cfg = resolve_config("evaluate.py", args.config, args.overrides, args.print_config)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}, but torch sees no CUDA GPU; use --device cpu")
+    if args.latency_runs < 1 or args.warmup < 0:
+        raise UserError(f"--latency-runs must be >= 1 and --warmup >= 0, got {args.latency_runs} and {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
     return args, cfg

@@ -74,3 +74,11 @@ def test_evaluate_pairs_the_recipes_of_one_architecture_by_seed():
     (line,) = paired_lines(rows, groups)
     expected = paired_difference([bools(1, 1, 1, 0), bools(1, 1, 0, 0)], [bools(1, 0, 1, 0), bools(1, 1, 0, 0)])
     assert line == expected.line("distilled", "baseline") and "+12.5 ± 17.7 points (per seed +25.0, +0.0)" in line
+
+
+def test_evaluate_refuses_zero_timed_runs_in_one_line(capsys):
+    import evaluate
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--demo", "--latency-runs", "0", "--models", "x=nowhere.safetensors"])
+    assert exit_info.value.code == 2 and "--latency-runs must be >= 1" in capsys.readouterr().err
