@@ -32,6 +32,7 @@ images to TensorBoard in <out>/tb.
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import statistics
 from pathlib import Path
@@ -48,6 +49,7 @@ from kd.errors import UserError, exit_on_user_error, quote
 from kd.eval.corruptions import CORRUPTIONS, corrupt_normalized
 from kd.eval.measure import PEAK_MEMORY_METHOD, cuda_peak_memory_mb, latency_ms, peak_memory_mb, throughput
 from kd.eval.metrics import ECE_BINS, classification_metrics, mean_std, per_class_accuracy
+from kd.eval.paired import paired_lines
 from kd.eval.plots import save_plots
 from kd.eval.report import derived_lines, recall_table, tables
 from kd.models.checkpoint import checkpoint_stem
@@ -134,6 +136,9 @@ def evaluate(model: LoadedModel, path: str, args, cfg, teacher: dict | None) -> 
     row = {"path": path, "kind": model.kind, "arch": (model.meta.arch or {}).get("name", "?")}
     row |= {"device": model.device, "inputs": model.meta.inputs, "params": model.params, "samples": len(labels)}
     row |= classification_metrics(logits, labels, teacher["logits"] if comparable else None)
+    # per image, for the paired comparison of two recipes (kd.eval.paired); `images` tells the image lists apart
+    row["correct"] = (logits.argmax(1) == labels).int().tolist()
+    row["images"] = hashlib.sha256("\n".join(samples).encode()).hexdigest()[:16]
     row["per_class_accuracy"] = dict(zip(model.meta.classes, per_class_accuracy(torch.tensor(row["confusion"]))))
     one = [x[:1].to(model.device) for x in first]
     speed = latency_ms({path: lambda: model.run(*one)}, args.warmup, args.latency_runs, model.device)[path]
@@ -184,6 +189,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     cfg = resolve_config("evaluate.py", args.config, args.overrides, args.print_config)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}, but torch sees no CUDA GPU; use --device cpu")
+    if args.latency_runs < 1 or args.warmup < 0:
+        raise UserError(f"--latency-runs must be >= 1 and --warmup >= 0, got {args.latency_runs} and {args.warmup}")
     if args.threads:
         torch.set_num_threads(args.threads)
     return args, cfg
@@ -224,6 +231,7 @@ def report(rows: dict[str, dict], groups: dict[str, list[str]], summary: dict, a
         Console(width=max(120, Console().width)).print(table)
     print(note)
     lines = derived_lines(summary, args.teacher, speed, args.memory == "peak", args.latency_runs)
+    lines += paired_lines(rows, groups)
     for line in lines:
         print(f"- {line}")
 
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
     groups = {}
     for name, group, _ in entries:
         groups.setdefault(group, []).append(name)
-    nested = ("confusion", "calibration", "per_class_accuracy", "corruptions")
+    nested = ("confusion", "calibration", "per_class_accuracy", "corruptions", "correct")
     summary = {
         g: {k: v for k, v in mean_std([rows[n] for n in names]).items() if k not in nested} | {"runs": names}
         for g, names in groups.items()

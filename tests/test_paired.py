@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.eval.paired import paired_difference
+from kd.eval.paired import paired_difference, paired_lines
 
 
 def bools(*values: int) -> torch.Tensor:
@@ -48,3 +48,37 @@ def test_a_recipe_right_where_the_other_is_wrong_is_beyond_noise_and_the_line_sa
 def test_unpaired_runs_are_refused():
     with pytest.raises(ValueError, match="the same seeds on both sides"):
         paired_difference([bools(1)], [bools(1), bools(0)])
+
+
+def row(correct: list[int], arch: str = "lite0", images: str = "test", kind: str = "pytorch") -> dict:
+    return {"correct": correct, "arch": arch, "images": images, "kind": kind}
+
+
+def test_evaluate_pairs_the_recipes_of_one_architecture_by_seed():
+    rows = {
+        "teacher": row([1, 1, 1, 1], arch="lite2"),
+        "distilled@0": row([1, 1, 1, 0]),
+        "distilled@1": row([1, 1, 0, 0]),
+        "baseline@0": row([1, 0, 1, 0]),
+        "baseline@1": row([1, 1, 0, 0]),
+        "baseline@1:last": row([0, 0, 0, 0]),
+        "other@0": row([1, 1, 1, 1], images="val"),  # other images: no pair
+    }
+    groups = {
+        "teacher": ["teacher"],
+        "distilled": ["distilled@0", "distilled@1"],
+        "baseline": ["baseline@0", "baseline@1"],
+        "baseline:last": ["baseline@1:last"],
+        "other": ["other@0"],
+    }
+    (line,) = paired_lines(rows, groups)
+    expected = paired_difference([bools(1, 1, 1, 0), bools(1, 1, 0, 0)], [bools(1, 0, 1, 0), bools(1, 1, 0, 0)])
+    assert line == expected.line("distilled", "baseline") and "+12.5 ± 17.7 points (per seed +25.0, +0.0)" in line
+
+
+def test_evaluate_refuses_zero_timed_runs_in_one_line(capsys):
+    import evaluate
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--demo", "--latency-runs", "0", "--models", "x=nowhere.safetensors"])
+    assert exit_info.value.code == 2 and "--latency-runs must be >= 1" in capsys.readouterr().err

@@ -52,3 +52,21 @@ def paired_difference(
     low, high = torch.quantile(resampled, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     std = per_seed.std().item() if len(per_seed) > 1 else 0.0
     return PairedDifference(per_seed.tolist(), per_seed.mean().item(), std, low, high, a.shape[1])
+
+
+def paired_lines(rows: dict[str, dict], groups: dict[str, list[str]]) -> list[str]:
+    """evaluate.py's paired line for every two recipes (groups) of one architecture and file kind run on the same
+    images, their runs matched by seed (NAME@seed; a single run pairs with another). `rows[name]["correct"]`: per
+    image; `rows[name]["images"]`: which images, in which order."""
+    lines, recipes = [], [g for g in groups if not g.endswith(":last")]
+    for i, a in enumerate(recipes):
+        for b in recipes[i + 1 :]:
+            runs = {g: {name.rpartition("@")[2]: name for name in groups[g]} for g in (a, b)}
+            seeds = sorted(set(runs[a]) & set(runs[b]))
+            matched = [rows[runs[g][s]] for g in (a, b) for s in seeds]
+            same = all(len({r[k] for r in matched}) == 1 for k in ("arch", "kind", "images"))
+            if not seeds or not same:
+                continue
+            correct = {g: [torch.tensor(rows[runs[g][s]]["correct"], dtype=torch.bool) for s in seeds] for g in (a, b)}
+            lines.append(paired_difference(correct[a], correct[b]).line(a, b))
+    return lines
