@@ -8,54 +8,42 @@ python distill.py --config C distillation.teacher_cache=DIR --cache-teacher   # 
 python distill.py --config C distillation.teacher_cache=DIR                   # then distil from them
 """
 
+from __future__ import annotations
+
 import argparse
-import functools
 import sys
 from pathlib import Path
-
-from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch import nn
-from torch.utils.data import DataLoader, default_collate
+from typing import TYPE_CHECKING
 
 from kd.cli import parse_cli
 from kd.config import Config, flat_hparams
-from kd.data.dataset import InputSpec
-from kd.data.loaders import build_loader, prepare_data, resolve_input
-from kd.data.mixing import Mixing
-from kd.data.unlabeled import ShareSampler
-from kd.distill.cache import TeacherCache, cache_key, check_applies, rebuild_command
-from kd.distill.cache_build import build_teacher_cache
-from kd.distill.distiller import Distiller
-from kd.distill.feature_losses import uses_adapter
-from kd.distill.hooks import FeaturePairs, print_layers
-from kd.distill.losses import KnowledgeDistillationLoss, check_loss_config
-from kd.distill.teachers import (
-    CachedTeacher,
-    TeacherCheckpoints,
-    TeacherEnsemble,
-    adapt_view,
-    check_teachers,
-    input_specs,
-    load_teachers,
-    loader_input,
-)
 from kd.errors import UserError, exit_on_user_error
-from kd.models.checkpoint import CheckpointMeta
-from kd.models.zoo import build_model, count_parameters, input_config
-from kd.train.accelerator import make_accelerator
-from kd.train.loop import fit
 from kd.train.run_dir import claim_run_dir, releases_run_dirs
-from kd.train.state import stop_with_launcher
+
+# torch, timm, Accelerate and the kd modules that use them are imported in the functions that run after the command
+# line is parsed: --help, --print-config and a misspelled key answer in a fraction of a second, not seconds.
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from kd.data.dataset import InputSpec
+    from kd.distill.hooks import FeaturePairs
+    from kd.distill.teachers import TeacherCheckpoints
 
 
 @exit_on_user_error
 @releases_run_dirs
 def main(argv: list[str] | None = None) -> dict | None:
-    stop_with_launcher()  # a rank of `accelerate launch` ends with its launcher, even one killed with -9
     cfg, args = parse_cli(
         argv, "distill.py", "Distil frozen teacher(s) into an RGB student.", list_layers=True, cache_teacher=True
     )
+    from accelerate.utils import set_seed
+
+    from kd.distill.losses import check_loss_config
+    from kd.train.state import stop_with_launcher
+
+    stop_with_launcher()  # a rank of `accelerate launch` ends with its launcher, even one killed with -9
     check_loss_config(cfg.distillation)  # before anything is built
     set_seed(cfg.seed)  # first: every model and draw below depends on it, so two runs of one seed are bitwise equal
     if args.list_layers:
@@ -67,6 +55,9 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def list_layers(cfg: Config) -> None:
     """distill.py --list-layers: both models' layers with their output shapes, and suggested feature_layers."""
+    from kd.distill.hooks import print_layers
+    from kd.distill.teachers import load_teachers
+
     d = cfg.distillation
     teachers = load_teachers(d)
     student, _, student_spec = build_student(cfg, teachers)
@@ -77,6 +68,13 @@ def list_layers(cfg: Config) -> None:
 def cache_teachers(cfg: Config, argv: list[str] | None) -> None:
     """distill.py --cache-teacher: run the teachers once over every epoch's training views and store their top-k
     logits in distillation.teacher_cache, on the run's device and in its precision."""
+    import functools
+
+    from kd.distill.cache import check_applies
+    from kd.distill.cache_build import build_teacher_cache
+    from kd.distill.teachers import TeacherEnsemble, check_teachers, load_teachers, loader_input
+    from kd.train.accelerator import make_accelerator
+
     d = cfg.distillation
     if not d.teacher_cache:
         raise UserError("--cache-teacher writes to distillation.teacher_cache: set it, e.g. teacher_cache=cache/b0")
@@ -97,6 +95,15 @@ def cache_teachers(cfg: Config, argv: list[str] | None) -> None:
 
 def train(cfg: Config, args: argparse.Namespace, argv: list[str] | None) -> dict:
     """Distil: the teachers (online, or their logits from distillation.teacher_cache) into a new student."""
+    from kd.distill.cache import TeacherCache, check_applies, rebuild_command
+    from kd.distill.distiller import Distiller
+    from kd.distill.losses import KnowledgeDistillationLoss
+    from kd.distill.teachers import CachedTeacher, TeacherEnsemble, check_teachers, load_teachers
+    from kd.models.checkpoint import CheckpointMeta
+    from kd.models.zoo import count_parameters
+    from kd.train.accelerator import make_accelerator
+    from kd.train.loop import fit
+
     d = cfg.distillation
     if d.teacher_cache:
         check_applies(d)
@@ -153,9 +160,17 @@ def run_dir(cfg: Config) -> Path:
 
 
 def build_student(cfg: Config, teachers: TeacherCheckpoints) -> tuple[nn.Module, dict, InputSpec]:
-    """(student, its arch, its input): null data.image_size/mean/std are the student's own."""
+    """(student, its arch, its input): null data.image_size/mean/std are the student's own. The arch records a
+    dropout or stochastic depth only when set, so that it rebuilds the student exactly as older checkpoints do."""
+    from kd.data.loaders import resolve_input
+    from kd.models.zoo import build_model, input_config
+
     d = cfg.distillation
     arch = {"name": d.student_backbone, "num_classes": len(teachers.classes)}
+    if d.student_drop_rate is not None:  # null: the timm model's own default, passed as nothing (as before)
+        arch["drop_rate"] = d.student_drop_rate
+    if d.student_drop_path_rate:
+        arch["drop_path_rate"] = d.student_drop_path_rate
     student = build_model(arch, pretrained=d.student_pretrained)
     return student, arch, resolve_input(cfg.data, input_config(student))
 
@@ -165,6 +180,11 @@ def build_loaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Training and validation loaders in the teachers' class order, MS bands and statistics, so they see inputs
     exactly as they were trained on; Mixup / CutMix mix the one view teachers and student both see."""
+    from kd.data.loaders import build_loader, prepare_data
+    from kd.data.mixing import Mixing
+    from kd.data.unlabeled import ShareSampler
+    from kd.distill.teachers import input_specs
+
     d = cfg.distillation
     view_spec, val_spec = input_specs(student_spec, teachers, cfg.data.ms_bands, accelerator.print)
     with accelerator.main_process_first():
@@ -181,6 +201,8 @@ def build_loaders(
 
 def teacher_cache_key(cfg: Config, teachers: TeacherCheckpoints, train_loader: DataLoader) -> dict:
     """kd.distill.cache.cache_key of these teachers and the loader's training views."""
+    from kd.distill.cache import cache_key
+
     entries = [{"checkpoint": c, "weight": w} for c, w in zip(teachers.paths, teachers.weights)]
     views, top_k = train_loader.dataset, cfg.distillation.teacher_cache_top_k
     return cache_key(entries, teachers.metas, views, cfg.data.root, teachers.inputs, top_k)
@@ -192,6 +214,12 @@ def match_features(
     """Feature matching of distillation.feature_layers between the student and the feature teacher; a forward pass
     on two training views (normalized as `source`, the student's input, says) sizes the adapters, if the feature
     loss uses them."""
+    from torch.utils.data import default_collate
+
+    from kd.distill.feature_losses import uses_adapter
+    from kd.distill.hooks import FeaturePairs
+    from kd.distill.teachers import adapt_view
+
     d = cfg.distillation
     example = default_collate([train_loader.dataset[i] for i in range(2)])
     teacher, target = teachers.modules[d.feature_teacher], teachers.inputs[d.feature_teacher]

@@ -30,30 +30,27 @@ Writes <out>/results.json (every run, per-class accuracy, confusion matrix, cali
 images to TensorBoard in <out>/tb.
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import hashlib
 import json
 import statistics
 from pathlib import Path
-
-import torch
-from rich.console import Console
-from rich.progress import track
+from typing import TYPE_CHECKING
 
 from kd.cli import add_config_arguments, resolve_config
 from kd.config import Config
-from kd.data.loaders import prepare_data
-from kd.deploy.inference import LoadedModel, checkpoint_loader, load_model, read_json_object
 from kd.errors import UserError, exit_on_user_error, quote
-from kd.eval.corruptions import CORRUPTIONS, corrupt_normalized
-from kd.eval.measure import PEAK_MEMORY_METHOD, cuda_peak_memory_mb, latency_ms, peak_memory_mb, throughput
-from kd.eval.metrics import ECE_BINS, classification_metrics, mean_std, per_class_accuracy
-from kd.eval.paired import paired_lines
-from kd.eval.plots import save_plots
-from kd.eval.report import derived_lines, recall_table, tables
-from kd.models.checkpoint import checkpoint_stem
 from kd.train.run_dir import require_writable_folder
+
+# torch, timm and the kd modules that use them are imported in the functions that run after the command line is
+# parsed: --help, --print-config and a misspelled key answer in a fraction of a second, not seconds.
+if TYPE_CHECKING:
+    import torch
+
+    from kd.deploy.inference import LoadedModel
 
 SECTIONS = {f.name for f in dataclasses.fields(Config)}  # data, model, train, distillation, name, seed
 
@@ -74,6 +71,8 @@ def is_override(item: str) -> bool:
 
 def model_list(args) -> list[tuple[str, str, str]]:
     """(name, group, path) for every model; runs of one recipe share a group (NAME@i, or --group NAME=a,b)."""
+    from kd.models.checkpoint import checkpoint_stem
+
     entries = []
     for item in args.models:
         name, _, path = item.partition("=") if "=" in item else ("", "", item)
@@ -96,7 +95,6 @@ def model_list(args) -> list[tuple[str, str, str]]:
     return entries
 
 
-@torch.inference_mode()
 def predict(
     model, loader, corruptions: bool, what: str = "predicting"
 ) -> tuple[torch.Tensor, torch.Tensor, dict, list[torch.Tensor]]:
@@ -104,30 +102,43 @@ def predict(
 
     A progress bar counts the batches (with corruptions each is 13 forward passes): rich draws it on a terminal
     and writes its last state once to a log or a pipe."""
+    import torch
+    from rich.progress import track
+
+    from kd.eval.corruptions import CORRUPTIONS, corrupt_normalized
+
     logits, labels, hits, first = [], [], {}, None
     spec = model.meta.input_spec  # corruptions apply to images, before normalization
     passes = 1 + (sum(len(levels) for levels in CORRUPTIONS.values()) if corruptions else 0)
     description = f"{what}: {passes} forward passes per batch" if passes > 1 else what
-    for i, batch in enumerate(track(loader, description, total=len(loader))):
-        inputs = [batch[k] for k in model.meta.inputs]
-        first = first or inputs
-        logits.append(model.run(*inputs).float().cpu())
-        labels.append(batch["label"])
-        for name, levels in CORRUPTIONS.items() if corruptions else ():
-            for severity in range(1, len(levels) + 1):
-                rgb = corrupt_normalized(batch["rgb"], spec.mean, spec.std, name, severity, seed=i)
-                correct = model.run(rgb, *inputs[1:]).float().cpu().argmax(1) == batch["label"]
-                hits.setdefault(f"{name}@{severity}", []).append(correct)
-    return (
-        torch.cat(logits),
-        torch.cat(labels),
-        {k: torch.cat(v).double().mean().item() for k, v in hits.items()},
-        first,
-    )
+    with torch.inference_mode():  # not a decorator: that would import torch with the script
+        for i, batch in enumerate(track(loader, description, total=len(loader))):
+            inputs = [batch[k] for k in model.meta.inputs]
+            first = first or inputs
+            logits.append(model.run(*inputs).float().cpu())
+            labels.append(batch["label"])
+            for name, levels in CORRUPTIONS.items() if corruptions else ():
+                for severity in range(1, len(levels) + 1):
+                    rgb = corrupt_normalized(batch["rgb"], spec.mean, spec.std, name, severity, seed=i)
+                    correct = model.run(rgb, *inputs[1:]).float().cpu().argmax(1) == batch["label"]
+                    hits.setdefault(f"{name}@{severity}", []).append(correct)
+        return (
+            torch.cat(logits),
+            torch.cat(labels),
+            {k: torch.cat(v).double().mean().item() for k, v in hits.items()},
+            first,
+        )
 
 
 def evaluate(model: LoadedModel, path: str, args, cfg, teacher: dict | None) -> tuple[dict, dict]:
     """One model's row, and what a later model needs to be compared with it (logits, samples, classes)."""
+    import torch
+
+    from kd.deploy.inference import checkpoint_loader
+    from kd.eval.corruptions import CORRUPTIONS
+    from kd.eval.measure import cuda_peak_memory_mb, latency_ms, peak_memory_mb, throughput
+    from kd.eval.metrics import classification_metrics, per_class_accuracy
+
     loader = checkpoint_loader(cfg.data, model.meta, args.split, args.batch_size)
     samples = [str(p) for p, _ in loader.dataset.samples]
     logits, labels, corrupted, first = predict(model, loader, args.corruptions, f"{args.split} split")
@@ -187,6 +198,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     args.overrides += [item for item in args.models if is_override(item)]
     args.models = [item for item in args.models if not is_override(item)]
     cfg = resolve_config("evaluate.py", args.config, args.overrides, args.print_config)
+    import torch
+
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}, but torch sees no CUDA GPU; use --device cpu")
     if args.latency_runs < 1 or args.warmup < 0:
@@ -211,6 +224,16 @@ def evaluate_all(entries: list[tuple[str, str, str]], models: dict, args, cfg: C
 
 def report(rows: dict[str, dict], groups: dict[str, list[str]], summary: dict, args, cfg: Config) -> dict:
     """Print the tables and the derived lines; write results.json, results.md and the plots."""
+    import torch
+    from rich.console import Console
+
+    from kd.eval.corruptions import CORRUPTIONS
+    from kd.eval.measure import PEAK_MEMORY_METHOD
+    from kd.eval.metrics import ECE_BINS
+    from kd.eval.paired import paired_lines
+    from kd.eval.plots import save_plots
+    from kd.eval.report import derived_lines, recall_table, tables
+
     threads = torch.get_num_threads()
     speed = f"batch 1, {args.device}, {threads} threads"
     memory = PEAK_MEMORY_METHOD if args.memory == "peak" else "weights: parameters and buffers"
@@ -251,6 +274,10 @@ def report(rows: dict[str, dict], groups: dict[str, list[str]], summary: dict, a
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args(argv)
+    from kd.data.loaders import prepare_data
+    from kd.deploy.inference import load_model, read_json_object
+    from kd.eval.metrics import mean_std
+
     entries = model_list(args)
     if not (args.config or args.demo):
         raise UserError(

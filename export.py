@@ -25,34 +25,33 @@ tb/) or overwrite a run's own file (config.yaml, .lock) is refused.
 Each format's file ending, writer and runner are its row of FORMATS in kd/deploy/formats.py.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
-from functools import partial
 from pathlib import Path
-
-import numpy as np
-import torch
-from huggingface_hub.utils import validate_repo_id
-from rich.console import Console
-from rich.table import Table
-from torch import nn
-from torch.utils.data import DataLoader, Subset
+from typing import TYPE_CHECKING
 
 from kd.cli import add_config_arguments, resolve_config
 from kd.config import Config
-from kd.data.loaders import prepare_data
-from kd.deploy import formats as fmt
-from kd.deploy.inference import checkpoint_loader
-from kd.deploy.timm_folder import TimmCard, evaluated_rows, push_timm, require_timm_model, run_recipe
 from kd.errors import UserError, exit_on_user_error, quote
-from kd.eval.measure import latency_ms
-from kd.models.checkpoint import CheckpointMeta, checkpoint_ranges, checkpoint_stem, load_checkpoint
-from kd.models.zoo import input_keys
 from kd.train.run_dir import RUN_FILES, owned_by_a_run, require_writable_folder
+
+# torch, ONNX, timm and the kd modules that use them are imported in the functions that run after the command line
+# is parsed: --help, --print-config and a misspelled key answer in a fraction of a second, not seconds.
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from kd.deploy.timm_folder import TimmCard
+    from kd.models.checkpoint import CheckpointMeta
 
 
 def int8_formats() -> list[str]:
     """The INT8 rows of FORMATS (read at call time: a row added to it is a format of every flag)."""
+    from kd.deploy import formats as fmt
+
     return [name for name, f in fmt.FORMATS.items() if f.fp32]
 
 
@@ -88,6 +87,9 @@ def is_checkpoint_file(path: Path) -> bool:
 def refuse_overwriting_a_checkpoint(args, names: list[str]) -> None:
     """No file the export writes (each format's, the sidecar <stem>.json, export_report.json) may be a checkpoint's,
     nor lie in a run's resumable state or logs, nor replace a run's own file (`owned_by_a_run`)."""
+    from kd.deploy import formats as fmt
+    from kd.models.checkpoint import checkpoint_stem
+
     out = Path(args.out)
     planned = [fmt.export_path(out, name) for name in names]
     planned += [out.with_suffix(".json"), out.parent / "export_report.json"]
@@ -115,6 +117,8 @@ def size_mb(path: Path) -> float:
 
 def check_repo_id(repo_id: str) -> None:
     """A malformed --push-to-hub is refused before minutes of exports, not after."""
+    from huggingface_hub.utils import validate_repo_id
+
     try:
         validate_repo_id(repo_id)
     except ValueError as e:
@@ -123,6 +127,12 @@ def check_repo_id(repo_id: str) -> None:
 
 def check_images(args, meta: CheckpointMeta, cfg: Config) -> tuple[list[dict], list[torch.Tensor]]:
     """Batches the files are checked on (--split of --config's data, else random inputs) and calibration images."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from kd.data.loaders import prepare_data
+    from kd.deploy.inference import checkpoint_loader
+
     if not args.config:
         size, generator = meta.input_spec.image_size, torch.Generator().manual_seed(0)
         batches = [{"rgb": torch.randn(8, 3, size, size, generator=generator)} for _ in range(2)]
@@ -139,6 +149,8 @@ def check_images(args, meta: CheckpointMeta, cfg: Config) -> tuple[list[dict], l
 
 def compare(reference: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -> dict:
     """Max |logit difference|, top-1 agreement and (with labels) accuracy of `got` against `reference` logits."""
+    import numpy as np
+
     return {
         "max_abs_diff": float(np.abs(got - reference).max()),
         "top1_agreement": float((got.argmax(1) == reference.argmax(1)).mean()),
@@ -149,6 +161,8 @@ def compare(reference: np.ndarray, got: np.ndarray, labels: np.ndarray | None) -
 
 def verdict(name: str, row: dict, args) -> str:
     """ok | not recommended | rejected. fp32 must match to --atol; INT8 is judged on top-1 agreement."""
+    from kd.deploy import formats as fmt
+
     if fmt.FORMATS[name].fp32 is None:
         return "ok" if row["max_abs_diff"] <= args.atol else "rejected"
     if row["top1_agreement"] < args.reject_agreement:
@@ -157,6 +171,9 @@ def verdict(name: str, row: dict, args) -> str:
 
 
 def print_table(rows: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     columns = ("format", "file", "MB", "latency (ms)", "x fp32", "accuracy", "agreement", "max |diff|", "status")
     table = Table(*columns, title=title)
     for name, r in rows.items():
@@ -180,8 +197,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     parser.add_argument("--out", default="exports/student.onnx", help="ONNX path; other files go beside it")
     parser.add_argument("--config", help="config whose data section gives validation images for the check")
     parser.add_argument("--split", default="val", help="split used for the parity and accuracy check")
-    fp32_first = sorted(fmt.FORMATS, key=lambda name: fmt.FORMATS[name].fp32 is not None)
-    parser.add_argument("--formats", nargs="+", default=["onnx", "torchscript"], choices=fp32_first)
+    parser.add_argument(  # checked against FORMATS once parsed: kd/deploy/formats.py imports torch and ONNX
+        "--formats",
+        nargs="+",
+        default=["onnx", "torchscript"],
+        metavar="FORMAT",
+        help="rows of FORMATS in kd/deploy/formats.py: onnx, torchscript, tflite, timm and their INT8 variants",
+    )
     parser.add_argument("--int8", action="store_true", help="add every INT8 format (TFLite INT8 with --tflite)")
     parser.add_argument("--tflite", action="store_true", help="add TFLite (needs `make export-deps`)")
     parser.add_argument("--calibration-images", type=int, default=256, help="training images for INT8 ranges")
@@ -213,6 +235,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     args = parser.parse_intermixed_args(argv)
     # checked (and printed) now, and read once: --config <(...) is a pipe, empty the second time
     cfg = resolve_config("export.py", args.config, args.overrides, args.print_config)
+    from kd.deploy import formats as fmt
+
+    if unknown := [name for name in args.formats if name not in fmt.FORMATS]:
+        fp32_first = sorted(fmt.FORMATS, key=lambda name: fmt.FORMATS[name].fp32 is not None)
+        choices = ", ".join(map(repr, fp32_first))
+        parser.error(f"argument --formats: invalid choice: {unknown[0]!r} (choose from {choices})")
     if not args.checkpoint:
         parser.error("the following arguments are required: --checkpoint")
     if args.overrides and not args.config:
@@ -234,6 +262,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
 def load_student(args) -> tuple[nn.Module, CheckpointMeta, dict, list[str]]:
     """The checkpoint's model, metadata and QAT ranges, and the formats to write; every refusal that needs no
     export is made here, before minutes of exports."""
+    from kd.deploy import formats as fmt
+    from kd.deploy.timm_folder import require_timm_model
+    from kd.models.checkpoint import checkpoint_ranges, load_checkpoint
+    from kd.models.zoo import input_keys
+
     model, meta = load_checkpoint(args.checkpoint)  # first: a missing or damaged checkpoint is named as such
     ranges = checkpoint_ranges(args.checkpoint)
     names = formats_to_write(args, ranges)
@@ -254,6 +287,9 @@ def load_student(args) -> tuple[nn.Module, CheckpointMeta, dict, list[str]]:
 
 def timm_card(args, out: Path) -> TimmCard:
     """The timm folder's model card: the --license, the run's recipe, and --results' rows for the checkpoint."""
+    from kd.deploy import formats as fmt
+    from kd.deploy.timm_folder import TimmCard, evaluated_rows, run_recipe
+
     recipe, recipe_file = run_recipe(args.checkpoint)
     rows, results_file = evaluated_rows(args.results, args.checkpoint) if args.results else ([], None)
     title = args.push_to_hub or fmt.export_path(out, "timm").name
@@ -263,6 +299,14 @@ def timm_card(args, out: Path) -> TimmCard:
 def check_formats(runners: dict, files: dict, batches: list[dict], args) -> tuple[dict, list[str]]:
     """Each file's report row (agreement with PyTorch, accuracy, size, latency, status) and what failed; a rejected
     file is renamed *.rejected."""
+    from functools import partial
+
+    import numpy as np
+    import torch
+
+    from kd.deploy import formats as fmt
+    from kd.eval.measure import latency_ms
+
     images = torch.cat([b["rgb"] for b in batches])
     labels = torch.cat([b["label"] for b in batches]).numpy() if "label" in batches[0] else None
     reference = runners["pytorch"](images)
@@ -291,6 +335,11 @@ def check_formats(runners: dict, files: dict, batches: list[dict], args) -> tupl
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     args, cfg = parse_args(argv)
+    import torch
+
+    from kd.deploy import formats as fmt
+    from kd.deploy.timm_folder import push_timm
+
     out = Path(args.out)
     model, meta, ranges, names = load_student(args)
     card = timm_card(args, out) if "timm" in names else None  # a wrong --results is refused before the exports

@@ -5,32 +5,31 @@ python train_teacher.py --config configs/teacher.yaml --print-config   # every k
 accelerate launch train_teacher.py --config configs/teacher.yaml
 """
 
+from __future__ import annotations
+
 import dataclasses
 from pathlib import Path
-
-import torch
-from accelerate.utils import set_seed
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING
 
 from kd.cli import parse_cli
 from kd.config import Config, flat_hparams
-from kd.data.dataset import InputSpec, ms_statistics
-from kd.data.loaders import build_loader, open_split, prepare_data, resolve_input
-from kd.data.mixing import Mixing
-from kd.data.unlabeled import ignored_note
 from kd.errors import UserError, exit_on_user_error
-from kd.models.checkpoint import CheckpointMeta
-from kd.models.zoo import build_model, count_parameters, input_config
-from kd.train.accelerator import make_accelerator
-from kd.train.loop import fit
 from kd.train.run_dir import claim_run_dir, releases_run_dirs
-from kd.train.state import stop_with_launcher
-from kd.train.task import Classifier
+
+# torch, timm, Accelerate and the kd modules that use them are imported in the functions that run after the command
+# line is parsed: --help, --print-config and a misspelled key answer in a fraction of a second, not seconds.
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
+
+    from kd.data.dataset import InputSpec
 
 
 def architecture(cfg: Config, num_classes: int) -> dict:
     """The model's spec: it travels in the checkpoint's JSON, so evaluate.py and distill.py can rebuild the model."""
     arch = {"name": cfg.model.name, "num_classes": num_classes, "drop_rate": cfg.model.drop_rate}
+    if cfg.model.drop_path_rate:  # recorded only when set: 0 is every model's default, and older checkpoints lack it
+        arch["drop_path_rate"] = cfg.model.drop_path_rate
     if cfg.model.name == "hybrid":
         arch.update(
             backbone=cfg.model.backbone,
@@ -44,6 +43,10 @@ def architecture(cfg: Config, num_classes: int) -> dict:
 def input_spec_for(cfg: Config, model: torch.nn.Module, train_set: Dataset) -> InputSpec:
     """How images are fed: the config's, null image_size/mean/std the model's own; the hybrid model's MS bands are
     normalized with statistics of the training split only."""
+    from kd.data.dataset import ms_statistics
+    from kd.data.loaders import resolve_input
+    from kd.models.zoo import input_config
+
     input_spec = resolve_input(cfg.data, input_config(model))
     if cfg.model.name != "hybrid":
         return input_spec
@@ -59,8 +62,20 @@ def input_spec_for(cfg: Config, model: torch.nn.Module, train_set: Dataset) -> I
 @exit_on_user_error
 @releases_run_dirs
 def main(argv: list[str] | None = None) -> dict:
-    stop_with_launcher()  # a rank of `accelerate launch` ends with its launcher, even one killed with -9
     cfg, args = parse_cli(argv, "train_teacher.py", "Train a teacher or a baseline student with cross-entropy.")
+    from accelerate.utils import set_seed
+
+    from kd.data.loaders import build_loader, open_split, prepare_data
+    from kd.data.mixing import Mixing
+    from kd.data.unlabeled import ignored_note
+    from kd.models.checkpoint import CheckpointMeta
+    from kd.models.zoo import build_model, count_parameters
+    from kd.train.accelerator import make_accelerator
+    from kd.train.loop import fit
+    from kd.train.state import stop_with_launcher
+    from kd.train.task import Classifier
+
+    stop_with_launcher()  # a rank of `accelerate launch` ends with its launcher, even one killed with -9
     set_seed(cfg.seed)  # first: every model and draw below depends on it, so two runs of one seed are bitwise equal
     run_dir = Path(cfg.train.checkpoint_dir or f"runs/{cfg.name}")
     claim_run_dir(run_dir, args.resume, cfg.train.resume == "auto")  # fails now, not after training

@@ -158,6 +158,9 @@ class ModelConfig:
         None, '"imagenet" (timm weights: local cache, or the hub when online), a file, or null'
     )
     drop_rate: float = option(0.2, "dropout before the classifier", "[0, 1)")
+    drop_path_rate: float = option(
+        0.0, "stochastic depth: timm's drop_path_rate, the deepest block's skip chance (0.2 is usual)", "[0, 1)"
+    )
 
     def __post_init__(self):
         check_fields(self)
@@ -299,6 +302,12 @@ class DistillationConfig(TrainConfig):
     teachers: list = option([], "multi-teacher: [{checkpoint: path, weight: w}, ...]", teacher_list)
     student_backbone: str = option("efficientnet_b0", "timm name of the RGB student")
     student_pretrained: str | None = option(None, '"imagenet", a weights file, or null (random init)')
+    student_drop_rate: float | None = option(
+        None, "the student's dropout before the classifier; null = the timm model's own (0 for EfficientNet)", "[0, 1)"
+    )
+    student_drop_path_rate: float = option(
+        0.0, "the student's stochastic depth (timm's drop_path_rate); 0 = off, 0.2 is usual", "[0, 1)"
+    )
     temperature: float = option(4.0, "softmax temperature of the soft (KL) loss", "> 0")
     alpha: float = option(0.3, "weight of the hard label loss; 1 - alpha weighs the soft loss", "within [0, 1]")
     feature_weight: float = option(0.5, "weight of the feature loss", LOSS_WEIGHT)
@@ -351,6 +360,7 @@ class DistillationConfig(TrainConfig):
                 "distillation.ema_teacher_weight > 0 needs an EMA: set distillation.ema_decay, e.g. 0.999"
             )
         check_teacher_weights([t.get("weight", 1.0) for t in self.teachers], self.ema_teacher_weight)
+        check_qat_depth(self.qat_start_fraction, self.student_drop_path_rate, "distillation.student_drop_path_rate")
 
 
 @dataclass
@@ -365,6 +375,16 @@ class Config:
 
     def __post_init__(self):
         check_fields(self)
+        check_qat_depth(self.train.qat_start_fraction, self.model.drop_path_rate, "model.drop_path_rate")
+
+
+def check_qat_depth(qat_start_fraction: float | None, drop_path_rate: float, key: str) -> None:
+    """QAT exports the student's graph in train mode, so stochastic depth would stay on in eval: refused."""
+    if qat_start_fraction is not None and drop_path_rate > 0:
+        raise ConfigError(
+            f"{key} > 0 cannot be combined with qat_start_fraction: the QAT graph keeps stochastic depth on in "
+            f"eval and the INT8 model would drop blocks at random. Set {key}=0."
+        )
 
 
 def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:

@@ -99,3 +99,28 @@ def test_print_config_from_the_command_line():
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert yaml.safe_load(proc.stdout)["data"]["image_size"] == 48
+
+
+# Runs a script as `python <script> ARGS` does, then prints its exit status and the heavy libraries it imported.
+IMPORTS_PROBE = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    code = e.code
+print(code, *sorted(m for m in ("torch", "timm", "accelerate", "numpy", "onnx") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("script", ["train_teacher.py", "distill.py", "evaluate.py", "export.py"])
+@pytest.mark.parametrize("argv, code", [(["--help"], "0"), (["data.imagesize=3"], "2")])
+def test_help_and_a_misspelled_key_answer_before_torch_loads(script, argv, code):
+    """--help and a command-line mistake come back at once: the scripts import torch, timm and Accelerate only
+    after their command line is parsed (a timing-free check: which modules were imported)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", IMPORTS_PROBE, str(ROOT / script), *argv]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split()[-1:] == [code], (proc.stdout[-2000:], proc.stderr[-2000:])
+    if code == "2":
+        assert "data.image_size" in proc.stderr  # the closest key is named

@@ -22,6 +22,7 @@ import evaluate
 import export
 from kd.data.dataset import InputSpec
 from kd.deploy import formats as export_formats
+from kd.deploy.inference import load_model
 from kd.deploy.qat import quantize_int8
 from kd.models.checkpoint import CheckpointMeta, save_checkpoint
 
@@ -284,7 +285,7 @@ def test_an_export_never_overwrites_its_own_checkpoint(student, tmp_path, capsys
     assert err.startswith(f"error: --out '{tmp_path / 'run' / out_name}' would overwrite {tmp_path / 'run/best.json'}")
     assert "the --checkpoint" in err and "writing" not in out
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # nothing written, nothing changed
-    assert evaluate.load_model(checkpoint).meta.inputs == ["rgb"]  # still a checkpoint evaluate.py reads
+    assert load_model(checkpoint).meta.inputs == ["rgb"]  # still a checkpoint evaluate.py reads
 
 
 def test_an_export_never_overwrites_another_checkpoint_in_the_out_folder(student, tmp_path, capsys):

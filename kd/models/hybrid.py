@@ -15,6 +15,7 @@ HYBRID_ARGS = {  # what each HybridFusion argument a checkpoint sets must be (ev
     "ms_channels": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
     "fusion": (lambda v: v in FUSIONS, " or ".join(FUSIONS)),
     "drop_rate": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "in [0, 1)"),
+    "drop_path_rate": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1, "in [0, 1)"),
 }
 
 
@@ -37,12 +38,15 @@ class HybridFusion(nn.Module):
         fusion: str = "concat",
         pretrained: str | None = None,
         drop_rate: float = 0.2,
+        drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        self.rgb = create_timm(backbone, num_classes=0, pretrained=pretrained)
+        # stochastic depth in both backbones; 0 passes nothing, so older checkpoints rebuild exactly as before
+        depth = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+        self.rgb = create_timm(backbone, num_classes=0, pretrained=pretrained, **depth)
         # The adapter learns which band mixture to show the backbone, so ImageNet weights stay usable for MS.
         self.band_adapter = nn.Sequential(nn.Conv2d(ms_channels, 3, kernel_size=1), nn.BatchNorm2d(3))
-        self.ms = create_timm(ms_backbone or backbone, num_classes=0, pretrained=pretrained)
+        self.ms = create_timm(ms_backbone or backbone, num_classes=0, pretrained=pretrained, **depth)
         rgb_dim, ms_dim = _pooled_dim(self.rgb), _pooled_dim(self.ms)
         self.fusion = fusion
         if fusion == "concat":

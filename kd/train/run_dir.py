@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kd.errors import UserError, quote
-from kd.models.checkpoint import checkpoint_stem
 
 
 def _write_probe(folder: Path) -> OSError | None:
@@ -140,6 +139,8 @@ def claim_run_dir(run_dir: Path, resume: bool, auto_resume: bool, teachers: tupl
     teacher's), must not be in use by another run now (`lock_run_dir`; the main process holds it), and must not
     hold another run's checkpoints unless this run continues it: two runs never mix.
     """
+    from kd.models.checkpoint import checkpoint_stem  # here: the scripts' --help imports this module, not torch
+
     ensure_writable(run_dir)
     for teacher in teachers:
         if checkpoint_stem(teacher).parent.resolve() == run_dir.resolve():
