@@ -191,7 +191,7 @@ def print_table(rows: dict, title: str) -> None:
     Console(width=max(140, Console().width)).print(table)
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="student checkpoint (.safetensors + .json); required")
     parser.add_argument("--out", default="exports/student.onnx", help="ONNX path; other files go beside it")
@@ -232,6 +232,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     )
     add_config_arguments(parser, "export.py")
     parser.add_argument("overrides", nargs="*", help="data.key=value overrides of --config")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
+    parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     # checked (and printed) now, and read once: --config <(...) is a pipe, empty the second time
     cfg = resolve_config("export.py", args.config, args.overrides, args.print_config)
