@@ -108,6 +108,10 @@ def valid_configs(draw) -> dict:
                 values["precision"] = None  # QAT's fake quantization takes float32 only
         if values or draw(st.booleans()):
             raw[section] = values
+    qat = any(raw.get(s, {}).get("qat_start_fraction") is not None for s in ("train", "distillation"))
+    for section, key in (("model", "drop_path_rate"), ("distillation", "student_drop_path_rate")):
+        if qat and key in raw.get(section, {}):
+            raw[section][key] = 0.0  # QAT keeps stochastic depth on in eval: refused with it
     return raw
 
 
