@@ -148,7 +148,7 @@ FIELD_SEEDS ?= 0 1 2
 FIELD_DATA ?= ../shared/data/ibeans128
 FIELD_RUNS ?= checkpoints/field
 FIELD_MANIFEST = data/field/k$(FIELD_K).csv
-FIELD_T ?= 4.0
+FIELD_T ?= 8.0
 FIELD_ALPHA ?= 0.5
 FIELD_SWEEP_T ?= 2.0 4.0 8.0
 FIELD_SWEEP_ALPHA ?= 0.3 0.5 0.7
@@ -188,8 +188,9 @@ real: $(FIELD_RUNS)/teacher/best.safetensors
 		$(PY) distill.py --config configs/field/distill.yaml $(FIELD_DISTILL) seed=$$s distillation.temperature=$(FIELD_T) \
 			distillation.alpha=$(FIELD_ALPHA) distillation.checkpoint_dir=$(FIELD_RUNS)/distilled_$$s || exit 1; \
 	done
-	$(PY) evaluate.py --config configs/field/distill.yaml $(FIELD_DATA_ARGS) --out results/field --last \
+	$(PY) evaluate.py --config configs/field/distill.yaml $(FIELD_DATA_ARGS) --out results/field --memory weights \
 		--models $(FIELD_MODELS)
+	cp results/field/results.md docs/results/real_field.md
 
 # `make real-all`: the guide's four rows on every labelled photo (iBeans at 128 px, ../shared/data/ibeans128; REAL_DATA=… for another
 # copy), offline: the ImageNet-pretrained Lite2 teacher once, then per seed the Lite0 baseline (labels only), the Lite0
