@@ -1,23 +1,17 @@
-"""Config: YAML -> validated dataclasses, with `section.key=value` overrides from the command line.
-
-Each field is declared once with `option` (kd/config_rules.py): its default, its one-line help (--print-config prints
-it) and its rule, a range or a set of choices that `check_fields` applies to every field. Rules that relate several
-fields are short explicit checks in each section's __post_init__; rules that ask timm or Accelerate are in
-kd/config_libs.py. Unknown keys and wrong types are errors that say what to do.
-"""
+"""Config: YAML and `section.key=value` overrides -> validated dataclasses. Each field is declared once with its
+default, one-line help (--print-config) and rule (kd/config_rules.py); rules relating fields are in __post_init__."""
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from kd.config_checks import (  # noqa: F401 (kd.config's: optimizer_arguments, tracker_names, parse_randaugment)
+from kd.config_checks import (  # noqa: F401 (kd.config's: optimizer_arguments, tracker_names)
     band_list,
     check_log_with,
     check_optimizer,
     check_teacher_weights,
     layer_pairs,
     optimizer_arguments,
-    parse_randaugment,
     plain_name,
     randaugment_text,
     teacher_list,
@@ -53,10 +47,7 @@ TEMPERATURES = (0.01, 1000.0)  # KD uses 1-20; beyond these bounds the soft loss
 MIN_STD = 1e-3  # smallest data.std: gray levels are 1/255 apart; a tinier std blows pixels up past float range
 MAX_IMAGE_SIZE = 4096  # pixels a side: one 100,000 px view would be 120 GB of float32; models train at 32-1024
 # keys that set a soft loss's arguments before soft_loss_args did: {key: (the soft loss, its argument)}
-REPLACED = {
-    f"distillation.{loss}_{arg}": (loss, arg) for loss, arg in map(str.split, ["dkd alpha", "dkd beta", "dist beta"])
-}
-REPLACED["distillation.dist_gamma"] = ("dist", "gamma")
+REPLACED = {f"distillation.{k}": tuple(k.split("_")) for k in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma")}
 
 
 SEED = "in [0, 2**32), the seeds numpy accepts"

@@ -1,7 +1,5 @@
-"""The rules of one config field that a range or a set of choices cannot state (kd/config.py names them with the
-field): the RandAugment string format (kd.data.augment reads it too), band and layer lists, the teachers, names
-that become folders, and the two that ask a library, timm's optimizers and Accelerate's trackers, which are
-imported inside their checks so that `--help` and kd/config.py's import stay fast."""
+"""Config rules that a range or choices cannot state (the RandAugment string, lists, teachers, names) and those that
+ask timm or Accelerate, which are imported inside their checks so that `--help` and kd.config's import stay fast."""
 
 import collections
 import functools
@@ -22,8 +20,7 @@ RANDAUGMENT_EXAMPLE = "rand-m9-n2 (or rand-m9-n2-mstd0.5)"
 
 @dataclass(frozen=True)
 class RandAugmentSpec:
-    """A parsed timm RandAugment string: `num_ops` ops a sample, each applied with `prob` at `magnitude` (0-10,
-    timm's scale) plus Gaussian noise of std `magnitude_std`."""
+    """A timm RandAugment string: `num_ops` ops a sample, each with `prob` at `magnitude` (0-10) + N(0, mstd)."""
 
     magnitude: float = 9.0
     num_ops: int = 2
@@ -32,7 +29,7 @@ class RandAugmentSpec:
 
 
 def parse_randaugment(text: str) -> RandAugmentSpec | None:
-    """timm's string, e.g. "rand-m9-n2-mstd0.5" -> RandAugmentSpec; "" -> None (off). ValueError says what is wrong."""
+    """ "rand-m9-n2-mstd0.5" -> RandAugmentSpec; "" -> None (off). ValueError says what is wrong."""
     if not text:
         return None
     head, *sections = text.split("-")
@@ -74,7 +71,6 @@ def randaugment_text(text: str, key: str) -> str:
 
 
 def plain_name(name: str, key: str) -> str:
-    """A name that becomes one folder."""
     ok = name not in ("", ".", "..") and not set("/\\") & set(name)
     check(ok, key, "must be a plain name, without / or \\ (TensorBoard makes it a folder under <run_dir>/tb)", name)
     check(len(name) <= 64, key, "must be at most 64 characters", name)
@@ -82,8 +78,7 @@ def plain_name(name: str, key: str) -> str:
 
 
 def layer_pairs(layers: list, key: str) -> list:
-    """Layer names or [student, teacher] pairs, each layer once on each side: the Distiller's hooks hold one output
-    per layer."""
+    """Layer names or [student, teacher] pairs, each layer once a side: the hooks hold one output per layer."""
     for i, entry in enumerate(layers):
         pair = isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
         check(
@@ -100,7 +95,6 @@ def layer_pairs(layers: list, key: str) -> list:
 
 
 def teacher_list(teachers: list, key: str) -> list:
-    """[{checkpoint: path, weight: w}, ...], weights > 0 (their sum is checked with the EMA teacher's)."""
     for i, t in enumerate(teachers):
         where = f"{key}[{i}]"
         if not (isinstance(t, dict) and "checkpoint" in t and set(t) <= {"checkpoint", "weight"}):
@@ -113,8 +107,8 @@ def teacher_list(teachers: list, key: str) -> list:
 
 
 def check_teacher_weights(weights: list[float], ema_teacher_weight: float) -> None:
-    """The ensemble's weights, normalized as kd.distill.teachers does (the EMA teacher's among them when it joins),
-    are finite and sum to one: 1e308 + 1e308 overflows the sum to inf and every normalized weight to 0."""
+    """The weights normalized as kd.distill.teachers does (the EMA teacher's too) are finite and sum to one:
+    1e308 + 1e308 overflows the sum to inf and every normalized weight to 0."""
     weights, keys = weights or [1.0], "distillation.teachers[*].weight"
     if ema_teacher_weight > 0:
         weights, keys = [*weights, ema_teacher_weight], f"{keys} and distillation.ema_teacher_weight"
@@ -129,8 +123,7 @@ def check_teacher_weights(weights: list[float], ema_teacher_weight: float) -> No
 
 
 def check_log_with(log_with: Any, key: str) -> Any:
-    """Names only: whether each tracker's package is installed is checked when a run starts (kd/train), so a
-    config naming wandb still loads where evaluate.py reads it."""
+    """Names only: whether a tracker is installed is checked when a run starts, so evaluate.py reads any config."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     ok = isinstance(log_with, str) or (isinstance(log_with, list) and all(isinstance(n, str) for n in log_with))
@@ -149,8 +142,7 @@ def check_log_with(log_with: Any, key: str) -> Any:
 
 def tracker_names(log_with: str | list) -> list[str]:
     """`log_with` as a list of Accelerate tracker names: [] for "none", ["all"] for every installed tracker."""
-    names = [log_with] if isinstance(log_with, str) else list(log_with)
-    return [name for name in names if name != "none"]
+    return [name for name in ([log_with] if isinstance(log_with, str) else log_with) if name != "none"]
 
 
 @functools.cache
@@ -166,8 +158,8 @@ def optimizer_arguments(cfg: Any) -> dict:
 
 
 def _optimizer_argument(value: Any, parameter: inspect.Parameter, key: str) -> Any:
-    """`value` as the optimizer's parameter takes it, judged by its default: few optimizers annotate their types,
-    and some default a float argument to an int 0."""
+    """`value` as the optimizer's parameter takes it, judged by its default (few optimizers annotate their types;
+    some default a float argument to an int 0)."""
     default, hint = parameter.default, parameter.annotation
     if value is None and (default is None or type(None) in typing.get_args(hint)):
         return None
@@ -183,9 +175,8 @@ def _optimizer_argument(value: Any, parameter: inspect.Parameter, key: str) -> A
 
 
 def check_optimizer(cfg: Any, key: str) -> None:
-    """The optimizer exists in timm, trains with the loop's first-order backward, and takes `optimizer_args`; the
-    arguments are tried on a throwaway parameter, so a value the optimizer refuses fails here, not after loading.
-    `key`: the section's prefix, e.g. "train."."""
+    """The optimizer exists in timm, is first-order, and takes `optimizer_args`, tried on a throwaway parameter so
+    that a value it refuses fails here, not after loading. `key`: the section's prefix, e.g. "train."."""
     import torch
     from timm.optim import create_optimizer_v2, get_optimizer_info
 

@@ -1,6 +1,5 @@
-"""evaluate.py's report: table cells (mean ± std for runs of a recipe), the same table for the console and for
-markdown, per-class recall (what a model gets wrong, not only how often), and the user guide's derived comparison
-lines, computed from the table."""
+"""evaluate.py's report: the table (mean ± std for runs of a recipe) for the console and markdown, per-class recall,
+and the user guide's comparison lines computed from the table."""
 
 import math
 
@@ -44,8 +43,8 @@ def render(title: str, columns: tuple[str, ...], body: list[list[str]]) -> tuple
 
 
 def derived_lines(rows: dict[str, dict], teacher: str, speed: str, peak: bool, latency_runs: int) -> list[str]:
-    """The user guide's comparison sentences, computed from the table (means for several runs). A speed-up is
-    withheld when it rests on one timed call, and flagged when a model's latency spread is wide."""
+    """The user guide's comparison sentences (means for several runs). A speed-up is withheld when it rests on one
+    timed call, and flagged when a model's latency spread is wide."""
     lines = []
     if teacher in rows and "distilled" in rows:
         t, s = rows[teacher], rows["distilled"]
@@ -116,9 +115,7 @@ def tables(summary: dict[str, dict], corruptions: bool, title: str, note: str) -
 
 
 def recall_table(rows: dict[str, dict], groups: dict[str, list[str]]) -> tuple[Table, list[str]] | None:
-    """Recall of each class (the confusion matrix's diagonal over its row sums), mean ± std over a group's runs.
-
-    None when the models do not share one class list (nothing to put side by side)."""
+    """Recall of each class, mean ± std over a group's runs; None when the models do not share one class list."""
     classes = [list(rows[names[0]]["per_class_accuracy"]) for names in groups.values()]
     if any(c != classes[0] for c in classes):
         return None
