@@ -2,7 +2,6 @@
 ask timm or Accelerate, which are imported inside their checks so that `--help` and kd.config's import stay fast."""
 
 import collections
-import functools
 import importlib.util
 import inspect
 import math
@@ -81,12 +80,8 @@ def layer_pairs(layers: list, key: str) -> list:
     """Layer names or [student, teacher] pairs, each layer once a side: the hooks hold one output per layer."""
     for i, entry in enumerate(layers):
         pair = isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
-        check(
-            isinstance(entry, str) or pair,
-            f"{key}[{i}]",
-            "must be a layer name or a [student, teacher] pair of names",
-            entry,
-        )
+        ok = isinstance(entry, str) or pair
+        check(ok, f"{key}[{i}]", "must be a layer name or a [student, teacher] pair of names", entry)
     pairs = [(e, e) if isinstance(e, str) else tuple(e) for e in layers]
     for side, names in (("student", [s for s, _ in pairs]), ("teacher", [t for _, t in pairs])):
         twice = sorted(name for name, count in collections.Counter(names).items() if count > 1)
@@ -106,20 +101,43 @@ def teacher_list(teachers: list, key: str) -> list:
     return teachers
 
 
-def check_teacher_weights(weights: list[float], ema_teacher_weight: float) -> None:
-    """The weights normalized as kd.distill.teachers does (the EMA teacher's too) are finite and sum to one:
-    1e308 + 1e308 overflows the sum to inf and every normalized weight to 0."""
-    weights, keys = weights or [1.0], "distillation.teachers[*].weight"
-    if ema_teacher_weight > 0:
-        weights, keys = [*weights, ema_teacher_weight], f"{keys} and distillation.ema_teacher_weight"
+def check_teacher_weights(cfg: Any) -> None:
+    """The EMA teacher needs an EMA; the weights normalized as kd.distill.teachers does (the EMA teacher's too) are
+    finite and sum to one: 1e308 + 1e308 overflows the sum to inf and every normalized weight to 0."""
+    if cfg.ema_teacher_weight > 0 and cfg.ema_decay == 0:
+        raise ConfigError("distillation.ema_teacher_weight > 0 needs an EMA: set distillation.ema_decay, e.g. 0.999")
+    weights, keys = [t.get("weight", 1.0) for t in cfg.teachers] or [1.0], "distillation.teachers[*].weight"
+    if cfg.ema_teacher_weight > 0:
+        weights, keys = [*weights, cfg.ema_teacher_weight], f"{keys} and distillation.ema_teacher_weight"
     total = sum(weights)
     normalized = [w / total for w in weights] if math.isfinite(total) and total > 0 else [math.nan]
-    check(
-        all(math.isfinite(w) for w in normalized) and abs(sum(normalized) - 1) <= 1e-6,
-        keys,
-        "must normalize to finite weights that sum to 1 (their sum overflows or vanishes): use weights like 1 or 0.5",
-        weights,
-    )
+    ok = all(math.isfinite(w) for w in normalized) and abs(sum(normalized) - 1) <= 1e-6
+    why = "(their sum overflows or vanishes): use weights like 1 or 0.5"
+    check(ok, keys, f"must normalize to finite weights that sum to 1 {why}", weights)
+
+
+def check_qat(cfg: Any, key: str) -> None:
+    """Quantization-aware training refuses the EMA and bf16; `key`: the section's prefix, e.g. "train."."""
+    if cfg.qat_start_fraction is not None and cfg.ema_decay > 0:
+        raise ConfigError(
+            f"{key}qat_start_fraction and ema_decay cannot be combined: the EMA would average float "
+            "weights into a fake-quantized graph. Turn one of them off."
+        )
+    # fp16 is not refused here: without a CUDA GPU the loop trains fp16 configs in fp32, which QAT takes
+    if cfg.qat_start_fraction is not None and cfg.mixed_precision == "bf16":
+        raise ConfigError(
+            f"{key}qat_start_fraction cannot train under precision {quote(cfg.precision)}: PyTorch's fake "
+            "quantization takes float32 only (the run would crash when QAT starts). Set precision: no."
+        )
+
+
+def check_qat_depth(qat_start_fraction: float | None, drop_path_rate: float, key: str) -> None:
+    """QAT exports the student's graph in train mode, so stochastic depth would stay on in eval: refused."""
+    if qat_start_fraction is not None and drop_path_rate > 0:
+        raise ConfigError(
+            f"{key} > 0 cannot be combined with qat_start_fraction: the QAT graph keeps stochastic depth on in "
+            f"eval and the INT8 model would drop blocks at random. Set {key}=0."
+        )
 
 
 def check_log_with(log_with: Any, key: str) -> Any:
@@ -143,13 +161,6 @@ def check_log_with(log_with: Any, key: str) -> Any:
 def tracker_names(log_with: str | list) -> list[str]:
     """`log_with` as a list of Accelerate tracker names: [] for "none", ["all"] for every installed tracker."""
     return [name for name in ([log_with] if isinstance(log_with, str) else log_with) if name != "none"]
-
-
-@functools.cache
-def optimizer_names() -> tuple[str, ...]:
-    from timm.optim import list_optimizers
-
-    return tuple(list_optimizers())
 
 
 def optimizer_arguments(cfg: Any) -> dict:
@@ -178,12 +189,12 @@ def check_optimizer(cfg: Any, key: str) -> None:
     """The optimizer exists in timm, is first-order, and takes `optimizer_args`, tried on a throwaway parameter so
     that a value it refuses fails here, not after loading. `key`: the section's prefix, e.g. "train."."""
     import torch
-    from timm.optim import create_optimizer_v2, get_optimizer_info
+    from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 
     name, args = cfg.optimizer, cfg.optimizer_args
-    if name not in optimizer_names():
+    if name not in list_optimizers():
         raise ConfigError(
-            f"{key}optimizer: timm has no optimizer {quote(name)}.{did_you_mean(name, list(optimizer_names()), n=5)} "
+            f"{key}optimizer: timm has no optimizer {quote(name)}.{did_you_mean(name, list_optimizers(), n=5)} "
             "All of them: python -c 'import timm.optim; print(timm.optim.list_optimizers())'"
         )
     info = get_optimizer_info(name)

@@ -166,9 +166,13 @@ def _number(text: str) -> float:
     return float(base) ** float(power or 1)
 
 
-def build(cls: type, raw: Any, prefix: str, replaced: dict) -> Any:
+# keys that set a soft loss's arguments before soft_loss_args did: {key: (the soft loss, its argument)}
+REPLACED = {f"distillation.{k}": tuple(k.split("_")) for k in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma")}
+
+
+def build(cls: type, raw: Any, prefix: str = "") -> Any:
     """The dataclass `cls` from the YAML mapping `raw`, sections likewise; an unknown key is refused with the closest
-    known one, a key of `replaced` ({"section.key": (soft loss, argument)}) with its new spelling."""
+    known one, a key of REPLACED with its new spelling."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix[:-1] or 'the config'} must be a mapping of keys to values, got {quote(raw)}")
     hints = typing.get_type_hints(cls)
@@ -176,8 +180,8 @@ def build(cls: type, raw: Any, prefix: str, replaced: dict) -> Any:
     kwargs = {}
     for key, value in raw.items():
         where = f"{prefix}{key}"
-        if where in replaced:
-            loss, argument = replaced[where]
+        if where in REPLACED:
+            loss, argument = REPLACED[where]
             raise ConfigError(
                 f"{where} was replaced by distillation.soft_loss_args: {{{argument}: {quote(value)}}} (an argument "
                 f"of soft_loss {loss}); write it there and remove {key}"
@@ -187,7 +191,7 @@ def build(cls: type, raw: Any, prefix: str, replaced: dict) -> Any:
             hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
             raise ConfigError(f"unknown config key {quote(where)}.{hint}")
         if dataclasses.is_dataclass(hints[key]):
-            value = build(hints[key], {} if value is None else value, where + ".", replaced)
+            value = build(hints[key], {} if value is None else value, where + ".")
         kwargs[key] = value
     return cls(**kwargs)
 
