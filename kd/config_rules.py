@@ -85,21 +85,6 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     )
 
 
-def _too_many_values(value: Any, limit: int = MAX_VALUES) -> bool:
-    """Whether `value` holds more than `limit` values with YAML aliases expanded, counting no further. An alias is
-    a reference: a 400-byte document of nested ones is billions of values to a repr or a copy, a self-reference
-    endless."""
-    pending, count = [value], 0
-    while pending and count <= limit:
-        node = pending.pop()
-        count += 1
-        if isinstance(node, dict):
-            pending += [*node, *node.values()]
-        elif isinstance(node, (list, tuple)):
-            pending += node
-    return count > limit
-
-
 def load_yaml(text: str, where: str) -> Any:
     """yaml.safe_load that refuses what would be a traceback or a memory bomb with a ConfigError naming `where`
     (text that is not YAML still raises yaml.YAMLError)."""
@@ -109,7 +94,17 @@ def load_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where} nests lists or mappings too deeply to read") from None
     except ValueError as e:  # an integer of more than 4300 digits
         raise ConfigError(f"{where} holds a value Python cannot read: {e}") from None
-    if _too_many_values(value):
+    # count the values with aliases expanded, no further than the bound: an alias is a reference, so a 400-byte
+    # document of nested ones is billions of values to a repr or a copy, and a self-reference is endless
+    pending, count = [value], 0
+    while pending and count <= MAX_VALUES:
+        node = pending.pop()
+        count += 1
+        if isinstance(node, dict):
+            pending += [*node, *node.values()]
+        elif isinstance(node, (list, tuple)):
+            pending += node
+    if count > MAX_VALUES:
         raise ConfigError(
             f"{where} expands to more than {MAX_VALUES} values (nested YAML anchors and aliases?); "
             "a config needs far fewer: write the values out"

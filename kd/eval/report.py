@@ -48,13 +48,16 @@ def derived_lines(rows: dict[str, dict], teacher: str, speed: str, peak: bool, l
     lines = []
     if teacher in rows and "distilled" in rows:
         t, s = rows[teacher], rows["distilled"]
+        drop = 100 * (t["top1"] - s["top1"])  # a student that beats its teacher is said to
         if t["params"] and s["params"]:
             lines.append(f"{100 * (1 - s['params'] / t['params']):.0f}% fewer parameters than the teacher")
         lines += [
             speed_line(t, s, speed, latency_runs),
             f"{t['weights_mb'] / s['weights_mb']:.1f}x smaller weights"
             + (f", {t['memory_mb'] / s['memory_mb']:.1f}x smaller peak inference memory" if peak else ""),
-            accuracy_line(100 * (t["top1"] - s["top1"])),
+            f"{-drop:.1f} points above the teacher"
+            if round(drop, 1) < 0
+            else f"{drop:.1f} points accuracy drop from the teacher",
         ]
     for better, worse, template in (
         ("distilled", "baseline", "{gain} points over the baseline student (same architecture, no teacher)"),
@@ -78,13 +81,6 @@ def speed_line(teacher: dict, student: dict, speed: str, latency_runs: int) -> s
             "(a busy machine): measure again on an idle one, with more --latency-runs"
         )
     return line
-
-
-def accuracy_line(drop_points: float) -> str:
-    """The student's top-1 against the teacher's, in points: a student that beats its teacher is said to."""
-    if round(drop_points, 1) < 0:
-        return f"{-drop_points:.1f} points above the teacher"
-    return f"{drop_points:.1f} points accuracy drop from the teacher"
 
 
 def gain_line(a: dict, b: dict, template: str) -> str:
