@@ -1,5 +1,5 @@
 """Config: YAML and `section.key=value` overrides -> validated dataclasses. Each field is declared once with its
-default, one-line help (--print-config) and rule (kd/config_rules.py); rules relating fields are in __post_init__."""
+default, one-line help (--print-config) and rule (kd/config_rules.py); __post_init__ checks rules relating fields."""
 
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,5 +1,5 @@
-"""Config rules that a range or choices cannot state (the RandAugment string, lists, teachers, names) and those that
-ask timm or Accelerate, which are imported inside their checks so that `--help` and kd.config's import stay fast."""
+"""Config rules that a range or choices cannot state (the RandAugment string, lists, teachers, names, fields that
+must agree) and those that ask timm or Accelerate, imported inside their checks so that kd.config imports fast."""
 
 import collections
 import importlib.util
@@ -227,13 +227,10 @@ def check_optimizer(cfg: Any, key: str) -> None:
             )
         if argument in parameters:
             args[argument] = _optimizer_argument(value, parameters[argument], f"{key}optimizer_args.{argument}")
+    weight = torch.zeros(2, 2, requires_grad=True)
     try:
         create_optimizer_v2(
-            [torch.zeros(2, 2, requires_grad=True)],
-            name,
-            lr=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
-            **optimizer_arguments(cfg),
+            [weight], name, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **optimizer_arguments(cfg)
         )
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise ConfigError(f"{key}optimizer_args: {name} refuses {quote(args)}: {e}") from None
