@@ -42,8 +42,7 @@ def latency_ms(
 
 def throughput(model: LoadedModel, inputs: list[torch.Tensor], batch: int = 64, runs: int = 5) -> float:
     """Images per second at batch size `batch` (the first images repeated), over `runs` calls after 2 warm-up calls."""
-    inputs = [torch.cat([x] * math.ceil(batch / len(x)))[:batch] for x in inputs]
-    inputs = [x.to(model.device) for x in inputs]
+    inputs = [torch.cat([x] * math.ceil(batch / len(x)))[:batch].to(model.device) for x in inputs]
     for _ in range(2):
         model.run(*inputs)
     _sync(model.device)
