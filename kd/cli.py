@@ -1,9 +1,6 @@
-"""The scripts' command line: `--config FILE [section.key=value ...]`, which sections each script reads, and
-`--print-config` (the resolved config with every key's one-line help from kd/config.py).
-
-The training scripts take their whole command line from `parse_cli`; evaluate.py and export.py, which have many
-options of their own, add `--print-config` with `add_config_arguments` and resolve their config with `resolve_config`.
-"""
+"""The scripts' command line: `--config FILE [section.key=value ...]`, the sections each script reads, and
+`--print-config`. The training scripts use `parse_cli`; evaluate.py and export.py, with parsers of their own,
+`add_config_arguments` and `resolve_config`."""
 
 import argparse
 import dataclasses
@@ -22,36 +19,29 @@ READS = {  # the config sections each script reads, besides the top-level keys o
     "evaluate.py": ("data",),
     "export.py": ("data",),
 }
-TOP_LEVEL = ("name", "seed")
-TRAINING_SECTIONS = ("train", "distillation")  # each training script trains with one of them; both hold every key
 
 
 def training_section(script: str) -> str | None:
-    """The section `script` trains with (train or distillation); None for evaluate.py and export.py."""
-    return next((s for s in READS[script] if s in TRAINING_SECTIONS), None)
+    """The section `script` trains with (each holds every key of training); None for evaluate.py and export.py."""
+    return next((s for s in READS[script] if s in ("train", "distillation")), None)
 
 
 def top_level(script: str) -> tuple[str, ...]:
-    """The top-level keys `script` reads: the run's name and seed, for the training scripts only."""
-    return TOP_LEVEL if training_section(script) else ()
+    return ("name", "seed") if training_section(script) else ()
 
 
 def sections() -> dict[str, type]:
-    """Config's sections and their dataclasses: {"data": DataConfig, ...}."""
+    """{"data": DataConfig, ...}"""
     return {name: hint for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint)}
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Each field's one-line help, from its declaration in kd/config.py."""
     return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
 
 
 def check_overrides(script: str, overrides: list[str]) -> None:
-    """Refuse an override of a section `script` does not read: it would be accepted and change nothing.
-
-    A config *file*'s other sections are fine: one file serves several scripts (configs/b0.yaml is read by
-    distill.py for `distillation:` and by evaluate.py and export.py for `data:`).
-    """
+    """Refuse an override of a section `script` does not read: it would change nothing. A config *file*'s other
+    sections are fine: one file serves several scripts (configs/b0.yaml: distill.py, evaluate.py, export.py)."""
     reads, own = READS[script], training_section(script)
     for text in overrides:
         key, _, value = text.partition("=")
@@ -73,7 +63,7 @@ def _line(key: str, value: Any, comment: str) -> str:
 
 
 def config_yaml(config: Config, script: str) -> str:
-    """The sections `script` reads as YAML, each key with its help from kd/config.py: a valid config file."""
+    """The sections `script` reads as YAML, each key with its help: a valid config file."""
     values, top, classes = to_dict(config), field_help(Config), sections()
     lines = [f"# {script}'s resolved config (defaults, then the --config file, then overrides); the keys it reads"]
     for key in (*top_level(script), *READS[script]):
@@ -104,8 +94,7 @@ def sections_help(script: str) -> str:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, script: str) -> None:
-    """`--print-config`, and the sections `script` reads in the --help epilog, for a script with its own parser
-    (evaluate.py, export.py); `resolve_config` then does what parse_cli does for the training scripts."""
+    """`--print-config`, and the sections `script` reads in the --help epilog."""
     parser.epilog = sections_help(script)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
@@ -116,8 +105,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, script: str) -> None:
 
 
 def resolve_config(script: str, path: str | None, overrides: list[str], print_config: bool = False) -> Config:
-    """The validated config of `path` with `overrides`; an override of a section `script` does not read is an
-    error. `print_config`: print it (the sections `script` reads) and exit with status 0, as --help does."""
+    """The validated config of `path` with `overrides`; `print_config`: print it and exit with status 0, as --help."""
     check_overrides(script, overrides)
     config = load_config(path, overrides)
     if print_config:
@@ -129,10 +117,7 @@ def resolve_config(script: str, path: str | None, overrides: list[str], print_co
 def parse_cli(
     argv: list[str] | None, script: str, description: str, list_layers: bool = False, cache_teacher: bool = False
 ) -> tuple[Config, argparse.Namespace]:
-    """`--config C [--resume] [--print-config] [section.key=value ...]` -> (validated Config, parsed arguments).
-
-    `--print-config` prints the resolved config and exits with status 0, as --help does.
-    """
+    """`--config C [--resume] [--print-config] [section.key=value ...]` -> (validated Config, parsed arguments)."""
     own = training_section(script)
     parser = argparse.ArgumentParser(prog=script, description=description)
     parser.add_argument("--config", help="YAML config file (see configs/)")

@@ -1,23 +1,19 @@
-"""Config: YAML -> validated dataclasses, with `section.key=value` overrides from the command line.
-
-Each field is declared once with `option` (kd/config_rules.py): its default, its one-line help (--print-config prints
-it) and its rule, a range or a set of choices that `check_fields` applies to every field. Rules that relate several
-fields are short explicit checks in each section's __post_init__; rules that ask timm or Accelerate are in
-kd/config_libs.py. Unknown keys and wrong types are errors that say what to do.
-"""
+"""Config: YAML and `section.key=value` overrides -> validated dataclasses. Each field is declared once with its
+default, one-line help (--print-config) and rule (kd/config_rules.py); __post_init__ checks rules relating fields."""
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from kd.config_checks import (  # noqa: F401 (kd.config's: optimizer_arguments, tracker_names, parse_randaugment)
+from kd.config_checks import (  # noqa: F401 (kd.config's: optimizer_arguments, tracker_names)
     band_list,
     check_log_with,
     check_optimizer,
+    check_qat,
+    check_qat_depth,
     check_teacher_weights,
     layer_pairs,
     optimizer_arguments,
-    parse_randaugment,
     plain_name,
     randaugment_text,
     teacher_list,
@@ -35,7 +31,6 @@ from kd.config_rules import (  # noqa: F401 (kd.config's)
     to_dict,
 )
 from kd.config_rules import check as _check
-from kd.errors import quote
 
 # the config's spellings -> Accelerate's; null leaves the choice to Accelerate
 PRECISIONS = {
@@ -52,12 +47,6 @@ MAX_LOSS_WEIGHT = 1e6  # the KD weights in use are 0.1-10 (DKD's beta 8)
 TEMPERATURES = (0.01, 1000.0)  # KD uses 1-20; beyond these bounds the soft loss turns non-finite in float32
 MIN_STD = 1e-3  # smallest data.std: gray levels are 1/255 apart; a tinier std blows pixels up past float range
 MAX_IMAGE_SIZE = 4096  # pixels a side: one 100,000 px view would be 120 GB of float32; models train at 32-1024
-# keys that set a soft loss's arguments before soft_loss_args did: {key: (the soft loss, its argument)}
-REPLACED = {
-    f"distillation.{loss}_{arg}": (loss, arg) for loss, arg in map(str.split, ["dkd alpha", "dkd beta", "dist beta"])
-}
-REPLACED["distillation.dist_gamma"] = ("dist", "gamma")
-
 
 SEED = "in [0, 2**32), the seeds numpy accepts"
 PROBABILITY = "a probability in [0, 1]"
@@ -133,15 +122,11 @@ class DataConfig:
 
     def __post_init__(self):
         check_fields(self)
-        for key in ("mean", "std"):
-            value = getattr(self, key)
+        for key, value in (("mean", self.mean), ("std", self.std)):
             _check(value is None or len(value) == 3, f"data.{key}", "must list 3 numbers (R, G, B) or be null", value)
-        _check(
-            self.val_fraction >= 0 and self.test_fraction >= 0 and self.val_fraction + self.test_fraction < 1,
-            "data.val_fraction + data.test_fraction",
-            "must be non-negative and sum below 1",
-            (self.val_fraction, self.test_fraction),
-        )
+        fractions = (self.val_fraction, self.test_fraction)
+        ok = min(fractions) >= 0 and sum(fractions) < 1
+        _check(ok, "data.val_fraction + data.test_fraction", "must be non-negative and sum below 1", fractions)
 
 
 @dataclass
@@ -276,17 +261,7 @@ class TrainConfig:
         _check(
             self.finetune_epochs < epochs, key + "finetune_epochs", "must be in [0, max_epochs)", self.finetune_epochs
         )
-        if self.qat_start_fraction is not None and self.ema_decay > 0:
-            raise ConfigError(
-                f"{key}qat_start_fraction and ema_decay cannot be combined: the EMA would average float "
-                "weights into a fake-quantized graph. Turn one of them off."
-            )
-        # fp16 is not refused here: without a CUDA GPU the loop trains fp16 configs in fp32, which QAT takes
-        if self.qat_start_fraction is not None and self.mixed_precision == "bf16":
-            raise ConfigError(
-                f"{key}qat_start_fraction cannot train under precision {quote(self.precision)}: PyTorch's fake "
-                "quantization takes float32 only (the run would crash when QAT starts). Set precision: no."
-            )
+        check_qat(self, key)
         check_optimizer(self, key)
 
     @property
@@ -347,19 +322,10 @@ class DistillationConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         low, high = TEMPERATURES
-        for key in ("temperature", "final_temperature"):
-            value = getattr(self, key)
-            _check(
-                value is None or low <= value <= high,
-                f"distillation.{key}",
-                f"must be in [{low}, {high}] (the logits are divided by it and the soft loss multiplied by its square)",
-                value,
-            )
-        if self.ema_teacher_weight > 0 and self.ema_decay == 0:
-            raise ConfigError(
-                "distillation.ema_teacher_weight > 0 needs an EMA: set distillation.ema_decay, e.g. 0.999"
-            )
-        check_teacher_weights([t.get("weight", 1.0) for t in self.teachers], self.ema_teacher_weight)
+        rule = f"must be in [{low}, {high}] (the logits are divided by it and the soft loss multiplied by its square)"
+        for key, value in (("temperature", self.temperature), ("final_temperature", self.final_temperature)):
+            _check(value is None or low <= value <= high, f"distillation.{key}", rule, value)
+        check_teacher_weights(self)
         check_qat_depth(self.qat_start_fraction, self.student_drop_path_rate, "distillation.student_drop_path_rate")
 
 
@@ -378,15 +344,6 @@ class Config:
         check_qat_depth(self.train.qat_start_fraction, self.model.drop_path_rate, "model.drop_path_rate")
 
 
-def check_qat_depth(qat_start_fraction: float | None, drop_path_rate: float, key: str) -> None:
-    """QAT exports the student's graph in train mode, so stochastic depth would stay on in eval: refused."""
-    if qat_start_fraction is not None and drop_path_rate > 0:
-        raise ConfigError(
-            f"{key} > 0 cannot be combined with qat_start_fraction: the QAT graph keeps stochastic depth on in "
-            f"eval and the INT8 model would drop blocks at random. Set {key}=0."
-        )
-
-
 def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply `key=value` overrides, validate, and return a Config."""
-    return build(Config, read_config(path, overrides), "", REPLACED)
+    return build(Config, read_config(path, overrides))

@@ -1,10 +1,7 @@
-"""The rules of one config field that a range or a set of choices cannot state (kd/config.py names them with the
-field): the RandAugment string format (kd.data.augment reads it too), band and layer lists, the teachers, names
-that become folders, and the two that ask a library, timm's optimizers and Accelerate's trackers, which are
-imported inside their checks so that `--help` and kd/config.py's import stay fast."""
+"""Config rules that a range or choices cannot state (the RandAugment string, lists, teachers, names, fields that
+must agree) and those that ask timm or Accelerate, imported inside their checks so that kd.config imports fast."""
 
 import collections
-import functools
 import importlib.util
 import inspect
 import math
@@ -22,8 +19,7 @@ RANDAUGMENT_EXAMPLE = "rand-m9-n2 (or rand-m9-n2-mstd0.5)"
 
 @dataclass(frozen=True)
 class RandAugmentSpec:
-    """A parsed timm RandAugment string: `num_ops` ops a sample, each applied with `prob` at `magnitude` (0-10,
-    timm's scale) plus Gaussian noise of std `magnitude_std`."""
+    """A timm RandAugment string: `num_ops` ops a sample, each with `prob` at `magnitude` (0-10) + N(0, mstd)."""
 
     magnitude: float = 9.0
     num_ops: int = 2
@@ -32,7 +28,7 @@ class RandAugmentSpec:
 
 
 def parse_randaugment(text: str) -> RandAugmentSpec | None:
-    """timm's string, e.g. "rand-m9-n2-mstd0.5" -> RandAugmentSpec; "" -> None (off). ValueError says what is wrong."""
+    """ "rand-m9-n2-mstd0.5" -> RandAugmentSpec; "" -> None (off). ValueError says what is wrong."""
     if not text:
         return None
     head, *sections = text.split("-")
@@ -74,7 +70,6 @@ def randaugment_text(text: str, key: str) -> str:
 
 
 def plain_name(name: str, key: str) -> str:
-    """A name that becomes one folder."""
     ok = name not in ("", ".", "..") and not set("/\\") & set(name)
     check(ok, key, "must be a plain name, without / or \\ (TensorBoard makes it a folder under <run_dir>/tb)", name)
     check(len(name) <= 64, key, "must be at most 64 characters", name)
@@ -82,16 +77,11 @@ def plain_name(name: str, key: str) -> str:
 
 
 def layer_pairs(layers: list, key: str) -> list:
-    """Layer names or [student, teacher] pairs, each layer once on each side: the Distiller's hooks hold one output
-    per layer."""
+    """Layer names or [student, teacher] pairs, each layer once a side: the hooks hold one output per layer."""
     for i, entry in enumerate(layers):
         pair = isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
-        check(
-            isinstance(entry, str) or pair,
-            f"{key}[{i}]",
-            "must be a layer name or a [student, teacher] pair of names",
-            entry,
-        )
+        ok = isinstance(entry, str) or pair
+        check(ok, f"{key}[{i}]", "must be a layer name or a [student, teacher] pair of names", entry)
     pairs = [(e, e) if isinstance(e, str) else tuple(e) for e in layers]
     for side, names in (("student", [s for s, _ in pairs]), ("teacher", [t for _, t in pairs])):
         twice = sorted(name for name, count in collections.Counter(names).items() if count > 1)
@@ -100,7 +90,6 @@ def layer_pairs(layers: list, key: str) -> list:
 
 
 def teacher_list(teachers: list, key: str) -> list:
-    """[{checkpoint: path, weight: w}, ...], weights > 0 (their sum is checked with the EMA teacher's)."""
     for i, t in enumerate(teachers):
         where = f"{key}[{i}]"
         if not (isinstance(t, dict) and "checkpoint" in t and set(t) <= {"checkpoint", "weight"}):
@@ -112,25 +101,47 @@ def teacher_list(teachers: list, key: str) -> list:
     return teachers
 
 
-def check_teacher_weights(weights: list[float], ema_teacher_weight: float) -> None:
-    """The ensemble's weights, normalized as kd.distill.teachers does (the EMA teacher's among them when it joins),
-    are finite and sum to one: 1e308 + 1e308 overflows the sum to inf and every normalized weight to 0."""
-    weights, keys = weights or [1.0], "distillation.teachers[*].weight"
-    if ema_teacher_weight > 0:
-        weights, keys = [*weights, ema_teacher_weight], f"{keys} and distillation.ema_teacher_weight"
+def check_teacher_weights(cfg: Any) -> None:
+    """The EMA teacher needs an EMA; the weights normalized as kd.distill.teachers does (the EMA teacher's too) are
+    finite and sum to one: 1e308 + 1e308 overflows the sum to inf and every normalized weight to 0."""
+    if cfg.ema_teacher_weight > 0 and cfg.ema_decay == 0:
+        raise ConfigError("distillation.ema_teacher_weight > 0 needs an EMA: set distillation.ema_decay, e.g. 0.999")
+    weights, keys = [t.get("weight", 1.0) for t in cfg.teachers] or [1.0], "distillation.teachers[*].weight"
+    if cfg.ema_teacher_weight > 0:
+        weights, keys = [*weights, cfg.ema_teacher_weight], f"{keys} and distillation.ema_teacher_weight"
     total = sum(weights)
     normalized = [w / total for w in weights] if math.isfinite(total) and total > 0 else [math.nan]
-    check(
-        all(math.isfinite(w) for w in normalized) and abs(sum(normalized) - 1) <= 1e-6,
-        keys,
-        "must normalize to finite weights that sum to 1 (their sum overflows or vanishes): use weights like 1 or 0.5",
-        weights,
-    )
+    ok = all(math.isfinite(w) for w in normalized) and abs(sum(normalized) - 1) <= 1e-6
+    why = "(their sum overflows or vanishes): use weights like 1 or 0.5"
+    check(ok, keys, f"must normalize to finite weights that sum to 1 {why}", weights)
+
+
+def check_qat(cfg: Any, key: str) -> None:
+    """Quantization-aware training refuses the EMA and bf16; `key`: the section's prefix, e.g. "train."."""
+    if cfg.qat_start_fraction is not None and cfg.ema_decay > 0:
+        raise ConfigError(
+            f"{key}qat_start_fraction and ema_decay cannot be combined: the EMA would average float "
+            "weights into a fake-quantized graph. Turn one of them off."
+        )
+    # fp16 is not refused here: without a CUDA GPU the loop trains fp16 configs in fp32, which QAT takes
+    if cfg.qat_start_fraction is not None and cfg.mixed_precision == "bf16":
+        raise ConfigError(
+            f"{key}qat_start_fraction cannot train under precision {quote(cfg.precision)}: PyTorch's fake "
+            "quantization takes float32 only (the run would crash when QAT starts). Set precision: no."
+        )
+
+
+def check_qat_depth(qat_start_fraction: float | None, drop_path_rate: float, key: str) -> None:
+    """QAT exports the student's graph in train mode, so stochastic depth would stay on in eval: refused."""
+    if qat_start_fraction is not None and drop_path_rate > 0:
+        raise ConfigError(
+            f"{key} > 0 cannot be combined with qat_start_fraction: the QAT graph keeps stochastic depth on in "
+            f"eval and the INT8 model would drop blocks at random. Set {key}=0."
+        )
 
 
 def check_log_with(log_with: Any, key: str) -> Any:
-    """Names only: whether each tracker's package is installed is checked when a run starts (kd/train), so a
-    config naming wandb still loads where evaluate.py reads it."""
+    """Names only: whether a tracker is installed is checked when a run starts, so evaluate.py reads any config."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     ok = isinstance(log_with, str) or (isinstance(log_with, list) and all(isinstance(n, str) for n in log_with))
@@ -149,15 +160,7 @@ def check_log_with(log_with: Any, key: str) -> Any:
 
 def tracker_names(log_with: str | list) -> list[str]:
     """`log_with` as a list of Accelerate tracker names: [] for "none", ["all"] for every installed tracker."""
-    names = [log_with] if isinstance(log_with, str) else list(log_with)
-    return [name for name in names if name != "none"]
-
-
-@functools.cache
-def optimizer_names() -> tuple[str, ...]:
-    from timm.optim import list_optimizers
-
-    return tuple(list_optimizers())
+    return [name for name in ([log_with] if isinstance(log_with, str) else log_with) if name != "none"]
 
 
 def optimizer_arguments(cfg: Any) -> dict:
@@ -166,8 +169,8 @@ def optimizer_arguments(cfg: Any) -> dict:
 
 
 def _optimizer_argument(value: Any, parameter: inspect.Parameter, key: str) -> Any:
-    """`value` as the optimizer's parameter takes it, judged by its default: few optimizers annotate their types,
-    and some default a float argument to an int 0."""
+    """`value` as the optimizer's parameter takes it, judged by its default (few optimizers annotate their types;
+    some default a float argument to an int 0)."""
     default, hint = parameter.default, parameter.annotation
     if value is None and (default is None or type(None) in typing.get_args(hint)):
         return None
@@ -183,16 +186,15 @@ def _optimizer_argument(value: Any, parameter: inspect.Parameter, key: str) -> A
 
 
 def check_optimizer(cfg: Any, key: str) -> None:
-    """The optimizer exists in timm, trains with the loop's first-order backward, and takes `optimizer_args`; the
-    arguments are tried on a throwaway parameter, so a value the optimizer refuses fails here, not after loading.
-    `key`: the section's prefix, e.g. "train."."""
+    """The optimizer exists in timm, is first-order, and takes `optimizer_args`, tried on a throwaway parameter so
+    that a value it refuses fails here, not after loading. `key`: the section's prefix, e.g. "train."."""
     import torch
-    from timm.optim import create_optimizer_v2, get_optimizer_info
+    from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 
     name, args = cfg.optimizer, cfg.optimizer_args
-    if name not in optimizer_names():
+    if name not in list_optimizers():
         raise ConfigError(
-            f"{key}optimizer: timm has no optimizer {quote(name)}.{did_you_mean(name, list(optimizer_names()), n=5)} "
+            f"{key}optimizer: timm has no optimizer {quote(name)}.{did_you_mean(name, list_optimizers(), n=5)} "
             "All of them: python -c 'import timm.optim; print(timm.optim.list_optimizers())'"
         )
     info = get_optimizer_info(name)
@@ -225,13 +227,10 @@ def check_optimizer(cfg: Any, key: str) -> None:
             )
         if argument in parameters:
             args[argument] = _optimizer_argument(value, parameters[argument], f"{key}optimizer_args.{argument}")
+    weight = torch.zeros(2, 2, requires_grad=True)
     try:
         create_optimizer_v2(
-            [torch.zeros(2, 2, requires_grad=True)],
-            name,
-            lr=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
-            **optimizer_arguments(cfg),
+            [weight], name, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **optimizer_arguments(cfg)
         )
     except (TypeError, ValueError, AssertionError, RuntimeError) as e:
         raise ConfigError(f"{key}optimizer_args: {name} refuses {quote(args)}: {e}") from None

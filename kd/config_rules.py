@@ -1,7 +1,5 @@
 """How kd/config.py's dataclasses are read and checked: `option` declares a field with its help and rule,
-`check_fields` applies every rule, `coerce` the types; `read_config` reads YAML and overrides with the reader's
-bounds (a "billion laughs" is refused), `build` makes the dataclasses with unknown keys refused. Also the
-RandAugment string format, a config value that kd.data.augment reads."""
+`check_fields` applies the rules, `read_config` reads bounded YAML and overrides, `build` refuses unknown keys."""
 
 import copy
 import dataclasses
@@ -46,85 +44,67 @@ def did_you_mean(value: str, choices: list[str], n: int = 1) -> str:
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
-    """`value` checked against a type hint and returned as that type: ints are accepted for floats, and numeric
-    strings like '3e-4' too; a list[float] has each entry coerced. Floats must be finite, ints fit in 64 bits,
-    strings hold no NUL character. Other hints (unions of several types, dict) pass the value through."""
+    """`value` as type `hint`: ints and numeric strings ('3e-4') pass for floats, a list[float]'s entries are coerced.
+    Floats must be finite, ints fit in 64 bits, strings hold no NUL. Other hints (unions, dict) pass it through."""
     args = typing.get_args(hint)
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args
     if optional:
         if value is None:
             return None
         hint = next(a for a in args if a is not type(None))
-    if hint is float:
-        number = None
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            try:
-                number = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
-            except OverflowError:
-                number = math.inf  # an int beyond the float range
-            except ValueError:
-                pass
+    is_list = hint is list or typing.get_origin(hint) is list
+    if hint not in (float, int, bool, str) and not is_list:
+        return value
+    scalar = isinstance(value, (int, float, str)) and not isinstance(value, bool)  # YAML's true/false are ints
+    if hint is float and scalar:
+        try:
+            number = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+        except OverflowError:
+            number = math.inf  # an int beyond the float range
+        except ValueError:
+            number = None
         if number is not None:
             # once here for every float key, so no range check has to think of nan (which fails every comparison)
             # or inf (which passes every lower bound): both would only fail mid-training
             check(math.isfinite(number), key, "must be a finite number", value)
             return number
-    elif hint is int:
-        if is_int(value):
-            check(-(2**63) <= value < 2**63, key, "must fit in 64 bits (torch and numpy take no larger)", value)
-            return value
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            text = str(value)
-            check("\0" not in text, key, "must not contain a NUL character (paths and names cannot)", value)
-            return text
-    elif hint is list or typing.get_origin(hint) is list:
-        if isinstance(value, (list, tuple)):
-            items = typing.get_args(hint)
-            return [coerce(v, items[0], f"{key}[{i}]") for i, v in enumerate(value)] if items else list(value)
-    else:
+    if hint is int and is_int(value):
+        check(-(2**63) <= value < 2**63, key, "must fit in 64 bits (torch and numpy take no larger)", value)
         return value
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and scalar:
+        check("\0" not in str(value), key, "must not contain a NUL character (paths and names cannot)", value)
+        return str(value)
+    if is_list and isinstance(value, (list, tuple)):
+        items = typing.get_args(hint)
+        return [coerce(v, items[0], f"{key}[{i}]") for i, v in enumerate(value)] if items else list(value)
     name = getattr(hint, "__name__", str(hint))
     raise ConfigError(
         f"{key} must be {'null or ' if optional else ''}{name}, got {quote(value)} ({type(value).__name__})"
     )
 
 
-def _too_many_values(value: Any, limit: int = MAX_VALUES) -> bool:
-    """Whether `value` holds more than `limit` values once YAML aliases are expanded; stops counting at the limit.
-
-    A YAML alias is a reference, so a 400-byte document of nested aliases loads in a blink but is billions of
-    values to anything that walks it (a repr in an error message, a copy); a self-referencing one never ends.
-    """
-    pending, count = [value], 0
-    while pending:
-        node = pending.pop()
-        count += 1
-        if count > limit:
-            return True
-        if isinstance(node, dict):
-            pending.extend(node.keys())
-            pending.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            pending.extend(node)
-    return False
-
-
 def load_yaml(text: str, where: str) -> Any:
-    """yaml.safe_load, with what a YAML parser lets through that would be a traceback or a memory bomb refused.
-
-    Raises yaml.YAMLError for text that is not YAML; ConfigError (naming `where`) for everything else.
-    """
+    """yaml.safe_load that refuses what would be a traceback or a memory bomb with a ConfigError naming `where`
+    (text that is not YAML still raises yaml.YAMLError)."""
     try:
         value = yaml.safe_load(text)
     except RecursionError:
         raise ConfigError(f"{where} nests lists or mappings too deeply to read") from None
     except ValueError as e:  # an integer of more than 4300 digits
         raise ConfigError(f"{where} holds a value Python cannot read: {e}") from None
-    if _too_many_values(value):
+    # count the values with aliases expanded, no further than the bound: an alias is a reference, so a 400-byte
+    # document of nested ones is billions of values to a repr or a copy, and a self-reference is endless
+    pending, count = [value], 0
+    while pending and count <= MAX_VALUES:
+        node = pending.pop()
+        count += 1
+        if isinstance(node, dict):
+            pending += [*node, *node.values()]
+        elif isinstance(node, (list, tuple)):
+            pending += node
+    if count > MAX_VALUES:
         raise ConfigError(
             f"{where} expands to more than {MAX_VALUES} values (nested YAML anchors and aliases?); "
             "a config needs far fewer: write the values out"
@@ -133,11 +113,9 @@ def load_yaml(text: str, where: str) -> Any:
 
 
 def option(default: Any, help: str, rule: str | Callable[[Any, str], Any] = "") -> Any:
-    """A config field: its `default`, its one-line `help` (--print-config) and its `rule`, which `check_fields`
-    applies and its error message states ("must be <rule>"): an interval ("[0, 1)", "a probability in [0, 1]"),
-    a bound (">= 1", "> 0"), or choices ("error | skip", "max or min"); words after it explain it. A list's every
-    entry must follow the rule; null passes where the type allows it. A mapping's rule is its type error's wording.
-    A rule that is a function is called with the value and the key, and returns the value checked."""
+    """A config field with its one-line `help` (--print-config) and its `rule`, stated by the error ("must be <rule>"):
+    an interval ("[0, 1)"), a bound (">= 1") or choices ("error | skip", "max or min"), words after it explaining it,
+    held by every entry of a list; a mapping's type-error wording; or a function (value, key) -> checked value."""
     metadata = {"help": help, "rule": rule}
     if isinstance(default, (list, dict)):
         return field(default_factory=functools.partial(copy.deepcopy, default), metadata=metadata)
@@ -149,7 +127,7 @@ def section(cls: type, help: str) -> Any:
 
 
 def check_fields(config: Any) -> None:
-    """Coerce each field of a config dataclass to its type (kd.config_rules.coerce) and hold it to its rule."""
+    """Coerce each field of a config dataclass to its type and hold it to its rule."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         hint, key, rule = hints[f.name], f"{config.SECTION}.{f.name}".lstrip("."), f.metadata.get("rule", "")
@@ -163,18 +141,13 @@ def check_fields(config: Any) -> None:
             value = rule(value, key)
         setattr(config, f.name, value)
         if value is not None and isinstance(rule, str) and rule:
+            values = value if isinstance(value, list) else [value]
             nullable = type(None) in typing.get_args(hint) and "null" not in rule and not isinstance(value, list)
             text = f"{'in ' if rule[0] in '[(' else ''}{rule}{' or null' if nullable else ''}"
-            check(
-                all(_follows(v, rule) for v in (value if isinstance(value, list) else [value])),
-                key,
-                f"must be {text}",
-                value,
-            )
+            check(all(_follows(v, rule) for v in values), key, f"must be {text}", value)
 
 
 def _follows(value: Any, rule: str) -> bool:
-    """Whether `value` follows `rule` (see `option`)."""
     if interval := re.search(r"([\[(])(\S+), (\S+?)([\])])", rule):
         opening, low, high, closing = interval[1], _number(interval[2]), _number(interval[3]), interval[4]
         return (low <= value if opening == "[" else low < value) and (value <= high if closing == "]" else value < high)
@@ -188,9 +161,13 @@ def _number(text: str) -> float:
     return float(base) ** float(power or 1)
 
 
-def build(cls: type, raw: Any, prefix: str, replaced: dict) -> Any:
-    """The dataclass `cls` from `raw`, a mapping from YAML, its sections built likewise; an unknown key is refused
-    with the closest known one, a key in `replaced` ({"section.key": (soft loss, argument)}) with its new spelling."""
+# keys that set a soft loss's arguments before soft_loss_args did: {key: (the soft loss, its argument)}
+REPLACED = {f"distillation.{k}": tuple(k.split("_")) for k in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma")}
+
+
+def build(cls: type, raw: Any, prefix: str = "") -> Any:
+    """The dataclass `cls` from the YAML mapping `raw`, sections likewise; an unknown key is refused with the closest
+    known one, a key of REPLACED with its new spelling."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix[:-1] or 'the config'} must be a mapping of keys to values, got {quote(raw)}")
     hints = typing.get_type_hints(cls)
@@ -198,8 +175,8 @@ def build(cls: type, raw: Any, prefix: str, replaced: dict) -> Any:
     kwargs = {}
     for key, value in raw.items():
         where = f"{prefix}{key}"
-        if where in replaced:
-            loss, argument = replaced[where]
+        if where in REPLACED:
+            loss, argument = REPLACED[where]
             raise ConfigError(
                 f"{where} was replaced by distillation.soft_loss_args: {{{argument}: {quote(value)}}} (an argument "
                 f"of soft_loss {loss}); write it there and remove {key}"
@@ -209,7 +186,7 @@ def build(cls: type, raw: Any, prefix: str, replaced: dict) -> Any:
             hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
             raise ConfigError(f"unknown config key {quote(where)}.{hint}")
         if dataclasses.is_dataclass(hints[key]):
-            value = build(hints[key], {} if value is None else value, where + ".", replaced)
+            value = build(hints[key], {} if value is None else value, where + ".")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -261,10 +238,8 @@ def flat_hparams(config: Any) -> dict:
     """The config flattened to {"section/key": scalar} for TensorBoard's hparams view."""
     flat = {}
     for part, values in to_dict(config).items():
-        for key, value in values.items() if isinstance(values, dict) else [("", values)]:
-            name = f"{part}/{key}" if key else part
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    return flat
+        flat.update({f"{part}/{k}": v for k, v in values.items()} if isinstance(values, dict) else {part: values})
+    return {name: v if isinstance(v, (int, float, str, bool)) else str(v) for name, v in flat.items()}
 
 
 def to_dict(config: Any) -> dict:

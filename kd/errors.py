@@ -20,10 +20,7 @@ class Interrupted(Exception):
 
 
 def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
-    """repr(value), cut to `limit` characters: error messages name the value without echoing a huge one.
-
-    The repr of a deeply shared structure (a YAML "billion laughs") is never built in full: reprlib stops early.
-    """
+    """repr(value) cut to `limit` characters; reprlib never builds a deeply shared one ("billion laughs") in full."""
     short = reprlib.Repr()  # attributes, not keywords: Python 3.10 and 3.11 take none
     short.maxlevel = 4
     short.maxlist = short.maxdict = short.maxtuple = short.maxset = 8
@@ -33,8 +30,7 @@ def quote(value: Any, limit: int = QUOTE_LIMIT) -> str:
 
 
 def exit_on_user_error(main: Callable) -> Callable:
-    """Run `main`; a UserError prints `error: <message>` and exits with status 2; Ctrl-C prints one line (how to
-    continue, when the run says) and exits with status 130 — no stack dump for either."""
+    """A UserError prints `error: <message>` and exits with status 2, Ctrl-C one line and status 130: no traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):

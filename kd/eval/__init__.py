@@ -1,8 +1,2 @@
-"""Evaluation: what evaluate.py measures and writes.
-
-metrics      accuracy, confusion, calibration, agreement from logits
-measure      latency, throughput, peak memory
-report       the results table, per-class recall, the derived comparison lines
-plots        confusion matrix, reliability diagram, per-class accuracy (PIL)
-corruptions  noise, blur, brightness, JPEG at three severities
-"""
+"""Evaluation, what evaluate.py measures and writes: metrics from logits, speed and memory (measure), the report and
+its plots, the paired comparison of two recipes, and corruptions for robustness."""

@@ -1,5 +1,4 @@
-"""Common corruptions for robustness: gaussian noise, gaussian blur, brightness, JPEG at severities 1..3, applied to
-un-normalized images."""
+"""Common corruptions for robustness (noise, blur, brightness, JPEG) at severities 1..3, on un-normalized images."""
 
 import math
 

@@ -1,5 +1,4 @@
-"""How fast and how lean a model runs: latency (evaluate.py's and export.py's), throughput, and peak memory in a fresh
-process."""
+"""How fast and how lean a model runs: latency, throughput, and peak memory in a fresh process."""
 
 import gc
 import math
@@ -25,9 +24,8 @@ def _sync(device: str) -> None:
 def latency_ms(
     calls: dict[str, Callable[[], object]], warmup: int = 10, runs: int = 50, device: str = "cpu"
 ) -> dict[str, dict]:
-    """Median and 90th percentile, in ms, of `runs` timed calls of each entry after `warmup` untimed ones. Every
-    round calls each entry once, so a burst of machine load hits them all alike. On a GPU (`device`) a call is timed
-    until the GPU has finished it."""
+    """Median and 90th percentile (ms) of `runs` timed calls of each entry after `warmup` untimed ones, timed until
+    the GPU has finished. Every round calls each entry once, so a burst of machine load hits them all alike."""
     times = {name: [] for name in calls}
     for round_ in range(warmup + runs):
         for name, call in calls.items():
@@ -44,8 +42,7 @@ def latency_ms(
 
 def throughput(model: LoadedModel, inputs: list[torch.Tensor], batch: int = 64, runs: int = 5) -> float:
     """Images per second at batch size `batch` (the first images repeated), over `runs` calls after 2 warm-up calls."""
-    inputs = [torch.cat([x] * math.ceil(batch / len(x)))[:batch] for x in inputs]
-    inputs = [x.to(model.device) for x in inputs]
+    inputs = [torch.cat([x] * math.ceil(batch / len(x)))[:batch].to(model.device) for x in inputs]
     for _ in range(2):
         model.run(*inputs)
     _sync(model.device)
@@ -71,12 +68,9 @@ PEAK_MEMORY_METHOD = (
 
 
 def peak_memory_mb(path: str, meta_file: str | None, shapes: list[tuple[int, ...]]) -> float:
-    """CPU: load and run the model (batch 1) in a fresh spawned process and return its memory cost, in MiB.
-
-    The child measures its RSS after imports, loads the model, returns freed memory to the OS (malloc_trim), resets
-    the peak-RSS mark (Linux /proc/self/clear_refs, so loading transients are not counted) and runs 3 calls; the
-    answer is the peak RSS (VmHWM) minus that baseline. Without /proc it falls back to getrusage's ru_maxrss.
-    """
+    """CPU: the memory cost (MiB) of loading and running the model (batch 1) in a fresh spawned process: its peak
+    RSS (VmHWM, reset after loading with /proc/self/clear_refs so loading transients do not count; else getrusage's
+    ru_maxrss) minus its RSS after imports."""
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(

@@ -1,5 +1,4 @@
-"""What evaluate.py computes from logits: pure functions of a logit matrix (N×K) and labels (N), each stating its
-formula, and the mean ± std of several runs of one recipe."""
+"""What evaluate.py computes from logits (N×K) and labels (N), each function stating its formula; mean ± std of runs."""
 
 import statistics
 
@@ -28,11 +27,8 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float | None]:
 
 
 def macro_f1(confusion: torch.Tensor) -> float:
-    """Mean over classes of F1_c = 2·TP_c / (2·TP_c + FP_c + FN_c).
-
-    Classes that neither occur nor are predicted are left out of the mean (their F1 is 0/0); a class that occurs but
-    is never predicted counts with F1 = 0.
-    """
+    """Mean over classes of F1_c = 2·TP_c / (2·TP_c + FP_c + FN_c), leaving out classes that neither occur nor are
+    predicted (0/0); a class that occurs but is never predicted counts with F1 = 0."""
     tp = confusion.diag().double()
     denominator = confusion.sum(0) + confusion.sum(1)  # (TP + FP) + (TP + FN) = 2·TP + FP + FN
     seen = denominator > 0
@@ -48,14 +44,9 @@ def calibration_bins(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE
     for b in range(bins):
         chosen = index == b
         n = int(chosen.sum())
+        means = [values[chosen].mean().item() if n else None for values in (confidence, correct)]
         out.append(
-            {
-                "lower": b / bins,
-                "upper": (b + 1) / bins,
-                "count": n,
-                "confidence": confidence[chosen].mean().item() if n else None,
-                "accuracy": correct[chosen].mean().item() if n else None,
-            }
+            {"lower": b / bins, "upper": (b + 1) / bins, "count": n, "confidence": means[0], "accuracy": means[1]}
         )
     return out
 
@@ -73,10 +64,8 @@ def agreement(logits: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def kl_divergence(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> float:
-    """KL(teacher || model) = (1/N) Σ_i Σ_c p_ic (log p_ic − log q_ic), p = softmax(teacher/T), q = softmax(logits/T).
-
-    Summed over classes and averaged over samples ("batchmean"), as the distillation loss (without its T² factor).
-    """
+    """KL(teacher || model) = (1/N) Σ_i Σ_c p_ic (log p_ic − log q_ic), p = softmax(teacher/T), q = softmax(logits/T):
+    "batchmean", as the distillation loss (without its T² factor)."""
     log_q = F.log_softmax(logits.double() / temperature, dim=1)
     log_p = F.log_softmax(teacher_logits.double() / temperature, dim=1)
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True).item()
@@ -98,8 +87,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, teacher: 
 
 
 def mean_std(rows: list[dict]) -> dict:
-    """One row for several runs: every number (not bool) of the first row becomes its mean over the runs, with the
-    sample standard deviation (n − 1) under row["std"][key]; other fields come from the first. One run: itself."""
+    """One row for several runs: each number (not bool) of the first becomes its mean, its sample std (n − 1) under
+    row["std"][key]; other fields come from the first."""
     out = {**rows[0], "std": {}, "n": len(rows)}
     if len(rows) == 1:
         return out

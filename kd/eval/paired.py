@@ -1,11 +1,6 @@
-"""Paired comparison of two recipes on the same test images and seeds: what a reviewer asks of a 1-2 point gain.
-
-Two rows that share an architecture (e.g. distilled and baseline, 3 seeds each) were run on the same images, so
-their difference is measured image by image and seed by seed, not as two independent means: the per-seed
-differences give a mean ± std over seeds, and resampling the test images (with replacement, the same draw for every
-seed and both recipes) gives a bootstrap 95% interval of the mean difference. A difference is "beyond noise" only
-when that interval excludes 0 and the seeds agree in sign.
-"""
+"""Paired comparison of two recipes on the same test images and seeds, image by image: the per-seed differences give
+a mean ± std, resampling the images (one draw for all seeds and both recipes) a bootstrap 95% interval. A difference
+is "beyond noise" only when that interval excludes 0 and the seeds agree in sign."""
 
 from dataclasses import dataclass
 
@@ -39,8 +34,7 @@ class PairedDifference:
 def paired_difference(
     correct_a: list[torch.Tensor], correct_b: list[torch.Tensor], resamples: int = 10_000, seed: int = 0
 ) -> PairedDifference:
-    """`correct_a[s]`, `correct_b[s]`: whether recipe a's / b's run of seed s got each test image right (N bools,
-    the images in one order). The bootstrap draws `resamples` index sets of N images with a seeded generator."""
+    """`correct_a[s]`, `correct_b[s]`: whether recipe a's / b's run of seed s got each of N test images right."""
     if len(correct_a) != len(correct_b) or not correct_a:
         raise ValueError(f"paired runs need the same seeds on both sides, got {len(correct_a)} and {len(correct_b)}")
     a, b = torch.stack(correct_a).double(), torch.stack(correct_b).double()  # [seeds, images]
@@ -55,9 +49,8 @@ def paired_difference(
 
 
 def paired_lines(rows: dict[str, dict], groups: dict[str, list[str]]) -> list[str]:
-    """evaluate.py's paired line for every two recipes (groups) of one architecture and file kind run on the same
-    images, their runs matched by seed (NAME@seed; a single run pairs with another). `rows[name]["correct"]`: per
-    image; `rows[name]["images"]`: which images, in which order."""
+    """A paired line for every two recipes (groups) of one architecture and file kind run on the same images, their
+    runs matched by seed (NAME@seed). `rows[name]["correct"]`: per image; `rows[name]["images"]`: which, in order."""
     lines, recipes = [], [g for g in groups if not g.endswith(":last")]
     for i, a in enumerate(recipes):
         for b in recipes[i + 1 :]:

@@ -1,6 +1,5 @@
-"""evaluate.py's report: table cells (mean ± std for runs of a recipe), the same table for the console and for
-markdown, per-class recall (what a model gets wrong, not only how often), and the user guide's derived comparison
-lines, computed from the table."""
+"""evaluate.py's report: the table (mean ± std for runs of a recipe) for the console and markdown, per-class recall,
+and the user guide's comparison lines computed from the table."""
 
 import math
 
@@ -44,18 +43,21 @@ def render(title: str, columns: tuple[str, ...], body: list[list[str]]) -> tuple
 
 
 def derived_lines(rows: dict[str, dict], teacher: str, speed: str, peak: bool, latency_runs: int) -> list[str]:
-    """The user guide's comparison sentences, computed from the table (means for several runs). A speed-up is
-    withheld when it rests on one timed call, and flagged when a model's latency spread is wide."""
+    """The user guide's comparison sentences (means for several runs). A speed-up is withheld when it rests on one
+    timed call, and flagged when a model's latency spread is wide."""
     lines = []
     if teacher in rows and "distilled" in rows:
         t, s = rows[teacher], rows["distilled"]
+        drop = 100 * (t["top1"] - s["top1"])  # a student that beats its teacher is said to
         if t["params"] and s["params"]:
             lines.append(f"{100 * (1 - s['params'] / t['params']):.0f}% fewer parameters than the teacher")
         lines += [
             speed_line(t, s, speed, latency_runs),
             f"{t['weights_mb'] / s['weights_mb']:.1f}x smaller weights"
             + (f", {t['memory_mb'] / s['memory_mb']:.1f}x smaller peak inference memory" if peak else ""),
-            accuracy_line(100 * (t["top1"] - s["top1"])),
+            f"{-drop:.1f} points above the teacher"
+            if round(drop, 1) < 0
+            else f"{drop:.1f} points accuracy drop from the teacher",
         ]
     for better, worse, template in (
         ("distilled", "baseline", "{gain} points over the baseline student (same architecture, no teacher)"),
@@ -79,13 +81,6 @@ def speed_line(teacher: dict, student: dict, speed: str, latency_runs: int) -> s
             "(a busy machine): measure again on an idle one, with more --latency-runs"
         )
     return line
-
-
-def accuracy_line(drop_points: float) -> str:
-    """The student's top-1 against the teacher's, in points: a student that beats its teacher is said to."""
-    if round(drop_points, 1) < 0:
-        return f"{-drop_points:.1f} points above the teacher"
-    return f"{drop_points:.1f} points accuracy drop from the teacher"
 
 
 def gain_line(a: dict, b: dict, template: str) -> str:
@@ -116,9 +111,7 @@ def tables(summary: dict[str, dict], corruptions: bool, title: str, note: str) -
 
 
 def recall_table(rows: dict[str, dict], groups: dict[str, list[str]]) -> tuple[Table, list[str]] | None:
-    """Recall of each class (the confusion matrix's diagonal over its row sums), mean ± std over a group's runs.
-
-    None when the models do not share one class list (nothing to put side by side)."""
+    """Recall of each class, mean ± std over a group's runs; None when the models do not share one class list."""
     classes = [list(rows[names[0]]["per_class_accuracy"]) for names in groups.values()]
     if any(c != classes[0] for c in classes):
         return None
