@@ -1,9 +1,5 @@
 """LeafDataset: one split of leaf images with optional multispectral (MS) band stacks, and reading an image.
-
-Which images make up a split comes from kd/data/layouts.py. The MS stack of an image is <image>.npy (H×W×C or
-C×H×W) or a multi-band <image>.tif, beside it or at the same relative path under `ms_root` (kd/data/multispectral.py).
-A sample is {"rgb": 3×H×W, "ms": C×H×W (when asked), "label", "key"}.
-"""
+A sample is {"rgb": 3×H×W, "ms": C×H×W (when asked), "label", "key"}."""
 
 import copy
 import warnings
@@ -29,9 +25,8 @@ TORCHVISION_DECODES = (".jpg", ".jpeg", ".png")  # load_image(uint8=True) decode
 
 @dataclass
 class InputSpec:
-    """What a model is fed, as the loaders prepare it: the side of its square input, the RGB normalization and, for
-    a model that also reads MS band stacks, their per-band normalization and the bands picked from each stack.
-    Every checkpoint records its model's in its metadata."""
+    """What a model is fed (every checkpoint records its model's): square input side, RGB normalization and, for a
+    model that reads MS stacks, their per-band normalization and the bands picked."""
 
     image_size: int | None  # None: each image at its stored size (loaders only; checkpoints always record one)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))  # timm's, when no model says
@@ -45,17 +40,13 @@ class InputSpec:
         return self.ms_mean is not None
 
     def rgb(self) -> dict:
-        """{"image_size", "mean", "std"}: the part kd.distill.teachers.adapt_view converts between."""
+        """The part kd.distill.teachers.adapt_view converts between."""
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
 class LeafDataset(Dataset):
-    """One split of a leaf-image dataset; with `with_ms`, also each image's MS band stack.
-
-    `samples` is [(image path, label)]; `ms_files` maps an image path to its MS file (None: missing, zero-filled with
-    `zero_bands` bands). The keyword options are DataConfig's fields of the same names, validated there.
-    kd.data.scan.scan_dataset fills `digests` and `zero_bands` and drops the samples of bad files.
-    """
+    """`samples`: [(image path, label)]; `ms_files`: image path -> MS file (None: zero-filled with `zero_bands`
+    bands). Keyword options: DataConfig's fields, validated there. scan_dataset fills `digests` and `zero_bands`."""
 
     def __init__(
         self,
@@ -101,8 +92,7 @@ class LeafDataset(Dataset):
         return len(self.samples)
 
     def read(self, index: int, uint8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """The untransformed sample: RGB as float 3×H×W in [0, 1] (`uint8`: as uint8 0-255 when the image has 8
-        bits per channel), MS as float C×H×W (or None), label."""
+        """The untransformed (RGB, MS or None, label); `uint8`: see load_image."""
         path, label = self.samples[index]
         try:
             rgb = load_image(path, uint8)
@@ -118,10 +108,9 @@ class LeafDataset(Dataset):
         return rgb, ms, label
 
     def __getitem__(self, key: int) -> dict:
-        """Sample `key % len(self)`; with an EpochSampler, `key // len(self)` is the epoch, and the augmentation is
-        drawn from a generator seeded by (seed, epoch, sample): the same view whatever the worker count, after a
-        resume, or when a teacher's output for it is cached. The sample carries `key`: kd.distill.cache finds its row by
-        it."""
+        """Sample `key % len(self)` of epoch `key // len(self)` (EpochSampler), its augmentation seeded by (seed,
+        epoch, sample): the same view whatever the worker count, after a resume, or when a teacher's output for it is
+        cached (kd.distill.cache finds its row by `key`)."""
         epoch, index = divmod(key, len(self))
         rgb, ms, label = self.read(index, uint8=True)  # PairedTransform crops and resizes RGB in uint8
         generator = torch.Generator().manual_seed(hash((self.augment_seed, epoch, index)) % 2**63)
@@ -130,8 +119,7 @@ class LeafDataset(Dataset):
         return sample
 
     def with_unlabeled(self, images: list[tuple[Path, str]]) -> "LeafDataset":
-        """A copy with `images` ((base folder, path relative to it)) after its own samples, label UNLABELED, their
-        MS files found as for its own: beside the image, or at the same relative path under data.ms_root."""
+        """A copy with `images` ((base folder, relative path)) after its own samples, label UNLABELED."""
         merged = copy.copy(self)
         merged.samples = self.samples + [(base / rel, UNLABELED) for base, rel in images]
         merged.ms_files = dict(self.ms_files)
@@ -140,18 +128,12 @@ class LeafDataset(Dataset):
         return merged
 
     def view(self, transform: PairedTransform, augment_seed: int) -> "LeafDataset":
-        """A copy that makes its views with `transform`, its augmentation seeded by `augment_seed`."""
         out = copy.copy(self)
         out.transform, out.augment_seed = transform, augment_seed
         return out
 
-    def drop(self, indices: set[int]) -> None:
-        """Leave out the samples `indices` (their files are bad: data.on_bad_file=skip)."""
-        self.samples = [s for i, s in enumerate(self.samples) if i not in indices]
-
     def _find_ms(self, images: list[tuple[Path, str]], what: str) -> None:
-        """Look up the MS file of each of `images` (`what`: whose, for messages); refuse (or warn once about) those
-        without one, as data.ms_missing says."""
+        """Find each image's MS file; refuse (or warn about) those without one, as data.ms_missing says."""
         missing = []  # where each absent MS file was looked for
         for base, rel in images:
             stem = self._ms_root / rel if self._ms_root else base / rel
@@ -178,10 +160,7 @@ class LeafDataset(Dataset):
 
 
 def ms_statistics(dataset: LeafDataset, max_samples: int = 256) -> tuple[list[float], list[float]]:
-    """Per-band mean and std of the MS stacks, from (a seeded subsample of) the training split only.
-
-    Zero-filled stacks (missing MS files) are left out: they would drag the mean towards 0.
-    """
+    """Per-band MS mean and std of a seeded subsample; zero-filled stacks are left out (they drag the mean to 0)."""
     usable = [i for i, (path, _) in enumerate(dataset.samples) if dataset.ms_files.get(path) is not None]
     if not usable:
         raise UserError("ms_statistics needs a dataset built with with_ms=True that has multispectral files")
@@ -206,11 +185,8 @@ def ms_statistics(dataset: LeafDataset, max_samples: int = 256) -> tuple[list[fl
 
 
 def load_image(path: Path, uint8: bool = False) -> torch.Tensor:
-    """The image at `path`, decoded in full, as float 3×H×W in [0, 1]; a broken file raises one of FILE_ERRORS.
-
-    `uint8`: an image with 8 bits per channel comes as uint8 3×H×W (0-255) instead. A JPEG or PNG is then decoded by
-    torchvision (libjpeg-turbo, libpng: 1.4-1.5x Pillow's decode and conversion; for PNGs the same pixels); what it
-    does not decode to 8-bit RGB, Pillow does. 16-bit, 32-bit and float images stay float in [0, 1]."""
+    """Float 3×H×W in [0, 1]; a broken file raises one of FILE_ERRORS. `uint8`: an 8-bit image comes as uint8, a JPEG
+    or PNG decoded by torchvision (1.4-1.5x Pillow's decode and conversion; for PNGs the same pixels)."""
     require_regular(path)
     if uint8 and Path(path).suffix.lower() in TORCHVISION_DECODES:
         try:
@@ -226,25 +202,21 @@ def load_image(path: Path, uint8: bool = False) -> torch.Tensor:
 
 
 def decoded_size(path: Path) -> tuple[int, int]:
-    """(height, width) of the image at `path` after decoding all of it, as the start-up scan needs: a truncated or
-    out-of-range file raises one of FILE_ERRORS. Faster than load_image: it makes no float tensor."""
+    """(height, width) after decoding all of it (a broken file raises one of FILE_ERRORS), with no float tensor."""
     require_regular(path)
     with Image.open(path) as im:
         hw = im.height, im.width
         if _wide(im):
             _wide_gray(im)  # checks the range
         else:
-            # JPEG: decode at 1/8 scale. Every byte is still read (truncation is still found), but most of the inverse
-            # DCT is skipped: 1.5x faster on 500 px photos. Other formats ignore draft().
+            # JPEG at 1/8 scale: every byte still read (truncation found), most of the IDCT skipped: 1.5x faster
             im.draft(im.mode, (im.width // 8, im.height // 8))
             im.load()
     return hw
 
 
 def image_tensor(im: Image.Image) -> torch.Tensor:
-    """Any image Pillow opens as float 3×H×W in [0, 1]: integers are divided by the top value of their bit depth,
-    alpha is dropped, a palette is expanded, one gray channel is repeated. Float (mode F) pixels are taken as they
-    are and must lie in [0, 1]."""
+    """Any image Pillow opens as float 3×H×W in [0, 1] (integers over their bit depth's top; float must be in it)."""
     if _wide(im):
         return _wide_gray(im).expand(3, -1, -1).contiguous()
     return TF.to_dtype(TF.pil_to_tensor(im.convert("RGB")), torch.float32, scale=True)
@@ -256,7 +228,6 @@ def _wide(im: Image.Image) -> bool:
 
 
 def _wide_gray(im: Image.Image) -> torch.Tensor:
-    """A 16/32-bit or float gray image as H×W in [0, 1]; ValueError when its values do not fit there."""
     array = np.asarray(im)
     top = 1.0 if array.dtype.kind == "f" else np.iinfo(array.dtype).max
     gray = torch.from_numpy((array.astype(np.float64) / top).astype(np.float32))

@@ -1,8 +1,7 @@
-"""From a DataConfig to DataLoaders: prepare_data (demo set, split file) once, open_split (a scanned split),
-build_loader (transform, sampler, unlabelled images, mixing), resolve_input (the model's input size and
-normalization). A batch is {"rgb": B×3×H×W, "ms": B×C×H×W (when asked), "label": B, "key": B}.
-"""
+"""From a DataConfig to DataLoaders: prepare_data once, open_split (a scanned split), build_loader, resolve_input.
+A batch is {"rgb": B×3×H×W, "ms": B×C×H×W (when asked), "label": B, "key": B}."""
 
+import inspect
 import os
 from pathlib import Path
 
@@ -20,22 +19,12 @@ from kd.data.unlabeled import ShareSampler, add_unlabeled, has_unlabeled
 from kd.errors import UserError
 
 # DataConfig's fields that LeafDataset takes as keyword options
-DATASET_OPTIONS = (
-    "manifest",
-    "split_file",
-    "val_fraction",
-    "test_fraction",
-    "split_seed",
-    "ms_root",
-    "ms_bands",
-    "ms_missing",
-    "ms_layout",
-)
+DATASET_OPTIONS = [p.name for p in inspect.signature(LeafDataset).parameters.values() if p.kind == p.KEYWORD_ONLY]
 
 
 class EpochSampler(Sampler):
-    """A seeded shuffle per epoch that yields epoch * n + index, so the dataset knows the epoch of each sample
-    (for its per-sample augmentation seed) even inside persistent workers."""
+    """A seeded shuffle per epoch yielding epoch * n + index: the dataset knows each sample's epoch (for its
+    augmentation seed) even inside persistent workers."""
 
     def __init__(self, size: int, seed: int = 0):
         self.size, self.seed, self.epoch = size, seed, 0
@@ -52,11 +41,8 @@ class EpochSampler(Sampler):
 
 
 def prepare_data(cfg: DataConfig) -> None:
-    """Write the demo set if asked, absent and at its own folder (kd.data.demo.may_write_demo), check the data is there,
-    and make the split file if one is needed.
-
-    Run it on one process first (Accelerate's main_process_first) so the split file is drawn once.
-    """
+    """Write the demo set if asked, check the data is there, and draw the split file if one is needed. Run it on one
+    process first (Accelerate's main_process_first) so the split file is drawn once."""
     source = Source.of(cfg)
     if cfg.demo and not cfg.manifest:
         _prepare_demo(source.root, cfg.demo_seed)
@@ -70,8 +56,8 @@ def prepare_data(cfg: DataConfig) -> None:
 
 
 def _prepare_demo(root: Path, seed: int) -> None:
-    """Check the demo set at `root`, or write it there if it may be (kd.data.demo.may_write_demo); elsewhere leave
-    `root` to prepare_data's checks, so a mistyped data.root is named instead of filled with synthetic data."""
+    """Check the demo set at `root`, or write it if it may be; elsewhere leave `root` to prepare_data's checks, so a
+    mistyped data.root is named instead of filled with synthetic data."""
     if os.path.isdir(root / "train"):
         check_demo_version(root)
     elif os.path.isdir(root) and any(root.iterdir()) and not is_demo_set(root):
@@ -90,8 +76,7 @@ def open_split(
     scan: bool = True,
     ms_bands: list | None = None,
 ) -> LeafDataset:
-    """One split as the config describes it (any layout, MS options), its files checked by `scan_dataset`.
-    `ms_bands` (a model's) replaces data.ms_bands."""
+    """One split, its files checked by `scan_dataset`; `ms_bands` (a model's) replaces data.ms_bands."""
     options = {key: getattr(cfg, key) for key in DATASET_OPTIONS} | ({} if ms_bands is None else {"ms_bands": ms_bands})
     dataset = LeafDataset(cfg.root, split, classes, with_ms, transform, **options)
     if scan:
@@ -114,13 +99,9 @@ def build_loader(
     unlabeled: bool = False,
     mixing: Mixing | None = None,
 ) -> DataLoader:
-    """A DataLoader over one split, prepared as `spec` says (MS too when it has MS statistics); training loaders
-    shuffle (seeded), augment and drop the last partial batch.
-
-    Pass `dataset` (from `open_split`) to reuse an already scanned split; the loader gets a copy with its transform.
-    A training loader with `unlabeled` adds the config's unlabelled images (kd/data/unlabeled.py: label -1, a set
-    share of every batch), one with `mixing` mixes each batch (kd/data/mixing.py: Mixup / CutMix).
-    """
+    """A DataLoader over one split, prepared as `spec` says; training loaders shuffle (seeded), augment and drop the
+    last partial batch, and may add the unlabelled images (`unlabeled`) and mix batches (`mixing`). `dataset`: an
+    already scanned split (open_split) to reuse; the loader gets a copy."""
     unlabeled = unlabeled and train and has_unlabeled(cfg)
     transform = PairedTransform(
         spec.image_size,
@@ -143,8 +124,8 @@ def build_loader(
     if unlabeled:
         labels = [label for _, label in dataset.samples]
         sampler = ShareSampler.for_dataset(labels, batch_size, cfg.unlabeled_fraction, seed)
-    workers = cfg.num_workers
     # persistent_workers and prefetch_factor are errors with num_workers=0
+    workers = cfg.num_workers
     extra = dict(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor) if workers else {}
     return DataLoader(
         dataset,
@@ -161,7 +142,6 @@ def build_loader(
 
 
 def resolve_input(cfg: DataConfig, preferred: dict) -> InputSpec:
-    """The config's image size and normalization (RGB only), each null filled from `preferred`: the model's own
-    {"image_size", "mean", "std"}, from its timm pretrained config."""
+    """The config's image size and normalization, each null filled from `preferred` (the model's timm config)."""
     chosen = {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}
     return InputSpec(**{key: preferred[key] if value is None else value for key, value in chosen.items()})

@@ -14,7 +14,7 @@ from torch.utils.data import Sampler
 
 from kd.config import DataConfig
 from kd.data.dataset import UNLABELED, LeafDataset
-from kd.data.layouts import IMAGE_SUFFIXES, SPLITS, Source, read_manifest, split_images
+from kd.data.layouts import IMAGE_SUFFIXES, SPLITS, Source, image_files, read_manifest, split_images
 from kd.data.scan import refuse_leaks, scan_dataset
 from kd.errors import UserError
 
@@ -28,26 +28,14 @@ def unlabeled_sources(cfg: DataConfig) -> list[tuple[Path, str]]:
         root = Path(cfg.unlabeled_root)
         if not root.is_dir():
             raise UserError(f"data.unlabeled_root {root} is not a folder: point it at a folder of unlabelled images")
-        files = sorted(
-            p
-            for p in root.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES
-            and not p.is_dir()  # a FIFO or socket named like an image is listed: the scan names it as bad
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-        stems = {p.with_suffix("") for p in files if not _is_tiff(p)}
-        images = [p for p in files if not (_is_tiff(p) and p.with_suffix("") in stems)]
-        found += [(root, p.relative_to(root).as_posix()) for p in images]
+        visible = (p for p in root.rglob("*") if not any(part.startswith(".") for part in p.relative_to(root).parts))
+        found += [(root, p.relative_to(root).as_posix()) for p in image_files(visible)]
         if not found:
             raise UserError(f"data.unlabeled_root {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if cfg.manifest:
         manifest = Path(cfg.manifest)
         found += [(manifest.parent, rel) for rel, _, _ in read_manifest(manifest, unlabeled=True)]
     return found
-
-
-def _is_tiff(path: Path) -> bool:
-    return path.suffix.lower() in (".tif", ".tiff")
 
 
 def has_unlabeled(cfg: DataConfig) -> bool:
