@@ -1,11 +1,6 @@
-"""RandAugment (Cubuk et al., 2020) on a training view whose MS bands ride along with the RGB.
-
-timm's ops and magnitudes (its `rand_augment_transform` with the increasing-magnitude ops of `-inc1`), re-written
-for two reasons: every draw comes from the sample's own generator (kd.data.dataset.LeafDataset seeds one per
-(seed, epoch, sample)), so runs stay bitwise repeatable and a resume or a teacher cache sees the same view; and
-the geometric ops move the MS bands with the RGB, while the colour ops touch the RGB only (a band's reflectance has
-no "colour").
-"""
+"""RandAugment (Cubuk et al., 2020) with timm's `-inc1` ops and magnitudes, re-written rather than timm's so that
+every draw comes from the sample's own generator (bitwise repeatable runs, resumes and teacher caches) and the
+geometric ops move the MS bands with the RGB while the colour ops touch the RGB only."""
 
 import math
 
@@ -36,7 +31,6 @@ def _negate(value: float, generator: torch.Generator) -> float:
 
 
 def _colour(op: str, rgb: torch.Tensor, level: float, generator: torch.Generator) -> torch.Tensor:
-    """One colour op on float RGB in [0, 1]; `level` is magnitude / 10."""
     if op == "AutoContrast":
         return TF.autocontrast(rgb)
     if op == "Equalize":
@@ -61,7 +55,6 @@ def _colour(op: str, rgb: torch.Tensor, level: float, generator: torch.Generator
 
 
 def _geometric(op: str, x: torch.Tensor, level: float, fill: list[float], generator: torch.Generator):
-    """One geometric op on the whole C×H×W stack (RGB and MS together, so they stay pixel-aligned)."""
     angle, translate, shear = 0.0, [0, 0], [0.0, 0.0]
     if op == "Rotate":
         angle = _negate(level * 30.0, generator)
@@ -75,11 +68,8 @@ def _geometric(op: str, x: torch.Tensor, level: float, fill: list[float], genera
 
 
 class RandAugment:
-    """`spec.num_ops` ops drawn with replacement from `ops` (timm's 15 by default), each applied with `spec.prob`.
-
-    Called on a C×H×W float stack in [0, 1] whose first 3 channels are RGB and the rest MS bands. `fill` is the
-    per-channel value of pixels a geometric op uncovers: the normalization mean, so they normalize to 0.
-    """
+    """`spec.num_ops` ops drawn with replacement from `ops`, each applied with `spec.prob`, to a float C×H×W stack
+    (RGB, then MS). `fill`: the per-channel value of pixels a geometric op uncovers."""
 
     def __init__(self, spec: RandAugmentSpec, ops: tuple[str, ...] = OPS):
         unknown = [op for op in ops if op not in OPS]

@@ -1,10 +1,5 @@
-"""Multispectral (MS) band stacks: finding, reading and checking them, whatever their layout on disk.
-
-A stack is a .npy array (H×W×C, C×H×W, or H×W for one band) or a TIFF, read with tifffile: one band per page, or
-one page whose samples are the bands (interleaved H×W×C as drone and multispectral cameras export them, or planar
-C×H×W), any sample type, compressed or not. Values are kept as stored (an integer type is not rescaled): the
-per-band statistics normalize them.
-"""
+"""Multispectral (MS) band stacks: a .npy array (H×W×C, C×H×W or H×W) or a TIFF (one band per page, or one page of
+interleaved or planar samples), found, read and checked. Values are kept as stored: the band statistics normalize."""
 
 import json
 import math
@@ -22,22 +17,16 @@ from kd.errors import UserError
 
 MS_SUFFIXES = (".npy", ".tif", ".tiff")
 
-# What reading a broken or hostile image or array raises: OSError (UnidentifiedImageError is one, and so is a
-# truncated file), ValueError (numpy, Pillow, tifffile), SyntaxError (some broken PNG chunks) and
-# DecompressionBombError (a header claiming a huge size), which is not an OSError. Found by fuzzing truncated and
-# bit-flipped files.
+# What reading a broken or hostile file raises, found by fuzzing truncated and bit-flipped files: SyntaxError (some
+# broken PNG chunks); DecompressionBombError (a header claiming a huge size) is not an OSError.
 FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
-# What tifffile raises on a damaged TIFF besides ValueError (its TiffFileError is one), found by fuzzing
-# bit-flipped and truncated stacks (interleaved, planar, tiled, zlib). read_tiff turns them into a ValueError, one of
-# FILE_ERRORS.
+# What tifffile raises on a damaged TIFF besides ValueError (found by fuzzing); read_tiff makes them a ValueError.
 TIFF_DAMAGE = (zlib.error, struct.error, ArithmeticError, IndexError, KeyError, TypeError)
 
 
 def find_ms(stem: Path, image: Path) -> Path | None:
-    """The MS file <stem>.npy / .tif / .tiff, never the image itself (a .tif image may share the stem).
-
-    Whatever is at that path counts, a FIFO or a folder too: the scan then names it as a bad file (require_regular)
+    """<stem>.npy / .tif / .tiff, never the image itself. A FIFO or folder there counts: the scan names it as bad
     instead of zero-filling its bands as if it were missing."""
     for suffix in MS_SUFFIXES:
         candidate = stem.with_suffix(suffix)
@@ -47,8 +36,8 @@ def find_ms(stem: Path, image: Path) -> Path | None:
 
 
 def require_regular(path: Path) -> None:
-    """Raise OSError when `path` is not a regular file. Checked before opening: opening a FIFO waits for a writer
-    (the start-up scan hung, silent), a device reads without end, a folder fails with a confusing error."""
+    """Raise OSError unless a regular file: opening a FIFO waits for a writer (the scan hung, silent), a device reads
+    without end, a folder fails with a confusing error."""
     mode = os.stat(path).st_mode  # follows symlinks: a link to a regular file is fine
     if not stat.S_ISREG(mode):
         kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}
@@ -57,7 +46,7 @@ def require_regular(path: Path) -> None:
 
 
 def band_indices(bands: list, folders: list[Path]) -> list[int] | None:
-    """`ms_bands` as indices: ints stay, names are looked up in bands.json ({"bands": [...]}) of `folders`."""
+    """`ms_bands` as indices: names are looked up in bands.json ({"bands": [...]}) of `folders`."""
     if not bands:
         return None  # all bands
     if all(isinstance(b, int) for b in bands):
@@ -73,11 +62,8 @@ def band_indices(bands: list, folders: list[Path]) -> list[int] | None:
 
 
 def load_ms(path: Path) -> tuple[np.ndarray, bool]:
-    """The whole array of an MS file, as stored, and whether its band axis is known to be the first: a TIFF says
-    where its bands are (pages, or samples, moved to the front), a .npy does not (ms_stack tells by the shape).
-
-    A broken file raises one of FILE_ERRORS; callers name the file.
-    """
+    """The array as stored, and whether its band axis is known to be the first (a TIFF says, a .npy does not). A
+    broken file raises one of FILE_ERRORS; callers name the file."""
     require_regular(path)
     if path.suffix.lower() == ".npy":
         array, bands_first = read_npy(path), False
@@ -89,9 +75,8 @@ def load_ms(path: Path) -> tuple[np.ndarray, bool]:
 
 
 def read_npy(path: Path) -> np.ndarray:
-    """A .npy array, its header checked first: a header claiming more bytes than the file holds (a 200-byte file
-    claiming 93 GiB) is damaged, and numpy would try to allocate it all (ArrayMemoryError) before finding out.
-    Pickled objects are refused: loading them runs code from the file."""
+    """A header claiming more bytes than the file holds is refused before numpy allocates them all (a 200-byte file
+    claiming 93 GiB), and pickled objects too: loading them runs code from the file."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -112,11 +97,8 @@ def read_npy(path: Path) -> np.ndarray:
 
 
 def read_tiff(path: Path) -> tuple[np.ndarray, bool]:
-    """A TIFF's image as load_ms returns it. Thumbnails and reduced-resolution pages are left out.
-
-    A compression tifffile decodes only with the optional imagecodecs package (LZW, PackBits, JPEG) falls back to
-    Pillow, which reads such files one band per page, as kd always did; the error says what to install otherwise.
-    """
+    """As load_ms returns it, thumbnails left out. A compression tifffile needs the optional imagecodecs for (LZW,
+    PackBits, JPEG) falls back to Pillow, one band per page."""
     try:
         with tifffile.TiffFile(path) as tif:
             if len(tif.series) > 1:  # tifffile starts a new series where the pages' size or type changes
@@ -150,8 +132,7 @@ def _read_with_pillow(path: Path, codec_missing: str) -> tuple[np.ndarray, bool]
 
 
 def _refuse_bombs(shape: tuple) -> None:
-    """A header claiming more values than the largest RGB image Pillow decodes is refused before any memory is
-    allocated: it is damaged or hostile, as a PNG claiming that size would be (Image.MAX_IMAGE_PIXELS sets both)."""
+    """Refuse a header claiming more values than the largest RGB image Pillow decodes, before allocating it."""
     if Image.MAX_IMAGE_PIXELS is None:
         return
     limit = 3 * 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses images over twice MAX_IMAGE_PIXELS
@@ -163,7 +144,7 @@ def _refuse_bombs(shape: tuple) -> None:
 
 
 def read_ms(path: Path, hw: tuple[int, int], layout: str = "auto", bands: list[int] | None = None) -> np.ndarray:
-    """An MS stack as float32 C×H×W for an image of size `hw`: .npy (H×W×C, C×H×W or H×W) or a TIFF."""
+    """An MS stack as float32 C×H×W for an image of size `hw`."""
     try:
         array, bands_first = load_ms(path)
     except FILE_ERRORS as e:
@@ -181,7 +162,7 @@ def ms_stack(
 
 
 def pick_bands(shape: tuple, hw: tuple, layout: str, bands: list[int] | None, path: Path) -> tuple:
-    """(band axis or None for a single-band H×W array, checked band indices) — errors say how to fix the file."""
+    """(band axis or None for an H×W array, checked band indices)."""
     if tuple(shape) == tuple(hw):
         axis, count = None, 1
     else:

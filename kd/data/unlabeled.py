@@ -1,11 +1,5 @@
-"""Unlabelled training images for distillation: the teacher labels them (soft and feature losses), the hard loss
-never sees them.
-
-They come from `data.unlabeled_root` (a folder, searched recursively) and/or the rows of `data.manifest` whose
-label is empty. Each gets label -1 and joins the training split after its labelled images, so its loader key, its
-seeded view and its teacher cache rows work as for any sample. `ShareSampler` fills every batch with a set number
-of each: an epoch ends when either set runs out, and every image is seen at most once an epoch.
-"""
+"""Unlabelled training images for distillation (data.unlabeled_root, manifest rows without a label): label -1, after
+the labelled images of the training split; `ShareSampler` puts a set number of each in every batch."""
 
 from pathlib import Path
 
@@ -20,9 +14,7 @@ from kd.errors import UserError
 
 
 def unlabeled_sources(cfg: DataConfig) -> list[tuple[Path, str]]:
-    """(base folder, path relative to it) of every unlabelled image, sorted: `data.unlabeled_root`'s images
-    (recursively; a .tif beside a plain image of the same stem is its MS stack, not an image) and the manifest's
-    rows without a label (relative to the CSV, as labelled rows)."""
+    """(base folder, relative path) of every unlabelled image: data.unlabeled_root's, then the manifest's."""
     found = []
     if cfg.unlabeled_root:
         root = Path(cfg.unlabeled_root)
@@ -39,7 +31,6 @@ def unlabeled_sources(cfg: DataConfig) -> list[tuple[Path, str]]:
 
 
 def has_unlabeled(cfg: DataConfig) -> bool:
-    """Whether the config names unlabelled images (a folder, or manifest rows without a label)."""
     if cfg.unlabeled_root:
         return True
     return bool(cfg.manifest) and Path(cfg.manifest).is_file() and bool(read_manifest(Path(cfg.manifest), True))
@@ -54,9 +45,7 @@ def ignored_note(cfg: DataConfig) -> str | None:
 
 
 def add_unlabeled(dataset: LeafDataset, cfg: DataConfig) -> LeafDataset:
-    """A copy of the training split `dataset` with the unlabelled images after its own (LeafDataset.with_unlabeled:
-    label -1, their MS files found as for labelled ones), and every file scanned. A copy or link of a val or test
-    image among them, labelled or not, is refused (kd.data.scan.refuse_leaks)."""
+    """A copy of the training split with the unlabelled images after its own, every file scanned, leaks refused."""
     sources = unlabeled_sources(cfg)
     _refuse_labelled(sources, cfg)
     merged = dataset.with_unlabeled(sources)
@@ -78,10 +67,9 @@ def _refuse_labelled(sources: list[tuple[Path, str]], cfg: DataConfig) -> None:
 
 
 class ShareSampler(Sampler):
-    """Loader keys (epoch * size + index, as kd.data.loaders.EpochSampler) for batches of `labeled_per_batch` labelled
-    samples (indices below `labeled`) then `unlabeled_per_batch` unlabelled ones, each set shuffled per epoch by a
-    generator seeded with seed + epoch: a resumed run and every process see the same batches. Accelerate shards
-    whole batches, so each process's batch keeps the share."""
+    """Loader keys (as EpochSampler's) for batches of `labeled_per_batch` labelled samples (indices below `labeled`)
+    then `unlabeled_per_batch` unlabelled ones, each set shuffled per epoch (seed + epoch); Accelerate shards whole
+    batches, so each process's batch keeps the share."""
 
     def __init__(self, labeled: int, unlabeled: int, labeled_per_batch: int, unlabeled_per_batch: int, seed: int = 0):
         self.labeled, self.unlabeled, self.size = labeled, unlabeled, labeled + unlabeled
@@ -91,7 +79,7 @@ class ShareSampler(Sampler):
 
     @classmethod
     def for_dataset(cls, labels: list[int], batch_size: int, fraction: float | None, seed: int) -> "ShareSampler":
-        """The share of each batch: `fraction` of it unlabelled (rounded), or None: the sets' own proportion."""
+        """`fraction` of each batch unlabelled (rounded), or None: the sets' own proportion."""
         labeled = sum(label != UNLABELED for label in labels)
         unlabeled = len(labels) - labeled
         share = unlabeled / len(labels) if fraction is None else fraction
