@@ -12,7 +12,7 @@ import torchvision.io
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from kd.data.layouts import IMAGE_SUFFIXES, Source, list_split, shown
 from kd.data.multispectral import FILE_ERRORS, band_indices, find_ms, read_ms, require_regular
@@ -42,6 +42,24 @@ class InputSpec:
     def rgb(self) -> dict:
         """The part kd.distill.teachers.adapt_view converts between."""
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+class EpochSampler(Sampler):
+    """A seeded shuffle per epoch yielding epoch * n + index: the dataset knows each sample's epoch (for its
+    augmentation seed) even inside persistent workers."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter((self.epoch * self.size + order).tolist())
 
 
 class LeafDataset(Dataset):

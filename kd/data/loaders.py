@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from kd.config import DataConfig
-from kd.data.dataset import InputSpec, LeafDataset
+from kd.data.dataset import EpochSampler, InputSpec, LeafDataset
 from kd.data.demo import DEMO_ROOT, check_demo_version, is_demo_set, make_demo_dataset, may_write_demo
 from kd.data.layouts import Source, layout_of, list_split, shown
 from kd.data.mixing import Mixing, MixingCollate
@@ -20,24 +20,6 @@ from kd.errors import UserError
 
 # DataConfig's fields that LeafDataset takes as keyword options
 DATASET_OPTIONS = [p.name for p in inspect.signature(LeafDataset).parameters.values() if p.kind == p.KEYWORD_ONLY]
-
-
-class EpochSampler(Sampler):
-    """A seeded shuffle per epoch yielding epoch * n + index: the dataset knows each sample's epoch (for its
-    augmentation seed) even inside persistent workers."""
-
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        return iter((self.epoch * self.size + order).tolist())
 
 
 def prepare_data(cfg: DataConfig) -> None:
@@ -103,18 +85,8 @@ def build_loader(
     last partial batch, and may add the unlabelled images (`unlabeled`) and mix batches (`mixing`). `dataset`: an
     already scanned split (open_split) to reuse; the loader gets a copy."""
     unlabeled = unlabeled and train and has_unlabeled(cfg)
-    transform = PairedTransform(
-        spec.image_size,
-        train=train,
-        mean=spec.mean,
-        std=spec.std,
-        ms_mean=spec.ms_mean,
-        ms_std=spec.ms_std,
-        hflip=cfg.hflip,
-        vflip=cfg.vflip,
-        scale_min=cfg.scale_min,
-        randaugment=cfg.randaugment,
-    )
+    augment = {key: getattr(cfg, key) for key in ("hflip", "vflip", "scale_min", "randaugment")}
+    transform = PairedTransform(spec.image_size, train, spec.mean, spec.std, spec.ms_mean, spec.ms_std, **augment)
     if dataset is None:  # with unlabelled images, the scan reads them and the labelled ones in one go
         dataset = open_split(cfg, split, classes, spec.with_ms, scan=not unlabeled, ms_bands=spec.ms_bands)
     if unlabeled:

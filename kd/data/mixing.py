@@ -44,15 +44,22 @@ class Mixing:
         rng = np.random.default_rng([self.seed, *batch["key"].tolist()])
         kind, lam = self.draw(rng)
         partner = pair_within_groups(batch["label"], rng)
-        height, width = batch["rgb"].shape[-2:]
-        box = cutmix_box(height, width, lam, rng) if kind == "cutmix" else None
-        if box is not None:  # the box's true share of the image, as timm's correct_lam
-            top, bottom, left, right = box
+        if kind == "cutmix":  # a box of about (1 - lam) of the image (timm's rand_bbox), lam its true share
+            height, width = batch["rgb"].shape[-2:]
+            ratio = math.sqrt(1 - lam)
+            cut_h, cut_w = int(height * ratio), int(width * ratio)
+            cy, cx = int(rng.integers(height)), int(rng.integers(width))
+            top, bottom = (int(v) for v in np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height))
+            left, right = (int(v) for v in np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width))
             lam = 1.0 - (bottom - top) * (right - left) / (height * width)
-        out = dict(batch)
-        for key in IMAGE_KEYS:
-            if key in batch and kind != "none":
-                out[key] = mix_images(batch[key], partner, lam, box)
+        out = dict(batch)  # image tensors replaced, not written into
+        for key in [key for key in IMAGE_KEYS if key in batch and kind != "none"]:
+            images, partners = batch[key], batch[key][partner]
+            if kind == "cutmix":
+                out[key] = images.clone()
+                out[key][..., top:bottom, left:right] = partners[..., top:bottom, left:right]
+            else:
+                out[key] = images * lam + partners * (1 - lam)
         out["mix_label"] = batch["label"][partner]
         out["mix_lambda"] = torch.full((len(partner),), lam, dtype=torch.float32)
         return out
@@ -65,26 +72,6 @@ def pair_within_groups(labels: torch.Tensor, rng: np.random.Generator) -> torch.
         members = group.nonzero().flatten()
         partner[members] = members[torch.from_numpy(rng.permutation(len(members)))]
     return partner
-
-
-def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) of about (1 - lam) of the image, clipped (timm's rand_bbox)."""
-    ratio = math.sqrt(1 - lam)
-    cut_h, cut_w = int(height * ratio), int(width * ratio)
-    cy, cx = int(rng.integers(height)), int(rng.integers(width))
-    top, bottom = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
-    left, right = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
-    return int(top), int(bottom), int(left), int(right)
-
-
-def mix_images(images: torch.Tensor, partner: torch.Tensor, lam: float, box: tuple | None) -> torch.Tensor:
-    """Mixup: lam * x + (1 - lam) * x[partner]; CutMix (`box`): x with the box pasted from x[partner]."""
-    if box is None:
-        return images * lam + images[partner] * (1 - lam)
-    top, bottom, left, right = box
-    mixed = images.clone()
-    mixed[..., top:bottom, left:right] = images[partner][..., top:bottom, left:right]
-    return mixed
 
 
 class MixingCollate:

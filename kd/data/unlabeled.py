@@ -4,10 +4,9 @@ the labelled images of the training split; `ShareSampler` puts a set number of e
 from pathlib import Path
 
 import torch
-from torch.utils.data import Sampler
 
 from kd.config import DataConfig
-from kd.data.dataset import UNLABELED, LeafDataset
+from kd.data.dataset import UNLABELED, EpochSampler, LeafDataset
 from kd.data.layouts import IMAGE_SUFFIXES, SPLITS, Source, image_files, read_manifest, split_images
 from kd.data.scan import refuse_leaks, scan_dataset
 from kd.errors import UserError
@@ -66,16 +65,16 @@ def _refuse_labelled(sources: list[tuple[Path, str]], cfg: DataConfig) -> None:
         )
 
 
-class ShareSampler(Sampler):
+class ShareSampler(EpochSampler):
     """Loader keys (as EpochSampler's) for batches of `labeled_per_batch` labelled samples (indices below `labeled`)
     then `unlabeled_per_batch` unlabelled ones, each set shuffled per epoch (seed + epoch); Accelerate shards whole
     batches, so each process's batch keeps the share."""
 
     def __init__(self, labeled: int, unlabeled: int, labeled_per_batch: int, unlabeled_per_batch: int, seed: int = 0):
-        self.labeled, self.unlabeled, self.size = labeled, unlabeled, labeled + unlabeled
+        super().__init__(labeled + unlabeled, seed)
+        self.labeled, self.unlabeled = labeled, unlabeled
         self.per_batch = (labeled_per_batch, unlabeled_per_batch)
         self.batches = min(labeled // labeled_per_batch, unlabeled // unlabeled_per_batch)
-        self.seed, self.epoch = seed, 0
 
     @classmethod
     def for_dataset(cls, labels: list[int], batch_size: int, fraction: float | None, seed: int) -> "ShareSampler":
@@ -95,9 +94,6 @@ class ShareSampler(Sampler):
                 f"{batch_size - per_batch} + {per_batch}: lower distillation.batch_size or add images"
             )
         return cls(labeled, unlabeled, batch_size - per_batch, per_batch, seed)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.batches * sum(self.per_batch)
