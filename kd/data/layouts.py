@@ -4,6 +4,7 @@ MS stack is found at the same relative path under `ms_root`. A new layout: one r
 """
 
 import csv
+import functools
 import json
 import os
 import warnings
@@ -174,12 +175,10 @@ def _refuse_repeats(path: Path, rows: list[tuple[str, str, str | None]], kinds: 
     """Refuse an image on two rows (compared resolved; a copy under another name is found by the scan's
     refuse_leaks). `kinds`: each row's split, or "unlabelled"."""
     first: dict[str, int] = {}
-    folders: dict[str, str] = {}  # each folder resolved once: resolving every path of a large manifest takes seconds
+    realpath = functools.cache(os.path.realpath)  # each folder once: every path of a large manifest takes seconds
     for i, (rel, _, _) in enumerate(rows):
         head, name = os.path.split(os.path.join(path.parent, rel))
-        if head not in folders:
-            folders[head] = os.path.realpath(head)
-        j = first.setdefault(os.path.join(folders[head], name), i)
+        j = first.setdefault(os.path.join(realpath(head), name), i)
         if j == i:
             continue
         where = f"lines {j + 2} and {i + 2} of {shown(path)} both list the image {shown(rel)}"
@@ -247,7 +246,8 @@ def write_split_file(path: Path, pool: dict[str, list[str]], val_fraction: float
     split.update(classes=_sorted_labels(set(pool)), train=[], val=[], test=[])
     for cls in split["classes"]:
         files = sorted(pool[cls])
-        n_val, n_test = _share(len(files), val_fraction), _share(len(files), test_fraction)
+        # at least one image per class in a split that is asked for, so every class is validated and tested
+        n_val, n_test = (0 if f <= 0 else max(1, round(len(files) * f)) for f in (val_fraction, test_fraction))
         if n_val + n_test >= len(files):
             raise UserError(f"class '{cls}' has only {len(files)} images: too few for train, val and test splits")
         order = rng.permutation(len(files))
@@ -261,11 +261,6 @@ def write_split_file(path: Path, pool: dict[str, list[str]], val_fraction: float
     tmp.write_text(json.dumps(split, indent=1))
     os.replace(tmp, path)  # atomic: processes that race to write it write the same seeded split
     print(f"wrote a new stratified split to {path} ({_describe(split)}); later runs reuse it")
-
-
-def _share(n: int, fraction: float) -> int:
-    # at least one image per class in a split that is asked for, so every class is validated and tested
-    return 0 if fraction <= 0 else max(1, round(n * fraction))
 
 
 class Layout(NamedTuple):

@@ -65,10 +65,7 @@ def load_ms(path: Path) -> tuple[np.ndarray, bool]:
     """The array as stored, and whether its band axis is known to be the first (a TIFF says, a .npy does not). A
     broken file raises one of FILE_ERRORS; callers name the file."""
     require_regular(path)
-    if path.suffix.lower() == ".npy":
-        array, bands_first = read_npy(path), False
-    else:
-        array, bands_first = read_tiff(path)
+    array, bands_first = (read_npy(path), False) if path.suffix.lower() == ".npy" else read_tiff(path)
     if array.dtype.kind not in "biuf":  # strings, complex numbers, records: no band values to train on
         raise ValueError(f"it holds {array.dtype} values, not real numbers")
     return array, bands_first
@@ -107,7 +104,14 @@ def read_tiff(path: Path) -> tuple[np.ndarray, bool]:
                     "every band the same size and type"
                 )
             series = tif.series[0]
-            _refuse_bombs(series.shape)
+            # more values than the largest RGB image Pillow decodes (it refuses twice MAX_IMAGE_PIXELS): refused before
+            # any memory is allocated, as a PNG claiming that size would be
+            limit = math.inf if Image.MAX_IMAGE_PIXELS is None else 3 * 2 * Image.MAX_IMAGE_PIXELS
+            if int(np.prod(series.shape, dtype=np.float64)) > limit:
+                raise Image.DecompressionBombError(
+                    f"its header claims a {'×'.join(map(str, series.shape))} stack, over {limit} values (3 × 2 × "
+                    "PIL.Image.MAX_IMAGE_PIXELS): the file is damaged, or raise Image.MAX_IMAGE_PIXELS"
+                )
             array = series.asarray(maxworkers=1)  # the start-up scan already reads files in parallel
     except (ValueError, *TIFF_DAMAGE) as e:
         if "imagecodecs" in str(e):  # "<COMPRESSION.LZW: 5> requires the 'imagecodecs' package"
@@ -129,18 +133,6 @@ def _read_with_pillow(path: Path, codec_missing: str) -> tuple[np.ndarray, bool]
     except FILE_ERRORS as e:
         raise ValueError(f"{codec_missing} (`pip install imagecodecs`); Pillow cannot read it either ({e})") from None
     return (np.stack(frames), True) if len(frames) > 1 else (frames[0], False)
-
-
-def _refuse_bombs(shape: tuple) -> None:
-    """Refuse a header claiming more values than the largest RGB image Pillow decodes, before allocating it."""
-    if Image.MAX_IMAGE_PIXELS is None:
-        return
-    limit = 3 * 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses images over twice MAX_IMAGE_PIXELS
-    if int(np.prod(shape, dtype=np.float64)) > limit:
-        raise Image.DecompressionBombError(
-            f"its header claims a {'×'.join(map(str, shape))} stack, over {limit} values (3 × 2 × "
-            "PIL.Image.MAX_IMAGE_PIXELS): the file is damaged, or raise Image.MAX_IMAGE_PIXELS"
-        )
 
 
 def read_ms(path: Path, hw: tuple[int, int], layout: str = "auto", bands: list[int] | None = None) -> np.ndarray:

@@ -46,15 +46,7 @@ def ignored_note(cfg: DataConfig) -> str | None:
 def add_unlabeled(dataset: LeafDataset, cfg: DataConfig) -> LeafDataset:
     """A copy of the training split with the unlabelled images after its own, every file scanned, leaks refused."""
     sources = unlabeled_sources(cfg)
-    _refuse_labelled(sources, cfg)
-    merged = dataset.with_unlabeled(sources)
-    scan_dataset(merged, cfg.on_bad_file)
-    refuse_leaks(merged, cfg)
-    return merged
-
-
-def _refuse_labelled(sources: list[tuple[Path, str]], cfg: DataConfig) -> None:
-    """An unlabelled image that is also a labelled one would train twice, or leak a val/test image into training."""
+    # one that is also a labelled image would train twice, or leak a val/test image into training
     labelled = {path.resolve() for path in split_images(Source.of(cfg), SPLITS)}
     both = [base / rel for base, rel in sources if (base / rel).resolve() in labelled]
     if both:
@@ -63,6 +55,10 @@ def _refuse_labelled(sources: list[tuple[Path, str]], cfg: DataConfig) -> None:
             "data.unlabeled_root at a folder of unlabelled images only (outside data.root's class folders); a val "
             "or test image among them would leak into training"
         )
+    merged = dataset.with_unlabeled(sources)
+    scan_dataset(merged, cfg.on_bad_file)
+    refuse_leaks(merged, cfg)
+    return merged
 
 
 class ShareSampler(EpochSampler):
