@@ -114,8 +114,13 @@ def read_tiff(path: Path) -> tuple[np.ndarray, bool]:
                 )
             array = series.asarray(maxworkers=1)  # the start-up scan already reads files in parallel
     except (ValueError, *TIFF_DAMAGE) as e:
-        if "imagecodecs" in str(e):  # "<COMPRESSION.LZW: 5> requires the 'imagecodecs' package"
-            return _read_with_pillow(path, codec_missing=str(e))
+        if "imagecodecs" in str(e):  # "<COMPRESSION.LZW: 5> requires the 'imagecodecs' package": Pillow may read it
+            try:
+                with Image.open(path) as im:
+                    frames = [np.array(page) for page in ImageSequence.Iterator(im)]
+            except FILE_ERRORS as pillow:
+                raise ValueError(f"{e} (`pip install imagecodecs`); Pillow cannot read it either ({pillow})") from None
+            return (np.stack(frames), True) if len(frames) > 1 else (frames[0], False)
         if isinstance(e, ValueError):  # tifffile's own message (TiffFileError), or ours
             raise
         raise ValueError(f"damaged TIFF: {e or type(e).__name__}") from None
@@ -124,15 +129,6 @@ def read_tiff(path: Path) -> tuple[np.ndarray, bool]:
     # Pages of one band each, unless tifffile wrote the file from an array and recorded its shape ("shaped"):
     # then the array is read back as it was, like a .npy.
     return array, array.ndim == 3 and series.kind != "shaped"
-
-
-def _read_with_pillow(path: Path, codec_missing: str) -> tuple[np.ndarray, bool]:
-    try:
-        with Image.open(path) as im:
-            frames = [np.array(page) for page in ImageSequence.Iterator(im)]
-    except FILE_ERRORS as e:
-        raise ValueError(f"{codec_missing} (`pip install imagecodecs`); Pillow cannot read it either ({e})") from None
-    return (np.stack(frames), True) if len(frames) > 1 else (frames[0], False)
 
 
 def read_ms(path: Path, hw: tuple[int, int], layout: str = "auto", bands: list[int] | None = None) -> np.ndarray:
@@ -148,15 +144,9 @@ def ms_stack(
     array: np.ndarray, bands_first: bool, hw: tuple[int, int], layout: str, bands: list[int] | None, path: Path
 ) -> np.ndarray:
     """`array` as read by load_ms, as the float32 C×H×W stack of the chosen bands; UserError naming `path`."""
-    axis, bands = pick_bands(array.shape, hw, "chw" if bands_first else layout, bands, path)
-    array = array[None] if axis is None else np.moveaxis(array, axis, 0)
-    return np.ascontiguousarray(array if bands is None else array[bands], dtype=np.float32)
-
-
-def pick_bands(shape: tuple, hw: tuple, layout: str, bands: list[int] | None, path: Path) -> tuple:
-    """(band axis or None for an H×W array, checked band indices)."""
-    if tuple(shape) == tuple(hw):
-        axis, count = None, 1
+    shape, layout = array.shape, "chw" if bands_first else layout
+    if tuple(shape) == tuple(hw):  # one band
+        array, count = array[None], 1
     else:
         fits = {"chw": len(shape) == 3 and tuple(shape[1:]) == hw, "hwc": len(shape) == 3 and tuple(shape[:2]) == hw}
         found = [k for k, ok in fits.items() if ok and layout in ("auto", k)]
@@ -168,7 +158,7 @@ def pick_bands(shape: tuple, hw: tuple, layout: str, bands: list[int] | None, pa
         if len(found) > 1:
             raise UserError(f"{path} has shape {tuple(shape)}: either axis could hold the bands; set data.ms_layout")
         axis = 0 if found[0] == "chw" else 2
-        count = shape[axis]
+        array, count = np.moveaxis(array, axis, 0), shape[axis]
     if bands is not None and any(not -count <= b < count for b in bands):
         raise UserError(f"data.ms_bands {bands} asks for bands {path} lacks: it has {count}")
-    return axis, bands
+    return np.ascontiguousarray(array if bands is None else array[bands], dtype=np.float32)
