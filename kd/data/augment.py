@@ -11,18 +11,14 @@ from kd.config_checks import RandAugmentSpec, parse_randaugment  # noqa: F401 (t
 
 BILINEAR = TF.InterpolationMode.BILINEAR
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-COLOUR = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "PosterizeIncreasing",
-    "SolarizeIncreasing",
-    "SolarizeAdd",
-    "ColorIncreasing",
-    "ContrastIncreasing",
-    "BrightnessIncreasing",
-    "SharpnessIncreasing",
-)
+NO_MAGNITUDE = {"AutoContrast": TF.autocontrast, "Equalize": TF.equalize, "Invert": TF.invert}
+ENHANCE = {  # timm's enhancements by a factor 1 ± 0.9 level
+    "ColorIncreasing": TF.adjust_saturation,
+    "ContrastIncreasing": TF.adjust_contrast,
+    "BrightnessIncreasing": TF.adjust_brightness,
+    "SharpnessIncreasing": TF.adjust_sharpness,
+}
+COLOUR = (*NO_MAGNITUDE, "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd", *ENHANCE)
 OPS = COLOUR[:3] + GEOMETRIC[:1] + COLOUR[3:] + GEOMETRIC[1:]  # timm's _RAND_INCREASING_TRANSFORMS, in its order
 
 
@@ -31,12 +27,8 @@ def _negate(value: float, generator: torch.Generator) -> float:
 
 
 def _colour(op: str, rgb: torch.Tensor, level: float, generator: torch.Generator) -> torch.Tensor:
-    if op == "AutoContrast":
-        return TF.autocontrast(rgb)
-    if op == "Equalize":
-        return TF.equalize(rgb)
-    if op == "Invert":
-        return TF.invert(rgb)
+    if op in NO_MAGNITUDE:
+        return NO_MAGNITUDE[op](rgb)
     if op == "PosterizeIncreasing":  # keep 4 down to 0 of the top bits; 0 bits is black, as in timm
         bits = 4 - int(level * 4)
         return TF.posterize(rgb, bits) if bits > 0 else torch.zeros_like(rgb)
@@ -44,14 +36,7 @@ def _colour(op: str, rgb: torch.Tensor, level: float, generator: torch.Generator
         return TF.solarize(rgb, 1.0 - level)
     if op == "SolarizeAdd":  # timm: add up to 110/255 below the mid-level threshold
         return torch.where(rgb < 0.5, (rgb + min(128, int(level * 110)) / 255).clamp(0, 1), rgb)
-    factor = max(0.1, 1.0 + _negate(level * 0.9, generator))
-    adjust = {
-        "ColorIncreasing": TF.adjust_saturation,
-        "ContrastIncreasing": TF.adjust_contrast,
-        "BrightnessIncreasing": TF.adjust_brightness,
-        "SharpnessIncreasing": TF.adjust_sharpness,
-    }[op]
-    return adjust(rgb, factor)
+    return ENHANCE[op](rgb, max(0.1, 1.0 + _negate(level * 0.9, generator)))
 
 
 def _geometric(op: str, x: torch.Tensor, level: float, fill: list[float], generator: torch.Generator):

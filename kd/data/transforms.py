@@ -52,13 +52,8 @@ class PairedTransform:
         height, width = rgb.shape[1:]
         size = [self.image_size] * 2 if self.image_size else [height, width]
         if self.train:
-            geometry = v2.Compose(
-                [
-                    v2.RandomResizedCrop(size, self.scale, (3 / 4, 4 / 3), antialias=True),
-                    v2.RandomHorizontalFlip(self.hflip),
-                    v2.RandomVerticalFlip(self.vflip),
-                ]
-            )
+            crop = v2.RandomResizedCrop(size, self.scale, (3 / 4, 4 / 3), antialias=True)
+            geometry = v2.Compose([crop, v2.RandomHorizontalFlip(self.hflip), v2.RandomVerticalFlip(self.vflip)])
             # v2 draws from the global RNG, which cannot be handed a generator: it is set to the sample's own in a
             # fork, so each view stays seeded per sample and the global RNG (dropout's) is left as it was
             with torch.random.fork_rng(devices=[], enabled=generator is not None):
