@@ -167,7 +167,18 @@ def read_manifest(path: Path, unlabeled: bool = False) -> list[tuple[str, str, s
     if not rows:
         raise UserError(f"{path} lists no images")
     check_classes(sorted({label for _, label, _ in rows}), str(path), "give its label column at least 2 classes")
-    _refuse_untrained_labels(path, rows, lines)
+    # a label only val/test rows have would get no class, and score 0 on them (no train rows: no split column, and
+    # the split drawn later is stratified; or a manifest without training rows)
+    trained = {label for _, label, split in rows if split == "train"}
+    untrained = [(line, label) for line, (_, label, _) in zip(lines, rows) if trained and label not in trained]
+    if untrained:
+        label = untrained[0][1]
+        at = [str(line) for line, other in untrained if other == label]
+        more = f" ({len(at) - 5} more)" if len(at) > 5 else ""
+        raise UserError(
+            f"{shown(path)}: the label {quote(label)} is on val/test rows only (lines {', '.join(at[:5])}{more}), "
+            "so no training row teaches it. Add training rows with that label, or fix or delete those rows."
+        )
     return rows
 
 
@@ -186,22 +197,6 @@ def _refuse_repeats(path: Path, rows: list[tuple[str, str, str | None]], kinds: 
             raise UserError(f"{where}{f' ({kinds[i]})' if kinds[i] else ''}: it would be used twice. Delete a row.")
         harm = "a val or test image would be trained on" if {"val", "test"} & {kinds[i], kinds[j]} else "used twice"
         raise UserError(f"{where}, as {kinds[j]} and as {kinds[i]}: {harm}. Delete one of the rows.")
-
-
-def _refuse_untrained_labels(path: Path, rows: list[tuple[str, str, str | None]], lines: list[int]) -> None:
-    """A label only val/test rows have would get no class, and score 0 on them."""
-    trained = {label for _, label, split in rows if split == "train"}
-    if rows[0][2] is None or not trained:  # split later (stratified: every class in each), or no training rows
-        return
-    untrained = [(line, label) for line, (_, label, _) in zip(lines, rows) if label not in trained]
-    if untrained:
-        label = untrained[0][1]
-        at = [str(line) for line, other in untrained if other == label]
-        more = f" ({len(at) - 5} more)" if len(at) > 5 else ""
-        raise UserError(
-            f"{shown(path)}: the label {quote(label)} is on val/test rows only (lines {', '.join(at[:5])}{more}), "
-            "so no training row teaches it. Add training rows with that label, or fix or delete those rows."
-        )
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:

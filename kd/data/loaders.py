@@ -3,7 +3,6 @@ A batch is {"rgb": B×3×H×W, "ms": B×C×H×W (when asked), "label": B, "key":
 
 import inspect
 import os
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,27 +25,22 @@ def prepare_data(cfg: DataConfig) -> None:
     """Write the demo set if asked, check the data is there, and draw the split file if one is needed. Run it on one
     process first (Accelerate's main_process_first) so the split file is drawn once."""
     source = Source.of(cfg)
-    if cfg.demo and not cfg.manifest:
-        _prepare_demo(source.root, cfg.demo_seed)
-    if not cfg.manifest and not os.path.isdir(source.root):  # os.path: False for a too-long path, no OSError
+    root = source.root
+    if cfg.demo and not cfg.manifest:  # written only where it may be: a mistyped data.root is named, not filled
+        if os.path.isdir(root / "train"):
+            check_demo_version(root)
+        elif os.path.isdir(root) and any(root.iterdir()) and not is_demo_set(root):
+            raise UserError(f"data.demo is true, but {shown(root)} holds other files; set data.demo=false to use them")
+        elif may_write_demo(root):
+            print(f"writing the synthetic demo dataset to {root} (seed {cfg.demo_seed})")
+            make_demo_dataset(root, seed=cfg.demo_seed)
+    if not cfg.manifest and not os.path.isdir(root):  # os.path: False for a too-long path, no OSError
         raise UserError(
-            f"data.root {shown(source.root)} does not exist. Set data.root to your images (<root>/<split>/<class>/"
+            f"data.root {shown(root)} does not exist. Set data.root to your images (<root>/<split>/<class>/"
             f"<image> or <root>/<class>/<image> folders), or leave data.root at {DEMO_ROOT} for the built-in demo set."
         )
     if layout_of(source).draws_split:
         list_split(source, "train")
-
-
-def _prepare_demo(root: Path, seed: int) -> None:
-    """Check the demo set at `root`, or write it if it may be; elsewhere leave `root` to prepare_data's checks, so a
-    mistyped data.root is named instead of filled with synthetic data."""
-    if os.path.isdir(root / "train"):
-        check_demo_version(root)
-    elif os.path.isdir(root) and any(root.iterdir()) and not is_demo_set(root):
-        raise UserError(f"data.demo is true, but {shown(root)} holds other files; set data.demo=false to use them")
-    elif may_write_demo(root):
-        print(f"writing the synthetic demo dataset to {root} (seed {seed})")
-        make_demo_dataset(root, seed=seed)
 
 
 def open_split(
