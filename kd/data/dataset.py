@@ -20,7 +20,6 @@ from kd.data.transforms import PairedTransform
 from kd.errors import UserError
 
 UNLABELED = -1  # the label of an unlabelled sample (kd/data/unlabeled.py)
-TORCHVISION_DECODES = (".jpg", ".jpeg", ".png")  # load_image(uint8=True) decodes these with torchvision.io
 
 
 @dataclass
@@ -116,14 +115,11 @@ class LeafDataset(Dataset):
             rgb = load_image(path, uint8)
         except FILE_ERRORS as e:
             raise UserError(f"cannot read image {path}: {e}") from None
-        ms = None
-        if self.with_ms:
-            ms_path = self.ms_files[path]
-            if ms_path is None:
-                ms = torch.zeros(self.zero_bands, *rgb.shape[1:])
-            else:
-                ms = torch.from_numpy(read_ms(ms_path, tuple(rgb.shape[1:]), self.ms_layout, self.ms_bands))
-        return rgb, ms, label
+        if not self.with_ms:
+            return rgb, None, label
+        if (ms_path := self.ms_files[path]) is None:
+            return rgb, torch.zeros(self.zero_bands, *rgb.shape[1:]), label
+        return rgb, torch.from_numpy(read_ms(ms_path, tuple(rgb.shape[1:]), self.ms_layout, self.ms_bands)), label
 
     def __getitem__(self, key: int) -> dict:
         """Sample `key % len(self)` of epoch `key // len(self)` (EpochSampler), its augmentation seeded by (seed,
@@ -132,9 +128,7 @@ class LeafDataset(Dataset):
         epoch, index = divmod(key, len(self))
         rgb, ms, label = self.read(index, uint8=True)  # PairedTransform crops and resizes RGB in uint8
         generator = torch.Generator().manual_seed(hash((self.augment_seed, epoch, index)) % 2**63)
-        sample = self.transform(rgb, ms, generator=generator)
-        sample["label"], sample["key"] = label, key
-        return sample
+        return {**self.transform(rgb, ms, generator=generator), "label": label, "key": key}
 
     def with_unlabeled(self, images: list[tuple[Path, str]]) -> "LeafDataset":
         """A copy with `images` ((base folder, relative path)) after its own samples, label UNLABELED."""
@@ -206,7 +200,7 @@ def load_image(path: Path, uint8: bool = False) -> torch.Tensor:
     """Float 3×H×W in [0, 1]; a broken file raises one of FILE_ERRORS. `uint8`: an 8-bit image comes as uint8, a JPEG
     or PNG decoded by torchvision (1.4-1.5x Pillow's decode and conversion; for PNGs the same pixels)."""
     require_regular(path)
-    if uint8 and Path(path).suffix.lower() in TORCHVISION_DECODES:
+    if uint8 and Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
         try:
             rgb = torchvision.io.decode_image(str(path), torchvision.io.ImageReadMode.RGB)
             if rgb.dtype == torch.uint8:

@@ -120,8 +120,7 @@ def read_one_folder(source: Source, split: str) -> Listing:
         check_classes(list(images), str(root), "add a <class> folder of images for each class")
         return {cls: [p.relative_to(root).as_posix() for p in files] for cls, files in images.items()}
 
-    path = Path(source.split_file) if source.split_file else root / "splits.json"
-    return _from_split_file(path, root, split, pool, source)
+    return _from_split_file(root, split, pool, source)
 
 
 def read_manifest_split(source: Source, split: str) -> Listing:
@@ -131,8 +130,7 @@ def read_manifest_split(source: Source, split: str) -> Listing:
         pool: dict[str, list[str]] = {}
         for rel, label, _ in rows:
             pool.setdefault(label, []).append(rel)
-        split_path = Path(source.split_file or path.parent / "splits.json")
-        return _from_split_file(split_path, path.parent, split, lambda: pool, source)
+        return _from_split_file(path.parent, split, lambda: pool, source)
     entries = [(rel, label) for rel, label, s in rows if s == split]
     return Listing(path.parent, entries, _sorted_labels({label for _, label, _ in rows}), f"{path} ({split})")
 
@@ -204,7 +202,8 @@ def _sorted_labels(labels: set[str]) -> list[str]:
     return sorted(labels, key=int) if all(s.isdigit() for s in labels) else sorted(labels)
 
 
-def _from_split_file(path: Path, base: Path, split: str, pool: Callable[[], dict], source: Source) -> Listing:
+def _from_split_file(base: Path, split: str, pool: Callable[[], dict], source: Source) -> Listing:
+    path = Path(source.split_file or base / "splits.json")
     if not path.is_file():
         write_split_file(path, pool(), source.val_fraction, source.test_fraction, source.split_seed)
     try:
@@ -245,8 +244,7 @@ def write_split_file(path: Path, pool: dict[str, list[str]], val_fraction: float
         n_val, n_test = (0 if f <= 0 else max(1, round(len(files) * f)) for f in (val_fraction, test_fraction))
         if n_val + n_test >= len(files):
             raise UserError(f"class '{cls}' has only {len(files)} images: too few for train, val and test splits")
-        order = rng.permutation(len(files))
-        for rank, i in enumerate(order):
+        for rank, i in enumerate(rng.permutation(len(files))):
             name = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
             split[name].append([files[i], cls])
     for name in SPLITS:

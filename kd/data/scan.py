@@ -33,10 +33,9 @@ def check_sample(dataset: LeafDataset, index: int) -> tuple[tuple[Path, str] | N
         return None, None, digest
     try:
         array, pages = load_ms(ms_path)
+        stack = ms_stack(array, pages, hw, dataset.ms_layout, dataset.ms_bands, ms_path)
     except FILE_ERRORS as e:
         return (ms_path, f"unreadable multispectral file ({e})"), None, None
-    try:
-        stack = ms_stack(array, pages, hw, dataset.ms_layout, dataset.ms_bands, ms_path)
     except UserError as e:
         return (ms_path, str(e)), None, None
     bad = int((~np.isfinite(stack)).sum())
