@@ -1,6 +1,5 @@
-"""RandAugment (Cubuk et al., 2020) with timm's `-inc1` ops and magnitudes, re-written rather than timm's so that
-every draw comes from the sample's own generator (bitwise repeatable runs, resumes and teacher caches) and the
-geometric ops move the MS bands with the RGB while the colour ops touch the RGB only."""
+"""RandAugment with timm's `-inc1` ops and magnitudes, not timm's own: every draw comes from the sample's generator
+(repeatable runs, resumes, teacher caches), and geometric ops move the MS bands with the RGB, colour ops RGB only."""
 
 import math
 
@@ -53,8 +52,7 @@ def _geometric(op: str, x: torch.Tensor, level: float, fill: list[float], genera
 
 
 class RandAugment:
-    """`spec.num_ops` ops drawn with replacement from `ops`, each applied with `spec.prob`, to a float C×H×W stack
-    (RGB, then MS). `fill`: the per-channel value of pixels a geometric op uncovers."""
+    """On a float C×H×W stack (RGB, then MS); `fill`: the per-channel value of pixels a geometric op uncovers."""
 
     def __init__(self, spec: RandAugmentSpec, ops: tuple[str, ...] = OPS):
         unknown = [op for op in ops if op not in OPS]

@@ -1,5 +1,4 @@
-"""LeafDataset: one split of leaf images with optional multispectral (MS) band stacks, and reading an image.
-A sample is {"rgb": 3×H×W, "ms": C×H×W (when asked), "label", "key"}."""
+"""LeafDataset: one split of leaf images (and MS stacks); a sample is {"rgb", "ms" (when asked), "label", "key"}."""
 
 import copy
 import warnings
@@ -24,8 +23,7 @@ UNLABELED = -1  # the label of an unlabelled sample (kd/data/unlabeled.py)
 
 @dataclass
 class InputSpec:
-    """What a model is fed (every checkpoint records its model's): square input side, RGB normalization and, for a
-    model that reads MS stacks, their per-band normalization and the bands picked."""
+    """What a model is fed: every checkpoint records its model's."""
 
     image_size: int | None  # None: each image at its stored size (loaders only; checkpoints always record one)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))  # timm's, when no model says
@@ -122,9 +120,8 @@ class LeafDataset(Dataset):
         return rgb, torch.from_numpy(read_ms(ms_path, tuple(rgb.shape[1:]), self.ms_layout, self.ms_bands)), label
 
     def __getitem__(self, key: int) -> dict:
-        """Sample `key % len(self)` of epoch `key // len(self)` (EpochSampler), its augmentation seeded by (seed,
-        epoch, sample): the same view whatever the worker count, after a resume, or when a teacher's output for it is
-        cached (kd.distill.cache finds its row by `key`)."""
+        """Sample `key % len(self)` of epoch `key // len(self)`, its view seeded by (seed, epoch, sample): the same
+        whatever the worker count, after a resume, or when a teacher's output for it is cached (by `key`)."""
         epoch, index = divmod(key, len(self))
         rgb, ms, label = self.read(index, uint8=True)  # PairedTransform crops and resizes RGB in uint8
         generator = torch.Generator().manual_seed(hash((self.augment_seed, epoch, index)) % 2**63)

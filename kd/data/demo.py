@@ -1,6 +1,5 @@
-"""The synthetic demo set: leaves on soil as RGB images plus 5-band MS stacks. Symptoms are clear in red-edge/NIR and
-subtle in RGB, so an RGB+MS teacher beats an RGB-only model and has something to teach an RGB student. As in the
-field, few training images are labelled (a few percent wrongly) and most are not."""
+"""The synthetic demo set: leaves on soil, RGB + 5-band MS, symptoms clear in red-edge/NIR and subtle in RGB (so an
+RGB+MS teacher has something to teach); as in the field, few images are labelled (a few percent wrongly)."""
 
 import json
 import os

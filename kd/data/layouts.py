@@ -1,6 +1,5 @@
-"""Which images make up each split: one reader per dataset layout (split folders, one folder split once by a saved
-seeded draw, a CSV manifest), in one table (LAYOUTS). Readers return paths relative to a base folder, so an image's
-MS stack is found at the same relative path under `ms_root`. A new layout: one reader and one row (docs/extending.md).
+"""Which images make up each split: one reader per layout (split folders, one folder split once by a saved seeded
+draw, a CSV manifest) in one table, LAYOUTS. Paths are relative to a base folder, so MS stacks can sit under `ms_root`.
 """
 
 import csv
@@ -62,8 +61,7 @@ def split_images(source: Source, splits: tuple[str, ...]) -> dict[Path, str]:
 
 
 def shown(value: object) -> str:
-    """str(value) for an error message, cut like kd.errors.quote when long (a 100k-character path must not make a
-    200 kB message)."""
+    """str(value), cut like kd.errors.quote when long: a 100k-character path must not make a 200 kB message."""
     text = str(value)
     return text if len(text) <= QUOTE_LIMIT else quote(text)
 
@@ -181,8 +179,7 @@ def read_manifest(path: Path, unlabeled: bool = False) -> list[tuple[str, str, s
 
 
 def _refuse_repeats(path: Path, rows: list[tuple[str, str, str | None]], kinds: list[str]) -> None:
-    """Refuse an image on two rows (compared resolved; a copy under another name is found by the scan's
-    refuse_leaks). `kinds`: each row's split, or "unlabelled"."""
+    """Refuse an image on two rows, compared resolved. `kinds`: each row's split, or "unlabelled"."""
     first: dict[str, int] = {}
     realpath = functools.cache(os.path.realpath)  # each folder once: every path of a large manifest takes seconds
     for i, (rel, _, _) in enumerate(rows):

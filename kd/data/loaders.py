@@ -1,5 +1,4 @@
-"""From a DataConfig to DataLoaders: prepare_data once, open_split (a scanned split), build_loader, resolve_input.
-A batch is {"rgb": B×3×H×W, "ms": B×C×H×W (when asked), "label": B, "key": B}."""
+"""From a DataConfig to DataLoaders: prepare_data once, open_split (a scanned split), build_loader, resolve_input."""
 
 import inspect
 import os
@@ -75,9 +74,8 @@ def build_loader(
     unlabeled: bool = False,
     mixing: Mixing | None = None,
 ) -> DataLoader:
-    """A DataLoader over one split, prepared as `spec` says; training loaders shuffle (seeded), augment and drop the
-    last partial batch, and may add the unlabelled images (`unlabeled`) and mix batches (`mixing`). `dataset`: an
-    already scanned split (open_split) to reuse; the loader gets a copy."""
+    """A DataLoader over one split as `spec` says; training ones shuffle (seeded), augment, drop the last partial
+    batch, may add the unlabelled images and mix batches. `dataset`: a scanned split to reuse (the loader copies it)."""
     unlabeled = unlabeled and train and has_unlabeled(cfg)
     augment = {key: getattr(cfg, key) for key in ("hflip", "vflip", "scale_min", "randaugment")}
     transform = PairedTransform(spec.image_size, train, spec.mean, spec.std, spec.ms_mean, spec.ms_std, **augment)

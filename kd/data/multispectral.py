@@ -1,5 +1,4 @@
-"""Multispectral (MS) band stacks: a .npy array (H×W×C, C×H×W or H×W) or a TIFF (one band per page, or one page of
-interleaved or planar samples), found, read and checked. Values are kept as stored: the band statistics normalize."""
+"""Multispectral (MS) band stacks, .npy or TIFF, found, read and checked; values kept as stored."""
 
 import json
 import math

@@ -62,9 +62,8 @@ def add_unlabeled(dataset: LeafDataset, cfg: DataConfig) -> LeafDataset:
 
 
 class ShareSampler(EpochSampler):
-    """Loader keys (as EpochSampler's) for batches of `labeled_per_batch` labelled samples (indices below `labeled`)
-    then `unlabeled_per_batch` unlabelled ones, each set shuffled per epoch (seed + epoch); Accelerate shards whole
-    batches, so each process's batch keeps the share."""
+    """Loader keys for batches of `labeled_per_batch` labelled samples (indices below `labeled`), then unlabelled
+    ones, each set shuffled per epoch; Accelerate shards whole batches, so each process's batch keeps the share."""
 
     def __init__(self, labeled: int, unlabeled: int, labeled_per_batch: int, unlabeled_per_batch: int, seed: int = 0):
         super().__init__(labeled + unlabeled, seed)
