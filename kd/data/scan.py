@@ -80,10 +80,7 @@ def refuse_leaks(dataset: LeafDataset, cfg: DataConfig) -> None:
     """Refuse a training or unlabelled image with a val or test image's bytes (a copy or a link): trained on, it
     makes the val/test scores measure memory."""
     seen = {path for path, _ in dataset.samples}  # the training split itself: not a leak
-    held_out = split_images(Source.of(cfg), ("val", "test"))
-    held_out = {path: split for path, split in held_out.items() if path not in seen}
-    if not held_out:
-        return
+    held_out = {p: split for p, split in split_images(Source.of(cfg), ("val", "test")).items() if p not in seen}
     with ThreadPoolExecutor(THREADS) as pool:
         digests = list(pool.map(_digest_or_none, held_out))
     split_of = {d: (path, split) for (path, split), d in zip(held_out.items(), digests) if d is not None}
