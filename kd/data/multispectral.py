@@ -125,8 +125,7 @@ def read_tiff(path: Path) -> tuple[np.ndarray, bool]:
         raise ValueError(f"damaged TIFF: {e or type(e).__name__}") from None
     if "S" in series.axes:  # samples per pixel: the bands of one page, interleaved (…YXS) or planar (SYX)
         return np.moveaxis(array, series.axes.index("S"), 0), True
-    # Pages of one band each, unless tifffile wrote the file from an array and recorded its shape ("shaped"):
-    # then the array is read back as it was, like a .npy.
+    # pages of one band each, unless tifffile wrote the array and recorded its shape ("shaped"): then as a .npy
     return array, array.ndim == 3 and series.kind != "shaped"
 
 
