@@ -1,11 +1,5 @@
-"""RandAugment (Cubuk et al., 2020) on a training view whose MS bands ride along with the RGB.
-
-timm's ops and magnitudes (its `rand_augment_transform` with the increasing-magnitude ops of `-inc1`), re-written
-for two reasons: every draw comes from the sample's own generator (kd.data.dataset.LeafDataset seeds one per
-(seed, epoch, sample)), so runs stay bitwise repeatable and a resume or a teacher cache sees the same view; and
-the geometric ops move the MS bands with the RGB, while the colour ops touch the RGB only (a band's reflectance has
-no "colour").
-"""
+"""RandAugment with timm's `-inc1` ops and magnitudes, not timm's own: every draw comes from the sample's generator
+(repeatable runs, resumes, teacher caches), and geometric ops move the MS bands with the RGB, colour ops RGB only."""
 
 import math
 
@@ -16,18 +10,14 @@ from kd.config_checks import RandAugmentSpec, parse_randaugment  # noqa: F401 (t
 
 BILINEAR = TF.InterpolationMode.BILINEAR
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-COLOUR = (
-    "AutoContrast",
-    "Equalize",
-    "Invert",
-    "PosterizeIncreasing",
-    "SolarizeIncreasing",
-    "SolarizeAdd",
-    "ColorIncreasing",
-    "ContrastIncreasing",
-    "BrightnessIncreasing",
-    "SharpnessIncreasing",
-)
+NO_MAGNITUDE = {"AutoContrast": TF.autocontrast, "Equalize": TF.equalize, "Invert": TF.invert}
+ENHANCE = {  # timm's enhancements by a factor 1 ± 0.9 level
+    "ColorIncreasing": TF.adjust_saturation,
+    "ContrastIncreasing": TF.adjust_contrast,
+    "BrightnessIncreasing": TF.adjust_brightness,
+    "SharpnessIncreasing": TF.adjust_sharpness,
+}
+COLOUR = (*NO_MAGNITUDE, "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd", *ENHANCE)
 OPS = COLOUR[:3] + GEOMETRIC[:1] + COLOUR[3:] + GEOMETRIC[1:]  # timm's _RAND_INCREASING_TRANSFORMS, in its order
 
 
@@ -36,13 +26,8 @@ def _negate(value: float, generator: torch.Generator) -> float:
 
 
 def _colour(op: str, rgb: torch.Tensor, level: float, generator: torch.Generator) -> torch.Tensor:
-    """One colour op on float RGB in [0, 1]; `level` is magnitude / 10."""
-    if op == "AutoContrast":
-        return TF.autocontrast(rgb)
-    if op == "Equalize":
-        return TF.equalize(rgb)
-    if op == "Invert":
-        return TF.invert(rgb)
+    if op in NO_MAGNITUDE:
+        return NO_MAGNITUDE[op](rgb)
     if op == "PosterizeIncreasing":  # keep 4 down to 0 of the top bits; 0 bits is black, as in timm
         bits = 4 - int(level * 4)
         return TF.posterize(rgb, bits) if bits > 0 else torch.zeros_like(rgb)
@@ -50,18 +35,10 @@ def _colour(op: str, rgb: torch.Tensor, level: float, generator: torch.Generator
         return TF.solarize(rgb, 1.0 - level)
     if op == "SolarizeAdd":  # timm: add up to 110/255 below the mid-level threshold
         return torch.where(rgb < 0.5, (rgb + min(128, int(level * 110)) / 255).clamp(0, 1), rgb)
-    factor = max(0.1, 1.0 + _negate(level * 0.9, generator))
-    adjust = {
-        "ColorIncreasing": TF.adjust_saturation,
-        "ContrastIncreasing": TF.adjust_contrast,
-        "BrightnessIncreasing": TF.adjust_brightness,
-        "SharpnessIncreasing": TF.adjust_sharpness,
-    }[op]
-    return adjust(rgb, factor)
+    return ENHANCE[op](rgb, max(0.1, 1.0 + _negate(level * 0.9, generator)))
 
 
 def _geometric(op: str, x: torch.Tensor, level: float, fill: list[float], generator: torch.Generator):
-    """One geometric op on the whole C×H×W stack (RGB and MS together, so they stay pixel-aligned)."""
     angle, translate, shear = 0.0, [0, 0], [0.0, 0.0]
     if op == "Rotate":
         angle = _negate(level * 30.0, generator)
@@ -75,11 +52,7 @@ def _geometric(op: str, x: torch.Tensor, level: float, fill: list[float], genera
 
 
 class RandAugment:
-    """`spec.num_ops` ops drawn with replacement from `ops` (timm's 15 by default), each applied with `spec.prob`.
-
-    Called on a C×H×W float stack in [0, 1] whose first 3 channels are RGB and the rest MS bands. `fill` is the
-    per-channel value of pixels a geometric op uncovers: the normalization mean, so they normalize to 0.
-    """
+    """On a float C×H×W stack (RGB, then MS); `fill`: the per-channel value of pixels a geometric op uncovers."""
 
     def __init__(self, spec: RandAugmentSpec, ops: tuple[str, ...] = OPS):
         unknown = [op for op in ops if op not in OPS]

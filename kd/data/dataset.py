@@ -1,9 +1,4 @@
-"""LeafDataset: one split of leaf images with optional multispectral (MS) band stacks, and reading an image.
-
-Which images make up a split comes from kd/data/layouts.py. The MS stack of an image is <image>.npy (H×W×C or
-C×H×W) or a multi-band <image>.tif, beside it or at the same relative path under `ms_root` (kd/data/multispectral.py).
-A sample is {"rgb": 3×H×W, "ms": C×H×W (when asked), "label", "key"}.
-"""
+"""LeafDataset: one split of leaf images (and MS stacks); a sample is {"rgb", "ms" (when asked), "label", "key"}."""
 
 import copy
 import warnings
@@ -16,7 +11,7 @@ import torchvision.io
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from kd.data.layouts import IMAGE_SUFFIXES, Source, list_split, shown
 from kd.data.multispectral import FILE_ERRORS, band_indices, find_ms, read_ms, require_regular
@@ -24,14 +19,11 @@ from kd.data.transforms import PairedTransform
 from kd.errors import UserError
 
 UNLABELED = -1  # the label of an unlabelled sample (kd/data/unlabeled.py)
-TORCHVISION_DECODES = (".jpg", ".jpeg", ".png")  # load_image(uint8=True) decodes these with torchvision.io
 
 
 @dataclass
 class InputSpec:
-    """What a model is fed, as the loaders prepare it: the side of its square input, the RGB normalization and, for
-    a model that also reads MS band stacks, their per-band normalization and the bands picked from each stack.
-    Every checkpoint records its model's in its metadata."""
+    """What a model is fed: every checkpoint records its model's."""
 
     image_size: int | None  # None: each image at its stored size (loaders only; checkpoints always record one)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_DEFAULT_MEAN))  # timm's, when no model says
@@ -45,17 +37,31 @@ class InputSpec:
         return self.ms_mean is not None
 
     def rgb(self) -> dict:
-        """{"image_size", "mean", "std"}: the part kd.distill.teachers.adapt_view converts between."""
+        """The part kd.distill.teachers.adapt_view converts between."""
         return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
 
 
-class LeafDataset(Dataset):
-    """One split of a leaf-image dataset; with `with_ms`, also each image's MS band stack.
+class EpochSampler(Sampler):
+    """A seeded shuffle per epoch yielding epoch * n + index: the dataset knows each sample's epoch (for its
+    augmentation seed) even inside persistent workers."""
 
-    `samples` is [(image path, label)]; `ms_files` maps an image path to its MS file (None: missing, zero-filled with
-    `zero_bands` bands). The keyword options are DataConfig's fields of the same names, validated there.
-    kd.data.scan.scan_dataset fills `digests` and `zero_bands` and drops the samples of bad files.
-    """
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return iter((self.epoch * self.size + order).tolist())
+
+
+class LeafDataset(Dataset):
+    """`samples`: [(image path, label)]; `ms_files`: image path -> MS file (None: zero-filled with `zero_bands`
+    bands). Keyword options: DataConfig's fields, validated there. scan_dataset fills `digests` and `zero_bands`."""
 
     def __init__(
         self,
@@ -101,37 +107,28 @@ class LeafDataset(Dataset):
         return len(self.samples)
 
     def read(self, index: int, uint8: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """The untransformed sample: RGB as float 3×H×W in [0, 1] (`uint8`: as uint8 0-255 when the image has 8
-        bits per channel), MS as float C×H×W (or None), label."""
+        """The untransformed (RGB, MS or None, label); `uint8`: see load_image."""
         path, label = self.samples[index]
         try:
             rgb = load_image(path, uint8)
         except FILE_ERRORS as e:
             raise UserError(f"cannot read image {path}: {e}") from None
-        ms = None
-        if self.with_ms:
-            ms_path = self.ms_files[path]
-            if ms_path is None:
-                ms = torch.zeros(self.zero_bands, *rgb.shape[1:])
-            else:
-                ms = torch.from_numpy(read_ms(ms_path, tuple(rgb.shape[1:]), self.ms_layout, self.ms_bands))
-        return rgb, ms, label
+        if not self.with_ms:
+            return rgb, None, label
+        if (ms_path := self.ms_files[path]) is None:
+            return rgb, torch.zeros(self.zero_bands, *rgb.shape[1:]), label
+        return rgb, torch.from_numpy(read_ms(ms_path, tuple(rgb.shape[1:]), self.ms_layout, self.ms_bands)), label
 
     def __getitem__(self, key: int) -> dict:
-        """Sample `key % len(self)`; with an EpochSampler, `key // len(self)` is the epoch, and the augmentation is
-        drawn from a generator seeded by (seed, epoch, sample): the same view whatever the worker count, after a
-        resume, or when a teacher's output for it is cached. The sample carries `key`: kd.distill.cache finds its row by
-        it."""
+        """Sample `key % len(self)` of epoch `key // len(self)`, its view seeded by (seed, epoch, sample): the same
+        whatever the worker count, after a resume, or when a teacher's output for it is cached (by `key`)."""
         epoch, index = divmod(key, len(self))
         rgb, ms, label = self.read(index, uint8=True)  # PairedTransform crops and resizes RGB in uint8
         generator = torch.Generator().manual_seed(hash((self.augment_seed, epoch, index)) % 2**63)
-        sample = self.transform(rgb, ms, generator=generator)
-        sample["label"], sample["key"] = label, key
-        return sample
+        return {**self.transform(rgb, ms, generator=generator), "label": label, "key": key}
 
     def with_unlabeled(self, images: list[tuple[Path, str]]) -> "LeafDataset":
-        """A copy with `images` ((base folder, path relative to it)) after its own samples, label UNLABELED, their
-        MS files found as for its own: beside the image, or at the same relative path under data.ms_root."""
+        """A copy with `images` ((base folder, relative path)) after its own samples, label UNLABELED."""
         merged = copy.copy(self)
         merged.samples = self.samples + [(base / rel, UNLABELED) for base, rel in images]
         merged.ms_files = dict(self.ms_files)
@@ -140,18 +137,12 @@ class LeafDataset(Dataset):
         return merged
 
     def view(self, transform: PairedTransform, augment_seed: int) -> "LeafDataset":
-        """A copy that makes its views with `transform`, its augmentation seeded by `augment_seed`."""
         out = copy.copy(self)
         out.transform, out.augment_seed = transform, augment_seed
         return out
 
-    def drop(self, indices: set[int]) -> None:
-        """Leave out the samples `indices` (their files are bad: data.on_bad_file=skip)."""
-        self.samples = [s for i, s in enumerate(self.samples) if i not in indices]
-
     def _find_ms(self, images: list[tuple[Path, str]], what: str) -> None:
-        """Look up the MS file of each of `images` (`what`: whose, for messages); refuse (or warn once about) those
-        without one, as data.ms_missing says."""
+        """Find each image's MS file; refuse (or warn about) those without one, as data.ms_missing says."""
         missing = []  # where each absent MS file was looked for
         for base, rel in images:
             stem = self._ms_root / rel if self._ms_root else base / rel
@@ -178,10 +169,7 @@ class LeafDataset(Dataset):
 
 
 def ms_statistics(dataset: LeafDataset, max_samples: int = 256) -> tuple[list[float], list[float]]:
-    """Per-band mean and std of the MS stacks, from (a seeded subsample of) the training split only.
-
-    Zero-filled stacks (missing MS files) are left out: they would drag the mean towards 0.
-    """
+    """Per-band MS mean and std of a seeded subsample; zero-filled stacks are left out (they drag the mean to 0)."""
     usable = [i for i, (path, _) in enumerate(dataset.samples) if dataset.ms_files.get(path) is not None]
     if not usable:
         raise UserError("ms_statistics needs a dataset built with with_ms=True that has multispectral files")
@@ -206,13 +194,10 @@ def ms_statistics(dataset: LeafDataset, max_samples: int = 256) -> tuple[list[fl
 
 
 def load_image(path: Path, uint8: bool = False) -> torch.Tensor:
-    """The image at `path`, decoded in full, as float 3×H×W in [0, 1]; a broken file raises one of FILE_ERRORS.
-
-    `uint8`: an image with 8 bits per channel comes as uint8 3×H×W (0-255) instead. A JPEG or PNG is then decoded by
-    torchvision (libjpeg-turbo, libpng: 1.4-1.5x Pillow's decode and conversion; for PNGs the same pixels); what it
-    does not decode to 8-bit RGB, Pillow does. 16-bit, 32-bit and float images stay float in [0, 1]."""
+    """Float 3×H×W in [0, 1]; a broken file raises one of FILE_ERRORS. `uint8`: an 8-bit image comes as uint8, a JPEG
+    or PNG decoded by torchvision (1.4-1.5x Pillow's decode and conversion; for PNGs the same pixels)."""
     require_regular(path)
-    if uint8 and Path(path).suffix.lower() in TORCHVISION_DECODES:
+    if uint8 and Path(path).suffix.lower() in (".jpg", ".jpeg", ".png"):
         try:
             rgb = torchvision.io.decode_image(str(path), torchvision.io.ImageReadMode.RGB)
             if rgb.dtype == torch.uint8:
@@ -226,25 +211,21 @@ def load_image(path: Path, uint8: bool = False) -> torch.Tensor:
 
 
 def decoded_size(path: Path) -> tuple[int, int]:
-    """(height, width) of the image at `path` after decoding all of it, as the start-up scan needs: a truncated or
-    out-of-range file raises one of FILE_ERRORS. Faster than load_image: it makes no float tensor."""
+    """(height, width) after decoding all of it (a broken file raises one of FILE_ERRORS), with no float tensor."""
     require_regular(path)
     with Image.open(path) as im:
         hw = im.height, im.width
         if _wide(im):
             _wide_gray(im)  # checks the range
         else:
-            # JPEG: decode at 1/8 scale. Every byte is still read (truncation is still found), but most of the inverse
-            # DCT is skipped: 1.5x faster on 500 px photos. Other formats ignore draft().
+            # JPEG at 1/8 scale: every byte still read (truncation found), most of the IDCT skipped: 1.5x faster
             im.draft(im.mode, (im.width // 8, im.height // 8))
             im.load()
     return hw
 
 
 def image_tensor(im: Image.Image) -> torch.Tensor:
-    """Any image Pillow opens as float 3×H×W in [0, 1]: integers are divided by the top value of their bit depth,
-    alpha is dropped, a palette is expanded, one gray channel is repeated. Float (mode F) pixels are taken as they
-    are and must lie in [0, 1]."""
+    """Any image Pillow opens as float 3×H×W in [0, 1] (integers over their bit depth's top; float must be in it)."""
     if _wide(im):
         return _wide_gray(im).expand(3, -1, -1).contiguous()
     return TF.to_dtype(TF.pil_to_tensor(im.convert("RGB")), torch.float32, scale=True)
@@ -256,7 +237,6 @@ def _wide(im: Image.Image) -> bool:
 
 
 def _wide_gray(im: Image.Image) -> torch.Tensor:
-    """A 16/32-bit or float gray image as H×W in [0, 1]; ValueError when its values do not fit there."""
     array = np.asarray(im)
     top = 1.0 if array.dtype.kind == "f" else np.iinfo(array.dtype).max
     gray = torch.from_numpy((array.astype(np.float64) / top).astype(np.float32))

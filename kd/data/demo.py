@@ -1,10 +1,5 @@
-"""The synthetic demo set: leaves on soil with class-specific symptoms, as RGB images plus 5-band MS stacks.
-
-Symptoms are clear in red-edge/NIR for every diseased leaf and subtle in RGB, so an RGB+MS teacher beats an
-RGB-only model of the same backbone and still has something an RGB student can learn from it. As in the field, few
-training images are labelled (a few percent of those labels wrong) and most are not: the teacher labels the
-unlabelled pool for the student. `kd.data.dataset` re-exports `make_demo_dataset`.
-"""
+"""The synthetic demo set: leaves on soil, RGB + 5-band MS, symptoms clear in red-edge/NIR and subtle in RGB (so an
+RGB+MS teacher has something to teach); as in the field, few images are labelled (a few percent wrongly)."""
 
 import json
 import os
@@ -95,12 +90,8 @@ def make_demo_dataset(
     label_noise: float = 0.03,
     unlabeled_per_class: int = 200,
 ) -> Path:
-    """Write a seeded synthetic leaf-disease set: <root>/{train,val,test}/<class>/<n>.png + <n>.npy (5 bands), and
-    <root>/unlabeled/<n>.png + .npy: `unlabeled_per_class` more training leaves of each class, shuffled, no labels.
-
-    `per_class` counts the labelled images of train, val and test per class. `label_noise` of the training labels
-    are flipped to a random other class, as in hand-labelled field data.
-    """
+    """Write <root>/{train,val,test}/<class>/<n>.png + .npy (`per_class` of each) and <root>/unlabeled/<n>.png + .npy,
+    seeded; `label_noise` of the training labels are flipped to a random other class."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     for split, count in zip(("train", "val", "test"), per_class):
@@ -128,16 +119,15 @@ def make_demo_dataset(
 
 
 def may_write_demo(root: str | Path) -> bool:
-    """Whether the demo set may be written at `root`: the demo's own folder (data/demo, however spelled), or a folder
-    that already holds one (its bands.json). Anywhere else a mistyped data.root would silently get 99 MB of
-    synthetic leaves and a run trained on them."""
+    """Only at data/demo (however spelled) or over a demo set: elsewhere a mistyped data.root would silently get
+    99 MB of synthetic leaves and a run trained on them."""
     root = Path(root)
     home = os.path.normpath(root) == os.path.normpath(DEMO_ROOT) or root.resolve() == Path(DEMO_ROOT).resolve()
     return home or is_demo_set(root)
 
 
 def is_demo_set(root: Path) -> bool:
-    """Whether `root` holds the marker make_demo_dataset writes: a bands.json naming the demo's bands and its seed."""
+    """Whether `root` holds make_demo_dataset's marker: a bands.json naming the demo's bands and its seed."""
     try:
         info = json.loads((root / "bands.json").read_text())
     except (OSError, ValueError):  # none, or not JSON: a user's own folder
@@ -146,7 +136,7 @@ def is_demo_set(root: Path) -> bool:
 
 
 def check_demo_version(root: str | Path) -> None:
-    """Refuse a demo folder written by another version of `make_demo_dataset`: its results are not comparable."""
+    """Refuse a demo folder of another version: its results are not comparable."""
     info = Path(root) / "bands.json"
     version = json.loads(info.read_text()).get("version", 1) if info.is_file() else 1
     if version != DEMO_VERSION:

@@ -1,25 +1,13 @@
-"""Which images make up each split, and their classes: one reader per dataset layout, in one table (LAYOUTS).
-
-1. Split folders:  <root>/{train,val,test}/<class>/<image>  (PlantVillage as distributed, and the demo set).
-2. One folder:     <root>/<class>/<image>, split once by a seeded, stratified draw saved to a split file
-                   (<root>/splits.json by default) that every later run and evaluate.py reuse.
-3. A CSV manifest: `path,label[,split]` with paths relative to the CSV; without a split column it is split like 2.
-
-Every reader returns paths relative to a base folder (the root, or the CSV's folder), so the MS stack of an
-image can be looked up at the same relative path under a parallel `ms_root`.
-
-A new layout is one reader `read_x(source: Source, split: str) -> Listing` (raise UserError for what is missing or
-wrong, saying how to fix it) plus one LAYOUTS row: the test that recognises the layout, the reader, and whether the
-reader may draw a split file (prepare_data then reads once, on the main process). Rows are tried in order, so put
-the new one before the rows that would also claim its data. A setting of its own is one more DataConfig field and
-one more Source field.
+"""Which images make up each split: one reader per layout (split folders, one folder split once by a saved seeded
+draw, a CSV manifest) in one table, LAYOUTS. Paths are relative to a base folder, so MS stacks can sit under `ms_root`.
 """
 
 import csv
+import functools
 import json
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +23,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Source:
-    """Where a dataset is and how a split file is drawn: DataConfig's fields of the same names."""
+    """DataConfig's fields of the same names."""
 
     root: Path
     manifest: str | Path = ""
@@ -57,12 +45,11 @@ class Listing(NamedTuple):
 
 
 def list_split(source: Source, split: str) -> Listing:
-    """The images of `split` in whichever layout `source` has."""
     return layout_of(source).read(source, split)
 
 
 def split_images(source: Source, splits: tuple[str, ...]) -> dict[Path, str]:
-    """{image path: split} of `splits`; a split the data lacks (no test folder) is left out."""
+    """{image path: split}; a split the data lacks is left out."""
     out = {}
     for split in splits:
         try:
@@ -74,8 +61,7 @@ def split_images(source: Source, splits: tuple[str, ...]) -> dict[Path, str]:
 
 
 def shown(value: object) -> str:
-    """str(value) for an error message, as it is unless it is long: then cut, as kd.errors.quote cuts it (a
-    100k-character path must not make a 200 kB message)."""
+    """str(value), cut like kd.errors.quote when long: a 100k-character path must not make a 200 kB message."""
     text = str(value)
     return text if len(text) <= QUOTE_LIMIT else quote(text)
 
@@ -87,21 +73,19 @@ def check_classes(classes: list[str], where: str, fix: str) -> None:
         raise UserError(f"{where} has {found}: classification needs at least 2 classes; {fix}")
 
 
-def class_images(folder: Path) -> dict[str, list[Path]]:
-    """{class: sorted image paths} for <folder>/<class>/<image>.
+def image_files(paths: Iterable[Path]) -> list[Path]:
+    """The images among `paths`, sorted. Not only regular files: a FIFO named like an image is listed, and the scan
+    names it as bad. A .tif/.tiff sharing its stem with another image is that image's MS stack, not an image."""
+    files = sorted(p for p in paths if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    plain = {p.with_suffix("") for p in files if p.suffix.lower() not in (".tif", ".tiff")}
+    return [p for p in files if p.suffix.lower() not in (".tif", ".tiff") or p.with_suffix("") not in plain]
 
-    A .tif/.tiff that shares its stem with another image in the same folder is that image's multispectral stack,
-    not an image of its own.
-    """
+
+def class_images(folder: Path) -> dict[str, list[Path]]:
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"{folder} has no class folders: expected {folder}/<class>/<image>")
-    out = {}
-    for d in classes:
-        # not only regular files: a FIFO or socket named like an image is listed, and the scan names it as bad
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
-        plain = {p.stem for p in files if p.suffix.lower() not in (".tif", ".tiff")}
-        out[d.name] = [p for p in files if p.suffix.lower() not in (".tif", ".tiff") or p.stem not in plain]
+    out = {d.name: image_files(d.iterdir()) for d in classes}
     empty = [name for name, images in out.items() if not images]
     if empty and len(empty) < len(out):  # all empty is reported by the caller as "no images"
         raise UserError(
@@ -109,10 +93,6 @@ def class_images(folder: Path) -> dict[str, list[Path]]:
             f"({', '.join(IMAGE_SUFFIXES)}): add images or remove the folder, or the model gets a class it cannot learn"
         )
     return out
-
-
-def has_split_folders(source: Source) -> bool:
-    return any((source.root / s).is_dir() for s in SPLITS)
 
 
 def read_split_folders(source: Source, split: str) -> Listing:
@@ -138,8 +118,7 @@ def read_one_folder(source: Source, split: str) -> Listing:
         check_classes(list(images), str(root), "add a <class> folder of images for each class")
         return {cls: [p.relative_to(root).as_posix() for p in files] for cls, files in images.items()}
 
-    path = Path(source.split_file) if source.split_file else root / "splits.json"
-    return _from_split_file(path, root, split, pool, source)
+    return _from_split_file(root, split, pool, source)
 
 
 def read_manifest_split(source: Source, split: str) -> Listing:
@@ -149,16 +128,14 @@ def read_manifest_split(source: Source, split: str) -> Listing:
         pool: dict[str, list[str]] = {}
         for rel, label, _ in rows:
             pool.setdefault(label, []).append(rel)
-        split_path = Path(source.split_file or path.parent / "splits.json")
-        return _from_split_file(split_path, path.parent, split, lambda: pool, source)
+        return _from_split_file(path.parent, split, lambda: pool, source)
     entries = [(rel, label) for rel, label, s in rows if s == split]
     return Listing(path.parent, entries, _sorted_labels({label for _, label, _ in rows}), f"{path} ({split})")
 
 
 def read_manifest(path: Path, unlabeled: bool = False) -> list[tuple[str, str, str | None]]:
-    """Rows (path, label, split or None) of a CSV with the header `path,label[,split]`. A row with an empty label
-    (and an empty or train split) is an unlabelled training image: left out, or with `unlabeled` the only rows
-    returned (kd/data/unlabeled.py)."""
+    """Rows (path, label, split or None). A row without a label (split empty or train) is an unlabelled training
+    image: left out, or with `unlabeled` the only rows returned."""
     if not path.is_file():
         raise UserError(f"data.manifest {shown(path)} does not exist")
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel starts its UTF-8 CSVs with a BOM
@@ -186,22 +163,28 @@ def read_manifest(path: Path, unlabeled: bool = False) -> list[tuple[str, str, s
     if not rows:
         raise UserError(f"{path} lists no images")
     check_classes(sorted({label for _, label, _ in rows}), str(path), "give its label column at least 2 classes")
-    _refuse_untrained_labels(path, rows, lines)
+    # a label only val/test rows have would get no class, and score 0 on them (no train rows: no split column, and
+    # the split drawn later is stratified; or a manifest without training rows)
+    trained = {label for _, label, split in rows if split == "train"}
+    untrained = [(line, label) for line, (_, label, _) in zip(lines, rows) if trained and label not in trained]
+    if untrained:
+        label = untrained[0][1]
+        at = [str(line) for line, other in untrained if other == label]
+        more = f" ({len(at) - 5} more)" if len(at) > 5 else ""
+        raise UserError(
+            f"{shown(path)}: the label {quote(label)} is on val/test rows only (lines {', '.join(at[:5])}{more}), "
+            "so no training row teaches it. Add training rows with that label, or fix or delete those rows."
+        )
     return rows
 
 
 def _refuse_repeats(path: Path, rows: list[tuple[str, str, str | None]], kinds: list[str]) -> None:
-    """Refuse an image on two rows: in one split it trains (or counts) twice; in two, a val or test image is
-    trained on and its score measures memory. `kinds`: each row's split, or "unlabelled". Paths are compared
-    resolved (the folder's symlinks followed, ./ and ../ removed); a copy under another name is found by its
-    content, in the scan (kd.data.scan.refuse_leaks)."""
+    """Refuse an image on two rows, compared resolved. `kinds`: each row's split, or "unlabelled"."""
     first: dict[str, int] = {}
-    folders: dict[str, str] = {}  # each folder resolved once: resolving every path of a large manifest takes seconds
+    realpath = functools.cache(os.path.realpath)  # each folder once: every path of a large manifest takes seconds
     for i, (rel, _, _) in enumerate(rows):
         head, name = os.path.split(os.path.join(path.parent, rel))
-        if head not in folders:
-            folders[head] = os.path.realpath(head)
-        j = first.setdefault(os.path.join(folders[head], name), i)
+        j = first.setdefault(os.path.join(realpath(head), name), i)
         if j == i:
             continue
         where = f"lines {j + 2} and {i + 2} of {shown(path)} both list the image {shown(rel)}"
@@ -211,28 +194,13 @@ def _refuse_repeats(path: Path, rows: list[tuple[str, str, str | None]], kinds: 
         raise UserError(f"{where}, as {kinds[j]} and as {kinds[i]}: {harm}. Delete one of the rows.")
 
 
-def _refuse_untrained_labels(path: Path, rows: list[tuple[str, str, str | None]], lines: list[int]) -> None:
-    """Refuse a label that only val/test rows have: the model would get no class for it and score 0 on them."""
-    trained = {label for _, label, split in rows if split == "train"}
-    if rows[0][2] is None or not trained:  # split later (stratified: every class in each), or no training rows
-        return
-    untrained = [(line, label) for line, (_, label, _) in zip(lines, rows) if label not in trained]
-    if untrained:
-        label = untrained[0][1]
-        at = [str(line) for line, other in untrained if other == label]
-        more = f" ({len(at) - 5} more)" if len(at) > 5 else ""
-        raise UserError(
-            f"{shown(path)}: the label {quote(label)} is on val/test rows only (lines {', '.join(at[:5])}{more}), "
-            "so no training row teaches it. Add training rows with that label, or fix or delete those rows."
-        )
-
-
 def _sorted_labels(labels: set[str]) -> list[str]:
     # numeric labels ("2", "10") sort as numbers, so class 10 does not land between 1 and 2
     return sorted(labels, key=int) if all(s.isdigit() for s in labels) else sorted(labels)
 
 
-def _from_split_file(path: Path, base: Path, split: str, pool: Callable[[], dict], source: Source) -> Listing:
+def _from_split_file(base: Path, split: str, pool: Callable[[], dict], source: Source) -> Listing:
+    path = Path(source.split_file or base / "splits.json")
     if not path.is_file():
         write_split_file(path, pool(), source.val_fraction, source.test_fraction, source.split_seed)
     try:
@@ -259,23 +227,21 @@ def _from_split_file(path: Path, base: Path, split: str, pool: Callable[[], dict
 
 
 def _describe(split: dict) -> str:
-    fractions = f"val_fraction {split.get('val_fraction')}, test_fraction {split.get('test_fraction')}"
-    return f"{fractions}, seed {split.get('seed')}"
+    return ", ".join(f"{key} {split.get(key)}" for key in ("val_fraction", "test_fraction", "seed"))
 
 
 def write_split_file(path: Path, pool: dict[str, list[str]], val_fraction: float, test_fraction: float, seed: int):
-    """Draw a stratified split (each class in every split, by the same fractions) and save it as JSON. The
-    fractions are DataConfig's, checked there."""
+    """Draw a stratified split (each class in every split) and save it as JSON; fractions checked by DataConfig."""
     rng = np.random.default_rng(seed)
     split: dict = {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
     split.update(classes=_sorted_labels(set(pool)), train=[], val=[], test=[])
     for cls in split["classes"]:
         files = sorted(pool[cls])
-        n_val, n_test = _share(len(files), val_fraction), _share(len(files), test_fraction)
+        # at least one image per class in a split that is asked for, so every class is validated and tested
+        n_val, n_test = (0 if f <= 0 else max(1, round(len(files) * f)) for f in (val_fraction, test_fraction))
         if n_val + n_test >= len(files):
             raise UserError(f"class '{cls}' has only {len(files)} images: too few for train, val and test splits")
-        order = rng.permutation(len(files))
-        for rank, i in enumerate(order):
+        for rank, i in enumerate(rng.permutation(len(files))):
             name = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
             split[name].append([files[i], cls])
     for name in SPLITS:
@@ -287,11 +253,6 @@ def write_split_file(path: Path, pool: dict[str, list[str]], val_fraction: float
     print(f"wrote a new stratified split to {path} ({_describe(split)}); later runs reuse it")
 
 
-def _share(n: int, fraction: float) -> int:
-    # at least one image per class in a split that is asked for, so every class is validated and tested
-    return 0 if fraction <= 0 else max(1, round(n * fraction))
-
-
 class Layout(NamedTuple):
     found: Callable[[Source], bool]  # whether the data at `source` is laid out this way
     read: Callable[[Source, str], Listing]  # the images of one split
@@ -300,7 +261,9 @@ class Layout(NamedTuple):
 
 LAYOUTS = {  # tried in order: the first layout found reads the data
     "manifest": Layout(lambda source: bool(source.manifest), read_manifest_split, draws_split=True),
-    "split_folders": Layout(has_split_folders, read_split_folders, draws_split=False),
+    "split_folders": Layout(
+        lambda source: any((source.root / s).is_dir() for s in SPLITS), read_split_folders, draws_split=False
+    ),
     "one_folder": Layout(lambda source: True, read_one_folder, draws_split=True),
 }
 

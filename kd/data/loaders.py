@@ -1,16 +1,13 @@
-"""From a DataConfig to DataLoaders: prepare_data (demo set, split file) once, open_split (a scanned split),
-build_loader (transform, sampler, unlabelled images, mixing), resolve_input (the model's input size and
-normalization). A batch is {"rgb": B×3×H×W, "ms": B×C×H×W (when asked), "label": B, "key": B}.
-"""
+"""From a DataConfig to DataLoaders: prepare_data once, open_split (a scanned split), build_loader, resolve_input."""
 
+import inspect
 import os
-from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from kd.config import DataConfig
-from kd.data.dataset import InputSpec, LeafDataset
+from kd.data.dataset import EpochSampler, InputSpec, LeafDataset
 from kd.data.demo import DEMO_ROOT, check_demo_version, is_demo_set, make_demo_dataset, may_write_demo
 from kd.data.layouts import Source, layout_of, list_split, shown
 from kd.data.mixing import Mixing, MixingCollate
@@ -20,65 +17,29 @@ from kd.data.unlabeled import ShareSampler, add_unlabeled, has_unlabeled
 from kd.errors import UserError
 
 # DataConfig's fields that LeafDataset takes as keyword options
-DATASET_OPTIONS = (
-    "manifest",
-    "split_file",
-    "val_fraction",
-    "test_fraction",
-    "split_seed",
-    "ms_root",
-    "ms_bands",
-    "ms_missing",
-    "ms_layout",
-)
-
-
-class EpochSampler(Sampler):
-    """A seeded shuffle per epoch that yields epoch * n + index, so the dataset knows the epoch of each sample
-    (for its per-sample augmentation seed) even inside persistent workers."""
-
-    def __init__(self, size: int, seed: int = 0):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        return iter((self.epoch * self.size + order).tolist())
+DATASET_OPTIONS = [p.name for p in inspect.signature(LeafDataset).parameters.values() if p.kind == p.KEYWORD_ONLY]
 
 
 def prepare_data(cfg: DataConfig) -> None:
-    """Write the demo set if asked, absent and at its own folder (kd.data.demo.may_write_demo), check the data is there,
-    and make the split file if one is needed.
-
-    Run it on one process first (Accelerate's main_process_first) so the split file is drawn once.
-    """
+    """Write the demo set if asked, check the data is there, and draw the split file if one is needed. Run it on one
+    process first (Accelerate's main_process_first) so the split file is drawn once."""
     source = Source.of(cfg)
-    if cfg.demo and not cfg.manifest:
-        _prepare_demo(source.root, cfg.demo_seed)
-    if not cfg.manifest and not os.path.isdir(source.root):  # os.path: False for a too-long path, no OSError
+    root = source.root
+    if cfg.demo and not cfg.manifest:  # written only where it may be: a mistyped data.root is named, not filled
+        if os.path.isdir(root / "train"):
+            check_demo_version(root)
+        elif os.path.isdir(root) and any(root.iterdir()) and not is_demo_set(root):
+            raise UserError(f"data.demo is true, but {shown(root)} holds other files; set data.demo=false to use them")
+        elif may_write_demo(root):
+            print(f"writing the synthetic demo dataset to {root} (seed {cfg.demo_seed})")
+            make_demo_dataset(root, seed=cfg.demo_seed)
+    if not cfg.manifest and not os.path.isdir(root):  # os.path: False for a too-long path, no OSError
         raise UserError(
-            f"data.root {shown(source.root)} does not exist. Set data.root to your images (<root>/<split>/<class>/"
+            f"data.root {shown(root)} does not exist. Set data.root to your images (<root>/<split>/<class>/"
             f"<image> or <root>/<class>/<image> folders), or leave data.root at {DEMO_ROOT} for the built-in demo set."
         )
     if layout_of(source).draws_split:
         list_split(source, "train")
-
-
-def _prepare_demo(root: Path, seed: int) -> None:
-    """Check the demo set at `root`, or write it there if it may be (kd.data.demo.may_write_demo); elsewhere leave
-    `root` to prepare_data's checks, so a mistyped data.root is named instead of filled with synthetic data."""
-    if os.path.isdir(root / "train"):
-        check_demo_version(root)
-    elif os.path.isdir(root) and any(root.iterdir()) and not is_demo_set(root):
-        raise UserError(f"data.demo is true, but {shown(root)} holds other files; set data.demo=false to use them")
-    elif may_write_demo(root):
-        print(f"writing the synthetic demo dataset to {root} (seed {seed})")
-        make_demo_dataset(root, seed=seed)
 
 
 def open_split(
@@ -90,8 +51,7 @@ def open_split(
     scan: bool = True,
     ms_bands: list | None = None,
 ) -> LeafDataset:
-    """One split as the config describes it (any layout, MS options), its files checked by `scan_dataset`.
-    `ms_bands` (a model's) replaces data.ms_bands."""
+    """One split, its files checked by `scan_dataset`; `ms_bands` (a model's) replaces data.ms_bands."""
     options = {key: getattr(cfg, key) for key in DATASET_OPTIONS} | ({} if ms_bands is None else {"ms_bands": ms_bands})
     dataset = LeafDataset(cfg.root, split, classes, with_ms, transform, **options)
     if scan:
@@ -114,26 +74,11 @@ def build_loader(
     unlabeled: bool = False,
     mixing: Mixing | None = None,
 ) -> DataLoader:
-    """A DataLoader over one split, prepared as `spec` says (MS too when it has MS statistics); training loaders
-    shuffle (seeded), augment and drop the last partial batch.
-
-    Pass `dataset` (from `open_split`) to reuse an already scanned split; the loader gets a copy with its transform.
-    A training loader with `unlabeled` adds the config's unlabelled images (kd/data/unlabeled.py: label -1, a set
-    share of every batch), one with `mixing` mixes each batch (kd/data/mixing.py: Mixup / CutMix).
-    """
+    """A DataLoader over one split as `spec` says; training ones shuffle (seeded), augment, drop the last partial
+    batch, may add the unlabelled images and mix batches. `dataset`: a scanned split to reuse (the loader copies it)."""
     unlabeled = unlabeled and train and has_unlabeled(cfg)
-    transform = PairedTransform(
-        spec.image_size,
-        train=train,
-        mean=spec.mean,
-        std=spec.std,
-        ms_mean=spec.ms_mean,
-        ms_std=spec.ms_std,
-        hflip=cfg.hflip,
-        vflip=cfg.vflip,
-        scale_min=cfg.scale_min,
-        randaugment=cfg.randaugment,
-    )
+    augment = {key: getattr(cfg, key) for key in ("hflip", "vflip", "scale_min", "randaugment")}
+    transform = PairedTransform(spec.image_size, train, spec.mean, spec.std, spec.ms_mean, spec.ms_std, **augment)
     if dataset is None:  # with unlabelled images, the scan reads them and the labelled ones in one go
         dataset = open_split(cfg, split, classes, spec.with_ms, scan=not unlabeled, ms_bands=spec.ms_bands)
     if unlabeled:
@@ -143,8 +88,8 @@ def build_loader(
     if unlabeled:
         labels = [label for _, label in dataset.samples]
         sampler = ShareSampler.for_dataset(labels, batch_size, cfg.unlabeled_fraction, seed)
-    workers = cfg.num_workers
     # persistent_workers and prefetch_factor are errors with num_workers=0
+    workers = cfg.num_workers
     extra = dict(persistent_workers=cfg.persistent_workers, prefetch_factor=cfg.prefetch_factor) if workers else {}
     return DataLoader(
         dataset,
@@ -161,7 +106,6 @@ def build_loader(
 
 
 def resolve_input(cfg: DataConfig, preferred: dict) -> InputSpec:
-    """The config's image size and normalization (RGB only), each null filled from `preferred`: the model's own
-    {"image_size", "mean", "std"}, from its timm pretrained config."""
+    """The config's image size and normalization, each null filled from `preferred` (the model's timm config)."""
     chosen = {"image_size": cfg.image_size, "mean": cfg.mean, "std": cfg.std}
     return InputSpec(**{key: preferred[key] if value is None else value for key, value in chosen.items()})

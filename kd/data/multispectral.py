@@ -1,10 +1,4 @@
-"""Multispectral (MS) band stacks: finding, reading and checking them, whatever their layout on disk.
-
-A stack is a .npy array (H×W×C, C×H×W, or H×W for one band) or a TIFF, read with tifffile: one band per page, or
-one page whose samples are the bands (interleaved H×W×C as drone and multispectral cameras export them, or planar
-C×H×W), any sample type, compressed or not. Values are kept as stored (an integer type is not rescaled): the
-per-band statistics normalize them.
-"""
+"""Multispectral (MS) band stacks, .npy or TIFF, found, read and checked; values kept as stored."""
 
 import json
 import math
@@ -22,22 +16,16 @@ from kd.errors import UserError
 
 MS_SUFFIXES = (".npy", ".tif", ".tiff")
 
-# What reading a broken or hostile image or array raises: OSError (UnidentifiedImageError is one, and so is a
-# truncated file), ValueError (numpy, Pillow, tifffile), SyntaxError (some broken PNG chunks) and
-# DecompressionBombError (a header claiming a huge size), which is not an OSError. Found by fuzzing truncated and
-# bit-flipped files.
+# What reading a broken or hostile file raises, found by fuzzing truncated and bit-flipped files: SyntaxError (some
+# broken PNG chunks); DecompressionBombError (a header claiming a huge size) is not an OSError.
 FILE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
-# What tifffile raises on a damaged TIFF besides ValueError (its TiffFileError is one), found by fuzzing
-# bit-flipped and truncated stacks (interleaved, planar, tiled, zlib). read_tiff turns them into a ValueError, one of
-# FILE_ERRORS.
+# What tifffile raises on a damaged TIFF besides ValueError (found by fuzzing); read_tiff makes them a ValueError.
 TIFF_DAMAGE = (zlib.error, struct.error, ArithmeticError, IndexError, KeyError, TypeError)
 
 
 def find_ms(stem: Path, image: Path) -> Path | None:
-    """The MS file <stem>.npy / .tif / .tiff, never the image itself (a .tif image may share the stem).
-
-    Whatever is at that path counts, a FIFO or a folder too: the scan then names it as a bad file (require_regular)
+    """<stem>.npy / .tif / .tiff, never the image itself. A FIFO or folder there counts: the scan names it as bad
     instead of zero-filling its bands as if it were missing."""
     for suffix in MS_SUFFIXES:
         candidate = stem.with_suffix(suffix)
@@ -47,8 +35,8 @@ def find_ms(stem: Path, image: Path) -> Path | None:
 
 
 def require_regular(path: Path) -> None:
-    """Raise OSError when `path` is not a regular file. Checked before opening: opening a FIFO waits for a writer
-    (the start-up scan hung, silent), a device reads without end, a folder fails with a confusing error."""
+    """Raise OSError unless a regular file: opening a FIFO waits for a writer (the scan hung, silent), a device reads
+    without end, a folder fails with a confusing error."""
     mode = os.stat(path).st_mode  # follows symlinks: a link to a regular file is fine
     if not stat.S_ISREG(mode):
         kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}
@@ -57,7 +45,7 @@ def require_regular(path: Path) -> None:
 
 
 def band_indices(bands: list, folders: list[Path]) -> list[int] | None:
-    """`ms_bands` as indices: ints stay, names are looked up in bands.json ({"bands": [...]}) of `folders`."""
+    """`ms_bands` as indices: names are looked up in bands.json ({"bands": [...]}) of `folders`."""
     if not bands:
         return None  # all bands
     if all(isinstance(b, int) for b in bands):
@@ -73,25 +61,18 @@ def band_indices(bands: list, folders: list[Path]) -> list[int] | None:
 
 
 def load_ms(path: Path) -> tuple[np.ndarray, bool]:
-    """The whole array of an MS file, as stored, and whether its band axis is known to be the first: a TIFF says
-    where its bands are (pages, or samples, moved to the front), a .npy does not (ms_stack tells by the shape).
-
-    A broken file raises one of FILE_ERRORS; callers name the file.
-    """
+    """The array as stored, and whether its band axis is known to be the first (a TIFF says, a .npy does not). A
+    broken file raises one of FILE_ERRORS; callers name the file."""
     require_regular(path)
-    if path.suffix.lower() == ".npy":
-        array, bands_first = read_npy(path), False
-    else:
-        array, bands_first = read_tiff(path)
+    array, bands_first = (read_npy(path), False) if path.suffix.lower() == ".npy" else read_tiff(path)
     if array.dtype.kind not in "biuf":  # strings, complex numbers, records: no band values to train on
         raise ValueError(f"it holds {array.dtype} values, not real numbers")
     return array, bands_first
 
 
 def read_npy(path: Path) -> np.ndarray:
-    """A .npy array, its header checked first: a header claiming more bytes than the file holds (a 200-byte file
-    claiming 93 GiB) is damaged, and numpy would try to allocate it all (ArrayMemoryError) before finding out.
-    Pickled objects are refused: loading them runs code from the file."""
+    """A header claiming more bytes than the file holds is refused before numpy allocates them all (a 200-byte file
+    claiming 93 GiB), and pickled objects too: loading them runs code from the file."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):
@@ -112,11 +93,8 @@ def read_npy(path: Path) -> np.ndarray:
 
 
 def read_tiff(path: Path) -> tuple[np.ndarray, bool]:
-    """A TIFF's image as load_ms returns it. Thumbnails and reduced-resolution pages are left out.
-
-    A compression tifffile decodes only with the optional imagecodecs package (LZW, PackBits, JPEG) falls back to
-    Pillow, which reads such files one band per page, as kd always did; the error says what to install otherwise.
-    """
+    """As load_ms returns it, thumbnails left out. A compression tifffile needs the optional imagecodecs for (LZW,
+    PackBits, JPEG) falls back to Pillow, one band per page."""
     try:
         with tifffile.TiffFile(path) as tif:
             if len(tif.series) > 1:  # tifffile starts a new series where the pages' size or type changes
@@ -125,45 +103,34 @@ def read_tiff(path: Path) -> tuple[np.ndarray, bool]:
                     "every band the same size and type"
                 )
             series = tif.series[0]
-            _refuse_bombs(series.shape)
+            # more values than the largest RGB image Pillow decodes (it refuses twice MAX_IMAGE_PIXELS): refused before
+            # any memory is allocated, as a PNG claiming that size would be
+            limit = math.inf if Image.MAX_IMAGE_PIXELS is None else 3 * 2 * Image.MAX_IMAGE_PIXELS
+            if int(np.prod(series.shape, dtype=np.float64)) > limit:
+                raise Image.DecompressionBombError(
+                    f"its header claims a {'×'.join(map(str, series.shape))} stack, over {limit} values (3 × 2 × "
+                    "PIL.Image.MAX_IMAGE_PIXELS): the file is damaged, or raise Image.MAX_IMAGE_PIXELS"
+                )
             array = series.asarray(maxworkers=1)  # the start-up scan already reads files in parallel
     except (ValueError, *TIFF_DAMAGE) as e:
-        if "imagecodecs" in str(e):  # "<COMPRESSION.LZW: 5> requires the 'imagecodecs' package"
-            return _read_with_pillow(path, codec_missing=str(e))
+        if "imagecodecs" in str(e):  # "<COMPRESSION.LZW: 5> requires the 'imagecodecs' package": Pillow may read it
+            try:
+                with Image.open(path) as im:
+                    frames = [np.array(page) for page in ImageSequence.Iterator(im)]
+            except FILE_ERRORS as pillow:
+                raise ValueError(f"{e} (`pip install imagecodecs`); Pillow cannot read it either ({pillow})") from None
+            return (np.stack(frames), True) if len(frames) > 1 else (frames[0], False)
         if isinstance(e, ValueError):  # tifffile's own message (TiffFileError), or ours
             raise
         raise ValueError(f"damaged TIFF: {e or type(e).__name__}") from None
     if "S" in series.axes:  # samples per pixel: the bands of one page, interleaved (…YXS) or planar (SYX)
         return np.moveaxis(array, series.axes.index("S"), 0), True
-    # Pages of one band each, unless tifffile wrote the file from an array and recorded its shape ("shaped"):
-    # then the array is read back as it was, like a .npy.
+    # pages of one band each, unless tifffile wrote the array and recorded its shape ("shaped"): then as a .npy
     return array, array.ndim == 3 and series.kind != "shaped"
 
 
-def _read_with_pillow(path: Path, codec_missing: str) -> tuple[np.ndarray, bool]:
-    try:
-        with Image.open(path) as im:
-            frames = [np.array(page) for page in ImageSequence.Iterator(im)]
-    except FILE_ERRORS as e:
-        raise ValueError(f"{codec_missing} (`pip install imagecodecs`); Pillow cannot read it either ({e})") from None
-    return (np.stack(frames), True) if len(frames) > 1 else (frames[0], False)
-
-
-def _refuse_bombs(shape: tuple) -> None:
-    """A header claiming more values than the largest RGB image Pillow decodes is refused before any memory is
-    allocated: it is damaged or hostile, as a PNG claiming that size would be (Image.MAX_IMAGE_PIXELS sets both)."""
-    if Image.MAX_IMAGE_PIXELS is None:
-        return
-    limit = 3 * 2 * Image.MAX_IMAGE_PIXELS  # Pillow refuses images over twice MAX_IMAGE_PIXELS
-    if int(np.prod(shape, dtype=np.float64)) > limit:
-        raise Image.DecompressionBombError(
-            f"its header claims a {'×'.join(map(str, shape))} stack, over {limit} values (3 × 2 × "
-            "PIL.Image.MAX_IMAGE_PIXELS): the file is damaged, or raise Image.MAX_IMAGE_PIXELS"
-        )
-
-
 def read_ms(path: Path, hw: tuple[int, int], layout: str = "auto", bands: list[int] | None = None) -> np.ndarray:
-    """An MS stack as float32 C×H×W for an image of size `hw`: .npy (H×W×C, C×H×W or H×W) or a TIFF."""
+    """An MS stack as float32 C×H×W for an image of size `hw`."""
     try:
         array, bands_first = load_ms(path)
     except FILE_ERRORS as e:
@@ -175,15 +142,9 @@ def ms_stack(
     array: np.ndarray, bands_first: bool, hw: tuple[int, int], layout: str, bands: list[int] | None, path: Path
 ) -> np.ndarray:
     """`array` as read by load_ms, as the float32 C×H×W stack of the chosen bands; UserError naming `path`."""
-    axis, bands = pick_bands(array.shape, hw, "chw" if bands_first else layout, bands, path)
-    array = array[None] if axis is None else np.moveaxis(array, axis, 0)
-    return np.ascontiguousarray(array if bands is None else array[bands], dtype=np.float32)
-
-
-def pick_bands(shape: tuple, hw: tuple, layout: str, bands: list[int] | None, path: Path) -> tuple:
-    """(band axis or None for a single-band H×W array, checked band indices) — errors say how to fix the file."""
-    if tuple(shape) == tuple(hw):
-        axis, count = None, 1
+    shape, layout = array.shape, "chw" if bands_first else layout
+    if tuple(shape) == tuple(hw):  # one band
+        array, count = array[None], 1
     else:
         fits = {"chw": len(shape) == 3 and tuple(shape[1:]) == hw, "hwc": len(shape) == 3 and tuple(shape[:2]) == hw}
         found = [k for k, ok in fits.items() if ok and layout in ("auto", k)]
@@ -195,7 +156,7 @@ def pick_bands(shape: tuple, hw: tuple, layout: str, bands: list[int] | None, pa
         if len(found) > 1:
             raise UserError(f"{path} has shape {tuple(shape)}: either axis could hold the bands; set data.ms_layout")
         axis = 0 if found[0] == "chw" else 2
-        count = shape[axis]
+        array, count = np.moveaxis(array, axis, 0), shape[axis]
     if bands is not None and any(not -count <= b < count for b in bands):
         raise UserError(f"data.ms_bands {bands} asks for bands {path} lacks: it has {count}")
-    return axis, bands
+    return np.ascontiguousarray(array if bands is None else array[bands], dtype=np.float32)

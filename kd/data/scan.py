@@ -16,13 +16,12 @@ from kd.data.layouts import Source, shown, split_images
 from kd.data.multispectral import FILE_ERRORS, load_ms, ms_stack, require_regular
 from kd.errors import UserError
 
+THREADS = min(16, os.cpu_count() or 1)  # decoding threads: Pillow and numpy release the GIL while decoding
+
 
 def check_sample(dataset: LeafDataset, index: int) -> tuple[tuple[Path, str] | None, int | None, bytes | None]:
-    """((bad file, why) or None when sample `index` reads fine, its MS band count or None, the image's content
-    hash or None).
-
-    Decodes the image and reads the MS array in full: a truncated file or a NaN is found here, not mid-epoch.
-    """
+    """((bad file, why) or None, MS band count or None, the image's content hash or None) of one sample, read in
+    full: a truncated file or a NaN is found here, not mid-epoch."""
     path = dataset.samples[index][0]
     try:
         digest = file_digest(path)  # before decoding: the bytes are then in the page cache
@@ -34,10 +33,9 @@ def check_sample(dataset: LeafDataset, index: int) -> tuple[tuple[Path, str] | N
         return None, None, digest
     try:
         array, pages = load_ms(ms_path)
+        stack = ms_stack(array, pages, hw, dataset.ms_layout, dataset.ms_bands, ms_path)
     except FILE_ERRORS as e:
         return (ms_path, f"unreadable multispectral file ({e})"), None, None
-    try:
-        stack = ms_stack(array, pages, hw, dataset.ms_layout, dataset.ms_bands, ms_path)
     except UserError as e:
         return (ms_path, str(e)), None, None
     bad = int((~np.isfinite(stack)).sum())
@@ -47,15 +45,9 @@ def check_sample(dataset: LeafDataset, index: int) -> tuple[tuple[Path, str] | N
 
 
 def scan_dataset(dataset: LeafDataset, on_bad_file: str = "error", workers: int = 0) -> list[tuple[Path, str]]:
-    """Read every sample in full (check_sample) and find MS files whose band count differs from the others' (batches
-    of them could not be stacked).
-
-    `on_bad_file` (data.on_bad_file): "error" raises, listing the bad files; "skip" drops their samples with a
-    warning. `workers`: decoding threads (0: one per CPU, up to 16). Returns the [(bad file, why)] found. Each
-    image's content hash goes to `dataset.digests` (refuse_leaks compares them with the val and test images').
-    """
-    # Pillow and numpy release the GIL while decoding, so threads decode in parallel
-    with ThreadPoolExecutor(workers or _threads()) as pool:
+    """Check every sample (check_sample), and that MS files agree on their band count (else batches cannot stack);
+    raise, or with on_bad_file="skip" drop and warn. Returns [(bad file, why)]; fills `dataset.digests`."""
+    with ThreadPoolExecutor(workers or THREADS) as pool:
         results = list(pool.map(lambda i: check_sample(dataset, i), range(len(dataset))))
     dataset.digests = {dataset.samples[i][0]: d for i, (_, _, d) in enumerate(results) if d is not None}
     found = {i: bad for i, (bad, _, _) in enumerate(results) if bad is not None}
@@ -77,26 +69,19 @@ def scan_dataset(dataset: LeafDataset, on_bad_file: str = "error", workers: int 
             f"{len(bad)} of {len(dataset)} samples have bad files:\n{listing}\n"
             "Fix or delete them, or set data.on_bad_file=skip to leave them out."
         )
-    dataset.drop(set(found))
+    dataset.samples = [s for i, s in enumerate(dataset.samples) if i not in found]
     if not len(dataset):
         raise UserError(f"every sample has a bad file:\n{listing}")
     warnings.warn(f"skipped {len(bad)} samples with bad files (data.on_bad_file=skip):\n{listing}", stacklevel=2)
     return bad
 
 
-def _threads() -> int:
-    return min(16, os.cpu_count() or 1)
-
-
 def refuse_leaks(dataset: LeafDataset, cfg: DataConfig) -> None:
-    """Refuse a training or unlabelled image of the scanned `dataset` whose bytes are a val or test image's: a copy,
-    a hard link or a symlink of it. Trained on, it makes the val/test scores measure memory, not generalization."""
+    """Refuse a training or unlabelled image with a val or test image's bytes (a copy or a link): trained on, it
+    makes the val/test scores measure memory."""
     seen = {path for path, _ in dataset.samples}  # the training split itself: not a leak
-    held_out = split_images(Source.of(cfg), ("val", "test"))
-    held_out = {path: split for path, split in held_out.items() if path not in seen}
-    if not held_out:
-        return
-    with ThreadPoolExecutor(_threads()) as pool:
+    held_out = {p: split for p, split in split_images(Source.of(cfg), ("val", "test")).items() if p not in seen}
+    with ThreadPoolExecutor(THREADS) as pool:
         digests = list(pool.map(_digest_or_none, held_out))
     split_of = {d: (path, split) for (path, split), d in zip(held_out.items(), digests) if d is not None}
     leaks = [(path, label) for path, label in dataset.samples if dataset.digests.get(path) in split_of]
@@ -120,8 +105,7 @@ def _digest_or_none(path: Path) -> bytes | None:
 
 
 def file_digest(path: Path) -> bytes:
-    """A hash of the file's bytes: two images with one hash are copies (or links) of each other. Cheap next to the
-    decode the scan does anyway (blake2b hashes faster than a PNG decodes)."""
+    """blake2b of the file's bytes (faster than a PNG decodes)."""
     require_regular(path)  # reading a FIFO would wait for a writer
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "blake2b").digest()

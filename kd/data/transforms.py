@@ -1,8 +1,5 @@
-"""PairedTransform: one view of RGB and MS together (the same crop, resize and flips for both), then each normalized.
-
-Every draw comes from the sample's own generator (LeafDataset seeds one per (seed, epoch, sample)), so a view is the
-same whatever the worker count, after a resume, or when a teacher's output for it is cached.
-"""
+"""PairedTransform: the same crop, resize and flips for RGB and MS, then each normalized; every draw comes from the
+sample's own generator (LeafDataset seeds one per (seed, epoch, sample))."""
 
 import torch
 import torchvision.transforms.v2 as v2
@@ -11,21 +8,15 @@ from torchvision import tv_tensors
 
 from kd.data.augment import RandAugment, parse_randaugment
 
-# The version of how a view's pixels are made from a file and its draws: bump it when they change for the same draws
-# (2: RGB cropped, resized and flipped in uint8; JPEGs and PNGs decoded by torchvision; 3: the crop drawn by
-# torchvision.transforms.v2, whose fallback after 10 misses is its ratio-clamped central crop, not a square), so
-# teacher caches key on it.
+# How a view's pixels are made from a file and its draws (teacher caches key on it): bump it when they change. 2: RGB
+# cropped etc. in uint8, JPEG/PNG decoded by torchvision; 3: the crop drawn by torchvision.transforms.v2.
 PIXELS_VERSION = 3
 
 
 class PairedTransform:
-    """Crop/flip RGB and MS with the same parameters (teacher and student see one view), then normalize each.
+    """`randaugment` (a timm string such as "rand-m9-n2"; "" = off): kd.data.augment.RandAugment after the flips."""
 
-    `randaugment` (a timm string such as "rand-m9-n2"; "" = off) adds kd.data.augment.RandAugment after the flips, in
-    training: its geometric ops move the MS bands with the RGB, its colour ops change the RGB only.
-    """
-
-    pixels = PIXELS_VERSION  # how views are made from files (kd.distill.cache keys its logits on it)
+    pixels = PIXELS_VERSION
 
     def __init__(
         self,
@@ -51,10 +42,8 @@ class PairedTransform:
     def __call__(
         self, rgb: torch.Tensor, ms: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> dict:
-        """`rgb` float in [0, 1], or uint8: then, without RandAugment, the RGB crop, resize and flips run on uint8 (a
-        quarter of the bytes, and torch's vectorized uint8 resize) and the RGB is made float once, at the output
-        size: 1.7x the float path per sample at 224 px from 500 px photos (benchmarks/data_loader.py). MS bands take
-        the same geometric steps in float, apart: the RGB view is the same with or without them."""
+        """`rgb` float in [0, 1], or uint8: then, without RandAugment, RGB is cropped, resized and flipped in uint8 and
+        made float at the output size (1.7x faster, benchmarks/data_loader.py); MS takes the same steps in float."""
         uint8 = rgb.dtype == torch.uint8 and self.rand_augment is None
         if rgb.dtype == torch.uint8 and not uint8:
             rgb = TF.to_dtype(rgb, torch.float32, scale=True)
@@ -63,13 +52,8 @@ class PairedTransform:
         height, width = rgb.shape[1:]
         size = [self.image_size] * 2 if self.image_size else [height, width]
         if self.train:
-            geometry = v2.Compose(
-                [
-                    v2.RandomResizedCrop(size, self.scale, (3 / 4, 4 / 3), antialias=True),
-                    v2.RandomHorizontalFlip(self.hflip),
-                    v2.RandomVerticalFlip(self.vflip),
-                ]
-            )
+            crop = v2.RandomResizedCrop(size, self.scale, (3 / 4, 4 / 3), antialias=True)
+            geometry = v2.Compose([crop, v2.RandomHorizontalFlip(self.hflip), v2.RandomVerticalFlip(self.vflip)])
             # v2 draws from the global RNG, which cannot be handed a generator: it is set to the sample's own in a
             # fork, so each view stays seeded per sample and the global RNG (dropout's) is left as it was
             with torch.random.fork_rng(devices=[], enabled=generator is not None):

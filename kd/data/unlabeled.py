@@ -1,43 +1,26 @@
-"""Unlabelled training images for distillation: the teacher labels them (soft and feature losses), the hard loss
-never sees them.
-
-They come from `data.unlabeled_root` (a folder, searched recursively) and/or the rows of `data.manifest` whose
-label is empty. Each gets label -1 and joins the training split after its labelled images, so its loader key, its
-seeded view and its teacher cache rows work as for any sample. `ShareSampler` fills every batch with a set number
-of each: an epoch ends when either set runs out, and every image is seen at most once an epoch.
-"""
+"""Unlabelled training images for distillation (data.unlabeled_root, manifest rows without a label): label -1, after
+the labelled images of the training split; `ShareSampler` puts a set number of each in every batch."""
 
 from pathlib import Path
 
 import torch
-from torch.utils.data import Sampler
 
 from kd.config import DataConfig
-from kd.data.dataset import UNLABELED, LeafDataset
-from kd.data.layouts import IMAGE_SUFFIXES, SPLITS, Source, read_manifest, split_images
+from kd.data.dataset import UNLABELED, EpochSampler, LeafDataset
+from kd.data.layouts import IMAGE_SUFFIXES, SPLITS, Source, image_files, read_manifest, split_images
 from kd.data.scan import refuse_leaks, scan_dataset
 from kd.errors import UserError
 
 
 def unlabeled_sources(cfg: DataConfig) -> list[tuple[Path, str]]:
-    """(base folder, path relative to it) of every unlabelled image, sorted: `data.unlabeled_root`'s images
-    (recursively; a .tif beside a plain image of the same stem is its MS stack, not an image) and the manifest's
-    rows without a label (relative to the CSV, as labelled rows)."""
+    """(base folder, relative path) of every unlabelled image: data.unlabeled_root's, then the manifest's."""
     found = []
     if cfg.unlabeled_root:
         root = Path(cfg.unlabeled_root)
         if not root.is_dir():
             raise UserError(f"data.unlabeled_root {root} is not a folder: point it at a folder of unlabelled images")
-        files = sorted(
-            p
-            for p in root.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES
-            and not p.is_dir()  # a FIFO or socket named like an image is listed: the scan names it as bad
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-        stems = {p.with_suffix("") for p in files if not _is_tiff(p)}
-        images = [p for p in files if not (_is_tiff(p) and p.with_suffix("") in stems)]
-        found += [(root, p.relative_to(root).as_posix()) for p in images]
+        visible = (p for p in root.rglob("*") if not any(part.startswith(".") for part in p.relative_to(root).parts))
+        found += [(root, p.relative_to(root).as_posix()) for p in image_files(visible)]
         if not found:
             raise UserError(f"data.unlabeled_root {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if cfg.manifest:
@@ -46,12 +29,7 @@ def unlabeled_sources(cfg: DataConfig) -> list[tuple[Path, str]]:
     return found
 
 
-def _is_tiff(path: Path) -> bool:
-    return path.suffix.lower() in (".tif", ".tiff")
-
-
 def has_unlabeled(cfg: DataConfig) -> bool:
-    """Whether the config names unlabelled images (a folder, or manifest rows without a label)."""
     if cfg.unlabeled_root:
         return True
     return bool(cfg.manifest) and Path(cfg.manifest).is_file() and bool(read_manifest(Path(cfg.manifest), True))
@@ -66,19 +44,9 @@ def ignored_note(cfg: DataConfig) -> str | None:
 
 
 def add_unlabeled(dataset: LeafDataset, cfg: DataConfig) -> LeafDataset:
-    """A copy of the training split `dataset` with the unlabelled images after its own (LeafDataset.with_unlabeled:
-    label -1, their MS files found as for labelled ones), and every file scanned. A copy or link of a val or test
-    image among them, labelled or not, is refused (kd.data.scan.refuse_leaks)."""
+    """A copy of the training split with the unlabelled images after its own, every file scanned, leaks refused."""
     sources = unlabeled_sources(cfg)
-    _refuse_labelled(sources, cfg)
-    merged = dataset.with_unlabeled(sources)
-    scan_dataset(merged, cfg.on_bad_file)
-    refuse_leaks(merged, cfg)
-    return merged
-
-
-def _refuse_labelled(sources: list[tuple[Path, str]], cfg: DataConfig) -> None:
-    """An unlabelled image that is also a labelled one would train twice, or leak a val/test image into training."""
+    # one that is also a labelled image would train twice, or leak a val/test image into training
     labelled = {path.resolve() for path in split_images(Source.of(cfg), SPLITS)}
     both = [base / rel for base, rel in sources if (base / rel).resolve() in labelled]
     if both:
@@ -87,23 +55,25 @@ def _refuse_labelled(sources: list[tuple[Path, str]], cfg: DataConfig) -> None:
             "data.unlabeled_root at a folder of unlabelled images only (outside data.root's class folders); a val "
             "or test image among them would leak into training"
         )
+    merged = dataset.with_unlabeled(sources)
+    scan_dataset(merged, cfg.on_bad_file)
+    refuse_leaks(merged, cfg)
+    return merged
 
 
-class ShareSampler(Sampler):
-    """Loader keys (epoch * size + index, as kd.data.loaders.EpochSampler) for batches of `labeled_per_batch` labelled
-    samples (indices below `labeled`) then `unlabeled_per_batch` unlabelled ones, each set shuffled per epoch by a
-    generator seeded with seed + epoch: a resumed run and every process see the same batches. Accelerate shards
-    whole batches, so each process's batch keeps the share."""
+class ShareSampler(EpochSampler):
+    """Loader keys for batches of `labeled_per_batch` labelled samples (indices below `labeled`), then unlabelled
+    ones, each set shuffled per epoch; Accelerate shards whole batches, so each process's batch keeps the share."""
 
     def __init__(self, labeled: int, unlabeled: int, labeled_per_batch: int, unlabeled_per_batch: int, seed: int = 0):
-        self.labeled, self.unlabeled, self.size = labeled, unlabeled, labeled + unlabeled
+        super().__init__(labeled + unlabeled, seed)
+        self.labeled, self.unlabeled = labeled, unlabeled
         self.per_batch = (labeled_per_batch, unlabeled_per_batch)
         self.batches = min(labeled // labeled_per_batch, unlabeled // unlabeled_per_batch)
-        self.seed, self.epoch = seed, 0
 
     @classmethod
     def for_dataset(cls, labels: list[int], batch_size: int, fraction: float | None, seed: int) -> "ShareSampler":
-        """The share of each batch: `fraction` of it unlabelled (rounded), or None: the sets' own proportion."""
+        """`fraction` of each batch unlabelled (rounded), or None: the sets' own proportion."""
         labeled = sum(label != UNLABELED for label in labels)
         unlabeled = len(labels) - labeled
         share = unlabeled / len(labels) if fraction is None else fraction
@@ -119,9 +89,6 @@ class ShareSampler(Sampler):
                 f"{batch_size - per_batch} + {per_batch}: lower distillation.batch_size or add images"
             )
         return cls(labeled, unlabeled, batch_size - per_batch, per_batch, seed)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.batches * sum(self.per_batch)
