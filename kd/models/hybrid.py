@@ -1,5 +1,4 @@
-"""HybridFusion: the RGB+MS teacher. Two timm backbones, one per modality, fused and classified; and the check
-that multispectral data has the band count a trained one expects."""
+"""HybridFusion, the RGB+MS teacher: two timm backbones, fused and classified; and the check of the MS band count."""
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ HYBRID_ARGS = {  # what each HybridFusion argument a checkpoint sets must be (ev
 
 
 def _pooled_dim(backbone: nn.Module) -> int:
-    """Width of a headless timm model's pooled output (MobileNetV3's conv head makes it differ from num_features)."""
+    """MobileNetV3's conv head makes a headless timm model's pooled width differ from num_features."""
     return getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
 
@@ -73,8 +72,7 @@ class HybridFusion(nn.Module):
 
 
 def check_ms_bands(arch: dict | None, dataset: LeafDataset) -> None:
-    """Refuse MS stacks whose band count differs from the one the hybrid model of `arch` (a checkpoint's) was
-    trained on; anything else (an RGB model, no arch) reads no MS."""
+    """Refuse MS stacks whose band count differs from the one the hybrid model of `arch` (a checkpoint's) expects."""
     if not arch or "ms_channels" not in arch:
         return
     bands, expected = dataset.read(0)[1].shape[0], arch["ms_channels"]
