@@ -87,11 +87,7 @@ def cache_key(
         "teacher_inputs": teacher_inputs,
         "augmentation": {
             "seed": dataset.augment_seed,
-            "image_size": transform.image_size,
-            "mean": transform.mean,
-            "std": transform.std,
-            "hflip": transform.hflip,
-            "vflip": transform.vflip,
+            **{name: getattr(transform, name) for name in ("image_size", "mean", "std", "hflip", "vflip")},
             "scale": list(transform.scale),
             **({"randaugment": transform.randaugment} if transform.randaugment else {}),
             "pixels": transform.pixels,  # how a view's pixels are made from a file

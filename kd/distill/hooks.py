@@ -151,13 +151,6 @@ def _stage_outputs(shapes: dict[str, tuple], prefix: str = "") -> dict[tuple, st
     return last
 
 
-def suggest_pairs(student_shapes: dict[str, tuple], teacher_shapes: dict[str, tuple]) -> list[tuple[str, str]]:
-    """[student, teacher] pairs of the last stage blocks of each spatial size both have."""
-    prefix = "rgb." if any(n.startswith("rgb.") for n in teacher_shapes) else ""
-    student_stages, teacher_stages = _stage_outputs(student_shapes), _stage_outputs(teacher_shapes, prefix)
-    return [(s, teacher_stages[size]) for size, s in student_stages.items() if size in teacher_stages]
-
-
 def print_layers(student: nn.Module, student_size: int, teacher: nn.Module, teacher_meta: CheckpointMeta) -> None:
     size = teacher_meta.input_spec.image_size
     inputs = {
@@ -174,6 +167,9 @@ def print_layers(student: nn.Module, student_size: int, teacher: nn.Module, teac
         for name, shape in layer_shapes.items():
             table.add_row(name, "×".join(map(str, shape[1:])))
         console.print(table)
-    pairs = suggest_pairs(*shapes.values())
+    student_shapes, teacher_shapes = shapes.values()
+    prefix = "rgb." if any(n.startswith("rgb.") for n in teacher_shapes) else ""
+    student_stages, teacher_stages = _stage_outputs(student_shapes), _stage_outputs(teacher_shapes, prefix)
+    pairs = [(s, teacher_stages[size]) for size, s in student_stages.items() if size in teacher_stages]
     console.print("suggested feature_layers (same spatial size; adapters fix the channel counts):")
     print("  [" + ", ".join(f"[{s}, {t}]" for s, t in pairs) + "]")  # plain print: rich would wrap or eat [..]

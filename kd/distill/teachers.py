@@ -1,11 +1,10 @@
 """The teachers: TeacherEnsemble runs frozen checkpoints (and the student's EMA in self-distillation), CachedTeacher
-reads their logits from a teacher cache; both are a Teacher. Loading them, and the checks at start."""
+reads their logits from a teacher cache: the two kinds of Teacher. Loading them, and the checks at start."""
 
 import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -64,17 +63,6 @@ def loader_input(loader: DataLoader) -> dict:
     return {"image_size": transform.image_size, "mean": list(transform.mean), "std": list(transform.std)}
 
 
-class Teacher(Protocol):
-    """What the Distiller calls on its teacher(s)."""
-
-    def logits(self, batch: dict, source: dict | None = None) -> torch.Tensor:
-        """Float32 logits on `batch`, whose images are normalized as `source` says."""
-
-    def set_ema(self, ema: nn.Module) -> None: ...
-
-    def set_progress(self, epoch: float) -> None: ...
-
-
 class TeacherEnsemble:
     """Frozen teachers as one: the `weights`-averaged logits, each fed the batch as its `inputs` entry says. With
     `ema_weight` > 0 the student's EMA joins them once `ema_start_epoch` has passed. Not an nn.Module on purpose:
@@ -112,7 +100,7 @@ class TeacherEnsemble:
 
     @torch.no_grad()
     def logits(self, batch: dict, source: dict | None = None) -> torch.Tensor:
-        """The EMA teacher takes the batch as it comes (the student's input)."""
+        """Float32 logits on `batch`, whose images are normalized as `source` says (the EMA teacher's input)."""
         modules, weights, inputs = list(self.modules), list(self.weights), list(self.inputs)
         if self.ema is not None and self.epoch >= self.ema_start_epoch:
             modules, weights, inputs = [*modules, self.ema], [*weights, self.ema_weight], [*inputs, source]
@@ -134,6 +122,9 @@ class CachedTeacher:
 
     def set_progress(self, epoch: float) -> None:
         """Cached logits do not change."""
+
+
+Teacher = TeacherEnsemble | CachedTeacher  # what the Distiller calls: logits(batch, source), set_ema, set_progress
 
 
 @dataclasses.dataclass

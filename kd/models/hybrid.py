@@ -60,15 +60,12 @@ class HybridFusion(nn.Module):
     def forward(self, rgb: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
         rgb_features, ms_features = self.rgb(rgb), self.ms(self.band_adapter(ms))
         if self.fusion == "concat":
-            fused = torch.cat([rgb_features, ms_features], dim=1)
-        else:
-            ms_features = self.ms_proj(ms_features)
-            if self.fusion == "add":
-                fused = rgb_features + ms_features
-            else:
-                weights = self.gate(torch.cat([rgb_features, ms_features], dim=1)).softmax(dim=1)
-                fused = weights[:, :1] * rgb_features + weights[:, 1:] * ms_features
-        return self.head(fused)
+            return self.head(torch.cat([rgb_features, ms_features], dim=1))
+        ms_features = self.ms_proj(ms_features)
+        if self.fusion == "add":
+            return self.head(rgb_features + ms_features)
+        weights = self.gate(torch.cat([rgb_features, ms_features], dim=1)).softmax(dim=1)
+        return self.head(weights[:, :1] * rgb_features + weights[:, 1:] * ms_features)
 
 
 def check_ms_bands(arch: dict | None, dataset: LeafDataset) -> None:

@@ -30,11 +30,8 @@ def offline_models() -> list[str]:
 def packaged_weights(name: str) -> Path | None:
     """A local safetensors file of `name`'s ImageNet weights (converted on first use), or None."""
     base = name.split(".")[0]
-    if base not in PACKAGED:
-        return None
-    package, distribution = PACKAGED[base]
-    source = _package_file(package)
-    if source is None:
+    package, distribution = PACKAGED.get(base, (None, None))
+    if package is None or (source := _package_file(package)) is None:
         return None
     converted = cache_dir() / f"{base}-{source.stem}.safetensors"  # the package file's name carries its hash
     if not converted.is_file():
@@ -47,8 +44,7 @@ def _package_file(package: str) -> Path | None:
         folder = Path(importlib.import_module(package).__file__).parent / "models"
     except ImportError:
         return None
-    files = sorted(folder.glob("*.pth"))
-    return files[0] if files else None
+    return next(iter(sorted(folder.glob("*.pth"))), None)
 
 
 def _convert(name: str, source: Path, target: Path, distribution: str) -> None:
