@@ -234,8 +234,6 @@ def distillation(*overrides: str):
             ["feature_loss=rdk"],
             "distillation.feature_loss must be mse | attention | rkd, got 'rdk'. Did you mean 'rkd'?",
         ),
-        (["soft_loss_args=[2]"], "distillation.soft_loss_args must be a mapping of argument names to values, e.g."),
-        (["feature_loss_args=3"], "distillation.feature_loss_args must be a mapping of argument names to values"),
         (["soft_loss_args={beta: 2}"], "distillation.soft_loss_args: soft loss kl has no argument 'beta'; its "),
         (
             ["soft_loss=dkd", "soft_loss_args={gamma: 2}"],
@@ -256,6 +254,20 @@ def test_loss_names_and_arguments_are_checked_against_the_loss_functions(overrid
     """Moved from tests/test_config.py: distill.py checks them right after parsing (kd.config knows no losses)."""
     with pytest.raises(ConfigError) as info:
         distillation(*overrides)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("soft_loss_args=[2]", "distillation.soft_loss_args must be a mapping of argument names to values, e.g."),
+        ("feature_loss_args=3", "distillation.feature_loss_args must be a mapping of argument names to values"),
+    ],
+)
+def test_loss_arguments_that_are_not_a_mapping_are_refused_when_the_config_loads(override, message):
+    """The rule lives in kd.config (check_loss_config does not repeat it)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"distillation.{override}"])
     assert str(info.value).startswith(message), str(info.value)
 
 

@@ -1,18 +1,8 @@
-"""Teacher cache, after FKD (Shen & Xing, "A Fast Knowledge Distillation Framework", ECCV 2022): the teacher's
-top-k logits for every (sample, epoch) training view, computed once and then read instead of running the teacher.
-
-Augmentation is seeded per (seed, epoch, sample) (kd.data.dataset.LeafDataset), so the view the student trains on at
-epoch e is the view the teacher saw when the cache was built. A view's row is its loader key, e * N + sample.
-
-Each row holds the top-k logits (fp16, descending), their class indices (int16; int32 past 32,767 classes) and
-log Σ exp(logit) over the other classes (fp16): 4k + 2 bytes per sample per epoch (6k + 2 with int32 indices).
-`reconstruct_logits` puts the top-k logits back in place and gives every other class the log-mean-exp of the rest,
-so at T = 1 the top-k probabilities are the teacher's and the remaining mass is spread uniformly over the other
-classes (FKD's choice); every soft loss (KL, DKD, DIST) and temperature works on the result. With k >= classes it
-is the teacher's logits, up to fp16 rounding.
-
-This module is the format and its reading side (TeacherCache, checked when opened); kd/distill/cache_build.py
-writes one.
+"""Teacher cache, after FKD (Shen & Xing, ECCV 2022): the teacher's top-k logits for every (sample, epoch) training
+view, computed once (kd/distill/cache_build.py), then read here instead of running the teacher. Augmentation is
+seeded per (seed, epoch, sample), so a view's row, its loader key e * N + sample, is the view the teacher saw.
+A row: top-k logits (fp16), their indices (int16, or int32 past 32,767 classes), log Σ exp of the rest (fp16); the
+rest's mass is spread uniformly over the other classes (FKD's choice) when the logits are rebuilt.
 """
 
 import hashlib
@@ -39,15 +29,12 @@ ARRAYS = ("values", "indices", "log_rest")
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_applies(d: DistillationConfig) -> None:
-    """The cache holds the teachers' final logits, nothing that changes or is read inside them during training."""
+    """The cache holds the teachers' final logits: nothing that changes or is read inside them during training."""
     if d.feature_matching and d.feature_layers:
         raise UserError(
             "distillation.teacher_cache holds logits only, and feature matching needs the teacher's features at "
@@ -59,7 +46,7 @@ def check_applies(d: DistillationConfig) -> None:
             "distillation.teacher_cache cannot include the EMA teacher (it changes every step): set "
             "distillation.ema_teacher_weight=0, or distillation.teacher_cache='' to run the teachers online"
         )
-    if getattr(d, "mixup_alpha", 0) > 0 or getattr(d, "cutmix_alpha", 0) > 0:
+    if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
         raise UserError(
             "distillation.teacher_cache holds the teacher's logits on each unmixed view, and Mixup / CutMix mix "
             "a new pair of views at every step: set distillation.mixup_alpha=0 and distillation.cutmix_alpha=0 to "
@@ -68,7 +55,6 @@ def check_applies(d: DistillationConfig) -> None:
 
 
 def rebuild_command(argv: Sequence[str]) -> str:
-    """The command that builds the cache a distill.py run with arguments `argv` reads (told when it is refused)."""
     return " ".join(["python distill.py", *(a for a in argv if a != "--resume"), "--cache-teacher"])
 
 
@@ -80,11 +66,8 @@ def cache_key(
     teacher_inputs: list[dict],
     top_k: int,
 ) -> dict:
-    """Everything the cached logits depend on, as plain JSON data: the teachers (weights hash, ensemble weight,
-    inputs, classes, MS statistics), the augmentation as the training loader applies it (seed, view size,
-    normalization, flips, crop scale, RandAugment, the version of the pixel pipeline, torch versions), the training
-    samples (paths, labels, file sizes; unlabelled images too, label -1) and k. Keys of options that are off are left
-    out, so caches built before the options existed stay valid."""
+    """Everything the cached logits depend on, as plain JSON data. Keys of options that are off are left out, so
+    caches built before the options existed stay valid."""
     transform = dataset.transform
     files = hashlib.sha256()
     for path, label in dataset.samples:
@@ -104,14 +87,10 @@ def cache_key(
         "teacher_inputs": teacher_inputs,
         "augmentation": {
             "seed": dataset.augment_seed,
-            "image_size": transform.image_size,
-            "mean": transform.mean,
-            "std": transform.std,
-            "hflip": transform.hflip,
-            "vflip": transform.vflip,
+            **{name: getattr(transform, name) for name in ("image_size", "mean", "std", "hflip", "vflip")},
             "scale": list(transform.scale),
-            **({"randaugment": transform.randaugment} if getattr(transform, "randaugment", "") else {}),
-            "pixels": getattr(transform, "pixels", 1),  # how a view's pixels are made from a file (kd.data.dataset)
+            **({"randaugment": transform.randaugment} if transform.randaugment else {}),
+            "pixels": transform.pixels,  # how a view's pixels are made from a file
             # the random draws and the resizing kernels that make a view are theirs
             "libraries": {"torch": torch.__version__, "torchvision": torchvision.__version__},
         },
@@ -124,7 +103,7 @@ def cache_key(
 
 
 def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(top-k logits fp16, their class indices, log Σ exp over the other classes fp16; -inf when k >= classes)."""
+    """(top-k logits, their class indices, log Σ exp over the other classes: -inf when k >= classes)."""
     logits = logits.float()
     values, indices = logits.topk(min(k, logits.shape[1]), dim=1)
     rest = logits.scatter(1, indices, float("-inf"))
@@ -136,7 +115,7 @@ def top_k_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 def reconstruct_logits(
     values: torch.Tensor, indices: torch.Tensor, log_rest: torch.Tensor, num_classes: int
 ) -> torch.Tensor:
-    """B×C logits: the top-k in place, each other class log(rest mass / (C - k)), i.e. the rest spread uniformly."""
+    """B×C logits: the top-k in place, each other class log(rest mass / (C - k))."""
     values = values.float()
     batch, k = values.shape
     fill = log_rest.float() - math.log(num_classes - k) if k < num_classes else values.new_zeros(batch)
@@ -144,12 +123,10 @@ def reconstruct_logits(
 
 
 def bytes_per_row(k: int, num_classes: int) -> int:
-    """Disk bytes per (sample, epoch): k fp16 values + k indices + one fp16 log rest mass."""
     return k * (2 + (2 if num_classes <= torch.iinfo(torch.int16).max else 4)) + 2
 
 
 def _leaves(value, name: str = ""):
-    """(dotted name, value) of every leaf of nested dicts and lists of dicts."""
     if isinstance(value, dict):
         for k, v in value.items():
             yield from _leaves(v, f"{name}.{k}" if name else k)
@@ -169,25 +146,20 @@ def describe_difference(cached: dict, key: dict, limit: int = 5) -> str:
 
 
 def array_layout(rows: int, k: int, num_classes: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """{name: (shape, dtype)} of the cache's three arrays (see top_k_rows)."""
     index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
     layout = {"values": ((rows, k), np.float16), "indices": ((rows, k), index_dtype), "log_rest": ((rows,), np.float16)}
     return {name: (shape, np.dtype(dtype)) for name, (shape, dtype) in layout.items()}
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
 def meta_problem(meta: Any) -> str | None:
-    """What makes a parsed meta.json unusable as a cache's (its counts lay out the arrays); None when it is fine."""
+    """What makes a parsed meta.json unusable (its counts lay out the arrays); None when it is fine."""
     if not (isinstance(meta, dict) and isinstance(meta.get("key"), dict)):
         return "it holds no cache key"
     key = meta["key"]
     count = key["samples"].get("count") if isinstance(key.get("samples"), dict) else None
     numbers = {"epochs": meta.get("epochs"), "samples": meta.get("samples"), "key.samples.count": count}
     numbers |= {"key.top_k": key.get("top_k"), "key.num_classes": key.get("num_classes")}
-    bad = [name for name, value in numbers.items() if not _is_count(value)]
+    bad = [name for name, v in numbers.items() if not (isinstance(v, int) and not isinstance(v, bool) and v > 0)]
     if bad:
         return f"{', '.join(bad)} must be positive integers"
     if meta["samples"] != count:
@@ -196,7 +168,6 @@ def meta_problem(meta: Any) -> str | None:
 
 
 def read_cache_meta(path: Path) -> tuple[dict | None, str | None]:
-    """(the parsed <path>/meta.json, None), or (None, what is wrong with it)."""
     if not (path / "meta.json").is_file():
         return None, "there is none"
     try:
@@ -208,7 +179,6 @@ def read_cache_meta(path: Path) -> tuple[dict | None, str | None]:
 
 
 def _npy_header(file: Path) -> tuple[tuple, np.dtype, int]:
-    """(shape, dtype, data offset) from a .npy header, reading nothing past it. ValueError for a foreign file."""
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     with open(file, "rb") as f:
         version = np.lib.format.read_magic(f)
@@ -219,8 +189,8 @@ def _npy_header(file: Path) -> tuple[tuple, np.dtype, int]:
 
 
 def array_problem(file: Path, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
-    """What is wrong with the .npy `file` for an array of `shape` and `dtype`, from its header and size alone: the
-    data is never read, as a 200-byte file may claim 93 GiB (or hold pickled objects)."""
+    """What is wrong with the .npy `file`, from its header and size alone: a 200-byte file may claim 93 GiB (or
+    hold pickled objects)."""
     if kind := file_kind(file):  # never opened: a FIFO would block
         return f"it is {kind}, not a regular file"
     if not file.exists():
@@ -240,10 +210,9 @@ def array_problem(file: Path, shape: tuple[int, ...], dtype: np.dtype) -> str | 
 
 
 class TeacherCache:
-    """A built cache, memory-mapped: rows are read from disk as batches ask for them, so it may exceed RAM."""
+    """A built cache, memory-mapped (it may exceed RAM), every file checked when opened."""
 
     def __init__(self, path: str | Path, rebuild: str = "python distill.py <its arguments> --cache-teacher"):
-        """Opens every file, checked: a damaged one is a UserError naming it and giving the `rebuild` command."""
         self.path = Path(path)
         self.meta = self._meta(self.path, rebuild)
         key = self.meta["key"]
@@ -273,8 +242,7 @@ class TeacherCache:
 
     @classmethod
     def open(cls, path: str | Path, key: dict, epochs: int, rebuild: str) -> "TeacherCache":
-        """The cache at `path` if it was built for exactly this `key` and at least `epochs` epochs, all its files
-        whole; else a UserError that says why and gives the `rebuild` command. A stale cache is never used."""
+        """The cache at `path` if built for exactly this `key` and at least `epochs` epochs; else a UserError."""
         path = Path(path)
         if not (path / "meta.json").is_file():
             raise UserError(f"teacher cache {path} not found (or its build was cut short); build it with:\n  {rebuild}")
@@ -293,7 +261,6 @@ class TeacherCache:
         return cls(path, rebuild)
 
     def logits(self, keys: torch.Tensor) -> torch.Tensor:
-        """Reconstructed teacher logits (float32, on the keys' device) for the views with these loader keys."""
         rows = keys.cpu().numpy()
         values, indices, log_rest = (torch.from_numpy(a[rows]) for a in (self.values, self.indices, self.log_rest))
         return reconstruct_logits(values, indices, log_rest, self.num_classes).to(keys.device, non_blocking=True)

@@ -1,12 +1,8 @@
-"""Feature and relational losses: what a student learns from the teacher's intermediate layers.
+"""Feature and relational losses on the (student, teacher) B×C×H×W pairs of distillation.feature_layers.
 
-Each loss takes the (student, teacher) feature pairs of the hooked layers (distillation.feature_layers), B×C×H×W
-each, and returns a scalar; its other arguments come from distillation.feature_loss_args. FEATURE_LOSSES names them.
-A loss that compares the tensors elementwise needs the student's features in the teacher's shape: it gets them
-through the pair's adapter (1×1 conv + resize, kd/distill/hooks.py). One that compares what each model's features
-say about the images — where they attend, how the images relate — takes the student's own features
-(`uses_adapter = False`): an adapter there would be a learnable shortcut around the very structure being matched.
-A new loss is a function here and an entry in FEATURE_LOSSES.
+An elementwise loss gets the student's features through the pair's adapter (1×1 conv + resize). One that compares
+what the features say (attention, relations) sets `uses_adapter = False`: an adapter there would be a learnable
+shortcut around the very structure being matched. A new loss is a function here and an entry in FEATURE_LOSSES.
 """
 
 import torch
@@ -21,16 +17,13 @@ def feature_mse(pairs: FeaturePairs) -> torch.Tensor:
 
 
 def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Spatial attention of a B×C×H×W map (Zagoruyko & Komodakis, ICLR 2017, eq. 2 with F = mean_c |A_c|^p),
-    flattened to B×HW and L2-normalised per image."""
+    """Spatial attention mean_c |A_c|^p (Zagoruyko & Komodakis, ICLR 2017, eq. 2), B×HW, L2-normalised."""
     return F.normalize(features.float().abs().pow(p).mean(1).flatten(1), dim=1)
 
 
 def attention_transfer(pairs: FeaturePairs, p: float = 2.0, beta: float = 1000.0) -> torch.Tensor:
-    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017): beta/2 · mean over layers of the squared distance
-    between the normalised attention maps, averaged over the HW positions and the batch (the paper's code, beta
-    1e3). Channels may differ; a student map of another size is resized to the teacher's before its attention is
-    taken."""
+    """Attention transfer: beta/2 · mean squared distance of the attention maps (the paper's code, beta 1e3); a
+    student map of another size is resized to the teacher's first."""
     losses = []
     for s, t in pairs:
         if s.shape[-2:] != t.shape[-2:]:
@@ -42,40 +35,26 @@ def attention_transfer(pairs: FeaturePairs, p: float = 2.0, beta: float = 1000.0
 attention_transfer.uses_adapter = False
 
 
-def _embedding(features: torch.Tensor) -> torch.Tensor:
-    return features.float().mean((2, 3)) if features.dim() == 4 else features.float().flatten(1)
+def _distances(e: torch.Tensor) -> torch.Tensor:
+    """RKD-D's pairwise distances (Park et al., CVPR 2019, eq. 4-5), each over their mean."""
+    d = torch.cdist(e, e)
+    off_diagonal = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
+    return d / d[off_diagonal].mean().clamp_min(1e-12)
 
 
-def rkd_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """RKD-D (Park et al., CVPR 2019, eq. 4-5): Huber loss between the pairwise distances of the student's and the
-    teacher's embeddings (B×D), each divided by its mean over the distinct pairs."""
-
-    def normalised(e: torch.Tensor) -> torch.Tensor:
-        d = torch.cdist(e, e)
-        off_diagonal = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
-        return d / d[off_diagonal].mean().clamp_min(1e-12)
-
-    return F.smooth_l1_loss(normalised(student), normalised(teacher))
-
-
-def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """RKD-A (eq. 6-7): Huber loss between cos∠(e_i - e_j, e_k - e_j) over all triplets, student vs teacher."""
-
-    def angles(e: torch.Tensor) -> torch.Tensor:
-        unit = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=2)  # [j, i] = (e_i - e_j) / |e_i - e_j|
-        return torch.bmm(unit, unit.transpose(1, 2))  # [j, i, k]
-
-    return F.smooth_l1_loss(angles(student), angles(teacher))
+def _angles(e: torch.Tensor) -> torch.Tensor:
+    """RKD-A's cos∠(e_i - e_j, e_k - e_j) over all triplets (eq. 6-7)."""
+    unit = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=2)  # [j, i] = (e_i - e_j) / |e_i - e_j|
+    return torch.bmm(unit, unit.transpose(1, 2))  # [j, i, k]
 
 
 def rkd(pairs: FeaturePairs, distance_weight: float = 25.0, angle_weight: float = 50.0) -> torch.Tensor:
-    """Relational KD (Park et al., CVPR 2019): distance_weight · RKD-D + angle_weight · RKD-A (the paper's 25 and
-    50) on each layer's globally pooled features, averaged over layers. Only relations between the batch's images
-    are matched, so the two models' widths may differ."""
+    """Relational KD: the paper's 25 · RKD-D + 50 · RKD-A (Huber losses) on each layer's pooled features."""
     losses = []
     for s, t in pairs:
-        s, t = _embedding(s), _embedding(t)
-        losses.append(distance_weight * rkd_distance(s, t) + angle_weight * rkd_angle(s, t))
+        s, t = (x.float().mean((2, 3)) if x.dim() == 4 else x.float().flatten(1) for x in (s, t))
+        distance, angle = F.smooth_l1_loss(_distances(s), _distances(t)), F.smooth_l1_loss(_angles(s), _angles(t))
+        losses.append(distance_weight * distance + angle_weight * angle)
     return torch.stack(losses).mean()
 
 
@@ -86,5 +65,4 @@ FEATURE_LOSSES = {"mse": feature_mse, "attention": attention_transfer, "rkd": rk
 
 
 def uses_adapter(name: str) -> bool:
-    """Whether feature loss `name` compares adapted student features (1×1 conv + resize) or the student's own."""
     return getattr(FEATURE_LOSSES[name], "uses_adapter", True)

@@ -1,6 +1,6 @@
-"""Feature matching: forward hooks on named layers, adapters that bring student features to the teacher's shape, and
-the layer listing of `distill.py --list-layers`."""
+"""Feature matching: forward hooks on named layers, adapters to the teacher's shape, and `--list-layers`."""
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -32,15 +32,12 @@ def resolve_layer(model: nn.Module, name: str, role: str) -> str:
 
 
 def layer_pairs(layers: Sequence, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str]]:
-    """`feature_layers` entries ('blocks.2' for both, or ['blocks.2', 'rgb.blocks.3']; kd.config checks their form)
-    -> name pairs resolved against the two models."""
-    pairs = []
-    for entry in layers:
-        student_name, teacher_name = (entry, entry) if isinstance(entry, str) else entry
-        pairs.append(
-            (resolve_layer(student, student_name, "the student"), resolve_layer(teacher, teacher_name, "the teacher"))
-        )
-    for side, names in (("student", [s for s, _ in pairs]), ("teacher", [t for _, t in pairs])):
+    """`feature_layers` entries ('blocks.2' for both, or ['blocks.2', 'rgb.blocks.3']) resolved to name pairs."""
+    pairs = [
+        (resolve_layer(student, s, "the student"), resolve_layer(teacher, t, "the teacher"))
+        for s, t in ((entry, entry) if isinstance(entry, str) else entry for entry in layers)
+    ]
+    for side, names in zip(("student", "teacher"), zip(*pairs)):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:  # e.g. a hybrid teacher's 'blocks.2' and 'rgb.blocks.2' are one layer: its hook keeps one output
             raise UserError(
@@ -56,16 +53,10 @@ class FeatureHooks:
     def __init__(self, model: nn.Module, names: Sequence[str]):
         modules = dict(model.named_modules())
         self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = [modules[n].register_forward_hook(self._keeper(n)) for n in names]
+        self.handles = [modules[n].register_forward_hook(functools.partial(self._keep, n)) for n in names]
 
-    def _keeper(self, name: str):
-        def hook(module, inputs, output):
-            self.outputs[name] = output
-
-        return hook
-
-    def pop(self, name: str) -> torch.Tensor:
-        return self.outputs.pop(name)
+    def _keep(self, name: str, module: nn.Module, inputs, output) -> None:
+        self.outputs[name] = output
 
     def remove(self) -> None:
         for h in self.handles:
@@ -87,14 +78,8 @@ class FeatureAdapter(nn.Module):
 
 
 class FeaturePairs:
-    """Feature matching between a student and a teacher: hooks keep the latest output of each paired layer. With
-    `adapt` (a feature loss that compares the tensors elementwise, kd.distill.feature_losses.uses_adapter), one
-    adapter per pair, sized by a forward pass of each model on an example batch, maps the student's to the
-    teacher's shape; without, the loss gets the student's own features and no adapter is built.
-
-    `layers` are distillation.feature_layers entries. The adapters train with the student, so whoever trains it
-    registers them (the Distiller does); this object holds the hooks.
-    """
+    """Hooks on each pair's layers; with `adapt` (kd.distill.feature_losses.uses_adapter), one adapter per pair,
+    sized by a forward pass on example batches. Whoever trains the student registers the adapters (the Distiller)."""
 
     def __init__(
         self,
@@ -114,21 +99,17 @@ class FeaturePairs:
         self.teacher_hooks = FeatureHooks(teacher, teacher_names)
 
     def pop(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(student features, teacher features) of each pair, from both models' latest forward passes; the
-        student's adapted to the teacher's shape when there are adapters."""
+        """(student, teacher) features of each pair from the latest forward passes, adapted when there are adapters."""
         features = []
         for i, (student_name, teacher_name) in enumerate(self.pairs):
-            teacher_features, student_features = (
-                self.teacher_hooks.pop(teacher_name),
-                self.student_hooks.pop(student_name),
-            )
+            teacher_features = self.teacher_hooks.outputs.pop(teacher_name)
+            student_features = self.student_hooks.outputs.pop(student_name)
             if self.adapters:
                 student_features = self.adapters[i](student_features, teacher_features.shape[-2:])
             features.append((student_features, teacher_features))
         return features
 
     def remove(self) -> None:
-        """Stop matching: the hooks go, the adapters keep their weights."""
         self.student_hooks.remove()
         self.teacher_hooks.remove()
 
@@ -137,8 +118,7 @@ class FeaturePairs:
 def output_shapes(
     model: nn.Module, inputs: Sequence[torch.Tensor], names: Sequence[str] | None = None, max_depth: int = 3
 ) -> dict[str, tuple]:
-    """Output shape of each named module (default: all up to `max_depth` dots deep, in module order; tensor outputs
-    only) for one eval-mode forward pass on `inputs`; the model is left in its mode."""
+    """Tensor output shape of each named module (default: all up to `max_depth` deep) in one eval-mode pass."""
     names = layer_names(model, max_depth) if names is None else list(names)
     hooks = FeatureHooks(model, names)
     was_training = model.training
@@ -151,7 +131,6 @@ def output_shapes(
 
 
 def feature_shapes(model: nn.Module, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> dict[str, tuple]:
-    """Output shape of each layer to match; feature matching needs B×C×H×W maps."""
     shapes = output_shapes(model, inputs, names)
     for name in names:
         if len(shapes.get(name, ())) != 4:
@@ -162,7 +141,7 @@ def feature_shapes(model: nn.Module, names: Sequence[str], inputs: Sequence[torc
 
 
 def _stage_outputs(shapes: dict[str, tuple], prefix: str = "") -> dict[tuple, str]:
-    """The last block at each spatial size: {(H, W): name}, over the numbered blocks of a backbone's stages."""
+    """{(H, W): name of the last numbered stage block at that size}."""
     last = {}
     for name, shape in shapes.items():
         rest = name[len(prefix) :] if name.startswith(prefix) else None
@@ -172,15 +151,7 @@ def _stage_outputs(shapes: dict[str, tuple], prefix: str = "") -> dict[tuple, st
     return last
 
 
-def suggest_pairs(student_shapes: dict[str, tuple], teacher_shapes: dict[str, tuple]) -> list[tuple[str, str]]:
-    """[student, teacher] layer pairs whose feature maps have the same spatial size (the last block of each size)."""
-    prefix = "rgb." if any(n.startswith("rgb.") for n in teacher_shapes) else ""
-    student_stages, teacher_stages = _stage_outputs(student_shapes), _stage_outputs(teacher_shapes, prefix)
-    return [(s, teacher_stages[size]) for size, s in student_stages.items() if size in teacher_stages]
-
-
 def print_layers(student: nn.Module, student_size: int, teacher: nn.Module, teacher_meta: CheckpointMeta) -> None:
-    """Every hookable layer of both models with its output shape, and pairs whose spatial sizes match."""
     size = teacher_meta.input_spec.image_size
     inputs = {
         "rgb": torch.zeros(1, 3, size, size),
@@ -196,6 +167,9 @@ def print_layers(student: nn.Module, student_size: int, teacher: nn.Module, teac
         for name, shape in layer_shapes.items():
             table.add_row(name, "×".join(map(str, shape[1:])))
         console.print(table)
-    pairs = suggest_pairs(*shapes.values())
+    student_shapes, teacher_shapes = shapes.values()
+    prefix = "rgb." if any(n.startswith("rgb.") for n in teacher_shapes) else ""
+    student_stages, teacher_stages = _stage_outputs(student_shapes), _stage_outputs(teacher_shapes, prefix)
+    pairs = [(s, teacher_stages[size]) for size, s in student_stages.items() if size in teacher_stages]
     console.print("suggested feature_layers (same spatial size; adapters fix the channel counts):")
     print("  [" + ", ".join(f"[{s}, {t}]" for s, t in pairs) + "]")  # plain print: rich would wrap or eat [..]

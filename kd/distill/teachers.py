@@ -1,14 +1,10 @@
-"""The teachers a run distils from. TeacherEnsemble runs frozen checkpoints (one, or a weighted ensemble; in
-self-distillation the student's EMA joins them); CachedTeacher reads their logits back from a teacher cache
-(kd/distill/cache.py). Both answer `logits(batch, source)`: the Teacher protocol, all the Distiller calls.
-`load_teachers` reads the checkpoints a config names; the checks at start are free functions.
-"""
+"""The teachers: TeacherEnsemble runs frozen checkpoints (and the student's EMA in self-distillation), CachedTeacher
+reads their logits from a teacher cache: the two kinds of Teacher. Loading them, and the checks at start."""
 
 import dataclasses
 import itertools
 import math
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +21,6 @@ from kd.models.zoo import count_parameters, forward_batch
 
 
 def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float]:
-    """Weights that sum to one; None means equal weights."""
     weights = [1.0] * count if weights is None else [float(w) for w in weights]
     if len(weights) != count or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"need {count} non-negative teacher weights with a positive sum, got {weights}")
@@ -38,18 +33,13 @@ def normalize_weights(weights: Sequence[float] | None, count: int) -> list[float
 
 
 def weighted_logits(logits: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
-    """sum_i w_i * logits_i with the weights normalized to sum to one."""
     weights = normalize_weights(weights, len(logits))
     return sum(w * x.float() for w, x in zip(weights, logits))
 
 
 def adapt_view(batch: dict, source: dict | None, target: dict | None) -> dict:
-    """The batch as a model with input `target` expects it, from images normalized as `source` says.
-
-    `source` and `target` are {"image_size", "mean", "std"}; the images are resized when their size is not the
-    target's. Resizing is linear and normalization affine per channel, so resizing the normalized view and
-    re-normalizing equals preparing it for the target directly.
-    """
+    """The batch as input `target` ({"image_size", "mean", "std"}) expects it, from images normalized as `source`
+    says. Resizing is linear and normalization affine, so this equals preparing the images for `target` directly."""
     if source is None or target is None:
         return batch
     out, size = dict(batch), [target["image_size"]] * 2
@@ -57,11 +47,9 @@ def adapt_view(batch: dict, source: dict | None, target: dict | None) -> dict:
     if list(rgb.shape[-2:]) != size:
         rgb = F.interpolate(rgb, size=size, mode="bilinear", antialias=True, align_corners=False)
     if (source["mean"], source["std"]) != (target["mean"], target["std"]):
-
-        def column(values):
-            return rgb.new_tensor(values).view(1, -1, 1, 1)
-
-        rgb = (rgb * column(source["std"]) + column(source["mean"]) - column(target["mean"])) / column(target["std"])
+        stats = (source["std"], source["mean"], target["mean"], target["std"])
+        s_std, s_mean, t_mean, t_std = (rgb.new_tensor(values).view(1, -1, 1, 1) for values in stats)
+        rgb = (rgb * s_std + s_mean - t_mean) / t_std
     if rgb is batch["rgb"]:  # nothing to do costs nothing
         return batch
     out["rgb"] = rgb
@@ -71,32 +59,14 @@ def adapt_view(batch: dict, source: dict | None, target: dict | None) -> dict:
 
 
 def loader_input(loader: DataLoader) -> dict:
-    """{"image_size", "mean", "std"} of the images a loader yields, as its transform prepares them."""
     transform = loader.dataset.transform
     return {"image_size": transform.image_size, "mean": list(transform.mean), "std": list(transform.std)}
 
 
-class Teacher(Protocol):
-    """What the Distiller calls on its teacher(s)."""
-
-    def logits(self, batch: dict, source: dict | None = None) -> torch.Tensor:
-        """Float32 logits on `batch`, whose images are normalized as `source` ({"image_size", "mean", "std"}) says."""
-
-    def set_ema(self, ema: nn.Module) -> None:
-        """The student's EMA, a teacher in self-distillation."""
-
-    def set_progress(self, epoch: float) -> None:
-        """Called before every step with the fractional epoch."""
-
-
 class TeacherEnsemble:
-    """Frozen teachers as one: `logits` averages theirs with the normalized `weights`, each teacher fed the batch
-    resized and re-normalized to its own input (`inputs`, {"image_size", "mean", "std"} each; None: the batch as it
-    comes). With `ema_weight` > 0 the student's EMA (set_ema) joins them once `ema_start_epoch` has passed.
-
-    Not an nn.Module on purpose: held by the Distiller, the teachers would be broadcast by DDP every step, seen by
-    the optimizer and saved in checkpoints. They stay in eval mode and run under no_grad.
-    """
+    """Frozen teachers as one: the `weights`-averaged logits, each fed the batch as its `inputs` entry says. With
+    `ema_weight` > 0 the student's EMA joins them once `ema_start_epoch` has passed. Not an nn.Module on purpose:
+    held by the Distiller, it would be broadcast by DDP every step, seen by the optimizer and checkpointed."""
 
     def __init__(
         self,
@@ -121,7 +91,7 @@ class TeacherEnsemble:
         self.epoch = epoch
 
     def to(self, device: torch.device, channels_last: bool = False, compile: bool = False) -> None:
-        """Move the teachers; optionally channels_last and compiled (in place: nn.Module.compile keeps the module)."""
+        """nn.Module.compile compiles in place, keeping the module."""
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         self.modules = tuple(t.to(device, memory_format=memory_format) for t in self.modules)
         for teacher in self.modules:
@@ -130,7 +100,7 @@ class TeacherEnsemble:
 
     @torch.no_grad()
     def logits(self, batch: dict, source: dict | None = None) -> torch.Tensor:
-        """Their weighted logits on `batch`; the EMA teacher takes the batch as it comes (the student's input)."""
+        """Float32 logits on `batch`, whose images are normalized as `source` says (the EMA teacher's input)."""
         modules, weights, inputs = list(self.modules), list(self.weights), list(self.inputs)
         if self.ema is not None and self.epoch >= self.ema_start_epoch:
             modules, weights, inputs = [*modules, self.ema], [*weights, self.ema_weight], [*inputs, source]
@@ -139,7 +109,7 @@ class TeacherEnsemble:
 
 
 class CachedTeacher:
-    """The teachers' logits read from a teacher cache by the batch's loader keys (the views it was built on)."""
+    """The teachers' logits read from a teacher cache by the batch's loader keys."""
 
     def __init__(self, cache: TeacherCache):
         self.cache = cache
@@ -148,16 +118,18 @@ class CachedTeacher:
         return self.cache.logits(batch["key"])
 
     def set_ema(self, ema: nn.Module) -> None:
-        """A cache holds fixed logits: kd.distill.cache.check_applies refuses an EMA teacher with one."""
+        """kd.distill.cache.check_applies refuses an EMA teacher with a cache."""
 
     def set_progress(self, epoch: float) -> None:
-        """Cached logits do not change over training."""
+        """Cached logits do not change."""
+
+
+Teacher = TeacherEnsemble | CachedTeacher  # what the Distiller calls: logits(batch, source), set_ema, set_progress
 
 
 @dataclasses.dataclass
 class TeacherCheckpoints:
-    """The teacher checkpoints a run names, read: their paths, metadata, ensemble weights and frozen modules (none
-    when only the metadata was read, as a run distilling from a teacher cache does)."""
+    """The teacher checkpoints a run names, read (no modules when only the metadata was, for a cached run)."""
 
     paths: list[str]
     metas: list[CheckpointMeta]
@@ -170,12 +142,10 @@ class TeacherCheckpoints:
 
     @property
     def inputs(self) -> list[dict]:
-        """Each teacher's RGB input {"image_size", "mean", "std"}, from its checkpoint."""
         return [m.input_spec.rgb() for m in self.metas]
 
     @property
     def ms_meta(self) -> CheckpointMeta | None:
-        """The metadata of the teacher that reads MS bands, if one runs (from a cache, none reads them)."""
         return next((m for m in self.metas if m.input_spec.with_ms), None) if self.modules else None
 
     def describe(self, cache: TeacherCache | None = None) -> str:
@@ -186,9 +156,7 @@ class TeacherCheckpoints:
 
 
 def load_teachers(d: DistillationConfig, online: bool = True) -> TeacherCheckpoints:
-    """The teachers of distillation.teachers (or teacher_checkpoint), frozen, rebuilt from their safetensors + JSON
-    checkpoints; `online=False` reads only their metadata (their logits come from a cache). They must share one
-    class list."""
+    """distillation.teachers (or teacher_checkpoint), sharing one class list; `online=False`: metadata only."""
     entries = d.teachers or [{"checkpoint": d.teacher_checkpoint, "weight": 1.0}]
     paths = [e["checkpoint"] for e in entries]
     if online:
@@ -207,9 +175,8 @@ def load_teachers(d: DistillationConfig, online: bool = True) -> TeacherCheckpoi
 def input_specs(
     student: InputSpec, teachers: TeacherCheckpoints, ms_bands: list, say: Callable[[str], None]
 ) -> tuple[InputSpec, InputSpec]:
-    """(training view, validation input) for a student fed `student`: one augmented view at the largest input size
-    of all models, which each gets resized / re-normalized; both with the MS bands and statistics of the teacher
-    that reads them, so that it sees inputs exactly as it was trained on (`ms_bands`: data.ms_bands)."""
+    """(training view at the largest input size of all models, validation input), both with the MS bands and
+    statistics of the teacher that reads them: it must see inputs as it was trained on."""
     val = student
     if ms_meta := teachers.ms_meta:
         ms = ms_meta.input_spec
@@ -229,9 +196,7 @@ def input_specs(
 def check_teachers(
     teachers: TeacherCheckpoints, val_loader: DataLoader, sanity_batch_size: int, say: Callable[[str], None]
 ) -> None:
-    """At start, against this run's data: the MS teacher's band count, and each loaded teacher clearly better than
-    chance on a class-balanced validation batch of `sanity_batch_size` images (0: no check), a line each (a cached
-    run checked its teachers when it built the cache)."""
+    """The MS teacher's band count, and each loaded teacher's sanity report on a class-balanced val batch."""
     check_ms_bands(teachers.ms_meta and teachers.ms_meta.arch, val_loader.dataset)
     if teachers.modules and sanity_batch_size:
         batch = class_balanced_batch(val_loader, sanity_batch_size)  # sorted val sets start with one class
@@ -242,17 +207,12 @@ def check_teachers(
 
 @torch.no_grad()
 def teacher_sanity_check(teacher: nn.Module, batch: dict, num_classes: int) -> dict:
-    """Logit statistics and accuracy of a teacher on one batch, and whether that is clearly better than chance.
+    """Logit statistics and accuracy of a teacher on one batch, and whether it is clearly better than chance.
 
-    The verdict uses balanced accuracy (the mean recall of the classes in the batch), whose chance level is
-    1 / (classes present) whatever the mix: a validation set sorted by class gives a first batch of mostly one class,
-    on which a teacher that always names that class has a high plain accuracy and learnt nothing.
-    "Clearly better" means at least the larger of
-    - chance + 2 standard deviations of a blind guesser's balanced accuracy on these class counts: on a small batch a
-      teacher guessing at random passes about 2% of the time;
-    - 1.5 x chance: on a large batch the 2 deviations shrink towards chance, yet a teacher barely above chance still
-      teaches mostly noise.
-    A batch of one class cannot tell (chance is 1): `better_than_chance` is then None.
+    Balanced accuracy's chance is 1 / (classes present) whatever the mix, so a teacher always naming the class of a
+    one-sided batch does not pass. "Clearly" is the larger of chance + 2 deviations of a blind guesser (a random
+    teacher passes ~2% of the time on a small batch) and 1.5 x chance (on a large batch, barely above chance still
+    teaches noise). A batch of one class cannot tell: `better_than_chance` is None.
     """
     logits = forward_batch(teacher.eval(), batch).float()
     labels = batch["label"].cpu()
@@ -279,7 +239,6 @@ def teacher_sanity_check(teacher: nn.Module, batch: dict, num_classes: int) -> d
 
 
 def teacher_sanity_report(name: str, teacher: nn.Module, batch: dict, num_classes: int) -> str:
-    """One line on the teacher's logits and accuracy on `batch`, with a loud warning when it is near chance."""
     check = teacher_sanity_check(teacher, batch, num_classes)
     line = (
         f"teacher {name}: logits mean {check['logit_mean']:.3f} std {check['logit_std']:.3f}, "
@@ -299,8 +258,7 @@ def teacher_sanity_report(name: str, teacher: nn.Module, batch: dict, num_classe
 
 
 def class_balanced_batch(loader: DataLoader, size: int) -> dict:
-    """Up to `size` samples of the loader's dataset, taken in turn from each class, as one batch (for the sanity
-    check: the loader's own first batch is mostly one class, as validation sets are sorted by class)."""
+    """Up to `size` samples taken in turn from each class (a sorted val set's first batch is mostly one class)."""
     by_class: dict[int, list[int]] = {}
     for index, (_, label) in enumerate(loader.dataset.samples):
         by_class.setdefault(label, []).append(index)

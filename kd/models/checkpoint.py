@@ -1,8 +1,5 @@
-"""Checkpoints: <stem>.safetensors (weights, no pickle) + <stem>.json (CheckpointMeta), written and read here only.
-
-The JSON is flat, as kd has always written it (image_size, mean, std, ms_mean, ms_std, ms_bands at the top level),
-plus schema_version; a file without schema_version is the same layout, written before the key existed.
-"""
+"""Checkpoints: <stem>.safetensors (weights, no pickle) + <stem>.json (CheckpointMeta, flat, as kd always wrote it;
+a file without schema_version was written before the key existed), written and read here only."""
 
 import json
 import os
@@ -29,10 +26,8 @@ RANGE_PREFIX = "qat."  # keys of a QAT run's INT8 ranges (kd/deploy/qat.py range
 
 @dataclass
 class CheckpointMeta:
-    """What rebuilds a checkpoint's model and feeds it: architecture, classes, input spec; and how it was trained.
-
-    An exported file's metadata (ONNX metadata, sidecar .json, --meta file) is one too: RGB, maybe without arch.
-    """
+    """What rebuilds a checkpoint's model and feeds it, and how it was trained. An exported file's metadata is one
+    too: RGB, maybe without arch."""
 
     arch: dict | None  # kd.models.zoo.build_model's spec: {"name": timm name or "hybrid", "num_classes", ...}
     classes: list[str]  # in the order of the model's logits
@@ -45,7 +40,6 @@ class CheckpointMeta:
 
     @property
     def inputs(self) -> list[str]:
-        """The batch entries the model reads, in order."""
         return ["rgb", "ms"] if self.input_spec.with_ms else ["rgb"]
 
     def to_json(self, exported: bool = False) -> dict:
@@ -60,8 +54,7 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, data: Any, path: str | Path, exported: bool = False) -> "CheckpointMeta":
-        """The metadata parsed from `path`, checked: one UserError lists everything wrong with it.
-        `exported`: an exported file's metadata, which needs no arch and is always RGB."""
+        """Checked: one UserError lists everything wrong with it."""
         refuse(path, meta_problems(data, exported), exported)
         ms = {}
         if "ms" in data["inputs"]:  # a file's MS statistics count only for a model that reads MS
@@ -78,9 +71,6 @@ class CheckpointMeta:
             ema=bool(data.get("ema")),
             qat=bool(data.get("qat")),
         )
-
-
-# ------------------------------------------------------------------------------------------------------ files
 
 
 def checkpoint_stem(path: str | Path) -> Path:
@@ -105,9 +95,8 @@ def _atomic_write(path: Path, write) -> None:
 def save_checkpoint(
     path: str | Path, model: nn.Module | Mapping[str, torch.Tensor], meta: CheckpointMeta, extra: dict | None = None
 ) -> Path:
-    """Write <stem>.safetensors (weights) and <stem>.json (`meta`). `model`: the module, or its whole state dict
-    (the training loop passes `accelerator.get_state_dict`'s, gathered from the shards under FSDP). `extra` tensors
-    (a QAT run's learned ranges, under "qat.") are stored beside the weights."""
+    """`model`: the module, or its whole state dict (gathered from the shards under FSDP); `extra` tensors (a QAT
+    run's ranges, under "qat.") are stored beside the weights."""
     stem = checkpoint_stem(path)
     stem.parent.mkdir(parents=True, exist_ok=True)
     state = model if isinstance(model, Mapping) else model.state_dict()
@@ -118,15 +107,12 @@ def save_checkpoint(
 
 
 def read_meta(path: str | Path) -> CheckpointMeta:
-    """The metadata <stem>.json beside <stem>.safetensors, checked: one error lists everything wrong with it."""
     meta_path, data = _read_json(path)
     return CheckpointMeta.from_json(data, meta_path)
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
-    """Rebuild the model from <stem>.json and load <stem>.safetensors into it (strict). Returns (model, meta).
-
-    The architecture is first built on the meta device (shapes, no memory) and checked against the tensor shapes in
+    """(model, meta), loaded strictly. The arch is first built on the meta device and checked against the shapes in
     the safetensors header: a 700-byte .json whose arch claims 10^8 bands is refused before anything is allocated."""
     meta_path, data = _read_json(path)
     problems, shapes = meta_problems(data), None
@@ -140,9 +126,9 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
     stem = checkpoint_stem(path)
     misfit = f"weights in {stem}.safetensors do not fit architecture {meta.arch} from {stem}.json"
     if shapes is not None:
-        _check_shapes(shapes, _stored_shapes(stem), misfit)
+        _check_shapes(shapes, _read_safetensors(stem, _header_shapes), misfit)
     model = build_model(meta.arch)
-    weights = _read_weights(stem)
+    weights = _read_safetensors(stem, safetensors.torch.load_file)
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # same names, other shapes: another width, class count or band count
@@ -153,30 +139,32 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, CheckpointMeta]:
 
 
 def _unallocated_shapes(arch: dict) -> dict[str, list[int]] | None:
-    """The state-dict shapes of `arch`'s model, built on the meta device; None for a model whose construction
-    reads tensor values (it is then checked by loading, as before). A UserError from the builder passes through."""
+    """None for a model whose construction reads tensor values: it is then checked by loading."""
     try:
         with torch.device("meta"):
             model = build_model(arch)
-    except UserError:
-        raise
     except (RuntimeError, NotImplementedError, TypeError, ValueError):  # e.g. .item() of a meta tensor
         return None
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
-def _stored_shapes(stem: Path) -> dict[str, list[int]]:
-    """The weights' shapes from the safetensors header (which safetensors checks against the file's size)."""
+def _header_shapes(file: str) -> dict[str, list[int]]:
+    with safetensors.safe_open(file, "pt") as f:  # safetensors checks the header against the file's size
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _read_safetensors(stem: Path, read) -> dict:
+    """read(<stem>.safetensors) without the QAT ranges (see checkpoint_ranges); a damaged file is a UserError."""
     try:
-        with safetensors.safe_open(str(stem.with_suffix(".safetensors")), "pt") as f:
-            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        found = read(str(stem.with_suffix(".safetensors")))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise _unreadable(stem, e) from None
-    return {k: v for k, v in shapes.items() if not k.startswith(RANGE_PREFIX)}  # see checkpoint_ranges
+        raise UserError(
+            f"cannot read weights {stem}.safetensors ({e}); the file is damaged or not safetensors"
+        ) from None
+    return {k: v for k, v in found.items() if not k.startswith(RANGE_PREFIX)}
 
 
 def _check_shapes(expected: dict[str, list[int]], stored: dict[str, list[int]], misfit: str) -> None:
-    """The UserError load_state_dict(strict) would give, found from the shapes alone."""
     missing, unexpected = [k for k in expected if k not in stored], [k for k in stored if k not in expected]
     if missing or unexpected:
         raise UserError(f"{misfit}: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -188,20 +176,8 @@ def _check_shapes(expected: dict[str, list[int]], stored: dict[str, list[int]], 
             )
 
 
-def _unreadable(stem: Path, e: Exception) -> UserError:
-    return UserError(f"cannot read weights {stem}.safetensors ({e}); the file is damaged or not safetensors")
-
-
-def _read_weights(stem: Path) -> dict[str, torch.Tensor]:
-    try:
-        weights = safetensors.torch.load_file(str(stem.with_suffix(".safetensors")))
-    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
-        raise _unreadable(stem, e) from None
-    return {k: v for k, v in weights.items() if not k.startswith(RANGE_PREFIX)}  # see checkpoint_ranges
-
-
 def checkpoint_ranges(path: str | Path) -> dict[str, torch.Tensor]:
-    """The INT8 ranges a QAT run learned (kd/deploy/qat.py `range_state`), stored in its checkpoints; {} without QAT."""
+    """The INT8 ranges a QAT run learned (kd/deploy/qat.py `range_state`); {} without QAT."""
     read_meta(path)  # a missing or foreign checkpoint: the message that says so
     with safetensors.safe_open(str(checkpoint_stem(path).with_suffix(".safetensors")), "pt") as f:
         return {k: f.get_tensor(k) for k in f.keys() if k.startswith(RANGE_PREFIX)}
@@ -217,8 +193,8 @@ FILE_KINDS = (
 
 
 def file_kind(path: str | Path) -> str | None:
-    """What `path` is when it exists but is not a regular file ("a FIFO (named pipe)", "a directory"...); None for
-    a regular file or nothing. Only stat looks: opening a FIFO to read it would wait for a writer forever."""
+    """What `path` is when it exists but is not a regular file; None otherwise. Only stat looks: opening a FIFO
+    would wait for a writer forever."""
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError):  # missing, unreadable parent, a NUL in the name
@@ -229,7 +205,6 @@ def file_kind(path: str | Path) -> str | None:
 
 
 def _read_json(path: str | Path) -> tuple[Path, Any]:
-    """(the .json path, its parsed content) of the checkpoint at `path`; both of its files must be there."""
     stem = checkpoint_stem(path)
     meta_path = stem.with_suffix(".json")
     if not stem.with_suffix(".safetensors").is_file() or not meta_path.is_file():
@@ -240,11 +215,9 @@ def _read_json(path: str | Path) -> tuple[Path, Any]:
                     f"checkpoint file {candidate} is {kind}, not a regular file: point at the <stem>.safetensors "
                     "and <stem>.json files a run wrote, e.g. runs/<name>/best.safetensors"
                 )
-        hint = ""
-        if Path(path).suffix in (".ckpt", ".pt", ".pth"):
-            hint = (
-                f" kd reads {Path(path).suffix} paths as their <stem>.safetensors + <stem>.json pair and found neither."
-            )
+        suffix = Path(path).suffix
+        hint = f" kd reads {suffix} paths as their <stem>.safetensors + <stem>.json pair and found neither."
+        hint = hint if suffix in (".ckpt", ".pt", ".pth") else ""
         raise UserError(
             f"checkpoint {path} not found: expected {stem}.safetensors and {stem}.json.{hint} "
             "Train one first, e.g. `python train_teacher.py --config configs/teacher.yaml`."

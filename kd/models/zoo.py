@@ -1,5 +1,4 @@
-"""Models by architecture spec, the dict a checkpoint records: a timm network by name (kd/models/timm_models.py) or
-the RGB+MS HybridFusion (kd/models/hybrid.py); and how a batch is fed to either."""
+"""Models by architecture spec (the dict a checkpoint records), and how a batch is fed to them."""
 
 import timm.data
 import torch
@@ -10,7 +9,7 @@ from kd.models.timm_models import create_timm
 
 
 def build_model(spec: dict, pretrained: str | None = None) -> nn.Module:
-    """Build from an architecture spec: {"name": "hybrid", ...HybridFusion args} or {"name": timm_name, ...}."""
+    """{"name": "hybrid" or a timm name, "num_classes", ...their other arguments}."""
     spec = dict(spec)
     name, num_classes = spec.pop("name"), spec.pop("num_classes")
     if name == "hybrid":
@@ -19,14 +18,13 @@ def build_model(spec: dict, pretrained: str | None = None) -> nn.Module:
 
 
 def input_config(model: nn.Module) -> dict:
-    """The model's preferred input from its timm pretrained config: {"image_size", "mean", "std"}."""
+    """{"image_size", "mean", "std"} from the model's timm pretrained config."""
     backbone = model.rgb if isinstance(model, HybridFusion) else model
     resolved = timm.data.resolve_data_config({}, model=backbone)
     return {"image_size": resolved["input_size"][-1], "mean": list(resolved["mean"]), "std": list(resolved["std"])}
 
 
 def input_keys(model: nn.Module) -> tuple[str, ...]:
-    """Which batch entries the model takes, in order: ("rgb",) for plain timm models."""
     return getattr(model, "input_keys", ("rgb",))
 
 
