@@ -1,11 +1,6 @@
-"""The timm format: a folder as timm's save_for_hf writes it and the Hugging Face Hub holds timm models, which
-timm.create_model("local-dir:<folder>", pretrained=True) loads with its classes, input size and normalization.
-
-The folder says only what is known of the student: config.json keeps none of the fields timm inherits from the
-architecture's default pretrained weights (their tag, licence, paper, source URL), records the licence only when the
-user gives one, and adds under "kd" how the model was trained (teachers, recipe, kd's version); README.md is its
-model card (what it is, how it was trained, results, data, limits, how to load it). --push-to-hub uploads exactly
-this folder."""
+"""The timm format: a save_for_hf folder (as the Hugging Face Hub holds timm models) with its classes, input size and
+normalization, that says only what is known of the student: config.json keeps nothing timm inherits from the
+architecture's default weights and adds under "kd" how it was trained; README.md is its model card."""
 
 import json
 from dataclasses import dataclass, field
@@ -34,8 +29,7 @@ KEY_RECIPE = (
 
 @dataclass
 class TimmCard:
-    """What the folder says beside the weights: the licence the user gives (None: none written), the training run's
-    config.yaml (the recipe; None when the checkpoint's folder holds none) and evaluate.py's rows for the model."""
+    """What the folder says beside the weights (None: not known, not written)."""
 
     title: str = "kd student"
     license: str | None = None
@@ -46,18 +40,15 @@ class TimmCard:
 
 
 def timm_settings(meta: CheckpointMeta) -> dict:
-    """The keyword arguments of timm's save_for_hf that carry what the checkpoint records beside the weights: class
-    names (label_names), input size and normalization (pretrained_cfg). kd's loaders resize the whole image to the
-    square input, bilinear, without cropping: so crop_pct 1.0 and bilinear interpolation."""
+    """save_for_hf's arguments for the classes, input size and normalization. kd's loaders resize the whole image
+    to the square input, bilinear, without cropping."""
     spec = meta.input_spec
-    size = spec.image_size
-    data = {"input_size": (3, size, size), "mean": tuple(spec.mean), "std": tuple(spec.std)}
+    data = {"input_size": (3, spec.image_size, spec.image_size), "mean": tuple(spec.mean), "std": tuple(spec.std)}
     data |= {"interpolation": "bilinear", "crop_pct": 1.0}
     return {"model_config": {"label_names": list(meta.classes)}, "data_config": data}
 
 
 def require_timm_model(model: nn.Module, meta: CheckpointMeta) -> None:
-    """timm rebuilds a model from its name and arguments: only a model timm built can be saved its way."""
     if not isinstance(getattr(model, "pretrained_cfg", None), dict):
         name = (meta.arch or {}).get("name", type(model).__name__)
         raise UserError(
@@ -66,11 +57,8 @@ def require_timm_model(model: nn.Module, meta: CheckpointMeta) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------------- what is known
-
-
 def run_recipe(checkpoint: str | Path) -> tuple[dict | None, str | None]:
-    """The config.yaml that distill.py / train_teacher.py saved in the checkpoint's run folder, as a dict."""
+    """The config.yaml saved in the checkpoint's run folder, and its path."""
     from kd.config_rules import load_yaml  # the safe YAML reader; imported here, it is only needed for a card
 
     path = checkpoint_stem(checkpoint).parent / "config.yaml"
@@ -85,7 +73,6 @@ def run_recipe(checkpoint: str | Path) -> tuple[dict | None, str | None]:
 
 
 def results_files(results: str | Path) -> tuple[Path, Path]:
-    """results.json and results.md of evaluate.py's --out folder, given the folder or either file."""
     path = Path(results)
     folder = path if path.is_dir() else path.parent
     found = folder / "results.json", folder / "results.md"
@@ -108,8 +95,8 @@ def same_model(path: str, checkpoint: str | Path) -> bool:
 
 
 def evaluated_rows(results: str | Path, checkpoint: str | Path) -> tuple[list[str], str]:
-    """The lines of evaluate.py's results.md that are about `checkpoint` (its recipe's rows of every table, beside
-    the teacher's), with the tables' titles and notes; and the results.json they came from."""
+    """The lines of evaluate.py's results.md about `checkpoint` (its rows of every table, beside the teacher's),
+    with the tables' titles and notes; and the results.json they came from."""
     json_path, md_path = results_files(results)
     try:
         data = json.loads(json_path.read_text())
@@ -146,7 +133,6 @@ def evaluated_rows(results: str | Path, checkpoint: str | Path) -> tuple[list[st
 
 
 def teacher_line(path: str) -> str:
-    """A teacher checkpoint and, when its metadata is still readable, its architecture."""
     try:
         arch = read_meta(path).arch or {}
     except (UserError, OSError):
@@ -156,7 +142,6 @@ def teacher_line(path: str) -> str:
 
 
 def kd_record(meta: CheckpointMeta, card: TimmCard) -> dict:
-    """config.json's "kd" entry: how the student was made, as far as the checkpoint and its run record it."""
     recipe = card.recipe or {}
     section = "distillation" if meta.teachers else "train"
     record = {"version": kd.__version__, "distilled": bool(meta.teachers), "teachers": list(meta.teachers)}
@@ -171,9 +156,8 @@ def kd_record(meta: CheckpointMeta, card: TimmCard) -> dict:
 def initialization(meta: CheckpointMeta, recipe: dict) -> str:
     if not recipe:
         return "not recorded (no config.yaml beside the checkpoint)"
-    weights = (recipe.get("distillation") or {}).get("student_pretrained") if meta.teachers else None
-    if not meta.teachers:
-        weights = (recipe.get("model") or {}).get("pretrained")
+    section, key = ("distillation", "student_pretrained") if meta.teachers else ("model", "pretrained")
+    weights = (recipe.get(section) or {}).get(key)
     if not weights:
         return "random weights"
     if weights == "imagenet":
@@ -183,7 +167,7 @@ def initialization(meta: CheckpointMeta, recipe: dict) -> str:
 
 
 def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) -> str:
-    """README.md: the Hub's model card, from what the checkpoint, its run and evaluate.py record and nothing else."""
+    """README.md: the model card, from what the checkpoint, its run and evaluate.py record and nothing else."""
     recipe = card.recipe or {}
     spec, arch = meta.input_spec, config["architecture"]
     header = ["---", "library_name: timm", "pipeline_tag: image-classification"]
@@ -274,13 +258,8 @@ def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) 
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------- the folder
-
-
 def save_timm_folder(model: nn.Module, meta: CheckpointMeta, path: Path, card: TimmCard | None = None) -> Path:
-    """config.json (architecture, its arguments, num_classes, label_names, pretrained_cfg with the input size and
-    normalization and nothing inherited, "kd": how it was made), model.safetensors and README.md (model card) in
-    the folder `path`."""
+    """config.json, model.safetensors and README.md (the model card) in the folder `path`."""
     require_timm_model(model, meta)
     card = card or TimmCard(title=path.name)
     if path.exists() and not path.is_dir():
@@ -300,8 +279,7 @@ def save_timm_folder(model: nn.Module, meta: CheckpointMeta, path: Path, card: T
 
 
 def push_timm(folder: Path, repo_id: str) -> str:
-    """Upload the folder as save_timm_folder wrote it (its config.json and model card, nothing else) to the Hugging
-    Face Hub; the commit's URL."""
+    """Upload the folder as save_timm_folder wrote it to the Hugging Face Hub; the commit's URL."""
     try:
         api = HfApi()
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
@@ -317,5 +295,5 @@ def push_timm(folder: Path, repo_id: str) -> str:
 
 
 def load_timm_folder(path: Path) -> nn.Module:
-    """The folder loaded by timm alone, as a user would: timm.create_model("local-dir:<folder>", pretrained=True)."""
+    """The folder loaded by timm alone, as a user would."""
     return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
