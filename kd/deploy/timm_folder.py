@@ -178,8 +178,8 @@ def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) 
     lines += [f"An image classifier ({arch}, {params / 1e6:.2f}M parameters) {how} {kd.__version__}.", ""]
 
     lines += ["## Model", "", f"- Architecture: timm `{arch}`, {len(meta.classes)} classes"]
-    lines += [f"- Classes (logit order): {', '.join(f'`{c}`' for c in meta.classes)}"]
     lines += [
+        f"- Classes (logit order): {', '.join(f'`{c}`' for c in meta.classes)}",
         f"- Input: RGB, the whole image resized (bilinear, no crop) to {spec.image_size}×{spec.image_size}, "
         f"scaled to [0, 1] and normalized with mean {list(spec.mean)}, std {list(spec.std)} (timm's data config "
         "from config.json does exactly this)",
@@ -190,7 +190,7 @@ def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) 
     lines += ["## Training", ""]
     if meta.teachers:
         lines += ["Distilled from the teacher checkpoint(s), not published here:", ""]
-        lines += [f"- {teacher_line(t)}" for t in meta.teachers] + [""]
+        lines += [*(f"- {teacher_line(t)}" for t in meta.teachers), ""]
     else:
         lines += ["Trained on the labels alone: the checkpoint records no teacher.", ""]
     lines += [f"- Initialization: {initialization(meta, recipe)}"]
@@ -219,16 +219,14 @@ def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) 
         lines += [""]
 
     data = recipe.get("data") or {}
-    lines += ["## Data", ""]
     if data.get("demo"):
-        lines += ["kd's built-in synthetic demo images (not real photographs)."]
+        source = "kd's built-in synthetic demo images (not real photographs)."
     elif data.get("root"):
-        lines += [f"The user's own images, from `{data['root']}` (not published here)."]
+        source = f"The user's own images, from `{data['root']}` (not published here)."
     else:
-        lines += ["Not recorded (no config.yaml beside the checkpoint)."]
-    lines += ["", f"Classes: {', '.join(meta.classes)}.", ""]
-
+        source = "Not recorded (no config.yaml beside the checkpoint)."
     licence = f"`{card.license}`" if card.license else "not stated"
+    lines += ["## Data", "", source, "", f"Classes: {', '.join(meta.classes)}.", ""]
     lines += [
         "## Limitations",
         "",
@@ -239,23 +237,22 @@ def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) 
         f"- Licence: {licence}.",
         "",
     ]
+    where = f"hf-hub:{card.title}" if "/" in card.title else "local-dir:path/to/this/folder"
+    return (
+        "\n".join(lines)
+        + f"""
+## How to load
 
-    lines += [
-        "## How to load",
-        "",
-        "```python",
-        "import timm",
-        "",
-        f'model = timm.create_model("hf-hub:{card.title}", pretrained=True).eval()'
-        if "/" in card.title
-        else 'model = timm.create_model("local-dir:path/to/this/folder", pretrained=True).eval()',
-        "config = timm.data.resolve_data_config({}, model=model)",
-        "transform = timm.data.create_transform(**config)",
-        "labels = model.pretrained_cfg['label_names']",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+```python
+import timm
+
+model = timm.create_model("{where}", pretrained=True).eval()
+config = timm.data.resolve_data_config({{}}, model=model)
+transform = timm.data.create_transform(**config)
+labels = model.pretrained_cfg['label_names']
+```
+"""
+    )
 
 
 def save_timm_folder(model: nn.Module, meta: CheckpointMeta, path: Path, card: TimmCard | None = None) -> Path:
