@@ -35,17 +35,14 @@ def _quantizer(is_qat: bool):
     HistogramObserver spreads its bins over the widest value any image reaches, and on the demo student a few
     outlier images (9 of 256) made INT8 accuracy collapse (42% -> 25%; averaged: 43%)."""
     from torchao.quantization.pt2e import MovingAverageMinMaxObserver
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer,
-        get_default_x86_inductor_quantization_config,
-    )
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
-    config = get_default_x86_inductor_quantization_config(is_qat=is_qat)
+    config = x86.get_default_x86_inductor_quantization_config(is_qat=is_qat)
     if not is_qat:
         observer = MovingAverageMinMaxObserver.with_args(averaging_constant=0.1, eps=2**-12)
         activation = dataclasses.replace(config.input_activation, observer_or_fake_quant_ctr=observer)
         config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
-    return X86InductorQuantizer().set_global(config)
+    return x86.X86InductorQuantizer().set_global(config)
 
 
 def _fold_conv2d_bn(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:

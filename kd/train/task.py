@@ -47,11 +47,9 @@ class Classifier(nn.Module):
         hard = hard_loss(logits, batch["label"], self.label_smoothing, batch.get("mix_label"), batch.get("mix_lambda"))
         return {"loss": hard, "hard": hard, "logits": logits}
 
-    def set_progress(self, epoch: float) -> None:
-        pass
+    def set_progress(self, epoch: float) -> None: ...  # cross-entropy has no schedule
 
-    def set_ema(self, module: nn.Module) -> None:
-        pass
+    def set_ema(self, module: nn.Module) -> None: ...  # the EMA is the loop's to validate and save
 
     def set_model(self, model: nn.Module) -> None:
         self.model = model
