@@ -120,16 +120,6 @@ def range_state(qat_graph: nn.Module) -> dict[str, torch.Tensor]:
     return {RANGE_PREFIX + k: v.detach().cpu().clone() for k, v in state.items() if k.startswith(prefixes)}
 
 
-def _synced(graph: nn.Module) -> None:
-    """Each fake-quant's scale and zero point set from its observer's range (QAT's fused fake-quant trails it by one
-    step), so that validation, the checkpoint and convert_pt2e are the same INT8 model."""
-    with torch.no_grad():
-        for module in fake_quants(graph):
-            scale, zero_point = module.calculate_qparams()
-            module.scale.resize_(scale.shape).copy_(scale)
-            module.zero_point.resize_(zero_point.shape).copy_(zero_point)
-
-
 @torch.no_grad()
 def convert_qat(model: nn.Module, ranges: dict[str, torch.Tensor], example: torch.Tensor) -> torch.fx.GraphModule:
     """The INT8 model QAT trained for: `model`'s float weights with the ranges it learned (`range_state`), in the
@@ -184,7 +174,12 @@ def frozen_observers(model: nn.Module) -> Iterator[nn.Module]:
     enabled = [m.observer_enabled.clone() for m in modules]
     for module in modules:
         module.disable_observer()
-    _synced(model)
+        # scale and zero point from the observer's range (QAT's fused fake-quant trails it by one step), so that
+        # validation, the checkpoint and convert_pt2e are the same INT8 model
+        with torch.no_grad():
+            scale, zero_point = module.calculate_qparams()
+            module.scale.resize_(scale.shape).copy_(scale)
+            module.zero_point.resize_(zero_point.shape).copy_(zero_point)
     try:
         yield model
     finally:

@@ -78,8 +78,7 @@ def results_files(results: str | Path) -> tuple[Path, Path]:
     found = folder / "results.json", folder / "results.md"
     if path.is_file() and path.name not in ("results.json", "results.md"):
         found = path.with_suffix(".json"), path.with_suffix(".md")
-    missing = [str(p) for p in found if not p.is_file()]
-    if missing:
+    if missing := [str(p) for p in found if not p.is_file()]:
         raise UserError(
             f"--results {quote(str(results))}: {', '.join(missing)} not found; pass evaluate.py's --out folder "
             "(results.json and results.md), e.g. --results results"
@@ -195,8 +194,7 @@ def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) 
         lines += ["Trained on the labels alone: the checkpoint records no teacher.", ""]
     lines += [f"- Initialization: {initialization(meta, recipe)}"]
     section = recipe.get("distillation" if meta.teachers else "train") or {}
-    values = [f"{k}={section[k]}" for k in KEY_RECIPE if section.get(k) is not None]
-    if values:
+    if values := [f"{k}={section[k]}" for k in KEY_RECIPE if section.get(k) is not None]:
         lines += [f"- Recipe (the run's config.yaml): {', '.join(values)}"]
     if meta.epoch is not None:
         lines += [f"- Weights: epoch {meta.epoch}" + (", EMA" if meta.ema else "") + (", QAT" if meta.qat else "")]

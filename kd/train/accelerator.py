@@ -62,8 +62,7 @@ def check_trackers(cfg: TrainConfig) -> list[str] | None:
     out with a debug message, and the run would log nothing."""
     names = tracker_names(cfg.log_with)
     installed = sorted(str(t) for t in accelerate.tracking.get_available_trackers())
-    missing = [name for name in names if name != "all" and name not in installed]
-    if missing:
+    if missing := [name for name in names if name != "all" and name not in installed]:
         raise ConfigError(
             f"{cfg.SECTION}.log_with names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
             "not installed: "
