@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import timm
 import torch
 from torch import nn
 
 from kd.deploy.qat import convert_qat, quantize_int8, save_int8
-from kd.deploy.timm_folder import TimmCard, load_timm_folder, save_timm_folder
+from kd.deploy.timm_folder import TimmCard, save_timm_folder
 from kd.errors import UserError, quote
 from kd.models.checkpoint import EXPORT_KEYS, CheckpointMeta
 
@@ -257,7 +258,8 @@ def write_timm(src: ExportInputs, path: Path) -> Path:
 
 
 def timm_runner(path: Path) -> Runner:
-    return torch_runner(load_timm_folder(path))
+    """The folder loaded by timm alone, as a user would."""
+    return torch_runner(timm.create_model(f"local-dir:{path}", pretrained=True).eval())
 
 
 def onnx_runner(path: Path) -> Runner:

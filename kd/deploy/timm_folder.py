@@ -287,8 +287,3 @@ def push_timm(folder: Path, repo_id: str) -> str:
             "files are written. Check the network and the token (`hf auth login`, or HF_TOKEN)"
         ) from None
     return str(getattr(commit, "commit_url", commit))
-
-
-def load_timm_folder(path: Path) -> nn.Module:
-    """The folder loaded by timm alone, as a user would."""
-    return timm.create_model(f"local-dir:{path}", pretrained=True).eval()

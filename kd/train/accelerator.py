@@ -7,14 +7,8 @@ from pathlib import Path
 
 import accelerate.tracking
 import torch
-from accelerate import Accelerator
-from accelerate.utils import (
-    DataLoaderConfiguration,
-    DistributedType,
-    InitProcessGroupKwargs,
-    ProjectConfiguration,
-    parse_flag_from_env,
-)
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 
 from kd.config import ConfigError, TrainConfig, tracker_names
 from kd.errors import UserError
