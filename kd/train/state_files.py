@@ -32,9 +32,8 @@ def check_files(last: Path) -> None:
         except pickle.UnpicklingError:  # torch's weights_only unpickler met an object it does not build
             problem = "holds more than tensors and plain data, and unpickling it could run code"
         except Exception as e:  # truncated, foreign or garbled
-            problem = (
-                f"cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})"
-            )
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+            problem = f"cannot be read ({type(e).__name__}: {first})"
         else:
             continue
         raise UserError(
