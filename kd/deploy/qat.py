@@ -74,10 +74,18 @@ def _drop_batch_counters(graph: torch.fx.GraphModule) -> None:
     graph.recompile()
 
 
-def _train_eval(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """`graph.train()` / `.eval()` switch its dropout and batch norm ops (nn.Module.train would change nothing in an
-    exported graph) and return the graph, as nn.Module's do (torchao's `allow_exported_model_train_eval` does not)."""
+def prepare_qat(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
+    """A fake-quantized training graph of `model` (any batch size) that shares its parameters and buffers. Its
+    train() / eval() switch its dropout and batch norm ops (nn.Module.train would change nothing in an exported
+    graph) and return the graph, as nn.Module's do (torchao's `allow_exported_model_train_eval` does not)."""
     from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    was_training = model.training
+    with warnings.catch_warnings(action="ignore"):
+        graph = prepare_qat_pt2e(_export(model.train(), example).module(), _quantizer(is_qat=True))
+    model.train(was_training)
+    _drop_batch_counters(graph)
 
     def train(self, mode: bool = True):
         (move_exported_model_to_train if mode else move_exported_model_to_eval)(self)
@@ -86,19 +94,6 @@ def _train_eval(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
     graph.train = types.MethodType(train, graph)
     graph.eval = types.MethodType(lambda self: self.train(False), graph)
-    return graph
-
-
-def prepare_qat(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
-    """A fake-quantized training graph of `model` (any batch size) that shares its parameters and buffers."""
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-
-    was_training = model.training
-    with warnings.catch_warnings(action="ignore"):
-        graph = prepare_qat_pt2e(_export(model.train(), example).module(), _quantizer(is_qat=True))
-    model.train(was_training)
-    _drop_batch_counters(graph)
-    graph = _train_eval(graph)
     graph.training = True
     return graph
 
