@@ -1,30 +1,26 @@
-"""Deployment formats of an RGB student: one writer per file type, and a runner that executes the written file;
-FORMATS, at the end, is the table of them (each format's file ending, writer and runner).
-
-Every runner takes a normalized float batch (N×3×H×W torch tensor) and returns float32 logits (numpy), whatever
-the file holds inside, so export.py checks each format against PyTorch the same way. TFLite needs the optional
-litert-torch (requirements-export.txt); everything else is in requirements.txt. One format is a folder, not a file:
-`timm`, which timm.create_model("local-dir:<folder>", pretrained=True) loads, classes and preprocessing included.
-"""
+"""Deployment formats of an RGB student: a writer and a runner per file type, and FORMATS, the table of them. Every
+runner takes a normalized N×3×H×W torch batch and returns float32 numpy logits, so export.py checks each format
+against PyTorch the same way. TFLite needs the optional litert-torch (requirements-export.txt)."""
 
 import copy
 import json
 import tempfile
+import types
 import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import timm
 import torch
 from torch import nn
 
 from kd.deploy.qat import convert_qat, quantize_int8, save_int8
-from kd.deploy.timm_folder import TimmCard, load_timm_folder, save_timm_folder
+from kd.deploy.timm_folder import TimmCard, save_timm_folder
 from kd.errors import UserError, quote
 from kd.models.checkpoint import EXPORT_KEYS, CheckpointMeta
 
@@ -37,15 +33,13 @@ TFLITE_MISSING = (
 
 @dataclass
 class ExportInputs:
-    """What every writer starts from; each takes the parts it needs (see FORMATS)."""
-
     model: nn.Module  # the checkpoint's RGB model
     meta: CheckpointMeta
     calibration: list[torch.Tensor]  # normalized RGB batches: the INT8 ranges, and the example input
     onnx_path: Path  # the fp32 ONNX file, written first: the ONNX Runtime quantizers start from it
     ranges: dict  # the INT8 ranges a QAT run learned; {} without QAT
     opset: int = 18
-    timm_card: TimmCard | None = None  # what the timm folder's config.json and README.md say beside the weights
+    timm_card: TimmCard | None = None
 
     @property
     def example(self) -> torch.Tensor:
@@ -54,9 +48,7 @@ class ExportInputs:
 
 @dataclass(frozen=True)
 class Format:
-    """A deployment format: its file <stem><ending>, how it is written, how that file is run, and what runs it."""
-
-    ending: str
+    ending: str  # the file (the timm format: folder) is <stem><ending>, beside <stem>.onnx and the sidecar <stem>.json
     write: Callable[[ExportInputs, Path], Path]
     runner: Callable[[Path], Runner]
     kind: str  # what runs the file, as results.json and export_report.json name it
@@ -65,17 +57,16 @@ class Format:
 
     @property
     def suffix(self) -> str:
-        """The file type that tells the format's files apart ("" for a folder): evaluate.py reads these."""
         return Path(f"x{self.ending}").suffix
 
 
 def export_path(out: Path, name: str) -> Path:
-    """Where format `name` goes when the ONNX file is `out`: exports/student.onnx -> exports/student_int8_qat.pt2."""
+    """exports/student.onnx -> exports/student_int8_qat.pt2"""
     return out.with_name(out.with_suffix("").name + FORMATS[name].ending)
 
 
 def sidecar_path(path: Path) -> Path:
-    """The sidecar JSON of any file export.py wrote (exports/student_int8_static.pt2 -> exports/student.json)."""
+    """exports/student_int8_static.pt2 -> exports/student.json"""
     for ending in sorted((f.ending for f in FORMATS.values()), key=len, reverse=True):
         if path.name.endswith(ending):
             return path.with_name(path.name[: -len(ending)] + ".json")
@@ -83,28 +74,21 @@ def sidecar_path(path: Path) -> Path:
 
 
 def _traced(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit is deprecated upstream; it is still the no-Python-code format
+    with warnings.catch_warnings(action="ignore"):  # torch.jit is deprecated upstream; still the no-code format
         torch.jit.save(torch.jit.trace(module, example), str(path))
     return path
 
 
 def _set_metadata(path: Path, meta: CheckpointMeta) -> None:
     """Classes, input size and normalization in the ONNX file itself (the quantizers drop them)."""
-    proto = onnx.load(str(path))
-    del proto.metadata_props[:]
-    flat = meta.to_json(exported=True)
-    for key in EXPORT_KEYS:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(flat[key])
+    proto, flat = onnx.load(str(path)), meta.to_json(exported=True)
+    onnx.helper.set_model_props(proto, {key: json.dumps(flat[key]) for key in EXPORT_KEYS})
     onnx.save(proto, str(path))
 
 
 def write_onnx(src: ExportInputs, path: Path) -> Path:
-    """Dynamo-export with a dynamic batch dimension; weights embedded (no .onnx.data); metadata attached."""
     size = src.meta.input_spec.image_size
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):
         torch.onnx.export(
             src.model.eval(),
             (torch.randn(2, 3, size, size),),
@@ -122,26 +106,20 @@ def write_onnx(src: ExportInputs, path: Path) -> Path:
 
 
 def write_torchscript(src: ExportInputs, path: Path) -> Path:
-    """fp32 TorchScript by tracing: torch.jit.load(path) runs it without kd or timm."""
     return _traced(src.model.eval(), src.example, path)
 
 
 def write_torch_int8_static(src: ExportInputs, path: Path) -> Path:
-    """INT8 torch.export program (.pt2) via PT2E static quantization (kd/deploy/qat.py: x86 recipe, per-channel weights,
-    activations calibrated image by image)."""
     return save_int8(quantize_int8(src.model, src.calibration), src.example, path)
 
 
 def write_torch_int8_qat(src: ExportInputs, path: Path) -> Path:
-    """INT8 torch.export program (.pt2) from a QAT checkpoint: its weights with the ranges QAT learned (kd/deploy/qat.py
-    convert_qat)."""
     return save_int8(convert_qat(src.model, src.ranges, src.example), src.example, path)
 
 
 def write_torch_int8_dynamic(src: ExportInputs, path: Path) -> Path:
-    """PyTorch dynamic quantization: INT8 weights for nn.Linear only (no Conv kernel exists), so for a CNN
-    just the classifier; convolutions stay fp32. Still torch.ao's eager quantize_dynamic: its fbgemm kernel is the
-    point of the format (1.3x eager's speed), and PT2E's dynamic recipe gives a reference graph without it."""
+    """INT8 weights for nn.Linear only (no Conv kernel exists). torch.ao's eager quantize_dynamic: its fbgemm kernel
+    is the point (1.3x eager's speed), and PT2E's dynamic recipe gives a reference graph without it."""
     model = copy.deepcopy(src.model).eval()
     return _traced(torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8), src.example, path)
 
@@ -156,7 +134,6 @@ def _prepared(onnx_path: Path, folder: str) -> str:
 
 
 def write_onnx_int8_dynamic(src: ExportInputs, path: Path) -> Path:
-    """ORT dynamic quantization: INT8 weights, activation ranges computed at run time (ConvInteger/MatMulInteger)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,29 +142,19 @@ def write_onnx_int8_dynamic(src: ExportInputs, path: Path) -> Path:
     return path
 
 
-class _Batches:  # onnxruntime.quantization.CalibrationDataReader's protocol: get_next() until None
-    def __init__(self, calibration: list[torch.Tensor]):
-        self._batches = iter([{"rgb": batch.numpy()} for batch in calibration])
-
-    def get_next(self) -> dict | None:
-        return next(self._batches, None)
-
-
 def write_onnx_int8_static(src: ExportInputs, path: Path) -> Path:
-    """ORT static QDQ quantization, per-channel INT8 weights, UINT8 activations calibrated on `src.calibration`.
-
-    These are the settings that measured fastest here (README, Export): per-tensor weights, reduce_range, INT8
-    activations, QOperator format or quantizing only Conv were each slower on an EfficientNet. Ranges are a moving
-    average of per-image min/max, as in kd/deploy/qat.py's PTQ: a few outlier images must not set them for all (on the
-    demo student, top-1 agreement 0.86 with ORT's default overall min/max, 0.93 this way).
-    """
+    """QDQ, per-channel INT8 weights, UINT8 activations: the settings that measured fastest (per-tensor weights,
+    reduce_range, INT8 activations, QOperator or Conv only were slower). Ranges are a moving average of per-image
+    min/max, as in qat.py's PTQ: on the demo student top-1 agreement 0.93, 0.86 with ORT's overall min/max."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    batches = iter([{"rgb": image.numpy()} for image in torch.cat(src.calibration).split(1)])
+    reader = types.SimpleNamespace(get_next=lambda: next(batches, None))  # ORT's CalibrationDataReader protocol
     with tempfile.TemporaryDirectory() as tmp:
         quantize_static(
             _prepared(src.onnx_path, tmp),
             str(path),
-            _Batches(list(torch.cat(src.calibration).split(1))),
+            reader,
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
@@ -198,7 +165,7 @@ def write_onnx_int8_static(src: ExportInputs, path: Path) -> Path:
     return path
 
 
-def require_litert() -> ModuleType:
+def require_litert() -> types.ModuleType:
     try:
         import litert_torch
     except ImportError:
@@ -208,15 +175,14 @@ def require_litert() -> ModuleType:
 
 
 def write_tflite(src: ExportInputs, path: Path) -> Path:
-    """fp32 TFLite through litert-torch (torch.export, then the LiteRT converter); batch size fixed at 1."""
+    """Batch size fixed at 1."""
     litert_torch = require_litert()
     litert_torch.convert(src.model.eval(), (src.example,)).export(str(path))
     return path
 
 
 def write_tflite_int8(src: ExportInputs, path: Path) -> Path:
-    """INT8 TFLite: PT2E static quantization with litert-torch's quantizer (per-channel symmetric weights, INT8
-    activations calibrated on `src.calibration`), then converted; inputs and outputs are INT8 too (tflite_runner)."""
+    """PT2E static quantization with litert-torch's quantizer, then converted; inputs and outputs are INT8 too."""
     litert_torch = require_litert()
     from litert_torch.quantize import pt2e_quantizer
     from litert_torch.quantize.quant_config import QuantConfig
@@ -226,8 +192,7 @@ def write_tflite_int8(src: ExportInputs, path: Path) -> Path:
     config = pt2e_quantizer.get_symmetric_quantization_config(is_per_channel=True)
     quantizer = pt2e_quantizer.PT2EQuantizer().set_global(config)
     batch = torch.export.Dim("batch", min=1)  # calibrate whole batches; the file itself gets batch 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):
         graph = torch.export.export(
             copy.deepcopy(src.model).eval(), (src.calibration[0],), dynamic_shapes=({0: batch},)
         )
@@ -242,20 +207,18 @@ def write_tflite_int8(src: ExportInputs, path: Path) -> Path:
 
 
 def format_of(path: Path) -> Format:
-    """The row that reads `path`, by its file type (a folder: the timm format). Formats that share a suffix share
-    their kind and runner (tests/test_export.py checks it), so the first such row answers for all."""
+    """The row that reads `path`, by its file type (a folder: timm). Rows that share a suffix share their kind and
+    runner (tests/test_export.py checks it)."""
     suffix = "" if path.is_dir() else path.suffix
     found = next((f for f in FORMATS.values() if f.suffix == suffix), None)
     return found or FORMATS["torchscript"]  # kd's TorchScript files of any name: torch.jit.load says if not one
 
 
 def kind(path: Path) -> str:
-    """What runs `path`: a FORMATS row's kind (onnx, torchscript, torch.export, tflite or timm)."""
     return format_of(path).kind
 
 
 def runner(path: Path) -> Runner:
-    """A runner for any file export.py writes."""
     return format_of(path).runner(path)
 
 
@@ -268,8 +231,7 @@ def torch_runner(module: nn.Module) -> Runner:
 
 
 def torchscript_runner(path: Path) -> Runner:
-    """A TorchScript archive, loaded with torch.jit.load only. A torch.save file (a state dict, a pickled model) is
-    refused before anything reads it: it is a pickle, and unpickling it could run code."""
+    """A torch.save file (a pickle) is refused before anything reads it: unpickling it could run code."""
     try:
         with zipfile.ZipFile(path) as archive:
             scripted = any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
@@ -280,29 +242,24 @@ def torchscript_runner(path: Path) -> Runner:
             f"{quote(str(path))} is not a TorchScript file (no code/ inside: e.g. a torch.save'd state dict or "
             "model). Pass the kd checkpoint (.safetensors + .json) instead, or the .pt that export.py writes"
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):
         return torch_runner(torch.jit.load(str(path), map_location="cpu").eval())
 
 
 def torch_export_runner(path: Path) -> Runner:
-    """A torch.export program (.pt2), loaded with torch.export.load (a serialized graph, no Python code). torchao
-    is imported first: it registers the quantize/dequantize ops of PT2E INT8 graphs."""
-    import torchao.quantization.pt2e  # noqa: F401
+    import torchao.quantization.pt2e  # noqa: F401 (registers the quantize ops of PT2E INT8 graphs)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):
         return torch_runner(torch.export.load(str(path)).module())
 
 
 def write_timm(src: ExportInputs, path: Path) -> Path:
-    """The folder timm.create_model(f"local-dir:{path}", pretrained=True) builds the student from, with its model
-    card (README.md)."""
     return save_timm_folder(src.model, src.meta, path, src.timm_card)
 
 
 def timm_runner(path: Path) -> Runner:
-    return torch_runner(load_timm_folder(path))
+    """The folder loaded by timm alone, as a user would."""
+    return torch_runner(timm.create_model(f"local-dir:{path}", pretrained=True).eval())
 
 
 def onnx_runner(path: Path) -> Runner:
@@ -314,8 +271,7 @@ def onnx_runner(path: Path) -> Runner:
 
 
 def tflite_runner(path: Path) -> Runner:
-    """The LiteRT interpreter (XNNPACK delegate on CPU), one image at a time (the file has batch 1); INT8 inputs
-    and outputs are (de)quantized with the scale and zero point stored in the file."""
+    """One image at a time (the file has batch 1); INT8 inputs and outputs (de)quantized as the file says."""
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
@@ -340,8 +296,6 @@ def tflite_runner(path: Path) -> Runner:
     return lambda x: np.concatenate([one(image[None]) for image in x.numpy()])
 
 
-# Each file (the timm format: folder) is <stem><ending>, beside <stem>.onnx and the sidecar <stem>.json that export.py
-# writes.
 FORMATS = {
     "onnx": Format(".onnx", write_onnx, onnx_runner, "onnx", "ONNX"),
     "torchscript": Format(".pt", write_torchscript, torchscript_runner, "torchscript", "TorchScript"),

@@ -1,5 +1,5 @@
-"""Every model evaluate.py reads behind one call: kd checkpoints, and the ONNX, TorchScript, torch.export (.pt2, the
-PyTorch INT8 files) and TFLite files that export.py writes, with their metadata and sizes."""
+"""Every model evaluate.py reads (kd checkpoints, and the files export.py writes) behind one call, with their
+metadata and sizes."""
 
 import json
 import math
@@ -28,7 +28,7 @@ from kd.models.zoo import build_model, count_parameters
 
 @dataclass
 class LoadedModel:
-    """A model of any format behind one call: run(*inputs) -> logits, inputs on CPU in `meta.inputs` order."""
+    """run(*inputs) -> logits, inputs on CPU in `meta.inputs` order."""
 
     run: Callable[..., torch.Tensor]
     meta: CheckpointMeta  # exported files: RGB, arch when their sidecar has it
@@ -40,16 +40,14 @@ class LoadedModel:
     module: nn.Module | None = None  # a checkpoint's model; None for exported files
 
     def to(self, device: str) -> "LoadedModel":
-        """The model on `device`: a checkpoint's weights move there (use the returned model); exported files always
-        run on the CPU."""
+        """A checkpoint's weights move there (use the returned model); exported files always run on the CPU."""
         if self.module is None or device == self.device:
             return self
         return _pytorch_model(self.module.to(device), self.meta, device, self.file_mb)
 
 
 def load_model(path: str | Path, meta_file: str | None = None, device: str = "cpu") -> LoadedModel:
-    """A kd checkpoint (.safetensors + .json), or a file export.py writes: ONNX (fp32 or INT8), TorchScript (.pt:
-    fp32, and the INT8 files of kd before PT2E), torch.export (.pt2: PyTorch INT8) or TFLite (LiteRT interpreter)."""
+    """A kd checkpoint (.safetensors + .json), or a file export.py writes."""
     from kd.deploy.formats import FORMATS  # onnxruntime, only for exported files
 
     path = Path(path)
@@ -74,7 +72,6 @@ def _pytorch_model(model: nn.Module, meta: CheckpointMeta, device: str, file_mb:
 
 
 def read_json_object(path: Path, what: str) -> dict:
-    """A JSON file that must hold an object (a sidecar, a --meta file); anything else is a UserError naming it."""
     if kind := file_kind(path):  # never opened: reading a FIFO would wait for a writer forever
         raise UserError(f"{what} {quote(str(path))} is {kind}, not a regular file: pass a JSON file")
     try:
@@ -89,22 +86,6 @@ def read_json_object(path: Path, what: str) -> dict:
             '{"classes": [...], "image_size": 224, "mean": [...], "std": [...]}'
         )
     return data
-
-
-def _export_meta(path: Path, found: dict, sidecar: Path, meta_file: str | None) -> CheckpointMeta:
-    """Classes and preprocessing of an exported file: its own metadata, else the sidecar .json, else --meta."""
-    meta = dict(found)
-    if sidecar.is_file():
-        meta = {**read_json_object(sidecar, "sidecar"), **meta}
-    if meta_file:
-        meta = {**read_json_object(Path(meta_file), "--meta file"), **meta}
-    missing = [k for k in EXPORT_KEYS if meta.get(k) is None]
-    if missing:
-        raise UserError(
-            f"{path} lacks {missing}: put export.py's sidecar {sidecar.name} beside it, or pass --meta with a JSON "
-            "file holding classes, image_size, mean and std"
-        )
-    return CheckpointMeta.from_json({**meta, "inputs": ["rgb"]}, path, exported=True)
 
 
 def _arch_parameters(meta: CheckpointMeta) -> int | None:
@@ -142,15 +123,20 @@ def _load_exported(path: Path, meta_file: str | None) -> LoadedModel:
             f"cannot load {quote(str(path))} as {article} {row.runtime} model ({reason[:300]}): the file is damaged or "
             "not a model export.py writes; export the checkpoint again with export.py"
         ) from None
-    meta = _export_meta(path, found, fmt.sidecar_path(path), meta_file)
+    sidecar = fmt.sidecar_path(path)  # classes and preprocessing: the file's own, else the sidecar, else --meta
+    if sidecar.is_file():
+        found = read_json_object(sidecar, "sidecar") | found
+    if meta_file:
+        found = read_json_object(Path(meta_file), "--meta file") | found
+    if missing := [k for k in EXPORT_KEYS if found.get(k) is None]:
+        raise UserError(
+            f"{path} lacks {missing}: put export.py's sidecar {sidecar.name} beside it, or pass --meta with a JSON "
+            "file holding classes, image_size, mean and std"
+        )
+    meta = CheckpointMeta.from_json({**found, "inputs": ["rgb"]}, path, exported=True)
+    params = _arch_parameters(meta) or params
     return LoadedModel(
-        lambda rgb: torch.from_numpy(run_numpy(rgb.cpu())),
-        meta,
-        row.kind,
-        "cpu",
-        _arch_parameters(meta) or params,
-        weights / 2**20,
-        size / 2**20,
+        lambda rgb: torch.from_numpy(run_numpy(rgb.cpu())), meta, row.kind, "cpu", params, weights / 2**20, size / 2**20
     )
 
 

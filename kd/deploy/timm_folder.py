@@ -1,11 +1,6 @@
-"""The timm format: a folder as timm's save_for_hf writes it and the Hugging Face Hub holds timm models, which
-timm.create_model("local-dir:<folder>", pretrained=True) loads with its classes, input size and normalization.
-
-The folder says only what is known of the student: config.json keeps none of the fields timm inherits from the
-architecture's default pretrained weights (their tag, licence, paper, source URL), records the licence only when the
-user gives one, and adds under "kd" how the model was trained (teachers, recipe, kd's version); README.md is its
-model card (what it is, how it was trained, results, data, limits, how to load it). --push-to-hub uploads exactly
-this folder."""
+"""The timm format: a save_for_hf folder (as the Hugging Face Hub holds timm models) with its classes, input size and
+normalization, that says only what is known of the student: config.json keeps nothing timm inherits from the
+architecture's default weights and adds under "kd" how it was trained; README.md is its model card."""
 
 import json
 from dataclasses import dataclass, field
@@ -34,8 +29,7 @@ KEY_RECIPE = (
 
 @dataclass
 class TimmCard:
-    """What the folder says beside the weights: the licence the user gives (None: none written), the training run's
-    config.yaml (the recipe; None when the checkpoint's folder holds none) and evaluate.py's rows for the model."""
+    """What the folder says beside the weights (None: not known, not written)."""
 
     title: str = "kd student"
     license: str | None = None
@@ -46,18 +40,15 @@ class TimmCard:
 
 
 def timm_settings(meta: CheckpointMeta) -> dict:
-    """The keyword arguments of timm's save_for_hf that carry what the checkpoint records beside the weights: class
-    names (label_names), input size and normalization (pretrained_cfg). kd's loaders resize the whole image to the
-    square input, bilinear, without cropping: so crop_pct 1.0 and bilinear interpolation."""
+    """save_for_hf's arguments for the classes, input size and normalization. kd's loaders resize the whole image
+    to the square input, bilinear, without cropping."""
     spec = meta.input_spec
-    size = spec.image_size
-    data = {"input_size": (3, size, size), "mean": tuple(spec.mean), "std": tuple(spec.std)}
+    data = {"input_size": (3, spec.image_size, spec.image_size), "mean": tuple(spec.mean), "std": tuple(spec.std)}
     data |= {"interpolation": "bilinear", "crop_pct": 1.0}
     return {"model_config": {"label_names": list(meta.classes)}, "data_config": data}
 
 
 def require_timm_model(model: nn.Module, meta: CheckpointMeta) -> None:
-    """timm rebuilds a model from its name and arguments: only a model timm built can be saved its way."""
     if not isinstance(getattr(model, "pretrained_cfg", None), dict):
         name = (meta.arch or {}).get("name", type(model).__name__)
         raise UserError(
@@ -66,11 +57,8 @@ def require_timm_model(model: nn.Module, meta: CheckpointMeta) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------------- what is known
-
-
 def run_recipe(checkpoint: str | Path) -> tuple[dict | None, str | None]:
-    """The config.yaml that distill.py / train_teacher.py saved in the checkpoint's run folder, as a dict."""
+    """The config.yaml saved in the checkpoint's run folder, and its path."""
     from kd.config_rules import load_yaml  # the safe YAML reader; imported here, it is only needed for a card
 
     path = checkpoint_stem(checkpoint).parent / "config.yaml"
@@ -85,14 +73,12 @@ def run_recipe(checkpoint: str | Path) -> tuple[dict | None, str | None]:
 
 
 def results_files(results: str | Path) -> tuple[Path, Path]:
-    """results.json and results.md of evaluate.py's --out folder, given the folder or either file."""
     path = Path(results)
     folder = path if path.is_dir() else path.parent
     found = folder / "results.json", folder / "results.md"
     if path.is_file() and path.name not in ("results.json", "results.md"):
         found = path.with_suffix(".json"), path.with_suffix(".md")
-    missing = [str(p) for p in found if not p.is_file()]
-    if missing:
+    if missing := [str(p) for p in found if not p.is_file()]:
         raise UserError(
             f"--results {quote(str(results))}: {', '.join(missing)} not found; pass evaluate.py's --out folder "
             "(results.json and results.md), e.g. --results results"
@@ -108,8 +94,8 @@ def same_model(path: str, checkpoint: str | Path) -> bool:
 
 
 def evaluated_rows(results: str | Path, checkpoint: str | Path) -> tuple[list[str], str]:
-    """The lines of evaluate.py's results.md that are about `checkpoint` (its recipe's rows of every table, beside
-    the teacher's), with the tables' titles and notes; and the results.json they came from."""
+    """The lines of evaluate.py's results.md about `checkpoint` (its rows of every table, beside the teacher's),
+    with the tables' titles and notes; and the results.json they came from."""
     json_path, md_path = results_files(results)
     try:
         data = json.loads(json_path.read_text())
@@ -146,7 +132,6 @@ def evaluated_rows(results: str | Path, checkpoint: str | Path) -> tuple[list[st
 
 
 def teacher_line(path: str) -> str:
-    """A teacher checkpoint and, when its metadata is still readable, its architecture."""
     try:
         arch = read_meta(path).arch or {}
     except (UserError, OSError):
@@ -156,7 +141,6 @@ def teacher_line(path: str) -> str:
 
 
 def kd_record(meta: CheckpointMeta, card: TimmCard) -> dict:
-    """config.json's "kd" entry: how the student was made, as far as the checkpoint and its run record it."""
     recipe = card.recipe or {}
     section = "distillation" if meta.teachers else "train"
     record = {"version": kd.__version__, "distilled": bool(meta.teachers), "teachers": list(meta.teachers)}
@@ -171,9 +155,8 @@ def kd_record(meta: CheckpointMeta, card: TimmCard) -> dict:
 def initialization(meta: CheckpointMeta, recipe: dict) -> str:
     if not recipe:
         return "not recorded (no config.yaml beside the checkpoint)"
-    weights = (recipe.get("distillation") or {}).get("student_pretrained") if meta.teachers else None
-    if not meta.teachers:
-        weights = (recipe.get("model") or {}).get("pretrained")
+    section, key = ("distillation", "student_pretrained") if meta.teachers else ("model", "pretrained")
+    weights = (recipe.get(section) or {}).get(key)
     if not weights:
         return "random weights"
     if weights == "imagenet":
@@ -183,7 +166,7 @@ def initialization(meta: CheckpointMeta, recipe: dict) -> str:
 
 
 def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) -> str:
-    """README.md: the Hub's model card, from what the checkpoint, its run and evaluate.py record and nothing else."""
+    """README.md: the model card, from what the checkpoint, its run and evaluate.py record and nothing else."""
     recipe = card.recipe or {}
     spec, arch = meta.input_spec, config["architecture"]
     header = ["---", "library_name: timm", "pipeline_tag: image-classification"]
@@ -194,8 +177,8 @@ def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) 
     lines += [f"An image classifier ({arch}, {params / 1e6:.2f}M parameters) {how} {kd.__version__}.", ""]
 
     lines += ["## Model", "", f"- Architecture: timm `{arch}`, {len(meta.classes)} classes"]
-    lines += [f"- Classes (logit order): {', '.join(f'`{c}`' for c in meta.classes)}"]
     lines += [
+        f"- Classes (logit order): {', '.join(f'`{c}`' for c in meta.classes)}",
         f"- Input: RGB, the whole image resized (bilinear, no crop) to {spec.image_size}×{spec.image_size}, "
         f"scaled to [0, 1] and normalized with mean {list(spec.mean)}, std {list(spec.std)} (timm's data config "
         "from config.json does exactly this)",
@@ -206,13 +189,12 @@ def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) 
     lines += ["## Training", ""]
     if meta.teachers:
         lines += ["Distilled from the teacher checkpoint(s), not published here:", ""]
-        lines += [f"- {teacher_line(t)}" for t in meta.teachers] + [""]
+        lines += [*(f"- {teacher_line(t)}" for t in meta.teachers), ""]
     else:
         lines += ["Trained on the labels alone: the checkpoint records no teacher.", ""]
     lines += [f"- Initialization: {initialization(meta, recipe)}"]
     section = recipe.get("distillation" if meta.teachers else "train") or {}
-    values = [f"{k}={section[k]}" for k in KEY_RECIPE if section.get(k) is not None]
-    if values:
+    if values := [f"{k}={section[k]}" for k in KEY_RECIPE if section.get(k) is not None]:
         lines += [f"- Recipe (the run's config.yaml): {', '.join(values)}"]
     if meta.epoch is not None:
         lines += [f"- Weights: epoch {meta.epoch}" + (", EMA" if meta.ema else "") + (", QAT" if meta.qat else "")]
@@ -235,16 +217,14 @@ def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) 
         lines += [""]
 
     data = recipe.get("data") or {}
-    lines += ["## Data", ""]
     if data.get("demo"):
-        lines += ["kd's built-in synthetic demo images (not real photographs)."]
+        source = "kd's built-in synthetic demo images (not real photographs)."
     elif data.get("root"):
-        lines += [f"The user's own images, from `{data['root']}` (not published here)."]
+        source = f"The user's own images, from `{data['root']}` (not published here)."
     else:
-        lines += ["Not recorded (no config.yaml beside the checkpoint)."]
-    lines += ["", f"Classes: {', '.join(meta.classes)}.", ""]
-
+        source = "Not recorded (no config.yaml beside the checkpoint)."
     licence = f"`{card.license}`" if card.license else "not stated"
+    lines += ["## Data", "", source, "", f"Classes: {', '.join(meta.classes)}.", ""]
     lines += [
         "## Limitations",
         "",
@@ -255,32 +235,26 @@ def model_card(meta: CheckpointMeta, config: dict, card: TimmCard, params: int) 
         f"- Licence: {licence}.",
         "",
     ]
+    where = f"hf-hub:{card.title}" if "/" in card.title else "local-dir:path/to/this/folder"
+    return (
+        "\n".join(lines)
+        + f"""
+## How to load
 
-    lines += [
-        "## How to load",
-        "",
-        "```python",
-        "import timm",
-        "",
-        f'model = timm.create_model("hf-hub:{card.title}", pretrained=True).eval()'
-        if "/" in card.title
-        else 'model = timm.create_model("local-dir:path/to/this/folder", pretrained=True).eval()',
-        "config = timm.data.resolve_data_config({}, model=model)",
-        "transform = timm.data.create_transform(**config)",
-        "labels = model.pretrained_cfg['label_names']",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+```python
+import timm
 
-
-# ---------------------------------------------------------------------------------------------- the folder
+model = timm.create_model("{where}", pretrained=True).eval()
+config = timm.data.resolve_data_config({{}}, model=model)
+transform = timm.data.create_transform(**config)
+labels = model.pretrained_cfg['label_names']
+```
+"""
+    )
 
 
 def save_timm_folder(model: nn.Module, meta: CheckpointMeta, path: Path, card: TimmCard | None = None) -> Path:
-    """config.json (architecture, its arguments, num_classes, label_names, pretrained_cfg with the input size and
-    normalization and nothing inherited, "kd": how it was made), model.safetensors and README.md (model card) in
-    the folder `path`."""
+    """config.json, model.safetensors and README.md (the model card) in the folder `path`."""
     require_timm_model(model, meta)
     card = card or TimmCard(title=path.name)
     if path.exists() and not path.is_dir():
@@ -300,8 +274,7 @@ def save_timm_folder(model: nn.Module, meta: CheckpointMeta, path: Path, card: T
 
 
 def push_timm(folder: Path, repo_id: str) -> str:
-    """Upload the folder as save_timm_folder wrote it (its config.json and model card, nothing else) to the Hugging
-    Face Hub; the commit's URL."""
+    """Upload the folder as save_timm_folder wrote it to the Hugging Face Hub; the commit's URL."""
     try:
         api = HfApi()
         api.create_repo(repo_id, repo_type="model", exist_ok=True)
@@ -314,8 +287,3 @@ def push_timm(folder: Path, repo_id: str) -> str:
             "files are written. Check the network and the token (`hf auth login`, or HF_TOKEN)"
         ) from None
     return str(getattr(commit, "commit_url", commit))
-
-
-def load_timm_folder(path: Path) -> nn.Module:
-    """The folder loaded by timm alone, as a user would: timm.create_model("local-dir:<folder>", pretrained=True)."""
-    return timm.create_model(f"local-dir:{path}", pretrained=True).eval()

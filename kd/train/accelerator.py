@@ -1,5 +1,5 @@
-"""The Accelerator a run trains with: its precision (the config's, or Accelerate's), gradient accumulation,
-trackers (checked installed), seeded data order, and the FSDP setups kd refuses before anything trains."""
+"""The Accelerator a run trains with: precision, accumulation, trackers, seeded data order; the FSDP setups kd
+refuses."""
 
 import os
 from datetime import timedelta
@@ -7,14 +7,8 @@ from pathlib import Path
 
 import accelerate.tracking
 import torch
-from accelerate import Accelerator
-from accelerate.utils import (
-    DataLoaderConfiguration,
-    DistributedType,
-    InitProcessGroupKwargs,
-    ProjectConfiguration,
-    parse_flag_from_env,
-)
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env
 
 from kd.config import ConfigError, TrainConfig, tracker_names
 from kd.errors import UserError
@@ -31,14 +25,9 @@ RUN_NAME_ARGUMENT = {  # the init argument each tracker takes a run's name as (t
 
 
 def choose_precision(cfg: TrainConfig, cpu: bool = False) -> tuple[str | None, str | None]:
-    """The mixed_precision to hand Accelerator, and the one line to print when it is not simply the config's (the
-    config and Accelerate disagree, or fp16 cannot run here): what the run trains in, and why.
-
-    A precision set in the config (file or override) wins: it was chosen for this run, and a shared `accelerate
-    config` should not silently change it. null hands the choice to Accelerate: `accelerate launch
-    --mixed_precision` or `accelerate config` (passed on as ACCELERATE_MIXED_PRECISION), else fp32. fp16 autocast
-    needs a CUDA GPU: on a CPU, either one's fp16 trains in fp32.
-    """
+    """The mixed_precision for Accelerator, and a line to print when it is not simply the config's. The config's
+    wins (a shared `accelerate config` must not silently change it); null hands the choice to Accelerate. fp16
+    autocast needs a CUDA GPU: on a CPU, either one's fp16 trains in fp32."""
     ours = cfg.mixed_precision
     theirs = os.environ.get(ACCELERATE_PRECISION, "").strip().lower() or None
     key = f"{cfg.SECTION}.precision"
@@ -63,12 +52,11 @@ def choose_precision(cfg: TrainConfig, cpu: bool = False) -> tuple[str | None, s
 
 
 def check_trackers(cfg: TrainConfig) -> list[str] | None:
-    """`log_with` as Accelerator takes it. A named tracker that is not installed is an error now: Accelerate would
-    leave it out with a debug message, and the run would log nothing. "all" is every installed one."""
+    """`log_with` as Accelerator takes it. A tracker that is not installed is an error: Accelerate would leave it
+    out with a debug message, and the run would log nothing."""
     names = tracker_names(cfg.log_with)
     installed = sorted(str(t) for t in accelerate.tracking.get_available_trackers())
-    missing = [name for name in names if name != "all" and name not in installed]
-    if missing:
+    if missing := [name for name in names if name != "all" and name not in installed]:
         raise ConfigError(
             f"{cfg.SECTION}.log_with names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
             "not installed: "
@@ -79,7 +67,6 @@ def check_trackers(cfg: TrainConfig) -> list[str] | None:
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool = False) -> Accelerator:
-    """Accelerator with the config's precision, accumulation and trackers; TensorBoard logs go to <run_dir>/tb."""
     precision, note = choose_precision(cfg, cpu)
     accelerator = Accelerator(
         mixed_precision=precision,
@@ -99,9 +86,8 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path, seed: int = 0, cpu: bool =
 
 
 def check_sharding(accelerator: Accelerator, cfg: TrainConfig) -> None:
-    """Refuse, before anything trains, the FSDP setups kd does not run: FSDP that Accelerate would quietly run as
-    something else, FSDP1, and the features that need the whole model on every process (EMA, QAT). Also turns off
-    Accelerate's cpu_ram_efficient_loading (see below)."""
+    """Refuse the FSDP setups kd does not run: FSDP that Accelerate would quietly run as something else, FSDP1,
+    and the features that need the whole model on every process (EMA, QAT)."""
     kind = accelerator.distributed_type
     if parse_flag_from_env("ACCELERATE_USE_FSDP") and kind != DistributedType.FSDP:
         raise UserError(
@@ -128,14 +114,12 @@ def check_sharding(accelerator: Accelerator, cfg: TrainConfig) -> None:
             f"{key}.qat_start_fraction cannot run under FSDP: the QAT graph is traced from the whole float model, "
             f"which FSDP has sharded. Set {key}.qat_start_fraction=null, or train with DDP (launch without --use_fsdp)"
         )
-    # On by default with `accelerate launch --use_fsdp`: rank 0's weights are loaded into the others' empty model,
-    # which Accelerate 1.15 does for parameters only and fails on BatchNorm statistics (buffers). kd builds the model
-    # on every process, and `fit` broadcasts rank 0's weights before sharding them instead.
+    # Its default loads rank 0's weights into the others' empty model, which Accelerate 1.15 does for parameters
+    # only (BatchNorm statistics fail); `fit` broadcasts rank 0's weights before sharding instead.
     accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
 
 
 def start_trackers(accelerator: Accelerator, cfg: TrainConfig, run_dir: Path, hparams: dict | None = None) -> None:
-    """Start the trackers under `project_name`, the run named `run_name` (or after its folder) where they take one."""
     run_name = cfg.run_name or Path(run_dir).resolve().name
     init_kwargs = {tracker: {argument: run_name} for tracker, argument in RUN_NAME_ARGUMENT.items()}
     accelerator.init_trackers(cfg.project_name, config=hparams or {}, init_kwargs=init_kwargs)

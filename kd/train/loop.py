@@ -1,10 +1,5 @@
-"""The one training loop, shared by train_teacher.py and distill.py, on Hugging Face Accelerate (timm's split):
-`fit` starts a run and alternates `train_one_epoch` and `validate_and_save` until max_epochs or early stopping.
-
-`fit` trains any TrainingTask (kd/train/task.py) and calls nothing else on it: the loop never needs to know whether
-it is distilling. Resumable state lives in kd/train/state.py, quantization-aware training in kd/deploy/qat.py (one
-QatPhase object), the schedule in kd/train/schedule.py, the top-k checkpoints in kd/train/topk.py.
-"""
+"""The one training loop of both scripts, on Accelerate: `fit` trains any TrainingTask (kd/train/task.py), never
+knowing whether it distils, alternating `train_one_epoch` and `validate_and_save`."""
 
 import dataclasses
 import itertools
@@ -38,13 +33,11 @@ from kd.train.weights import sync_buffers, weight_check, whole_weights
 
 @dataclasses.dataclass
 class Run:
-    """What `start_run` prepares once and every epoch uses."""
-
     accelerator: Accelerator
     cfg: TrainConfig
     run_dir: Path
-    task: TrainingTask  # its hooks are called on it
-    wrapped: torch.nn.Module  # the task as Accelerate runs it (DDP with several processes)
+    task: TrainingTask
+    wrapped: torch.nn.Module  # the task as Accelerate runs it (DDP, FSDP)
     float_model: torch.nn.Module  # what checkpoints store, also during QAT (the QAT graph shares its weights)
     optimizer: torch.optim.Optimizer
     scheduler: LRSchedule
@@ -56,15 +49,9 @@ class Run:
     bar: ProgressBar
     since_log: dict[str, AverageMeter] = dataclasses.field(default_factory=dict)  # each loss term since the last log
 
-    @property
-    def measured(self) -> torch.nn.Module:
-        """The model validation measures and checkpoints store: the EMA when the run keeps one."""
-        return self.ema.module if self.ema is not None else self.task.model
-
 
 def build_optimizer(task: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """timm's optimizer `cfg.optimizer` with `optimizer_args` (checked when the config loaded), in two parameter
-    groups: no weight decay on norms and biases."""
+    """timm's optimizer (no weight decay on norms and biases)."""
     try:
         return create_optimizer_v2(
             task, cfg.optimizer, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **optimizer_arguments(cfg)
@@ -74,8 +61,8 @@ def build_optimizer(task: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def prepare_model(task: TrainingTask, cfg: TrainConfig, fsdp: bool = False) -> None:
-    """The memory and speed options of the trained model, set before the optimizer and Accelerate see it. Under
-    FSDP the weights stay contiguous: FSDP2 shards nothing else (torch 2.14 raises on channels_last weights)."""
+    """The memory and speed options, set before the optimizer and Accelerate see the model. Under FSDP the weights
+    stay contiguous: FSDP2 shards nothing else (torch 2.14 raises on channels_last weights)."""
     if cfg.grad_checkpointing:
         if not hasattr(task.model, "set_grad_checkpointing"):
             raise UserError(f"grad_checkpointing: {type(task.model).__name__} has no set_grad_checkpointing")
@@ -94,9 +81,8 @@ def validate(
     qat: QatPhase,
     wrapped: torch.nn.Module | None = None,
 ) -> dict[str, float]:
-    """Exact top-1 accuracy and CE loss over the whole split, across all processes (no duplicated samples), of the
-    model every checkpoint of the epoch stores: rank 0's BatchNorm statistics, a QAT graph's trained ranges.
-    `wrapped`: what Accelerate prepared, when it may hold `model` sharded (FSDP)."""
+    """Exact top-1 accuracy and CE loss over the whole split, across all processes, of the model the checkpoints
+    store (rank 0's BatchNorm statistics, a QAT graph's trained ranges). `wrapped` may hold `model` sharded (FSDP)."""
     sync_buffers(accelerator, model)
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
@@ -111,17 +97,6 @@ def validate(
     return {"val_acc": correct / count, "val_loss": loss_sum / count}
 
 
-def progress_bar(accelerator: Accelerator) -> ProgressBar:
-    return ProgressBar(
-        TextColumn("[bold]epoch {task.fields[epoch]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        disable=not accelerator.is_main_process,
-    )
-
-
 def start_run(
     accelerator: Accelerator,
     task: TrainingTask,
@@ -131,7 +106,7 @@ def start_run(
     run_dir: Path,
     resume: bool,
 ) -> tuple[Run, DataLoader, DataLoader]:
-    """Everything a run needs before its first step, prepared by Accelerate, and the saved state (if any) loaded."""
+    """Everything a run needs before its first step, prepared, with the saved state (if any) loaded."""
     float_model = task.model
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     prepare_model(task, cfg, fsdp)
@@ -150,7 +125,7 @@ def start_run(
         f"training on {accelerator.num_processes} process(es){sharded}, device {accelerator.device}, "
         f"precision {accelerator.mixed_precision}, {updates_per_epoch} optimizer steps per epoch"
     )
-    accelerator.print(  # the speed options, each switchable in the config (README's Performance section)
+    accelerator.print(
         f"speed options: precision {accelerator.mixed_precision}, channels_last "
         f"{('off (FSDP shards contiguous weights only)' if fsdp else 'on') if cfg.channels_last else 'off'}"
         f", compile {'on' if cfg.compile else 'off'}"
@@ -164,21 +139,16 @@ def start_run(
         load_state(accelerator, run_dir, progress, cfg, scheduler, ema)
     top_k = TopK(run_dir, cfg.save_top_k, cfg.mode, progress.top_k)
     guard = NonFiniteGuard(accelerator, cfg.max_nonfinite_steps)
-    parts = (task, wrapped, float_model, optimizer, scheduler, ema, qat, progress, top_k, guard)
-    return Run(accelerator, cfg, run_dir, *parts, progress_bar(accelerator)), train_loader, val_loader
-
-
-def add_terms(terms: dict[str, torch.Tensor], images: int, *meters: dict[str, AverageMeter]) -> None:
-    """Count a step's loss terms into running means (timm's AverageMeter), weighted by its images as timm does."""
-    for name, value in terms.items():
-        if name != "logits":
-            for means in meters:
-                means.setdefault(name, AverageMeter()).update(value.item(), images)
+    columns = (TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn())
+    columns += (TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+    bar = ProgressBar(*columns, disable=not accelerator.is_main_process)
+    parts = (task, wrapped, float_model, optimizer, scheduler, ema, qat, progress, top_k, guard, bar)
+    return Run(accelerator, cfg, run_dir, *parts), train_loader, val_loader
 
 
 def train_one_epoch(run: Run, loader: DataLoader, epoch: int) -> tuple[dict[str, AverageMeter], int, float]:
-    """The optimizer steps of `epoch`, from the batch a resumed state reached. Returns the epoch's mean of each
-    loss term (skipped steps left out), the images this process trained on, and the seconds it took."""
+    """The optimizer steps of `epoch`, from the batch a resumed state reached: the epoch's mean of each loss term
+    (skipped steps left out), the images this process trained on, and the seconds it took."""
     accelerator, cfg, progress = run.accelerator, run.cfg, run.progress
     run.wrapped.train()
     loader.set_epoch(epoch)
@@ -202,8 +172,12 @@ def train_one_epoch(run: Run, loader: DataLoader, epoch: int) -> tuple[dict[str,
                 grad_norm = accelerator.clip_grad_norm_(run.wrapped.parameters(), cfg.gradient_clip_val)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
-        seen += batch["label"].shape[0]
-        add_terms(terms, batch["label"].shape[0], epoch_means, run.since_log)
+        images = batch["label"].shape[0]
+        seen += images
+        for name, value in terms.items():  # running means, weighted by images as timm does
+            if name != "logits":
+                epoch_means.setdefault(name, AverageMeter()).update(value.item(), images)
+                run.since_log.setdefault(name, AverageMeter()).update(value.item(), images)
         run.bar.update(bar_task, advance=1, info=f"loss {loss.item():.4f}")
         if accelerator.sync_gradients:
             after_update(run, epoch, step, grad_norm)
@@ -214,7 +188,7 @@ def train_one_epoch(run: Run, loader: DataLoader, epoch: int) -> tuple[dict[str,
 
 
 def after_update(run: Run, epoch: int, step: int, grad_norm: torch.Tensor | None) -> None:
-    """After each optimizer update: the EMA and the schedule advance; logs and mid-epoch states every so many."""
+    """The EMA and the schedule advance; logs and mid-epoch states every so many updates."""
     accelerator, cfg, progress = run.accelerator, run.cfg, run.progress
     progress.updates += 1
     if run.ema is not None:
@@ -235,11 +209,10 @@ def after_update(run: Run, epoch: int, step: int, grad_norm: torch.Tensor | None
 def validate_and_save(
     run: Run, loader: DataLoader, epoch: int, meta: CheckpointMeta, trained: tuple[dict[str, AverageMeter], int, float]
 ) -> dict[str, float]:
-    """Validate the epoch's model, write its checkpoints (top-k, best, latest) and the resumable state, print the
-    epoch's line; returns the validation metrics."""
+    """Validate, write the checkpoints (top-k, best, latest) and the resumable state, print the epoch's line."""
     accelerator, cfg, progress, ema, qat = run.accelerator, run.cfg, run.progress, run.ema, run.qat
     epoch_means, seen, seconds = trained
-    metrics = validate(accelerator, run.measured, loader, qat, run.wrapped)
+    metrics = validate(accelerator, ema.module if ema is not None else run.task.model, loader, qat, run.wrapped)
     score = metrics[cfg.monitor]
     run.scheduler.step(epoch + 1, score)
     images_per_s = seen / max(seconds, 1e-9)
@@ -279,10 +252,8 @@ def fit(
     config: Config | None = None,
 ) -> dict:
     """Train `task`: AMP, accumulation, clipping, schedules, EMA, QAT, validation, top-k, resume, early stopping.
-
-    `config`, the run's whole config, is saved as <run_dir>/config.yaml once the state to continue (if any) has
-    loaded: a refused resume leaves the folder as it was, the config the state was made with included.
-    """
+    `config` is saved as <run_dir>/config.yaml only once the state to continue (if any) has loaded: a refused resume
+    leaves the folder as it was."""
     run, train_loader, val_loader = start_run(accelerator, task, train_loader, val_loader, cfg, run_dir, resume)
     if config is not None and accelerator.is_main_process:  # every check has passed: the run writes from here on
         save_config(config, run_dir / "config.yaml")

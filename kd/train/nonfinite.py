@@ -14,7 +14,7 @@ class NonFiniteLoss(UserError, FloatingPointError):
 
 class NonFiniteGuard:
     """Skips a step whose loss is non-finite on any process (all together, or DDP hangs); `limit` such steps in a
-    row stop the run, and so does an epoch in which every step was skipped."""
+    row stop the run, and so does an epoch of skipped steps."""
 
     def __init__(self, accelerator: Accelerator, limit: int):
         self.accelerator, self.limit = accelerator, limit
@@ -39,7 +39,6 @@ class NonFiniteGuard:
         return True
 
     def end_epoch(self, epoch: int, steps: int) -> None:
-        """After an epoch of `steps` steps: one that learned nothing fails the run before anything is saved."""
         if self.taken == 0 and steps > 0:
             raise UserError(
                 f"every training step of epoch {epoch} had a non-finite loss and was skipped, so the model did not "

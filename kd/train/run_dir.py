@@ -1,6 +1,5 @@
-"""Folder checks, made before the work they would otherwise cut short: a run's checkpoint folder (writable, not a
-teacher's, not another run's, not in use by a run now) and the output folders of evaluate.py and export.py
-(writable, not inside a run's own files)."""
+"""Folder checks made before the work they would cut short: a run's folder (writable, not a teacher's, not another
+run's, not in use now) and the output folders of evaluate.py and export.py (writable, not inside a run's files)."""
 
 import fcntl
 import functools
@@ -13,7 +12,8 @@ from kd.errors import UserError, quote
 
 
 def _write_probe(folder: Path) -> OSError | None:
-    """Create `folder` and write (then delete) a probe file there; the error that stopped it, if any."""
+    """Create `folder` and write (then delete) a probe file there, so that output that could not be saved fails
+    before the work, not after; the error that stopped it."""
     probe = folder / f".write-probe-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -25,9 +25,7 @@ def _write_probe(folder: Path) -> OSError | None:
 
 
 def ensure_writable(run_dir: str | Path) -> None:
-    """Create `run_dir` and write a probe file there, so a run that could not save fails before it trains."""
-    error = _write_probe(Path(run_dir))
-    if error:
+    if error := _write_probe(Path(run_dir)):
         raise UserError(
             f"cannot write to the run directory {run_dir} ({error.strerror or error}); point checkpoint_dir at a "
             "folder you can write to"
@@ -35,13 +33,10 @@ def ensure_writable(run_dir: str | Path) -> None:
 
 
 def require_writable_folder(folder: str | Path, flag: str) -> None:
-    """Create `folder` and write a probe file in it, so output that could not be saved fails before minutes of
-    work, not after."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag}: {quote(str(folder))} is a file, not a folder; give {flag} another path")
-    error = _write_probe(folder)
-    if error:
+    if error := _write_probe(folder):
         raise UserError(
             f"{flag}: cannot write to the folder {quote(str(folder))} ({error.strerror or error}); give {flag} a "
             "folder you can write to"
@@ -54,16 +49,9 @@ RUN_FILES = ("config.yaml", LOCK_FILE)  # besides checkpoints and states (progre
 _held: dict[Path, int] = {}  # run folder -> file descriptor of its lock, for the run folders this process holds
 
 
-def is_main_rank() -> bool:
-    """Whether this is the main process of a run, before Accelerate is set up: `accelerate launch` and torchrun
-    give every process its RANK (and LOCAL_RANK); a plain `python script.py` is the only process."""
-    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
-
-
 def lock_run_dir(run_dir: Path) -> None:
-    """Hold `run_dir` for this run: an exclusive flock on <run_dir>/.lock, which the OS releases when the process
-    ends, however it ends (kill -9 included), and `releases_run_dirs` when the script's main() does. Another run
-    holding it is refused with its process id."""
+    """An exclusive flock on <run_dir>/.lock, released when the process ends however it ends (kill -9 included), or
+    by `releases_run_dirs`; another run holding it is refused with its process id."""
     key = run_dir.resolve()
     if key in _held:
         return
@@ -83,8 +71,7 @@ def lock_run_dir(run_dir: Path) -> None:
 
 
 def releases_run_dirs(main: Callable) -> Callable:
-    """Decorate a script's main(): the run folders it locked are released when it returns or fails, not only when
-    the process ends (tests and notebooks run several mains, and start other runs, from one process)."""
+    """A script's main() releases the run folders it locked when it ends (tests and notebooks run several)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -102,8 +89,6 @@ def listed(names: list[str]) -> str:
 
 
 def cannot_continue(run_dir: Path, held: list[str]) -> str:
-    """Why a folder with a run's checkpoints but no complete resumable state (the run was stopped before its first
-    save finished) cannot be continued, and the way forward: start over elsewhere, or here once it is deleted."""
     return (
         f"{run_dir} holds a run ({listed(held)}) that saved no complete resumable state (it was stopped before its "
         f"first save finished), so it cannot be continued: set checkpoint_dir to another folder, or delete {run_dir} "
@@ -112,8 +97,7 @@ def cannot_continue(run_dir: Path, held: list[str]) -> str:
 
 
 def held_files(run_dir: Path) -> list[str]:
-    """What in `run_dir` a run wrote that another run would mix with: checkpoints and resumable states. A last.tmp
-    without progress.json is an unfinished first save, not a state (`clear_unfinished_save`)."""
+    """What in `run_dir` a run wrote that another run would mix with: checkpoints and resumable states."""
     if not run_dir.is_dir():
         return []
     held = [p for p in run_dir.iterdir() if p.suffix == ".safetensors" or p.name.startswith("last")]
@@ -125,22 +109,13 @@ def unfinished_save(folder: Path) -> bool:
     return folder.name == "last.tmp" and folder.is_dir() and not (folder / "progress.json").is_file()
 
 
-def clear_unfinished_save(run_dir: Path) -> None:
-    """Delete an unfinished save before a new run starts in its folder (save_state would delete it at its first
-    save anyway): it is all that a run killed during its first save leaves, and must not block the fresh start."""
-    if unfinished_save(run_dir / "last.tmp"):
-        shutil.rmtree(run_dir / "last.tmp")
-
-
 def claim_run_dir(run_dir: Path, resume: bool, auto_resume: bool, teachers: tuple | list = ()) -> None:
-    """Make sure this run may write into `run_dir`, before anything is trained or written there.
-
-    The folder must be writable, must not be a teacher's folder (the student's best.safetensors would replace the
-    teacher's), must not be in use by another run now (`lock_run_dir`; the main process holds it), and must not
-    hold another run's checkpoints unless this run continues it: two runs never mix.
-    """
+    """Make sure this run may write into `run_dir` before anything is written there: writable, not a teacher's
+    folder, not in use by another run now, and no other run's checkpoints unless this run continues it."""
     from kd.models.checkpoint import checkpoint_stem  # here: the scripts' --help imports this module, not torch
 
+    # the main process holds the lock: `accelerate launch` and torchrun give every process its RANK (and LOCAL_RANK)
+    main_rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
     ensure_writable(run_dir)
     for teacher in teachers:
         if checkpoint_stem(teacher).parent.resolve() == run_dir.resolve():
@@ -148,7 +123,7 @@ def claim_run_dir(run_dir: Path, resume: bool, auto_resume: bool, teachers: tupl
                 f"checkpoint_dir {run_dir} is the folder of teacher {teacher}: this run's checkpoints would replace "
                 "the teacher's. Set distillation.checkpoint_dir to another folder."
             )
-    if is_main_rank():  # the other processes of a run start together with it
+    if main_rank:
         lock_run_dir(run_dir)
     resumable = any((run_dir / d / "progress.json").is_file() for d in STATE_DIRS)
     if resume or (auto_resume and resumable):
@@ -161,13 +136,12 @@ def claim_run_dir(run_dir: Path, resume: bool, auto_resume: bool, teachers: tupl
             f"{run_dir} already holds a run ({listed(held)}). Continue it with --resume (or resume=auto), or set "
             "checkpoint_dir to another folder (or delete this one): kd never mixes two runs in one folder."
         )
-    if is_main_rank():
-        clear_unfinished_save(run_dir)
+    if main_rank and unfinished_save(run_dir / "last.tmp"):  # all a kill during the first save leaves: no state
+        shutil.rmtree(run_dir / "last.tmp")
 
 
 def owned_by_a_run(path: Path) -> Path | None:
-    """The run's own file or folder that writing `path` would change, if any: a resumable state (last, last.tmp,
-    last.old), the TensorBoard logs (tb) or a run file (config.yaml, .lock) of a run folder."""
+    """The run's own file or folder that writing `path` would change: a state, the TensorBoard logs or a run file."""
     path = path.absolute()
     for folder in path.parents:
         if folder.name in (*STATE_DIRS, "tb") and is_run_folder(folder.parent):
@@ -176,5 +150,4 @@ def owned_by_a_run(path: Path) -> Path | None:
 
 
 def is_run_folder(folder: Path) -> bool:
-    """Whether a training run wrote into `folder`: it holds a resumable state, a run's lock or its config.yaml."""
     return any((folder / d).is_dir() for d in STATE_DIRS) or any((folder / f).is_file() for f in RUN_FILES)

@@ -7,8 +7,7 @@ from kd.config import TrainConfig
 
 
 class LRSchedule:
-    """timm's schedule until the fine-tune phase, then its constant LR (learning_rate × finetune_lr_scale) for the
-    last finetune_epochs; saved and loaded as timm's scheduler state."""
+    """timm's schedule, then a constant LR (learning_rate × finetune_lr_scale) for the last finetune_epochs."""
 
     def __init__(self, scheduler, optimizer: torch.optim.Optimizer, cfg: TrainConfig):
         self.scheduler, self.optimizer = scheduler, optimizer
@@ -17,19 +16,16 @@ class LRSchedule:
         self.finetuning = False
 
     def set_epoch(self, epoch: int) -> None:
-        """Before each epoch's first step: from the fine-tune phase's first epoch on, the LR holds still."""
         self.finetuning = epoch >= self.finetune_epoch
         if self.finetuning:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.finetune_lr
 
     def step_update(self, num_updates: int) -> None:
-        """After each optimizer update."""
         if not self.finetuning:
             self.scheduler.step_update(num_updates)
 
     def step(self, epoch: int, metric: float) -> None:
-        """After each epoch's validation (the plateau schedule steps on it)."""
         if not self.finetuning:
             self.scheduler.step(epoch, metric)
 
@@ -41,19 +37,13 @@ class LRSchedule:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, updates_per_epoch: int) -> LRSchedule:
-    """timm's create_scheduler_v2 scheduler named `lr_scheduler` (cosine, tanh, step, multistep, plateau, poly,
-    constant), after a linear warmup.
-
-    Everything but plateau is stepped every optimizer update; plateau needs the validation metric, so it steps
-    per epoch. The schedule spans max_epochs - finetune_epochs; LRSchedule holds a constant LR after that.
-    lr_gamma is timm's decay_rate (poly's power, as in timm), lr_step_size its decay interval in epochs.
-    """
+    """timm's create_scheduler_v2 `lr_scheduler` after a linear warmup, over max_epochs - finetune_epochs, stepped
+    every optimizer update except plateau (per epoch: it needs the validation metric)."""
     per_epoch = cfg.lr_scheduler == "plateau"
     unit = 1 if per_epoch else updates_per_epoch
     main_epochs = cfg.max_epochs - cfg.finetune_epochs
     cycle = max(1, round((main_epochs - cfg.warmup_epochs) * unit / cfg.lr_cycles))
-    # multistep: kd has no list of milestones to configure; it decays at every lr_step_size epochs after the warmup
-    # (lr_step_size, 2 × lr_step_size, ... before the fine-tune phase), in timm's milestone convention
+    # multistep: kd has no list of milestones to configure; it decays every lr_step_size epochs
     milestones = [epoch * unit for epoch in range(cfg.lr_step_size, main_epochs, cfg.lr_step_size)]
     scheduler, _ = create_scheduler_v2(
         optimizer,

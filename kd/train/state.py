@@ -1,6 +1,5 @@
 """A run's resumable state in <run_dir>/last: saved atomically, found after a kill, checked before anything is
-unpickled, loaded into the prepared objects; and the one line a process prints when another process of the run dies.
-"""
+unpickled; and the one line a stopped run (Ctrl-C, a lost process) prints."""
 
 import contextlib
 import ctypes
@@ -25,17 +24,18 @@ from timm.utils import ModelEmaV3
 
 from kd.config import TrainConfig
 from kd.errors import Interrupted, UserError, quote
-from kd.train.run_dir import cannot_continue, held_files
+from kd.train.run_dir import STATE_DIRS, cannot_continue, held_files
 from kd.train.state_files import check_files
 from kd.train.topk import CHECKPOINT_STEM
 
 SCHEDULER_FILE, EMA_FILE = "scheduler.json", "ema.safetensors"  # our own state in last/: JSON and tensors only
 COUNTERS = ("epoch", "batches_done", "updates", "stale_epochs")  # progress.json's counts, each an int >= 0
+LOST_PEER_MESSAGES = ("Connection closed by peer", "remote worker")
 
 
 @dataclasses.dataclass
 class Progress:
-    """Where a run is: <run_dir>/last/progress.json, written and read here only (its presence completes a state)."""
+    """<run_dir>/last/progress.json (its presence completes a state)."""
 
     epoch: int = 0  # the epoch to train next (epochs finished)
     batches_done: int = 0  # batches of `epoch` already trained: a state saved mid-epoch
@@ -45,31 +45,10 @@ class Progress:
     max_epochs: int = 1  # the run's max_epochs when saved: a resume with another rebuilds the LR schedule
     metrics: dict = dataclasses.field(default_factory=dict)  # the last validation's
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str, path: Path) -> "Progress":
-        """The progress.json at `path`, refused when a value is not what the run writes. Its top-k list names the
-        checkpoints the run deletes when better ones replace them: any name but the epochNNN the run writes (../x,
-        /abs/path) would delete files outside the run folder."""
-        data = json.loads(text)
-        keys = (*COUNTERS, "top_k", "max_epochs")
-        if not (isinstance(data, dict) and all(k in data for k in keys)):
-            raise UserError(
-                f"refused to resume from {path.parent}: {path.name} lacks some of {keys}; the state is damaged (or "
-                "older than kd's checks of it): to start over, set checkpoint_dir to a new folder"
-            )
-        if problem := progress_problem(data):
-            raise UserError(
-                f"refused to resume from {path.parent}: {path.name}'s {problem}; the file is damaged or was edited. "
-                "Resume only from run folders you made or trust; to start over, set checkpoint_dir to a new folder."
-            )
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
-
 
 def progress_problem(progress: dict) -> str | None:
-    """The first value of a progress.json that is not what the run writes, said for a message; None if none."""
+    """The first value of a progress.json that is not what the run writes, said for a message. The top-k names are
+    deleted when better ones replace them: any name but epochNNN (../x, /abs/path) would delete files elsewhere."""
     for key in COUNTERS:
         value = progress[key]
         if type(value) is not int or value < 0:  # bool is an int, "0" a string: neither is a count
@@ -99,14 +78,9 @@ def save_state(
     ema: ModelEmaV3 | None = None,
     safe_serialization: bool = True,
 ) -> None:
-    """Resumable state (model, optimizer, scaler, RNG; scheduler, EMA) in <run_dir>/last, replaced atomically.
-
-    The new state is written to last.tmp, completed by progress.json, then swapped in (last -> last.old,
-    last.tmp -> last). A kill at any point leaves one complete state that `recover_state` finds.
-    The scheduler is saved as JSON and the EMA as safetensors, not through Accelerate's custom-state pickles, which
-    it loads with code execution allowed (see `load_state`). A QAT graph needs safe_serialization=False
-    (kd.deploy.qat.QatPhase.safe_serialization says why).
-    """
+    """Resumable state in <run_dir>/last, replaced atomically: written to last.tmp, completed by progress.json,
+    then swapped in (last -> last.old, last.tmp -> last); a kill at any point leaves one complete state. Scheduler
+    and EMA are JSON and safetensors, not Accelerate's custom-state pickles (loaded with code execution allowed)."""
     tmp, last, old = run_dir / "last.tmp", run_dir / "last", run_dir / "last.old"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -119,7 +93,7 @@ def save_state(
         if ema is not None:
             ema_state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
             safetensors.torch.save_file(ema_state, str(tmp / EMA_FILE))
-        (tmp / "progress.json.tmp").write_text(progress.to_json())
+        (tmp / "progress.json.tmp").write_text(json.dumps(dataclasses.asdict(progress)))
         os.replace(tmp / "progress.json.tmp", tmp / "progress.json")  # its presence marks a complete state
         shutil.rmtree(old, ignore_errors=True)  # left by a kill after an earlier swap
         if last.exists():
@@ -129,25 +103,16 @@ def save_state(
     accelerator.wait_for_everyone()
 
 
-def recover_state(run_dir: Path) -> Path | None:
-    """<run_dir>/last, after finishing a swap that a kill interrupted; None when there is no complete state."""
+def find_state(accelerator: Accelerator, run_dir: Path, cfg: TrainConfig, resume: bool) -> Progress | None:
+    """The checked progress.json to continue from (--resume, or resume: auto when there is one), or None for a new
+    run. --resume without a complete state is refused, never silently a new run."""
     last = run_dir / "last"
-    if not (last / "progress.json").is_file():
-        for candidate in (run_dir / "last.tmp", run_dir / "last.old"):  # newest complete state first
-            if (candidate / "progress.json").is_file():
+    if accelerator.is_main_process and (resume or cfg.resume == "auto"):
+        for candidate in (run_dir / "last.tmp", run_dir / "last.old"):  # finish a swap a kill cut short, newest first
+            if not (last / "progress.json").is_file() and (candidate / "progress.json").is_file():
                 shutil.rmtree(last, ignore_errors=True)
                 candidate.rename(last)
-                break
-    return last if (last / "progress.json").is_file() else None
-
-
-def find_state(accelerator: Accelerator, run_dir: Path, cfg: TrainConfig, resume: bool) -> Progress | None:
-    """The checked progress.json of the state to continue from (--resume, or resume: auto when there is one), or
-    None to start a new run. --resume without a complete state is refused, never silently a new run."""
-    if accelerator.is_main_process and (resume or cfg.resume == "auto"):
-        recover_state(run_dir)
     accelerator.wait_for_everyone()
-    last = run_dir / "last"
     if not (resume or (cfg.resume == "auto" and (last / "progress.json").is_file())):
         return None
     if not (last / "progress.json").is_file():
@@ -158,33 +123,34 @@ def find_state(accelerator: Accelerator, run_dir: Path, cfg: TrainConfig, resume
 
 
 def check_state(last: Path) -> Progress:
-    """Check every file of a saved state before anything reads it (kd/train/state_files.py), and return its
-    progress.json. A file that fails is named, and nothing is resumed."""
+    """Every file of a saved state checked before anything reads it (kd/train/state_files.py); its progress.json."""
     check_files(last)
-    return Progress.from_json((last / "progress.json").read_text(), last / "progress.json")
-
-
-def resumed_schedule(progress: Progress, cfg: TrainConfig) -> bool:
-    """Whether a resumed run must rebuild its LR schedule: max_epochs changed since the state was saved.
-
-    A finished run resumed with a larger max_epochs continues training on the schedule of the new length (its LR
-    jumps from the old schedule's end to the new one's value at that step); a smaller one than already trained is
-    refused.
-    """
-    if cfg.max_epochs < progress.epoch:
+    data = json.loads((last / "progress.json").read_text())
+    keys = (*COUNTERS, "top_k", "max_epochs")
+    if not (isinstance(data, dict) and all(k in data for k in keys)):
         raise UserError(
-            f"--resume: the saved run has already trained {progress.epoch} epochs, more than max_epochs="
-            f"{cfg.max_epochs}; set max_epochs >= {progress.epoch} (or its former {progress.max_epochs})"
+            f"refused to resume from {last}: progress.json lacks some of {keys}; the state is damaged (or "
+            "older than kd's checks of it): to start over, set checkpoint_dir to a new folder"
         )
-    return progress.max_epochs != cfg.max_epochs
+    if problem := progress_problem(data):
+        raise UserError(
+            f"refused to resume from {last}: progress.json's {problem}; the file is damaged or was edited. "
+            "Resume only from run folders you made or trust; to start over, set checkpoint_dir to a new folder."
+        )
+    return Progress(**{f.name: data[f.name] for f in dataclasses.fields(Progress) if f.name in data})
 
 
 def load_state(
     accelerator: Accelerator, run_dir: Path, progress: Progress, cfg: TrainConfig, scheduler, ema: ModelEmaV3 | None
 ) -> None:
-    """Load <run_dir>/last into the prepared objects; a changed max_epochs rebuilds the schedule (`resumed_schedule`).
-    `progress` (from `find_state`) takes the new max_epochs."""
-    reschedule = resumed_schedule(progress, cfg)
+    """Load <run_dir>/last into the prepared objects. A changed max_epochs rebuilds the LR schedule at the step
+    reached (the LR jumps to the new schedule's value there); fewer than already trained is refused."""
+    if cfg.max_epochs < progress.epoch:
+        raise UserError(
+            f"--resume: the saved run has already trained {progress.epoch} epochs, more than max_epochs="
+            f"{cfg.max_epochs}; set max_epochs >= {progress.epoch} (or its former {progress.max_epochs})"
+        )
+    reschedule = progress.max_epochs != cfg.max_epochs
     last = run_dir / "last"
     try:
         with without_custom_pickles(last) as folder:
@@ -212,7 +178,7 @@ def load_state(
             )
         else:
             raise UserError(f"cannot resume from {last}: it holds no EMA weights, but this run has ema_decay > 0")
-    if reschedule:  # the new schedule at the step reached, as if max_epochs had been this from the start
+    if reschedule:
         scheduler.step_update(progress.updates)
         accelerator.print(
             f"max_epochs {progress.max_epochs} -> {cfg.max_epochs}: the LR schedule is rebuilt for "
@@ -224,10 +190,8 @@ def load_state(
 
 @contextlib.contextmanager
 def without_custom_pickles(last: Path) -> Iterator[Path]:
-    """`last`; or, when it holds Accelerate's custom-state pickles (states saved by earlier kd versions), a
-    temporary folder of links to everything else in it. Accelerate refuses a state whose custom_checkpoint_N.pkl
-    files are more than the objects registered with it (kd registers none), and would unpickle them with code
-    execution allowed: `load_state` reads them itself, weights-only."""
+    """`last`, or a folder of links to all but its custom_checkpoint_N.pkl (earlier kd versions): Accelerate refuses
+    more of them than objects registered (kd registers none) and would unpickle them with code execution allowed."""
     legacy = [p for p in last.iterdir() if re.fullmatch(r"custom_checkpoint_\d+\.pkl", p.name)]
     if not legacy:
         yield last
@@ -239,59 +203,40 @@ def without_custom_pickles(last: Path) -> Iterator[Path]:
         yield Path(view)
 
 
-def lost_peer(error: BaseException) -> bool:
-    """Whether a distributed error means another process of the run is gone (gloo's and NCCL's wordings)."""
-    text = str(error)
-    return (
-        isinstance(error, torch.distributed.DistError) or "Connection closed by peer" in text or "remote worker" in text
-    )
-
-
 def last_position(run_dir: Path) -> tuple[int, int] | None:
-    """(epoch, batch) of the state a resume would continue from (`recover_state`'s choice), for messages; None if
-    none was saved."""
-    for folder in ("last", "last.tmp", "last.old"):  # a save interrupted between its renames leaves the latter
+    """(epoch, batch) of the state a resume would continue from (`find_state`'s choice), for messages."""
+    for folder in STATE_DIRS:  # a save interrupted between its renames leaves the latter two
         if (run_dir / folder / "progress.json").is_file():
             saved = json.loads((run_dir / folder / "progress.json").read_text())
             return saved["epoch"], saved["batches_done"]
     return None
 
 
-def how_to_continue(run_dir: Path) -> str:
-    """What continues a stopped run: --resume from its last saved state, or a new start when none was saved."""
-    if position := last_position(run_dir):
-        return (
-            f"continue with --resume from the last saved state, {run_dir / 'last'} (epoch {position[0]}, batch "
-            f"{position[1]})"
-        )
-    if held := held_files(run_dir):
-        return cannot_continue(run_dir, held)
-    return "no state was saved yet: run the same command again (without --resume)"
-
-
 @contextlib.contextmanager
 def explain_interrupt(accelerator: Accelerator, run_dir: Path) -> Iterator[None]:
-    """Ctrl-C: one line saying how to continue (`how_to_continue`) and exit status 130, instead of a stack dump.
-    With several processes the main one says it; the others stop quietly."""
+    """Ctrl-C: one line saying how to continue and exit status 130, not a stack dump (other processes: quietly)."""
     try:
         yield
     except KeyboardInterrupt:
         if not accelerator.is_main_process:
             raise SystemExit(Interrupted.exit_code) from None
-        raise Interrupted(f"interrupted; {how_to_continue(run_dir)}") from None
+        if position := last_position(run_dir):
+            how = f"continue with --resume from the last saved state, {run_dir / 'last'} (epoch {position[0]}, batch "
+            how += f"{position[1]})"
+        elif held := held_files(run_dir):
+            how = cannot_continue(run_dir, held)
+        else:
+            how = "no state was saved yet: run the same command again (without --resume)"
+        raise Interrupted(f"interrupted; {how}") from None
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def stop_with_launcher() -> None:
-    """Under `accelerate launch` or torchrun (LOCAL_RANK set), ask Linux to send this process SIGTERM when its
-    launcher dies, however it dies (kill -9 included): a rank left without it would train on at full CPU, unseen.
-
-    The launcher starts its ranks from its main thread, whose end is what the kernel watches. SIGTERM ends the rank
-    (during training with `explain_lost_peers`'s one line); the resumable state is saved atomically, so a rank
-    stopped mid-save leaves the previous state. Elsewhere than on Linux this does nothing.
-    """
+    """Under a launcher (LOCAL_RANK set), on Linux: SIGTERM to this process when the launcher dies, however it dies
+    (kill -9 included); a rank left without it would train on at full CPU, unseen. The state is saved atomically,
+    so a rank stopped mid-save leaves the previous one."""
     if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
         return
     launcher = os.getppid()
@@ -302,12 +247,8 @@ def stop_with_launcher() -> None:
 
 @contextlib.contextmanager
 def explain_lost_peers(accelerator: Accelerator, run_dir: Path) -> Iterator[None]:
-    """With several processes, say what to do when another one dies, instead of a stack dump from this one.
-
-    A killed rank shows up in the others either as a failed collective (gloo: "Connection closed by peer") or as
-    the launcher's SIGTERM; either way this process prints one line: where the last saved state is and that
-    `--resume` continues from it. Which rank died, and how, is in the launcher's own report ("Root Cause").
-    """
+    """With several processes, one line saying how to continue when another dies (seen as a failed collective or
+    the launcher's SIGTERM), instead of a stack dump; the launcher's report says which rank died."""
     if accelerator.num_processes == 1:
         yield
         return
@@ -336,8 +277,8 @@ def explain_lost_peers(accelerator: Accelerator, run_dir: Path) -> Iterator[None
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield
-    except RuntimeError as e:  # DistError is one
-        if not lost_peer(e):
+    except RuntimeError as e:  # DistError is one; the others in gloo's and NCCL's wordings
+        if not (isinstance(e, torch.distributed.DistError) or any(m in str(e) for m in LOST_PEER_MESSAGES)):
             raise
         # Said here, with the handler still in place: once the exception leaves this block, the launcher's SIGTERM
         # (sent when it sees the dead rank) would kill this process before a top-level handler could print.

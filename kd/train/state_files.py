@@ -15,14 +15,9 @@ from kd.errors import UserError
 
 
 def check_files(last: Path) -> None:
-    """Refuse the state in `last` when any of its files could run code or cannot be read, naming the file.
-
-    Each pickled file (optimizer, scaler, RNG states, ...) must load with torch's weights_only unpickler, which builds
-    tensors and plain containers only and refuses anything else without running it; .safetensors and .json files
-    must parse. Under FSDP the model and optimizer are folders of torch.distributed.checkpoint shards: their
-    .distcp files torch reads weights-only itself, and their pickled .metadata must unpickle to DCP's metadata
-    classes alone (`check_dcp_metadata`).
-    """
+    """Refuse the state in `last`, naming the file, when any file could run code or cannot be read: pickles must
+    load with torch's weights_only unpickler, .safetensors and .json files must parse, FSDP's .distcp shards torch
+    reads weights-only itself, and their pickled .metadata must unpickle to DCP's metadata classes alone."""
     for path in sorted(p for p in last.rglob("*") if p.is_file()):
         try:
             if path.name == ".metadata":
@@ -37,9 +32,8 @@ def check_files(last: Path) -> None:
         except pickle.UnpicklingError:  # torch's weights_only unpickler met an object it does not build
             problem = "holds more than tensors and plain data, and unpickling it could run code"
         except Exception as e:  # truncated, foreign or garbled
-            problem = (
-                f"cannot be read ({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})"
-            )
+            first = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+            problem = f"cannot be read ({type(e).__name__}: {first})"
         else:
             continue
         raise UserError(
@@ -53,8 +47,7 @@ DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("path
 
 
 class _DcpMetadataUnpickler(pickle.Unpickler):
-    """Builds what torch.distributed.checkpoint pickles in its .metadata (its dataclasses and enums, torch dtypes,
-    sizes and layouts, paths) and refuses any other global, so nothing else can run while the file is read."""
+    """Builds what torch.distributed.checkpoint pickles in its .metadata and refuses any other global."""
 
     def find_class(self, module: str, name: str):
         if module in DCP_MODULES:
@@ -69,7 +62,6 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
 
 
 def check_dcp_metadata(path: Path) -> None:
-    """A torch.distributed.checkpoint .metadata file (an FSDP state's), unpickled without running anything else;
-    torch itself unpickles it with no such limit when the state loads."""
+    """An FSDP state's .metadata, unpickled safely: torch itself unpickles it with no limit when the state loads."""
     with path.open("rb") as f:
         _DcpMetadataUnpickler(f).load()

@@ -1,5 +1,5 @@
-"""What kd.train.loop.fit trains: the TrainingTask protocol, every name the loop calls on it, and Classifier, the plain
-supervised task. The Distiller (kd/distill/distiller.py) is the distilling one."""
+"""What kd.train.loop.fit trains: the TrainingTask protocol, and Classifier, the plain supervised task (the Distiller,
+kd/distill/distiller.py, is the distilling one)."""
 
 from typing import Protocol, runtime_checkable
 
@@ -12,8 +12,8 @@ from kd.models.zoo import forward_batch
 
 @runtime_checkable
 class TrainingTask(Protocol):
-    """The names the loop calls on what it trains, and no others (as timm's TrainingTask); a hook a task has no
-    use for is a no-op. A task is an nn.Module: the optimizer trains its parameters and DDP wraps it."""
+    """Every name the loop calls on what it trains (as timm's TrainingTask); a hook a task has no use for is a
+    no-op. A task is an nn.Module: the optimizer trains its parameters and DDP wraps it."""
 
     @property
     def model(self) -> nn.Module:
@@ -36,8 +36,7 @@ class TrainingTask(Protocol):
 
 
 class Classifier(nn.Module):
-    """Plain supervised training (teachers, baseline students): cross-entropy on the labels (smoothed, and mixed on a
-    Mixup / CutMix batch: kd.data.mixing.hard_loss)."""
+    """Plain supervised training (teachers, baseline students): cross-entropy on the labels."""
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
         super().__init__()
@@ -48,12 +47,9 @@ class Classifier(nn.Module):
         hard = hard_loss(logits, batch["label"], self.label_smoothing, batch.get("mix_label"), batch.get("mix_lambda"))
         return {"loss": hard, "hard": hard, "logits": logits}
 
-    def set_progress(self, epoch: float) -> None:
-        """Cross-entropy has no schedule of its own."""
+    def set_progress(self, epoch: float) -> None: ...  # cross-entropy has no schedule
 
-    def set_ema(self, module: nn.Module) -> None:
-        """The EMA is the loop's to validate and save; plain training does not learn from it."""
+    def set_ema(self, module: nn.Module) -> None: ...  # the EMA is the loop's to validate and save
 
     def set_model(self, model: nn.Module) -> None:
-        """Swap in a graph that shares the parameters (quantization-aware training)."""
         self.model = model

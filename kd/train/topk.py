@@ -11,8 +11,6 @@ CHECKPOINT_STEM = re.compile(r"epoch\d{3,}")  # the top-k checkpoints' names, as
 
 
 class TopK:
-    """Keeps the k best checkpoints on the monitored metric; the best is also written as best.safetensors."""
-
     def __init__(self, run_dir: Path, k: int, mode: str, entries: list | None = None):
         self.run_dir, self.k, self.sign = run_dir, k, 1.0 if mode == "max" else -1.0
         self.entries = entries or []  # [score, stem name], best first
@@ -33,8 +31,7 @@ class TopK:
         write: bool = True,
         extra: dict | None = None,
     ) -> None:
-        """Save `model` (a module or its whole state dict) if `score` makes the top k (every process keeps the list;
-        only the one with `write` saves)."""
+        """Save `model` if `score` makes the top k (every process keeps the list; only the one with `write` saves)."""
         if len(self.entries) >= self.k and not self.is_better(score, self.entries[-1][0]):
             return
         stem = f"epoch{epoch:03d}"
@@ -48,7 +45,7 @@ class TopK:
         if new_best:
             save_checkpoint(self.run_dir / "best", model, meta, extra)
         for _, old in dropped:
-            if not CHECKPOINT_STEM.fullmatch(old):  # never a path from elsewhere (from_json refuses them first)
+            if not CHECKPOINT_STEM.fullmatch(old):  # never a path from elsewhere (check_state refuses them first)
                 continue
             for suffix in (".safetensors", ".json"):
                 (self.run_dir / old).with_suffix(suffix).unlink(missing_ok=True)

@@ -1,5 +1,4 @@
-"""The weights across the processes of a run: rank 0's buffers for all, whole weights under FSDP for validation,
-and the end-of-run check that every process holds what it should."""
+"""The weights across a run's processes: rank 0's buffers for all, whole weights under FSDP, the end-of-run check."""
 
 import contextlib
 from collections.abc import Iterator
@@ -11,19 +10,17 @@ from kd.errors import UserError
 
 
 def sync_buffers(accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """Give every process rank 0's buffers: DDP lets BatchNorm statistics drift apart within a step, a QAT graph's
-    observers see each process's own batches, and the checkpoint (written by rank 0) must be the model that
-    validation measured. Not timm's distribute_bn: it broadcasts only buffers named running_mean/running_var, so
-    a QAT graph's ranges, scales and zero points would stay each process's own."""
+    """Give every process rank 0's buffers (BatchNorm statistics, a QAT graph's observers drift apart), so that the
+    checkpoint rank 0 writes is the model validation measured. Not timm's distribute_bn: it broadcasts only
+    running_mean/running_var, so a QAT graph's ranges would stay each process's own."""
     if accelerator.num_processes > 1:
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
 
 
 def shard_of(parameter: torch.Tensor) -> int:
-    """Which piece of `parameter` this process holds: 0 for a whole tensor (DDP: every process holds the same);
-    for an FSDP2 DTensor, a number for its coordinates on the mesh dimensions it is sharded over, so that two
-    processes with the same number hold replicas of one shard (HSDP) and different numbers different shards."""
+    """Which piece of `parameter` this process holds: 0 for a whole tensor; for an FSDP2 DTensor, a number for its
+    coordinates on the sharded mesh dimensions (equal numbers: replicas of one shard, as HSDP keeps them)."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(parameter, DTensor):
@@ -37,9 +34,8 @@ def shard_of(parameter: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def whole_weights(wrapped: torch.nn.Module | None) -> Iterator[None]:
-    """Within the block, the modules of `wrapped` hold their whole parameters. FSDP2 (fully_shard) gathers a
-    sharded module's parameters only around a call of that module, and validation calls the task's model, a
-    submodule; without FSDP the weights are whole anyway and this does nothing."""
+    """Within the block, the modules of `wrapped` hold their whole parameters: FSDP2 gathers them only around a call
+    of the sharded module, and validation calls a submodule (the task's model)."""
     from torch.distributed.fsdp import FSDPModule
 
     sharded = [m for m in wrapped.modules() if isinstance(m, FSDPModule)] if wrapped is not None else []
@@ -54,13 +50,7 @@ def whole_weights(wrapped: torch.nn.Module | None) -> Iterator[None]:
 
 def weight_check(accelerator: Accelerator, model: torch.nn.Module) -> tuple[float, str]:
     """(checksum of the whole model, a line saying what was compared); an error when weights are non-finite or
-    processes that should hold the same values do not.
-
-    Under DDP every process holds every parameter, and all must agree. Under FSDP each process holds a shard of
-    each parameter: only processes holding the same shard (replicas, as HSDP keeps them) are compared; with plain
-    full sharding no two processes hold the same shard, so there is nothing to compare, and the line says so. The
-    checksum is the whole model's either way (each shard counted once).
-    """
+    processes that should hold the same values do not (under FSDP: those holding one shard)."""
     from torch.distributed.tensor import DTensor
 
     parameters = list(model.parameters())
