@@ -2,7 +2,8 @@
 combines it: the members' logits averaged with the normalized weights (kd/distill/teachers.py), then argmax.
 
 python benchmarks/ensemble_accuracy.py --config configs/field/teacher.yaml data.manifest=data/field/k40.csv \
-    --split val --teachers checkpoints/field/teacher/best.safetensors:1 checkpoints/field/teacher_lite1/best.safetensors:1
+    --split val --teachers checkpoints/field/teacher/best.safetensors:1 \
+    checkpoints/field/teacher_lite1/best.safetensors:1
 
 evaluate.py takes one model per row; a `teachers:` ensemble is not one checkpoint, so this prints its row (and each
 member's, for comparison). Each member sees the split at its own image size and normalization, as in evaluate.py.
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--teachers", nargs="+", required=True, help="checkpoint[:weight] ...")
     parser.add_argument("--out", help="also write the figures as JSON here")
+    parser.add_argument("--markdown", help="also append them as a Markdown table to this file")
     parser.add_argument("overrides", nargs="*", help="data.key=value overrides")
     args = parser.parse_intermixed_args()
     cfg = resolve_config("evaluate.py", args.config, args.overrides, False)
@@ -64,6 +66,20 @@ def main() -> None:
     ensemble = sum(w / total * logits for _, w, logits in members)
     rows.append(row("ensemble", ensemble))
     print(f"{args.split} split, {len(labels)} images")
+    if args.markdown:
+        lines = [
+            "",
+            f"The teacher ensemble on the {args.split} split ({len(labels)} images; benchmarks/ensemble_accuracy.py: "
+            "the members' logits averaged with the normalized weights, as distill.py combines them)",
+            "",
+            "| Teacher | Top-1 Acc. | " + " | ".join(classes) + " |",
+            "|---|---|" + "---|" * len(classes),
+        ]
+        for r in rows:
+            recall = " | ".join(f"{100 * r['recall'][c]:.1f}%" for c in classes)
+            lines.append(f"| {r['name']} | {100 * r['top1']:.1f}% | {recall} |")
+        with open(args.markdown, "a") as f:
+            f.write("\n".join(lines) + "\n")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"split": args.split, "rows": rows}, indent=1))
