@@ -2,11 +2,13 @@
 must leave every line of this output unchanged.
 
 python benchmarks/fingerprint.py            # prints one line per run: its name and the sha256 of its weights
+python benchmarks/fingerprint.py --threads 2  # the same at two threads: other hashes (summation order), repeatable
 
 The runs cover the paths a move can break: a hybrid RGB+MS teacher, a plain timm model with RandAugment, Mixup and
 EMA, and a student distilled from the teacher with feature matching and unlabelled images. CPU, fp32, one thread.
 """
 
+import argparse
 import hashlib
 import os
 import subprocess
@@ -56,9 +58,13 @@ RUNS = {
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each run (default 1)")
+    threads = parser.parse_args().threads
+
     from kd.data.demo import make_demo_dataset
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = make_demo_dataset(work / "data", seed=1, per_class=(8, 4, 4), size=32, unlabeled_per_class=2)
