@@ -33,9 +33,10 @@ def main() -> None:
     import torch
 
     from kd.deploy.inference import checkpoint_loader, load_model
+    from kd.distill.teachers import weighted_logits
     from kd.eval.metrics import confusion_matrix, per_class_accuracy
 
-    members, total, labels, classes, samples = [], 0.0, None, None, None
+    members, labels, classes, samples = [], None, None, None
     for item in args.teachers:
         path, _, weight = item.rpartition(":")
         try:
@@ -54,7 +55,6 @@ def main() -> None:
             labs.append(batch["label"])
         labels = torch.cat(labs)
         members.append((path, float(weight), torch.cat(logits)))
-        total += float(weight)
 
     def row(name: str, logits: torch.Tensor) -> dict:
         recall = per_class_accuracy(confusion_matrix(logits, labels))
@@ -63,7 +63,7 @@ def main() -> None:
         return {"name": name, "top1": top1, "recall": dict(zip(classes, recall))}
 
     rows = [row(f"{path} (weight {w:g})", logits) for path, w, logits in members]
-    ensemble = sum(w / total * logits for _, w, logits in members)
+    ensemble = weighted_logits([logits for *_, logits in members], [w for _, w, _ in members])
     rows.append(row("ensemble", ensemble))
     print(f"{args.split} split, {len(labels)} images")
     if args.markdown:
