@@ -45,6 +45,26 @@ class Progress:
     max_epochs: int = 1  # the run's max_epochs when saved: a resume with another rebuilds the LR schedule
     metrics: dict = dataclasses.field(default_factory=dict)  # the last validation's
 
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, last: Path) -> "Progress":
+        """progress.json's text, refused (naming the state folder `last`) when a value is not what the run writes."""
+        data = json.loads(text)
+        keys = (*COUNTERS, "top_k", "max_epochs")
+        if not (isinstance(data, dict) and all(k in data for k in keys)):
+            raise UserError(
+                f"refused to resume from {last}: progress.json lacks some of {keys}; the state is damaged (or "
+                "older than kd's checks of it): to start over, set checkpoint_dir to a new folder"
+            )
+        if problem := progress_problem(data):
+            raise UserError(
+                f"refused to resume from {last}: progress.json's {problem}; the file is damaged or was edited. "
+                "Resume only from run folders you made or trust; to start over, set checkpoint_dir to a new folder."
+            )
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
 
 def progress_problem(progress: dict) -> str | None:
     """The first value of a progress.json that is not what the run writes, said for a message. The top-k names are
@@ -93,7 +113,7 @@ def save_state(
         if ema is not None:
             ema_state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
             safetensors.torch.save_file(ema_state, str(tmp / EMA_FILE))
-        (tmp / "progress.json.tmp").write_text(json.dumps(dataclasses.asdict(progress)))
+        (tmp / "progress.json.tmp").write_text(progress.to_json())
         os.replace(tmp / "progress.json.tmp", tmp / "progress.json")  # its presence marks a complete state
         shutil.rmtree(old, ignore_errors=True)  # left by a kill after an earlier swap
         if last.exists():
@@ -125,19 +145,7 @@ def find_state(accelerator: Accelerator, run_dir: Path, cfg: TrainConfig, resume
 def check_state(last: Path) -> Progress:
     """Every file of a saved state checked before anything reads it (kd/train/state_files.py); its progress.json."""
     check_files(last)
-    data = json.loads((last / "progress.json").read_text())
-    keys = (*COUNTERS, "top_k", "max_epochs")
-    if not (isinstance(data, dict) and all(k in data for k in keys)):
-        raise UserError(
-            f"refused to resume from {last}: progress.json lacks some of {keys}; the state is damaged (or "
-            "older than kd's checks of it): to start over, set checkpoint_dir to a new folder"
-        )
-    if problem := progress_problem(data):
-        raise UserError(
-            f"refused to resume from {last}: progress.json's {problem}; the file is damaged or was edited. "
-            "Resume only from run folders you made or trust; to start over, set checkpoint_dir to a new folder."
-        )
-    return Progress(**{f.name: data[f.name] for f in dataclasses.fields(Progress) if f.name in data})
+    return Progress.from_json((last / "progress.json").read_text(), last)
 
 
 def load_state(
