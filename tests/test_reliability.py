@@ -241,6 +241,32 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(tmp_path, monkey
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old pair unchanged, no .tmp left
 
 
+class Killed(BaseException):
+    """SIGKILL at this point: no `except` runs."""
+
+
+def test_a_kill_between_the_renames_of_a_first_save_leaves_no_weights_without_their_metadata(tmp_path, monkeypatch):
+    model = timm.create_model("test_resnet", num_classes=2)
+    meta = CheckpointMeta({"name": "test_resnet", "num_classes": 2}, ["a", "b"], InputSpec(32), epoch=0)
+    renamed = []
+
+    def rename_once_then_die(src, dst):
+        if renamed:
+            raise Killed
+        renamed.append(Path(dst).name)
+        os.rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", rename_once_then_die)
+    with pytest.raises(Killed):
+        save_checkpoint(tmp_path / "best", model, meta)
+    monkeypatch.undo()
+    assert renamed == ["best.json"] and not (tmp_path / "best.safetensors").exists()
+    with pytest.raises(UserError, match=r"unfinished: \S+best.json is there but not \S+best.safetensors.*--resume"):
+        load_checkpoint(tmp_path / "best.safetensors")
+    save_checkpoint(tmp_path / "best", model, meta)  # the resumed run's save completes the pair
+    assert load_checkpoint(tmp_path / "best")[1] == meta
+
+
 # ------------------------------------------------------------------------------------ bad input, one clear message
 
 

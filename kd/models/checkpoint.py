@@ -4,7 +4,7 @@ a file without schema_version was written before the key existed), written and r
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,28 +81,39 @@ def checkpoint_stem(path: str | Path) -> Path:
     return path.with_suffix("") if path.suffix in CHECKPOINT_SUFFIXES else path
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _publish(files: dict[Path, Callable[[Path], None]]) -> None:
+    """Write every file to <name>.tmp first, then rename them into place in the given order: a kill mid-write leaves
+    the old files, never a half-written one, and the renames are the only window between the files."""
+    tmps = {path: path.with_name(path.name + ".tmp") for path in files}
     try:
-        write(tmp)
-        os.replace(tmp, path)  # a kill mid-write leaves the old file, never a half-written one
+        for path, write in files.items():
+            write(tmps[path])
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     except (OSError, safetensors.SafetensorError) as e:  # safetensors wraps its I/O errors (disk full...)
         raise UserError(f"could not write {path} ({e}); the previous {path.name}, if any, is kept") from None
     finally:
-        tmp.unlink(missing_ok=True)  # what a failed write left; nothing after the replace
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)  # what a failed write left; nothing after the renames
 
 
 def save_checkpoint(
     path: str | Path, model: nn.Module | Mapping[str, torch.Tensor], meta: CheckpointMeta, extra: dict | None = None
 ) -> Path:
     """`model`: the module, or its whole state dict (gathered from the shards under FSDP); `extra` tensors (a QAT
-    run's ranges, under "qat.") are stored beside the weights."""
+    run's ranges, under "qat.") are stored beside the weights. The .json is renamed into place before the weights, so
+    that weights never appear without their metadata (a run killed in its first save leaves at most a .json, which
+    load_checkpoint reports as an unfinished save)."""
     stem = checkpoint_stem(path)
     stem.parent.mkdir(parents=True, exist_ok=True)
     state = model if isinstance(model, Mapping) else model.state_dict()
     weights = {k: v.detach().cpu().contiguous() for k, v in {**state, **(extra or {})}.items()}
-    _atomic_write(stem.with_suffix(".safetensors"), lambda p: safetensors.torch.save_file(weights, str(p)))
-    _atomic_write(stem.with_suffix(".json"), lambda p: p.write_text(json.dumps(meta.to_json(), indent=2)))
+    _publish(
+        {
+            stem.with_suffix(".json"): lambda p: p.write_text(json.dumps(meta.to_json(), indent=2)),
+            stem.with_suffix(".safetensors"): lambda p: safetensors.torch.save_file(weights, str(p)),
+        }
+    )
     return stem.with_suffix(".safetensors")
 
 
@@ -215,6 +226,11 @@ def _read_json(path: str | Path) -> tuple[Path, Any]:
                     f"checkpoint file {candidate} is {kind}, not a regular file: point at the <stem>.safetensors "
                     "and <stem>.json files a run wrote, e.g. runs/<name>/best.safetensors"
                 )
+        if meta_path.is_file():  # save_checkpoint renames the .json first: its weights never arrived
+            raise UserError(
+                f"checkpoint {path} is unfinished: {meta_path} is there but not {stem}.safetensors (the run was "
+                "stopped while saving it). Continue the run with --resume to write it again, or point at another file"
+            )
         suffix = Path(path).suffix
         hint = f" kd reads {suffix} paths as their <stem>.safetensors + <stem>.json pair and found neither."
         hint = hint if suffix in (".ckpt", ".pt", ".pth") else ""
