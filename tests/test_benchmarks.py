@@ -14,7 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import gpu, vs_torchdistill  # noqa: E402
+from benchmarks import data_loader, gpu, vs_torchdistill  # noqa: E402
 from kd.config import load_config  # noqa: E402
 from kd.data.dataset import LeafDataset, load_image  # noqa: E402
 from kd.data.transforms import PairedTransform  # noqa: E402
@@ -119,6 +119,43 @@ def test_the_race_reads_kds_epoch_lines_and_summarizes_per_repeat():
 def test_the_race_refuses_a_timed_epoch_past_the_last():
     with pytest.raises(SystemExit):
         vs_torchdistill.parse_args(["--epochs", "2", "--timed-from", "2"])
+
+
+def test_the_loader_race_runs_on_a_photo_folder_against_both_torchvision_pipelines(tmp_path):
+    photos = tmp_path / "my_photos"
+    for cls, count in (("a", 3), ("b", 1)):
+        (photos / "train" / cls).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (48, 40), (40 * i, 100, 200)).save(photos / "train" / cls / f"{i}.jpg")
+    picked = data_loader.copy_photos(photos, tmp_path / "picked", 3)
+    assert sorted(p.relative_to(picked).as_posix() for p in picked.rglob("*.jpg")) == [
+        "train/a/0.jpg",
+        "train/a/1.jpg",
+        "train/b/0.jpg",
+    ]  # round-robin over the classes
+    argv = ["--vs-torchvision", "--photos", str(photos), "--image-size", "32", "--images", "3"]
+    report = data_loader.main([*argv, "--rounds", "1", "--workers", "0", "--batch-size", "2"])
+    case = report["cases"]["photos_my_photos_to_32px"]
+    per_worker = case["per_worker_samples_per_s"]
+    assert case["images"] == 3 and set(per_worker) == {"kd", "kd_float", "torchvision", "torchvision_v2"}
+    assert all(_positive(rate) for rate in per_worker.values())
+    assert set(case["loaders_samples_per_s"]["0"]) == {"kd", "torchvision", "torchvision_v2"}
+    assert all(_positive(rate) for rate in case["loaders_samples_per_s"]["0"].values())
+    assert case["kd_vs_torchvision_v2_per_worker"] == round(per_worker["kd"] / per_worker["torchvision_v2"], 3)
+    assert case["kd_vs_torchvision_per_worker"] == round(per_worker["kd"] / per_worker["torchvision"], 3)
+
+
+def test_the_torchvision_v2_baseline_decodes_to_rgb_crops_and_normalizes(tmp_path):
+    colour, size = (200, 100, 50), 24
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (60, 40), colour).save(tmp_path / "train" / "a" / "flat.png")  # lossless: exact values
+    Image.new("L", (30, 30), 90).save(tmp_path / "train" / "a" / "grey.png")  # one channel, made RGB
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    v2_set = data_loader.torchvision_sets(tmp_path, size, 0.6, mean, std)["torchvision_v2"]
+    for (image, label), rgb in zip((v2_set[0], v2_set[1]), (colour, (90, 90, 90)), strict=True):
+        assert image.dtype == torch.float32 and image.shape == (3, size, size) and label == 0
+        expected = (torch.tensor(rgb) / 255 - torch.tensor(mean)) / torch.tensor(std)
+        assert torch.allclose(image, expected[:, None, None].expand_as(image), atol=1e-5)
 
 
 # ------------------------------------------------------------------- the loader's uint8 path the figures rest on
