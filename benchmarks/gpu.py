@@ -11,8 +11,8 @@ teacher cache and the loader with every core, as JSON.
 2. `student_combined`: the student training step with options together (fp32; bf16/fp16 + channels_last; and
    compiled): what a GPU run with kd's speed defaults asks of the loader.
 3. `loader`: 500x500 JPEG leaf photos to 224 px training views: samples/s of one worker (kd, kd's float path and
-   torchvision's ImageFolder + PIL pipeline, as torchdistill builds it), and kd's and torchvision's loaders with
-   every core as workers.
+   torchvision's ImageFolder + PIL pipeline, as torchdistill builds it, and a decode_image + transforms.v2 one),
+   and the three loaders with every core as workers.
 4. `verdict`: loader samples/s over the fastest student step's images/s (above 1: the loader keeps the GPU fed),
    and the loader workers the fastest step needs.
 """
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         "loader_over_cached_step": round(kd_all / steps["images_per_s"]["cached_step"], 3),
         "workers_needed_for_fastest_step": math.ceil(fastest / kd_one),
         "kd_over_torchvision_per_worker": round(kd_one / loading["per_worker_samples_per_s"]["torchvision"], 3),
+        "kd_over_torchvision_v2_per_worker": round(kd_one / loading["per_worker_samples_per_s"]["torchvision_v2"], 3),
     }
     report = {
         "device": device,

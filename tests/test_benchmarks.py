@@ -37,12 +37,14 @@ def test_the_gpu_benchmark_runs_on_a_cpu_in_quick_mode_and_writes_its_fields(tmp
     assert {"fp32", "channels_last"} <= set(report["student_combined"])
     assert all(_positive(v) for v in report["student_combined"].values())
     loader = report["loader"]
-    assert set(loader["per_worker_samples_per_s"]) == {"kd", "kd_float", "torchvision"}
-    assert set(loader["all_workers_samples_per_s"]) == {"kd", "torchvision"}
+    assert set(loader["per_worker_samples_per_s"]) == {"kd", "kd_float", "torchvision", "torchvision_v2"}
+    assert set(loader["all_workers_samples_per_s"]) == {"kd", "torchvision", "torchvision_v2"}
     assert all(_positive(v) for v in [*loader["per_worker_samples_per_s"].values()])
     verdict = report["verdict"]
     assert verdict["fastest_student_step"] in report["student_combined"]
     assert _positive(verdict["loader_over_fastest_student_step"])
+    rates = loader["per_worker_samples_per_s"]
+    assert verdict["kd_over_torchvision_v2_per_worker"] == round(rates["kd"] / rates["torchvision_v2"], 3)
     assert (
         isinstance(verdict["workers_needed_for_fastest_step"], int) and verdict["workers_needed_for_fastest_step"] >= 1
     )
