@@ -168,8 +168,8 @@ FIELD_MODELS = teacher=$(FIELD_RUNS)/teacher_ra/best.safetensors teacher2=$(FIEL
 FIELD_ENSEMBLE = $(PY) benchmarks/ensemble_accuracy.py --config configs/field/teacher.yaml $(FIELD_DATA_ARGS) \
 	--teachers $(FIELD_TEACHER_FILES)
 
-$(FIELD_MANIFEST): benchmarks/field_manifest.py
-	$(PY) benchmarks/field_manifest.py --root $(FIELD_DATA) --per-class $(FIELD_K) --out $@
+data/field/k%.csv: benchmarks/field_manifest.py
+	$(PY) benchmarks/field_manifest.py --root $(FIELD_DATA) --per-class $* --out $@
 
 $(FIELD_RUNS)/teacher/best.safetensors $(FIELD_RUNS)/teacher_ra/best.safetensors: $(FIELD_RUNS)/%/best.safetensors: \
 		$(VENV)/.installed $(FIELD_MANIFEST)
@@ -214,6 +214,42 @@ field-round2: $(FIELD_RUNS)/distilled_0/best.safetensors
 	$(PY) evaluate.py --config configs/field/distill.yaml $(FIELD_DATA_ARGS) --split val --out results/field_round2 \
 		--latency-runs 2 --warmup 1 --memory weights --teacher round1 --models round1=$< \
 		round2=$(FIELD_RUNS)/round2_0/best.safetensors baseline=$(FIELD_RUNS)/baseline_0/best.safetensors
+
+# `make real-k10`: the field case with 10 labelled photos per class (30) and the other 1,004 unlabelled: `make real`'s
+# configs, teachers and T, alpha (not re-tuned for K=10), at `make real`'s optimizer steps. Epochs scale with the steps
+# an epoch holds: a teacher or baseline batch of 32 holds all 30 photos (1 step an epoch; 3 at K=40), a distilled
+# batch 8 of them (3 steps; 15 at K=40). Its table: docs/results/real_field_k10.md.
+.PHONY: real-k10
+K10_RUNS ?= checkpoints/field_k10
+K10_DATA = data.manifest=data/field/k10.csv
+K10_TEACHER_FILES = $(K10_RUNS)/teacher/best.safetensors $(K10_RUNS)/teacher_ra/best.safetensors
+K10_EPOCHS_teacher = train.max_epochs=45 train.warmup_epochs=6
+K10_EPOCHS_teacher_ra = train.max_epochs=120 train.warmup_epochs=9
+K10_EPOCHS_ROW = train.max_epochs=120 train.warmup_epochs=15
+K10_MODELS = teacher=$(K10_RUNS)/teacher_ra/best.safetensors teacher2=$(K10_RUNS)/teacher/best.safetensors \
+	$(foreach s,$(FIELD_SEEDS), distilled@$(s)=$(K10_RUNS)/distilled_$(s)/best.safetensors \
+	baseline@$(s)=$(K10_RUNS)/baseline_$(s)/best.safetensors scratch@$(s)=$(K10_RUNS)/scratch_$(s)/best.safetensors)
+
+$(K10_TEACHER_FILES): $(K10_RUNS)/%/best.safetensors: $(VENV)/.installed data/field/k10.csv
+	$(PY) train_teacher.py --config configs/field/$*.yaml $(K10_DATA) train.resume=auto $(K10_EPOCHS_$*) \
+		train.checkpoint_dir=$(K10_RUNS)/$*
+
+real-k10: $(K10_TEACHER_FILES)
+	for s in $(FIELD_SEEDS); do \
+		for row in baseline scratch; do \
+			$(PY) train_teacher.py --config configs/field/$$row.yaml $(K10_DATA) seed=$$s train.resume=auto $(K10_EPOCHS_ROW) \
+				train.checkpoint_dir=$(K10_RUNS)/$${row}_$$s || exit 1; \
+		done; \
+		$(PY) distill.py --config configs/field/distill.yaml $(K10_DATA) distillation.resume=auto seed=$$s \
+			'distillation.teachers=[$(foreach t,$(K10_TEACHER_FILES),{checkpoint: $(t)}$(comma))]' \
+			distillation.temperature=$(FIELD_T) distillation.alpha=$(FIELD_ALPHA) distillation.max_epochs=40 \
+			distillation.warmup_epochs=5 distillation.checkpoint_dir=$(K10_RUNS)/distilled_$$s || exit 1; \
+	done
+	$(PY) evaluate.py --config configs/field/distill.yaml $(K10_DATA) --out results/field_k10 --memory weights \
+		--models $(K10_MODELS)
+	cp results/field_k10/results.md docs/results/real_field_k10.md
+	$(PY) benchmarks/ensemble_accuracy.py --config configs/field/teacher.yaml $(K10_DATA) --split test \
+		--markdown docs/results/real_field_k10.md --teachers $(K10_TEACHER_FILES)
 
 # `make real-all`: the guide's four rows on every labelled photo (iBeans at 128 px, ../shared/data/ibeans128; REAL_DATA=…
 # for another copy), offline, in three steps, each resumable (finished runs are skipped):
