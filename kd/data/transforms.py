@@ -38,6 +38,7 @@ class PairedTransform:
         self.mean, self.std = list(mean), list(std)
         self.ms_mean, self.ms_std = ms_mean, ms_std
         self.hflip, self.vflip, self.scale = hflip, vflip, (scale_min, 1.0)
+        self.geometries: dict[tuple[int, int], v2.Compose] = {}  # per output size: building one per view cost ~10%
 
     def __call__(
         self, rgb: torch.Tensor, ms: torch.Tensor | None = None, generator: torch.Generator | None = None
@@ -52,8 +53,11 @@ class PairedTransform:
         height, width = rgb.shape[1:]
         size = [self.image_size] * 2 if self.image_size else [height, width]
         if self.train:
-            crop = v2.RandomResizedCrop(size, self.scale, (3 / 4, 4 / 3), antialias=True)
-            geometry = v2.Compose([crop, v2.RandomHorizontalFlip(self.hflip), v2.RandomVerticalFlip(self.vflip)])
+            geometry = self.geometries.get((size[0], size[1]))
+            if geometry is None:  # building draws nothing: a kept one gives the same views
+                crop = v2.RandomResizedCrop(size, self.scale, (3 / 4, 4 / 3), antialias=True)
+                geometry = v2.Compose([crop, v2.RandomHorizontalFlip(self.hflip), v2.RandomVerticalFlip(self.vflip)])
+                self.geometries[(size[0], size[1])] = geometry
             # v2 draws from the global RNG, which cannot be handed a generator: it is set to the sample's own in a
             # fork, so each view stays seeded per sample and the global RNG (dropout's) is left as it was
             with torch.random.fork_rng(devices=[], enabled=generator is not None):
