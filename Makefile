@@ -250,6 +250,7 @@ real-k10: $(K10_TEACHER_FILES)
 	cp results/field_k10/results.md docs/results/real_field_k10.md
 	$(PY) benchmarks/ensemble_accuracy.py --config configs/field/teacher.yaml $(K10_DATA) --split test \
 		--markdown docs/results/real_field_k10.md --teachers $(K10_TEACHER_FILES)
+	cat docs/results/real_field_k10_notes.md >> docs/results/real_field_k10.md
 
 # `make real-all`: the guide's four rows on every labelled photo (iBeans at 128 px, ../shared/data/ibeans128; REAL_DATA=…
 # for another copy), offline, in three steps, each resumable (finished runs are skipped):
