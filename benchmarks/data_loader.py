@@ -38,7 +38,7 @@ from benchmarks.report import write_report  # noqa: E402
 from kd.config import DataConfig, load_config  # noqa: E402
 from kd.data.dataset import InputSpec  # noqa: E402
 from kd.data.demo import make_demo_dataset  # noqa: E402
-from kd.data.layouts import IMAGE_SUFFIXES  # noqa: E402
+from kd.data.layouts import class_images  # noqa: E402
 from kd.data.loaders import build_loader, open_split, prepare_data  # noqa: E402
 from kd.errors import UserError, exit_on_user_error  # noqa: E402
 
@@ -90,8 +90,7 @@ def write_photos(root: Path, count: int, size: int, suffix: str) -> Path:
 def copy_photos(photos: Path, root: Path, count: int | None) -> Path:
     """`photos`/train/<class>/* copied to <root>/train/<class>/: the first `count` taken round-robin over the classes
     (each class's files sorted by name), so any count keeps the classes balanced; all of them when `count` is None."""
-    classes = sorted(d for d in (photos / "train").iterdir() if d.is_dir())
-    per_class = [sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) for d in classes]
+    per_class = class_images(photos / "train").values()  # kd's own listing: the files kd would train on
     picked = [p for row in itertools.zip_longest(*per_class) for p in row if p is not None][:count]
     for path in picked:
         (root / "train" / path.parent.name).mkdir(parents=True, exist_ok=True)

@@ -53,11 +53,10 @@ class PairedTransform:
         height, width = rgb.shape[1:]
         size = [self.image_size] * 2 if self.image_size else [height, width]
         if self.train:
-            geometry = self.geometries.get((size[0], size[1]))
-            if geometry is None:  # building draws nothing: a kept one gives the same views
+            if (geometry := self.geometries.get(tuple(size))) is None:  # building draws nothing: same views
                 crop = v2.RandomResizedCrop(size, self.scale, (3 / 4, 4 / 3), antialias=True)
                 geometry = v2.Compose([crop, v2.RandomHorizontalFlip(self.hflip), v2.RandomVerticalFlip(self.vflip)])
-                self.geometries[(size[0], size[1])] = geometry
+                self.geometries[tuple(size)] = geometry
             # v2 draws from the global RNG, which cannot be handed a generator: it is set to the sample's own in a
             # fork, so each view stays seeded per sample and the global RNG (dropout's) is left as it was
             with torch.random.fork_rng(devices=[], enabled=generator is not None):
