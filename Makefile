@@ -152,7 +152,9 @@ cache-compare: $(VENV)/.installed
 FIELD_K ?= 40
 FIELD_SEEDS ?= 0 1 2
 FIELD_DATA ?= ../shared/data/ibeans128
-FIELD_RUNS ?= checkpoints/field
+FIELD_TAG = $(if $(filter 40,$(FIELD_K)),,_k$(FIELD_K))
+FIELD_RUNS ?= checkpoints/field$(FIELD_TAG)
+FIELD_DOC = docs/results/real_field$(FIELD_TAG)
 FIELD_MANIFEST = data/field/k$(FIELD_K).csv
 FIELD_T ?= 8.0
 FIELD_ALPHA ?= 0.5
@@ -173,7 +175,7 @@ data/field/k%.csv: benchmarks/field_manifest.py
 
 $(FIELD_RUNS)/teacher/best.safetensors $(FIELD_RUNS)/teacher_ra/best.safetensors: $(FIELD_RUNS)/%/best.safetensors: \
 		$(VENV)/.installed $(FIELD_MANIFEST)
-	$(PY) train_teacher.py --config configs/field/$*.yaml $(FIELD_DATA_ARGS) train.resume=auto \
+	$(PY) train_teacher.py --config configs/field/$*.yaml $(FIELD_DATA_ARGS) train.resume=auto $(FIELD_EPOCHS_$*) \
 		train.checkpoint_dir=$(FIELD_RUNS)/$*
 
 # The val sweep of T x alpha on seed 0, all from one teacher cache (one seed: the same views for every cell).
@@ -194,16 +196,17 @@ real: $(FIELD_TEACHER_FILES)
 	for s in $(FIELD_SEEDS); do \
 		for row in baseline scratch; do \
 			$(PY) train_teacher.py --config configs/field/$$row.yaml $(FIELD_DATA_ARGS) seed=$$s train.resume=auto \
-				train.checkpoint_dir=$(FIELD_RUNS)/$${row}_$$s || exit 1; \
+				$(FIELD_EPOCHS_ROW) train.checkpoint_dir=$(FIELD_RUNS)/$${row}_$$s || exit 1; \
 		done; \
 		$(PY) distill.py --config configs/field/distill.yaml $(FIELD_DISTILL) seed=$$s distillation.temperature=$(FIELD_T) \
-			distillation.alpha=$(FIELD_ALPHA) distillation.checkpoint_dir=$(FIELD_RUNS)/distilled_$$s || exit 1; \
+			distillation.alpha=$(FIELD_ALPHA) $(FIELD_EPOCHS_DISTILL) distillation.checkpoint_dir=$(FIELD_RUNS)/distilled_$$s \
+			|| exit 1; \
 	done
-	$(PY) evaluate.py --config configs/field/distill.yaml $(FIELD_DATA_ARGS) --out results/field --memory weights \
-		--models $(FIELD_MODELS)
-	cp results/field/results.md docs/results/real_field.md
-	$(FIELD_ENSEMBLE) --split test --markdown docs/results/real_field.md
-	cat docs/results/real_field_notes.md >> docs/results/real_field.md
+	$(PY) evaluate.py --config configs/field/distill.yaml $(FIELD_DATA_ARGS) --out results/field$(FIELD_TAG) \
+		--memory weights --models $(FIELD_MODELS)
+	cp results/field$(FIELD_TAG)/results.md $(FIELD_DOC).md
+	$(FIELD_ENSEMBLE) --split test --markdown $(FIELD_DOC).md
+	cat $(FIELD_DOC)_notes.md >> $(FIELD_DOC).md
 
 # Self-training, round 2 (issue 24, item 6): round 1's distilled student (seed 0, from `make real`) as the only teacher
 # of a new Lite0 on the same labelled photos and pool, same recipe and steps; judged on val against round 1.
@@ -215,42 +218,16 @@ field-round2: $(FIELD_RUNS)/distilled_0/best.safetensors
 		--latency-runs 2 --warmup 1 --memory weights --teacher round1 --models round1=$< \
 		round2=$(FIELD_RUNS)/round2_0/best.safetensors baseline=$(FIELD_RUNS)/baseline_0/best.safetensors
 
-# `make real-k10`: the field case with 10 labelled photos per class (30) and the other 1,004 unlabelled: `make real`'s
-# configs, teachers and T, alpha (not re-tuned for K=10), at `make real`'s optimizer steps. Epochs scale with the steps
-# an epoch holds: a teacher or baseline batch of 32 holds all 30 photos (1 step an epoch; 3 at K=40), a distilled
-# batch 8 of them (3 steps; 15 at K=40). Its table: docs/results/real_field_k10.md.
+# `make real-k10`: `make real` with 10 labelled photos per class (30) and the other 1,004 unlabelled: the same configs,
+# teachers and T, alpha (not re-tuned for K=10), at `make real`'s optimizer steps. Epochs scale with the steps an
+# epoch holds: a teacher or baseline batch of 32 holds all 30 photos (1 step an epoch; 3 at K=40), a distilled batch 8
+# of them (3 steps; 15 at K=40). Runs in checkpoints/field_k10, its table in docs/results/real_field_k10.md.
 .PHONY: real-k10
-K10_RUNS ?= checkpoints/field_k10
-K10_DATA = data.manifest=data/field/k10.csv
-K10_TEACHER_FILES = $(K10_RUNS)/teacher/best.safetensors $(K10_RUNS)/teacher_ra/best.safetensors
-K10_EPOCHS_teacher = train.max_epochs=45 train.warmup_epochs=6
-K10_EPOCHS_teacher_ra = train.max_epochs=120 train.warmup_epochs=9
-K10_EPOCHS_ROW = train.max_epochs=120 train.warmup_epochs=15
-K10_MODELS = teacher=$(K10_RUNS)/teacher_ra/best.safetensors teacher2=$(K10_RUNS)/teacher/best.safetensors \
-	$(foreach s,$(FIELD_SEEDS), distilled@$(s)=$(K10_RUNS)/distilled_$(s)/best.safetensors \
-	baseline@$(s)=$(K10_RUNS)/baseline_$(s)/best.safetensors scratch@$(s)=$(K10_RUNS)/scratch_$(s)/best.safetensors)
-
-$(K10_TEACHER_FILES): $(K10_RUNS)/%/best.safetensors: $(VENV)/.installed data/field/k10.csv
-	$(PY) train_teacher.py --config configs/field/$*.yaml $(K10_DATA) train.resume=auto $(K10_EPOCHS_$*) \
-		train.checkpoint_dir=$(K10_RUNS)/$*
-
-real-k10: $(K10_TEACHER_FILES)
-	for s in $(FIELD_SEEDS); do \
-		for row in baseline scratch; do \
-			$(PY) train_teacher.py --config configs/field/$$row.yaml $(K10_DATA) seed=$$s train.resume=auto $(K10_EPOCHS_ROW) \
-				train.checkpoint_dir=$(K10_RUNS)/$${row}_$$s || exit 1; \
-		done; \
-		$(PY) distill.py --config configs/field/distill.yaml $(K10_DATA) distillation.resume=auto seed=$$s \
-			'distillation.teachers=[$(foreach t,$(K10_TEACHER_FILES),{checkpoint: $(t)}$(comma))]' \
-			distillation.temperature=$(FIELD_T) distillation.alpha=$(FIELD_ALPHA) distillation.max_epochs=40 \
-			distillation.warmup_epochs=5 distillation.checkpoint_dir=$(K10_RUNS)/distilled_$$s || exit 1; \
-	done
-	$(PY) evaluate.py --config configs/field/distill.yaml $(K10_DATA) --out results/field_k10 --memory weights \
-		--models $(K10_MODELS)
-	cp results/field_k10/results.md docs/results/real_field_k10.md
-	$(PY) benchmarks/ensemble_accuracy.py --config configs/field/teacher.yaml $(K10_DATA) --split test \
-		--markdown docs/results/real_field_k10.md --teachers $(K10_TEACHER_FILES)
-	cat docs/results/real_field_k10_notes.md >> docs/results/real_field_k10.md
+real-k10:
+	$(MAKE) real FIELD_K=10 'FIELD_EPOCHS_teacher=train.max_epochs=45 train.warmup_epochs=6' \
+		'FIELD_EPOCHS_teacher_ra=train.max_epochs=120 train.warmup_epochs=9' \
+		'FIELD_EPOCHS_ROW=train.max_epochs=120 train.warmup_epochs=15' \
+		'FIELD_EPOCHS_DISTILL=distillation.max_epochs=40 distillation.warmup_epochs=5'
 
 # `make real-all`: the guide's four rows on every labelled photo (iBeans at 128 px, ../shared/data/ibeans128; REAL_DATA=…
 # for another copy), offline, in three steps, each resumable (finished runs are skipped):
